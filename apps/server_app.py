@@ -1,0 +1,79 @@
+"""ServerApp: the edge-server side of split learning, configured from the run config."""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from apps.task import RunSettings, make_evaluate_fn, make_model_fn
+from flsplit.data import dataset_info
+from flsplit.dataplane import MessageDataPlane, time_noop_exchanges
+from flsplit.history import RunHistory
+from flsplit.protocol import NOOP
+from strategies import STRATEGIES
+
+app = ServerApp()
+
+
+def build_strategy(settings: RunSettings, history: RunHistory):
+    """The strategy named by ``strategy`` with every knob from the run config."""
+    name = settings["strategy"]
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+    info = dataset_info(settings["dataset"])
+    return STRATEGIES[name](
+        model_fn=make_model_fn(settings),
+        input_shape=(info.in_channels, info.image_size, info.image_size),
+        num_classes=info.num_classes,
+        cut_layer=settings.cuts,
+        batch_size=int(settings["batch-size"]),
+        local_epochs=int(settings["local-epochs"]),
+        max_steps=int(settings["max-steps"]),
+        steps_per_exchange=int(settings["steps-per-exchange"]),
+        learning_rate=float(settings["learning-rate"]),
+        momentum=float(settings["momentum"]),
+        seed=int(settings["seed"]),
+        fraction_train=float(settings["fraction-train"]),
+        fraction_evaluate=float(settings["fraction-evaluate"]),
+        min_available_nodes=int(settings["min-available-nodes"]),
+        history=history,
+    )
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Train with the configured scheme, log a line per round, save history and final model."""
+    settings = RunSettings(context.run_config)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(settings["output-dir"]) / f"{stamp}-{settings['strategy']}-{context.run_id}"
+    history = RunHistory(run_dir, run={**settings, "run_id": context.run_id})
+    log(INFO, "[flsplit] %s on %s, history: %s", settings["strategy"], settings["dataset"], history.path)
+    strategy = build_strategy(settings, history)
+
+    if int(settings["noop-exchanges"]) > 0:
+        _, nodes = sample_nodes(grid, strategy.min_available_nodes, 0)  # waits for the nodes
+        seconds = time_noop_exchanges(MessageDataPlane(grid), sorted(nodes), int(settings["noop-exchanges"]), NOOP)
+        history.data["noop_exchange_seconds"] = seconds
+        log(INFO, "[flsplit] no-op exchange with %d nodes: %.4f s", len(nodes), seconds)
+
+    model_fn = make_model_fn(settings)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model_fn().blocks.state_dict()),
+        num_rounds=int(settings["num-server-rounds"]),
+        timeout=float(settings["exchange-timeout"]),
+        evaluate_fn=make_evaluate_fn(settings, model_fn),
+    )
+    model = model_fn()
+    final = run_dir / "final_model.pt"
+    torch.save(model.to_original_state_dict(result.arrays.to_torch_state_dict()), final)
+    history.data["final_model"] = str(final)
+    history.save()
+    log(INFO, "[flsplit] done: history %s, final model %s", history.path, final)

@@ -1,0 +1,101 @@
+"""Task definition shared by the ServerApp and the ClientApp: model, data, evaluation."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+
+from flsplit.data import TensorData, dataset_info, load_centralized, load_partition
+from flsplit.splitting import SplitModel
+from flsplit.zoo import build_model
+
+__all__ = ["RunSettings", "make_model_fn", "client_data", "make_evaluate_fn"]
+
+DEFAULTS: dict[str, Any] = {
+    "strategy": "psl",
+    "model": "digits-cnn",
+    "dataset": "digits",
+    "partitioning": "iid",
+    "dirichlet-alpha": 0.5,
+    "num-server-rounds": 5,
+    "local-epochs": 1,
+    "max-steps": 0,
+    "batch-size": 32,
+    "learning-rate": 0.05,
+    "momentum": 0.0,
+    "cut-layer": "2",
+    "steps-per-exchange": 1,
+    "seed": 0,
+    "fraction-train": 1.0,
+    "fraction-evaluate": 0.0,
+    "min-available-nodes": 2,
+    "exchange-timeout": 600.0,
+    "noop-exchanges": 0,
+    "output-dir": "flsplit-runs",
+}
+
+
+class RunSettings(dict):
+    """The run config with defaults filled in (``run_simulation`` leaves it empty)."""
+
+    def __init__(self, run_config: Optional[Mapping[str, Any]] = None) -> None:
+        unknown = set(run_config or {}) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown run-config keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        super().__init__({**DEFAULTS, **(run_config or {})})
+
+    @property
+    def cuts(self) -> int | list[int]:
+        """``cut-layer`` as one cut (``2``) or a round-robin list (``"1,3"``)."""
+        raw = self["cut-layer"]
+        values = [int(v) for v in str(raw).split(",") if v.strip()]
+        if not values:
+            raise ValueError(f"cut-layer {raw!r} names no cut")
+        return values[0] if len(values) == 1 else values
+
+
+def make_model_fn(settings: RunSettings) -> Callable[[], SplitModel]:
+    """A function building the run's model (fixed init seed, so every process agrees)."""
+    info = dataset_info(settings["dataset"])
+
+    def model_fn() -> SplitModel:
+        torch.manual_seed(int(settings["seed"]))
+        return build_model(settings["model"], info.num_classes, info.in_channels, info.image_size)
+
+    return model_fn
+
+
+def client_data(settings: RunSettings, node_config: Mapping[str, Any]) -> tuple[TensorData, TensorData]:
+    """This node's training partition and its share of the test split (for federated eval)."""
+    pid = int(node_config.get("partition-id", 0))
+    num = int(node_config.get("num-partitions", 1))
+    load = partial(
+        load_partition,
+        settings["dataset"],
+        pid,
+        num,
+        partitioning=settings["partitioning"],
+        alpha=float(settings["dirichlet-alpha"]),
+        seed=int(settings["seed"]),
+    )
+    return load(split="train"), load_partition(settings["dataset"], pid, num, "iid", split="test")
+
+
+def make_evaluate_fn(settings: RunSettings, model_fn: Callable[[], SplitModel]):
+    """Centralized evaluation of the composed global model on the held-out test split."""
+    test = load_centralized(settings["dataset"], "test")
+    model = model_fn()
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.blocks.load_state_dict(arrays.to_torch_state_dict())
+        model.blocks.eval()
+        with torch.no_grad():
+            logits = torch.cat([model.blocks(test.x[i : i + 512]) for i in range(0, len(test), 512)])
+        loss = torch.nn.functional.cross_entropy(logits, test.y).item()
+        accuracy = (logits.argmax(1) == test.y).double().mean().item()
+        return MetricRecord({"loss": loss, "accuracy": accuracy})
+
+    return evaluate_fn

@@ -1,0 +1,208 @@
+"""Client runtime: the ClientApp side of the split exchange.
+
+Nothing survives in memory between messages (deployment starts a fresh process per message,
+simulation routes a node's messages to different workers), so everything lives in
+``context.state``: the client part's weights, the optimizer state, the data cursor. The
+autograd graph cannot survive either: when a gradient arrives, the client recomputes the
+forward pass of that batch (same weights, same data, same dropout seed) and back-propagates
+the gradient through it.
+
+Batch order is reproducible from the seed: local data is a stream of epochs, epoch ``e``
+being a permutation of the local samples drawn from ``SeedSequence([seed, salt, e])``
+(``salt`` tells clients apart, e.g. the partition id); batch ``j`` of epoch ``e`` is at stream
+*position* ``e * batches_per_epoch + j``. The state keeps positions, never data.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from torch import nn
+
+from flsplit import protocol as p
+from flsplit.data import TensorData
+from flsplit.splitting import SplitModel
+
+__all__ = ["SplitClient"]
+
+_WEIGHTS = "flsplit.client.weights"
+_OPTIM = "flsplit.client.optim"
+_CURSOR = "flsplit.client.cursor"
+
+
+class SplitClient:
+    """Handles the split-learning messages of one ClientApp.
+
+    Parameters
+    ----------
+    model_fn : callable
+        Returns the full ``SplitModel`` (only its client blocks are used); called once per
+        worker thread and cut, the module is then reused as scratch space, its weights
+        always reloaded from the message or ``context.state``.
+    train_data : TensorData
+        The local training data.
+    eval_data : TensorData, optional
+        Local evaluation data for ``evaluate.split_eval``.
+    salt : int
+        Distinguishes this client's shuffling from other clients' (e.g. the partition id).
+    """
+
+    def __init__(
+        self,
+        model_fn: Callable[[], SplitModel],
+        train_data: TensorData,
+        eval_data: Optional[TensorData] = None,
+        salt: int = 0,
+    ) -> None:
+        self.model_fn = model_fn
+        self.train_data = train_data
+        self.eval_data = eval_data
+        self.salt = salt
+        self._scratch = threading.local()
+
+    # ------------------------------------------------------------------ helpers
+    def _client_part(self, cut: int) -> nn.Sequential:
+        cache = self._scratch.__dict__.setdefault("parts", {})
+        if cut not in cache:
+            cache[cut] = self.model_fn().client_part(cut)
+        return cache[cut]
+
+    def _batches_per_epoch(self, batch_size: int) -> int:
+        return -(-len(self.train_data) // batch_size)
+
+    def _batch(self, cfg: p.SplitConfig, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        nb = self._batches_per_epoch(cfg.batch_size)
+        epoch, j = divmod(position, nb)
+        n = len(self.train_data)
+        if cfg.shuffle:
+            seed = int(np.random.SeedSequence([cfg.seed, self.salt, epoch]).generate_state(1)[0])
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+            index = order[j * cfg.batch_size : (j + 1) * cfg.batch_size]
+        else:
+            index = slice(j * cfg.batch_size, (j + 1) * cfg.batch_size)
+        return self.train_data.x[index], self.train_data.y[index]
+
+    @staticmethod
+    def _forward(part: nn.Module, x: torch.Tensor, cfg: p.SplitConfig, position: int) -> torch.Tensor:
+        """Forward with a dropout seed fixed by the position, so a recompute is identical."""
+        dtype = next(part.parameters()).dtype
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, position]).generate_state(1)[0]))
+            return part(x.to(dtype))
+
+    # ------------------------------------------------------------------ train
+    def train_step(self, message: Message, context: Context) -> Message:
+        """One fused exchange: apply the gradients of the pending batches, send the next ones."""
+        content = message.content
+        if p.CONFIG not in content.config_records:
+            raise p.ProtocolError(f"request has no '{p.CONFIG}' record")
+        cfg = p.SplitConfig.from_record(content.config_records[p.CONFIG])
+        part = self._client_part(cfg.cut)
+        part.train()
+        state = context.state
+
+        if p.CLIENT_PART in content.array_records:  # a new round starts
+            weights = content.array_records[p.CLIENT_PART]
+            cursor = state.config_records.get(_CURSOR, ConfigRecord({"position": 0}))
+            steps = cfg.max_steps or cfg.local_epochs * self._batches_per_epoch(cfg.batch_size)
+            position = int(cursor["position"])
+            cursor = ConfigRecord(
+                {"position": position, "round_end": position + steps, "pending": [], "num_examples": 0}
+            )
+            optim_bytes = b""
+        else:
+            if _WEIGHTS not in state.array_records or _CURSOR not in state.config_records:
+                raise p.ProtocolError(f"no round in progress: the first request must carry '{p.CLIENT_PART}'")
+            weights = state.array_records[_WEIGHTS]
+            cursor = state.config_records[_CURSOR]
+            optim_bytes = state.config_records[_OPTIM]["state"]
+        try:
+            part.load_state_dict(weights.to_torch_state_dict())
+        except RuntimeError as err:
+            raise p.ProtocolError(f"'{p.CLIENT_PART}' does not fit cut {cfg.cut}: {err}") from err
+        optimizer = torch.optim.SGD(
+            part.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        if optim_bytes:
+            optimizer.load_state_dict(torch.load(io.BytesIO(optim_bytes), weights_only=True))
+
+        pending = list(cursor["pending"])
+        num_examples = int(cursor["num_examples"])
+        if p.GRAD in content.array_records:
+            grads = p.decode_grads(content.array_records[p.GRAD])
+            if len(grads) != len(pending):
+                raise p.ProtocolError(f"got {len(grads)} gradients for {len(pending)} pending batches")
+            for position, grad in zip(pending, grads):
+                x, _ = self._batch(cfg, position)
+                out = self._forward(part, x, cfg, position)  # recompute: the graph did not survive
+                p.check_tensor(f"{p.GRAD} for position {position}", grad, tuple(out.shape), out.dtype)
+                optimizer.zero_grad(set_to_none=True)
+                out.backward(grad)
+                optimizer.step()
+                num_examples += x.shape[0]
+        # Without gradients the pending batches were dropped by the server: skip them.
+
+        position, round_end = int(cursor["position"]), int(cursor["round_end"])
+        state.array_records[_WEIGHTS] = ArrayRecord(part.state_dict())
+        buffer = io.BytesIO()
+        torch.save(optimizer.state_dict(), buffer)
+        state.config_records[_OPTIM] = ConfigRecord({"state": buffer.getvalue()})
+
+        reply = RecordDict()
+        if position >= round_end:
+            reply[p.CLIENT_PART] = state.array_records[_WEIGHTS]
+            reply[p.METRICS] = MetricRecord({"num-examples": num_examples})
+            reply[p.STATUS] = ConfigRecord({"done": True, "position": position})
+            pending = []
+        else:
+            pending = list(range(position, min(position + cfg.steps_per_exchange, round_end)))
+            batches = []
+            with torch.no_grad():  # buffers changed here are not saved: the recompute updates them
+                for pos in pending:
+                    x, y = self._batch(cfg, pos)
+                    batches.append(p.SmashedBatch(self._forward(part, x, cfg, pos), y))
+            reply[p.SMASHED] = p.encode_batches(batches)
+            reply[p.STATUS] = ConfigRecord({"done": False, "position": position})
+            position = pending[-1] + 1
+        state.config_records[_CURSOR] = ConfigRecord(
+            {"position": position, "round_end": round_end, "pending": pending, "num_examples": num_examples}
+        )
+        return Message(reply, reply_to=message)
+
+    # ------------------------------------------------------------------ evaluate
+    def evaluate(self, message: Message, context: Context) -> Message:
+        """Send the smashed data of all local evaluation data (eval mode) with its labels."""
+        content = message.content
+        if p.CONFIG not in content.config_records:
+            raise p.ProtocolError(f"request has no '{p.CONFIG}' record")
+        cfg = p.SplitConfig.from_record(content.config_records[p.CONFIG])
+        part = self._client_part(cfg.cut)
+        if p.CLIENT_PART in content.array_records:
+            weights = content.array_records[p.CLIENT_PART]
+        elif _WEIGHTS in context.state.array_records:
+            weights = context.state.array_records[_WEIGHTS]
+        else:
+            raise p.ProtocolError(f"no client part to evaluate: send '{p.CLIENT_PART}'")
+        part.load_state_dict(weights.to_torch_state_dict())
+        part.eval()
+        data = self.eval_data if self.eval_data is not None else TensorData(torch.empty(0), torch.empty(0))
+        batches = []
+        with torch.no_grad():
+            dtype = next(part.parameters()).dtype
+            for start in range(0, len(data), cfg.batch_size):
+                chunk = data.subset(slice(start, start + cfg.batch_size))
+                batches.append(p.SmashedBatch(part(chunk.x.to(dtype)), chunk.y))
+        reply = RecordDict(
+            {p.SMASHED: p.encode_batches(batches), p.METRICS: MetricRecord({"num-examples": len(data)})}
+        )
+        return Message(reply, reply_to=message)
+
+    @staticmethod
+    def noop(message: Message, context: Context) -> Message:
+        """Answer at once with an empty reply (measures the exchange floor)."""
+        return Message(RecordDict(), reply_to=message)

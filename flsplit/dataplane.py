@@ -1,0 +1,144 @@
+"""The data plane seam: how split-exchange requests reach nodes and replies come back.
+
+Strategies talk to a ``DataPlane`` only, so a low-latency streaming plane for deployments
+can replace ``MessageDataPlane`` without touching them. The contract: at most one request
+in flight per node (two queued messages for one node would run concurrently in simulation
+and race on ``context.state``), replies handed over as they arrive.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+__all__ = ["DataPlane", "MessageDataPlane", "Reply", "Traffic", "payload_bytes", "time_noop_exchanges"]
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of the serialized arrays in ``content`` (Flower ``Array.data``, .npy header included)."""
+    return sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
+
+
+@dataclass
+class Reply:
+    """A node's answer: its content, or the reason it has none."""
+
+    node_id: int
+    content: Optional[RecordDict] = None
+    error: Optional[str] = None
+
+
+@dataclass
+class Traffic:
+    """Bytes per node and direction, split into ``split`` (smashed/grad) and ``model`` (weights)."""
+
+    up: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    down: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    messages: int = 0
+
+    def record(self, node_id: int, content: RecordDict, upstream: bool) -> None:
+        (self.up if upstream else self.down)[node_id] += payload_bytes(content)
+        self.messages += 1
+
+    def totals(self) -> tuple[int, int]:
+        return sum(self.up.values()), sum(self.down.values())
+
+
+class DataPlane(ABC):
+    """Sends requests to nodes and hands back their replies."""
+
+    def __init__(self) -> None:
+        self.traffic = Traffic()
+
+    @abstractmethod
+    def push(self, node_id: int, content: RecordDict, message_type: str, group_id: str) -> None:
+        """Send one request; ``node_id`` must have none in flight."""
+
+    @abstractmethod
+    def pull(self) -> list[Reply]:
+        """Wait for at least one reply (or time-out) of the requests in flight and return them."""
+
+    @property
+    @abstractmethod
+    def in_flight(self) -> set[int]:
+        """Nodes with a request in flight."""
+
+    def exchange(self, requests: Mapping[int, RecordDict], message_type: str, group_id: str) -> dict[int, Reply]:
+        """Send one request to each node and wait for all replies (a barrier)."""
+        for node_id, content in requests.items():
+            self.push(node_id, content, message_type, group_id)
+        replies: dict[int, Reply] = {}
+        while self.in_flight & requests.keys():
+            for reply in self.pull():
+                replies[reply.node_id] = reply
+        return replies
+
+
+class MessageDataPlane(DataPlane):
+    """The data plane over Flower messages (works in simulation and deployment).
+
+    Replies are polled with ``push_messages`` / ``pull_messages`` and a short adaptive sleep
+    (2 ms growing to 50 ms while nothing arrives) instead of ``send_and_receive``, whose
+    deployment implementation sleeps seconds between pulls.
+
+    Parameters
+    ----------
+    grid : Grid
+        The ServerApp's grid.
+    timeout : float
+        Seconds a request may wait for its reply; past it the reply is an error.
+    """
+
+    def __init__(self, grid: Grid, timeout: float = 600.0) -> None:
+        super().__init__()
+        self.grid = grid
+        self.timeout = timeout
+        self._pending: dict[str, tuple[int, float]] = {}  # message id -> (node, deadline)
+
+    @property
+    def in_flight(self) -> set[int]:
+        return {node for node, _ in self._pending.values()}
+
+    def push(self, node_id: int, content: RecordDict, message_type: str, group_id: str) -> None:
+        if node_id in self.in_flight:
+            raise RuntimeError(f"node {node_id} already has a request in flight")
+        message = Message(content, node_id, message_type, group_id=group_id)
+        (msg_id,) = list(self.grid.push_messages([message]))
+        self.traffic.record(node_id, content, upstream=False)
+        self._pending[msg_id] = (node_id, time.monotonic() + self.timeout)
+
+    def pull(self) -> list[Reply]:
+        sleep = 0.002
+        while self._pending:
+            replies = []
+            for message in self.grid.pull_messages(list(self._pending)):
+                node_id, _ = self._pending.pop(message.metadata.reply_to_message_id)
+                if message.has_error():
+                    replies.append(Reply(node_id, error=message.error.reason or f"error code {message.error.code}"))
+                else:
+                    self.traffic.record(node_id, message.content, upstream=True)
+                    replies.append(Reply(node_id, content=message.content))
+            now = time.monotonic()
+            for msg_id, (node_id, deadline) in list(self._pending.items()):
+                if now > deadline:
+                    del self._pending[msg_id]
+                    replies.append(Reply(node_id, error=f"no reply within {self.timeout:.0f} s"))
+            if replies:
+                return replies
+            time.sleep(sleep)
+            sleep = min(sleep * 1.5, 0.05)
+        return []
+
+
+def time_noop_exchanges(data_plane: DataPlane, node_ids: list[int], repeats: int, message_type: str) -> float:
+    """Mean seconds of one empty exchange with every node (the floor a split step pays)."""
+    start = time.perf_counter()
+    for i in range(repeats):
+        data_plane.exchange({n: RecordDict() for n in node_ids}, message_type, f"noop-{i}")
+    return (time.perf_counter() - start) / max(repeats, 1)

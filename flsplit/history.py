@@ -1,0 +1,81 @@
+"""Run history: one JSON file per run and one readable log line per round.
+
+The file is rewritten (atomically) after every round, so an interrupted run still leaves
+its history. Layout::
+
+    {"run": {...settings...}, "rounds": [{"round": 1, "test_accuracy": ..., ...}, ...],
+     "final_model": "<path or null>"}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from logging import INFO
+from pathlib import Path
+from typing import Any, Optional
+
+from flwr.common.logger import log
+
+__all__ = ["RunHistory", "format_round"]
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def format_round(entry: dict[str, Any], num_rounds: Optional[int] = None) -> str:
+    """The one-line summary of a round."""
+    rnd = f"{entry['round']}/{num_rounds}" if num_rounds else str(entry["round"])
+    acc = entry.get("test_accuracy")
+    loss = entry.get("test_loss")
+    parts = [
+        f"round {rnd}",
+        f"test acc {acc:.4f}" if acc is not None else "test acc n/a",
+        f"test loss {loss:.4f}" if loss is not None else f"train loss {entry.get('train_loss', float('nan')):.4f}",
+        f"up {_mb(entry['bytes_up'])}",
+        f"down {_mb(entry['bytes_down'])}",
+        f"{entry['wall_seconds']:.2f} s",
+    ]
+    return " | ".join(parts)
+
+
+class RunHistory:
+    """Collects per-round records and writes them to ``<directory>/history.json``.
+
+    Parameters
+    ----------
+    directory : str or Path, optional
+        Where the run writes ``history.json`` and ``final_model.pt``; ``None`` keeps the
+        history in memory only.
+    run : dict, optional
+        Settings of the run, stored under ``"run"``.
+    """
+
+    def __init__(self, directory: Optional[str | Path] = None, run: Optional[dict] = None) -> None:
+        self.directory = Path(directory).expanduser().resolve() if directory else None
+        self.data: dict[str, Any] = {"run": dict(run or {}), "rounds": [], "final_model": None}
+        if self.directory:
+            self.directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def path(self) -> Optional[Path]:
+        return self.directory / "history.json" if self.directory else None
+
+    @property
+    def rounds(self) -> list[dict[str, Any]]:
+        return self.data["rounds"]
+
+    def add_round(self, entry: dict[str, Any], num_rounds: Optional[int] = None) -> None:
+        """Append a round, log its line and save."""
+        self.rounds.append(entry)
+        log(INFO, "[flsplit] %s", format_round(entry, num_rounds))
+        self.save()
+
+    def save(self) -> None:
+        """Write ``history.json`` atomically (no-op without a directory)."""
+        if not self.path:
+            return
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=float))
+        os.replace(tmp, self.path)

@@ -1,0 +1,108 @@
+"""An in-process ``Grid``: runs a ServerApp against ClientApps without Ray, in milliseconds.
+
+Each pushed message is handled at once by calling the node's ``ClientApp`` with that node's
+``Context`` (kept across messages like a SuperNode keeps it), and an exception becomes an
+error reply as in Flower's engine. Meant for tests, benchmarks and debugging strategies;
+``flwr run`` uses Flower's own grids.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Iterable, Optional
+from uuid import uuid4
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+__all__ = ["InProcessGrid"]
+
+SERVER_NODE_ID = 0
+
+
+class InProcessGrid(Grid):
+    """A ``Grid`` whose nodes are ``ClientApp`` objects called in this process.
+
+    Parameters
+    ----------
+    client_app : ClientApp
+        The ClientApp every node runs.
+    num_nodes : int
+        Number of nodes; node ``i`` gets ``node_config = {"partition-id": i, "num-partitions": n}``.
+    run_config : dict, optional
+        The run config every ``Context`` carries.
+    intercept : callable, optional
+        ``intercept(node_id, reply) -> reply``: lets a test tamper with replies on the wire.
+    """
+
+    def __init__(
+        self,
+        client_app: ClientApp,
+        num_nodes: int,
+        run_config: Optional[dict] = None,
+        intercept: Optional[Callable[[int, Message], Message]] = None,
+        run_id: int = 1,
+    ) -> None:
+        self.client_app = client_app
+        self.intercept = intercept
+        self._run = Run.create_empty(run_id)
+        self.node_ids = [1000 + i for i in range(num_nodes)]
+        self.contexts = {
+            node_id: Context(
+                run_id=run_id,
+                node_id=node_id,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=dict(run_config or {}),
+            )
+            for i, node_id in enumerate(self.node_ids)
+        }
+        self._replies: dict[str, Message] = {}
+        self.messages_by_type: dict[str, int] = {}
+        self._task_ids = itertools.count(1)
+        # Messages built by a ServerApp take their run/node/task ids from TaskIdentity.
+        TaskIdentity.run_id = run_id
+        TaskIdentity.node_id = SERVER_NODE_ID
+        TaskIdentity.task_id = next(self._task_ids)
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            msg_id = str(uuid4())
+            message.metadata.__dict__["_message_id"] = msg_id
+            node_id = message.metadata.dst_node_id
+            kind = message.metadata.message_type
+            self.messages_by_type[kind] = self.messages_by_type.get(kind, 0) + 1
+            try:
+                reply = self.client_app(message, self.contexts[node_id])
+            except Exception as ex:  # reported as an error reply, like Flower's engine does
+                reason = str(type(ex)) + ":<'" + str(ex) + "'>"
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+            if self.intercept is not None:
+                reply = self.intercept(node_id, reply)
+            self._replies[msg_id] = reply
+            ids.append(msg_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))

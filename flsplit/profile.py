@@ -1,0 +1,120 @@
+"""Per-cut profiles measured from the model with torch's FLOP counter.
+
+Each block is run once forward and once backward on a small batch under
+``torch.utils.flop_counter.FlopCounterMode``; a cut's numbers are sums over its blocks.
+Block 0 is run with an input that does not require grad (raw data), every other block with
+one that does (the server must return the cut-layer gradient), so the backward FLOPs are
+what split training really executes. The counter counts matmuls and convolutions, not
+element-wise ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from flsplit.splitting import SplitModel, as_split_model
+
+__all__ = ["BlockProfile", "CutProfile", "ModelProfile", "profile_model"]
+
+
+@dataclass(frozen=True)
+class BlockProfile:
+    """Measured cost of one block, per sample."""
+
+    forward_flops: float
+    backward_flops: float
+    output_elements: int
+    param_bytes: int
+
+
+@dataclass(frozen=True)
+class CutProfile:
+    """Cost of splitting at one cut, per sample (FLOPs, elements) or per model (bytes)."""
+
+    cut: int
+    client_forward_flops: float
+    client_backward_flops: float
+    server_forward_flops: float
+    server_backward_flops: float
+    smashed_elements: int
+    client_param_bytes: int
+    server_param_bytes: int
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Per-block measurements and the derived per-cut profiles (cuts ``1 .. L-1``)."""
+
+    blocks: list[BlockProfile]
+
+    def cut(self, k: int) -> CutProfile:
+        """Profile of cut ``k``: client blocks ``[0, k)``, server blocks ``[k, L)``."""
+        if not 1 <= k <= len(self.blocks) - 1:
+            raise ValueError(f"cut layer {k} is outside the model: valid cuts are 1..{len(self.blocks) - 1}")
+        client, server = self.blocks[:k], self.blocks[k:]
+        return CutProfile(
+            cut=k,
+            client_forward_flops=sum(b.forward_flops for b in client),
+            client_backward_flops=sum(b.backward_flops for b in client),
+            server_forward_flops=sum(b.forward_flops for b in server),
+            server_backward_flops=sum(b.backward_flops for b in server),
+            smashed_elements=client[-1].output_elements,
+            client_param_bytes=sum(b.param_bytes for b in client),
+            server_param_bytes=sum(b.param_bytes for b in server),
+        )
+
+    @property
+    def cuts(self) -> list[CutProfile]:
+        """Profiles of every valid cut."""
+        return [self.cut(k) for k in range(1, len(self.blocks))]
+
+    def as_dicts(self) -> list[dict]:
+        """Per-cut profiles as plain dicts (for JSON)."""
+        return [asdict(c) for c in self.cuts]
+
+
+def profile_model(model, input_shape: tuple[int, ...], batch_size: int = 2) -> ModelProfile:
+    """Measure a model block by block.
+
+    Parameters
+    ----------
+    model : nn.Module or SplitModel
+        Anything ``as_split_model`` accepts.
+    input_shape : tuple of int
+        Shape of one sample, e.g. ``(1, 8, 8)``.
+    batch_size : int
+        Batch used for measuring (>= 2 so batch norm runs in train mode); results are per sample.
+    """
+    split: SplitModel = as_split_model(model)
+    blocks = split.blocks
+    was_training = blocks.training
+    blocks.train()
+    state = {k: v.clone() for k, v in blocks.state_dict().items()}  # running stats get restored
+    dtype = next((p.dtype for p in blocks.parameters()), torch.float32)
+    x = torch.randn(batch_size, *input_shape, dtype=dtype)
+    out: list[BlockProfile] = []
+    try:
+        for i, block in enumerate(blocks):
+            x = x.detach().requires_grad_(i > 0)
+            with FlopCounterMode(display=False) as fwd:
+                y = block(x)
+            with FlopCounterMode(display=False) as bwd:
+                if y.requires_grad:
+                    y.backward(torch.ones_like(y))
+            out.append(
+                BlockProfile(
+                    forward_flops=fwd.get_total_flops() / batch_size,
+                    backward_flops=bwd.get_total_flops() / batch_size,
+                    output_elements=y[0].numel(),
+                    param_bytes=sum(p.numel() * p.element_size() for p in block.parameters()),
+                )
+            )
+            x = y
+    finally:
+        blocks.zero_grad(set_to_none=True)
+        blocks.load_state_dict(state)
+        blocks.train(was_training)
+    return ModelProfile(out)

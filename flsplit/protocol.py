@@ -1,0 +1,204 @@
+"""The split exchange over Flower messages: message types, record names, checks.
+
+One exchange per step (fused): the server's request carries the gradients of the batches
+the client sent last time and asks for the smashed data of its next ``K`` batches; the reply
+carries that smashed data and the labels. The first request of a round also carries the
+client part's weights; the reply that ends the client's round carries its trained weights.
+
+Records in a request (server -> client)
+    ``split.config``  ConfigRecord: round settings (see ``SplitConfig``)
+    ``client.part``   ArrayRecord: client-part weights (first request of a round only)
+    ``split.grad``    ArrayRecord: ``g.0 .. g.{K-1}``, gradients of the pending batches
+Records in a reply (client -> server)
+    ``split.smashed`` ArrayRecord: ``x.i`` smashed data and ``y.i`` labels of batch ``i``
+    ``split.status``  ConfigRecord: ``done`` (bool), ``position`` of the first batch sent
+    ``client.part``   ArrayRecord + ``split.metrics`` MetricRecord ``num-examples``: at round end
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+__all__ = [
+    "TRAIN_STEP",
+    "EVALUATE",
+    "NOOP",
+    "ProtocolError",
+    "SplitConfig",
+    "SmashedBatch",
+    "encode_batches",
+    "decode_smashed",
+    "encode_grads",
+    "decode_grads",
+    "check_tensor",
+]
+
+TRAIN_STEP = "train.split_step"
+EVALUATE = "evaluate.split_eval"
+NOOP = "query.noop"
+
+CONFIG = "split.config"
+CLIENT_PART = "client.part"
+GRAD = "split.grad"
+SMASHED = "split.smashed"
+STATUS = "split.status"
+METRICS = "split.metrics"
+
+
+class ProtocolError(ValueError):
+    """A message of the split exchange is malformed; the text names what is wrong."""
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """What the server tells a client about this round's split training.
+
+    Attributes
+    ----------
+    server_round : int
+        Round number (1-based).
+    cut : int
+        Cut layer of this client: it runs blocks ``[0, cut)``.
+    batch_size : int
+        Samples per batch.
+    local_epochs : int
+        Epochs over the local data in this round (ignored when ``max_steps > 0``).
+    max_steps : int
+        If positive, the round ends after this many batches instead of after the epochs.
+    steps_per_exchange : int
+        ``K``: batches of smashed data per exchange, all computed with the weights current
+        when the request arrives (staleness ``K - 1`` steps for the last of them).
+    learning_rate, momentum, weight_decay : float
+        SGD settings of the client part.
+    seed : int
+        Run seed; batch order and dropout masks derive from it.
+    shuffle : bool
+        Shuffle the local data each epoch (seeded) or use it in stored order.
+    """
+
+    server_round: int
+    cut: int
+    batch_size: int = 32
+    local_epochs: int = 1
+    max_steps: int = 0
+    steps_per_exchange: int = 1
+    learning_rate: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("cut", "batch_size", "steps_per_exchange"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.local_epochs < 1 and self.max_steps < 1:
+            raise ValueError("local-epochs must be >= 1 (or max-steps > 0)")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning-rate must be a positive number, got {self.learning_rate}")
+
+    def to_record(self) -> ConfigRecord:
+        """Serialize into a ``ConfigRecord``."""
+        return ConfigRecord(asdict(self))
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> "SplitConfig":
+        """Parse a ``ConfigRecord``; a missing or mistyped field raises ``ProtocolError``."""
+        values = {}
+        for f in fields(cls):
+            if f.name in record:
+                values[f.name] = record[f.name]
+        if "server_round" not in values or "cut" not in values:
+            raise ProtocolError(f"'{CONFIG}' must hold 'server_round' and 'cut'")
+        try:
+            return cls(**values)
+        except TypeError as err:
+            raise ProtocolError(f"bad '{CONFIG}': {err}") from err
+
+
+@dataclass
+class SmashedBatch:
+    """One batch of smashed data (cut-layer activations) with its labels."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def encode_batches(batches: list[SmashedBatch]) -> ArrayRecord:
+    """Pack smashed batches as ``x.i`` / ``y.i`` arrays."""
+    record = ArrayRecord()
+    for i, b in enumerate(batches):
+        record[f"x.{i}"] = Array(b.x.detach())
+        record[f"y.{i}"] = Array(b.y)
+    return record
+
+
+def check_tensor(
+    name: str,
+    tensor: torch.Tensor,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    finite: bool = True,
+) -> torch.Tensor:
+    """Raise ``ProtocolError`` unless ``tensor`` has this shape, dtype and finite values.
+
+    ``-1`` in ``shape`` matches any size.
+    """
+    if tensor.dtype != dtype:
+        raise ProtocolError(f"{name}: wrong dtype {tensor.dtype}, expected {dtype}")
+    if len(tensor.shape) != len(shape) or any(s != -1 and s != t for s, t in zip(shape, tensor.shape)):
+        raise ProtocolError(f"{name}: wrong shape {tuple(tensor.shape)}, expected {shape}")
+    if finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ProtocolError(f"{name}: contains NaN or infinite values")
+    return tensor
+
+
+def _tensor(record: ArrayRecord, key: str, where: str) -> torch.Tensor:
+    if key not in record:
+        raise ProtocolError(f"{where}: missing key '{key}'")
+    try:
+        return torch.from_numpy(record[key].numpy())
+    except Exception as err:  # a corrupt numpy payload
+        raise ProtocolError(f"{where}: cannot decode '{key}': {err}") from err
+
+
+def decode_smashed(
+    record: ArrayRecord,
+    sample_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    num_classes: int,
+) -> list[SmashedBatch]:
+    """Decode and check the smashed batches of a reply.
+
+    Every ``x.i`` must be ``(b, *sample_shape)`` of ``dtype`` with finite values, and every
+    ``y.i`` ``(b,)`` int64 labels in ``[0, num_classes)``.
+    """
+    xs = sorted((k for k in record if k.startswith("x.")), key=lambda k: int(k[2:]) if k[2:].isdigit() else -1)
+    if not xs:
+        raise ProtocolError(f"'{SMASHED}': missing key 'x.0' (no smashed data)")
+    out = []
+    for i in range(len(xs)):
+        x = _tensor(record, f"x.{i}", SMASHED)
+        check_tensor(f"{SMASHED} x.{i}", x, (-1, *sample_shape), dtype)
+        y = _tensor(record, f"y.{i}", SMASHED)
+        check_tensor(f"{SMASHED} y.{i}", y, (x.shape[0],), torch.int64)
+        if x.shape[0] == 0:
+            raise ProtocolError(f"{SMASHED} x.{i}: empty batch")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise ProtocolError(f"{SMASHED} y.{i}: labels outside [0, {num_classes})")
+        out.append(SmashedBatch(x, y))
+    return out
+
+
+def encode_grads(grads: list[torch.Tensor]) -> ArrayRecord:
+    """Pack cut-layer gradients as ``g.i``."""
+    return ArrayRecord({f"g.{i}": Array(g.detach()) for i, g in enumerate(grads)})
+
+
+def decode_grads(record: ArrayRecord) -> list[torch.Tensor]:
+    """Unpack ``g.0 .. g.{n-1}`` (shapes are checked against the recomputed forward)."""
+    return [_tensor(record, f"g.{i}", GRAD) for i in range(len(record))]

@@ -1,0 +1,149 @@
+"""Server runtime: the server part of a split model and the server-step rules.
+
+A *server step* takes the smashed batches of the clients in this step and returns, per
+client, the gradient of its smashed data. The scheme picks the rule:
+
+``step_each``
+    Every batch on its own: forward, loss (mean over that batch), backward, one optimizer
+    step per batch, in the given order. SL, SFL-V2 (shared part, arrival order) and SFL-V1
+    (each client on its own copy) use it.
+``step_union``
+    PSL: one forward/backward over the union of all batches with one loss (mean over all
+    ``B = sum b_i`` samples) and one optimizer step, exactly what centralized training on the
+    concatenated batch does. Client ``i`` receives the gradient of *its own* mean loss,
+    i.e. the union gradient of its slice times ``B / b_i``: each client then takes the step
+    it would take training alone, and the sample-weighted average of the client parts after
+    one step equals centralized training on the concatenated batch.
+
+Clients may enter the server part at different cuts (heterogeneous cuts): the server holds
+all blocks from the shallowest cut on and runs a client's smashed data from its own cut.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from flsplit.protocol import SmashedBatch
+from flsplit.splitting import SplitModel
+
+__all__ = ["ServerPart", "StepStats"]
+
+
+@dataclass
+class StepStats:
+    """Running training loss and accuracy seen by the server."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    samples: int = 0
+    per_cut_samples: dict[int, int] = field(default_factory=dict)
+
+    def add(self, loss_sum: float, logits: torch.Tensor, y: torch.Tensor, cut: int) -> None:
+        self.loss_sum += loss_sum
+        self.correct += int((logits.argmax(1) == y).sum())
+        self.samples += int(y.shape[0])
+        self.per_cut_samples[cut] = self.per_cut_samples.get(cut, 0) + int(y.shape[0])
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.samples, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.samples, 1)
+
+
+class ServerPart:
+    """Blocks ``[entry, L)`` of a split model with their optimizer.
+
+    Parameters
+    ----------
+    model : SplitModel
+        The model; this object trains its blocks from ``entry`` on (the blocks before
+        ``entry`` are never touched here).
+    entry : int
+        Shallowest cut served: clients with cut ``c >= entry`` enter at block ``c``.
+    learning_rate, momentum, weight_decay : float
+        SGD settings.
+    """
+
+    def __init__(
+        self,
+        model: SplitModel,
+        entry: int,
+        learning_rate: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> None:
+        self.model = model
+        self.entry = model.check_cut(entry)
+        self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
+        self.optimizer = torch.optim.SGD(
+            model.blocks[entry:].parameters(), lr=learning_rate, momentum=momentum, weight_decay=weight_decay
+        )
+        self.stats = StepStats()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.blocks.parameters()).dtype
+
+    def _forward(self, cut: int, x: torch.Tensor) -> torch.Tensor:
+        if cut < self.entry:
+            raise ValueError(f"cut {cut} is shallower than this server part's entry {self.entry}")
+        return self.model.blocks[cut:](x)
+
+    def state_from(self, cut: int) -> dict[str, torch.Tensor]:
+        """State of blocks ``[cut, L)`` under the blocks' keys (``"<block>.<name>"``)."""
+        return {k: v for k, v in self.model.blocks.state_dict().items() if int(k.split(".", 1)[0]) >= cut}
+
+    def step_each(self, batches: list[tuple[int, SmashedBatch]]) -> list[torch.Tensor]:
+        """Train on each ``(cut, batch)`` in turn; return each batch's smashed-data gradient."""
+        self.model.blocks.train()
+        grads = []
+        for cut, batch in batches:
+            x = batch.x.detach().requires_grad_(True)
+            self.optimizer.zero_grad(set_to_none=True)
+            logits = self._forward(cut, x)
+            loss_sum = self.loss_fn(logits, batch.y)
+            (loss_sum / batch.y.shape[0]).backward()
+            self.optimizer.step()
+            self.stats.add(float(loss_sum), logits.detach(), batch.y, cut)
+            grads.append(x.grad)
+        return grads
+
+    def step_union(self, batches: list[tuple[int, SmashedBatch]]) -> list[torch.Tensor]:
+        """One PSL step over the union of ``(cut, batch)``; gradients of each client's own mean loss."""
+        self.model.blocks.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        xs = [b.x.detach().requires_grad_(True) for _, b in batches]
+        total = sum(b.y.shape[0] for _, b in batches)
+        # Same-cut batches are concatenated so the server runs one forward per cut.
+        logits: list[torch.Tensor | None] = [None] * len(batches)
+        for cut in sorted({c for c, _ in batches}):
+            idx = [i for i, (c, _) in enumerate(batches) if c == cut]
+            out = self._forward(cut, torch.cat([xs[i] for i in idx]))
+            for i, chunk in zip(idx, out.split([batches[i][1].y.shape[0] for i in idx])):
+                logits[i] = chunk
+        all_logits = torch.cat(logits)
+        all_y = torch.cat([b.y for _, b in batches])
+        loss_sum = self.loss_fn(all_logits, all_y)
+        (loss_sum / total).backward()
+        self.optimizer.step()
+        for (cut, b), lg in zip(batches, logits):
+            self.stats.add(float(self.loss_fn(lg.detach(), b.y)), lg.detach(), b.y, cut)
+        return [x.grad * (total / b.y.shape[0]) for x, (_, b) in zip(xs, batches)]
+
+    @torch.no_grad()
+    def evaluate(self, cut: int, batches: list[SmashedBatch]) -> tuple[float, int, int]:
+        """Loss sum, correct predictions and samples on smashed evaluation batches."""
+        self.model.blocks.eval()
+        loss_sum, correct, n = 0.0, 0, 0
+        for b in batches:
+            logits = self._forward(cut, b.x)
+            loss_sum += float(self.loss_fn(logits, b.y))
+            correct += int((logits.argmax(1) == b.y).sum())
+            n += int(b.y.shape[0])
+        return loss_sum, correct, n

@@ -1,0 +1,18 @@
+"""Flower strategies for split learning, one module per scheme.
+
+Each is a ``flwr.serverapp.strategy.Strategy`` whose ``start()`` runs the split exchanges,
+usable from any ServerApp::
+
+    strategy = PSL(model_fn=..., input_shape=(1, 8, 8), num_classes=10, cut_layer=2)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.blocks.state_dict()))
+"""
+
+from strategies.base import SplitStrategy
+from strategies.psl import PSL
+from strategies.sflv1 import SFLV1
+from strategies.sflv2 import SFLV2
+from strategies.sl import SL
+
+STRATEGIES = {"sl": SL, "sflv1": SFLV1, "sflv2": SFLV2, "psl": PSL}
+
+__all__ = ["SplitStrategy", "SL", "SFLV1", "SFLV2", "PSL", "STRATEGIES"]

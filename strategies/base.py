@@ -1,0 +1,449 @@
+"""Common base of the split-learning strategies.
+
+A split strategy is a Flower ``Strategy`` whose ``start()`` runs many exchanges per round.
+In Flower's vocabulary a round is:
+
+``configure_train``
+    sample nodes (waiting until enough are connected), pick each node's cut and build its
+    first request: the client part of the global model plus the round's ``SplitConfig``;
+``_train_round`` (per scheme)
+    the split exchanges, driven through the ``DataPlane`` until every node has sent its
+    trained client part;
+``aggregate_train``
+    layer-wise averaging of client parts and server part(s), weighted by samples;
+``configure_evaluate`` / ``aggregate_evaluate``
+    optional federated split evaluation (clients send smashed evaluation data, the server
+    finishes the forward pass); ``evaluate_fn`` gives centralized evaluation.
+
+Subclasses choose the schedule and the server-step rule; see ``sl.py``, ``sflv1.py``,
+``sflv2.py``, ``psl.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from abc import abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from logging import INFO, WARNING
+from typing import Optional, Union
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from flsplit import protocol as p
+from flsplit.aggregation import average_states, block_of
+from flsplit.dataplane import DataPlane, MessageDataPlane, Reply, Traffic
+from flsplit.history import RunHistory
+from flsplit.server import ServerPart, StepStats
+from flsplit.splitting import SplitModel, block_output_shapes
+
+__all__ = ["SplitStrategy", "CutAssignment"]
+
+CutAssignment = Union[int, list[int], Callable[[int, list[int]], Mapping[int, int]]]
+
+
+class SplitStrategy(Strategy):
+    """Base class: round loop, node sampling, cut assignment, round-end averaging.
+
+    Parameters
+    ----------
+    model_fn : callable
+        Returns a fresh ``SplitModel`` (the same architecture the ClientApps build).
+    input_shape : tuple of int
+        Shape of one input sample, e.g. ``(1, 8, 8)``; fixes the expected smashed shapes.
+    num_classes : int
+        Number of classes (labels in replies are checked against it).
+    cut_layer : int, list of int or callable
+        One cut for all clients; a list assigned round-robin over the sampled nodes (sorted
+        by node id); or ``fn(server_round, node_ids) -> {node_id: cut}`` (may change every
+        round).
+    batch_size, local_epochs, max_steps, steps_per_exchange, learning_rate, momentum,
+    weight_decay, seed, shuffle :
+        Training settings sent to the clients (``SplitConfig``); the server part uses the
+        same SGD settings.
+    fraction_train : float
+        Fraction of connected nodes sampled per round (at least ``min_train_nodes``).
+    min_train_nodes, min_available_nodes : int
+        Sampling waits until ``min_available_nodes`` are connected.
+    fraction_evaluate, min_evaluate_nodes : float, int
+        Federated split evaluation after each round (0 disables it).
+    history : RunHistory, optional
+        Where per-round records go (in memory if not given).
+    data_plane_factory : callable, optional
+        ``fn(grid, timeout) -> DataPlane``; defaults to ``MessageDataPlane``.
+    """
+
+    def __init__(
+        self,
+        model_fn: Callable[[], SplitModel],
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        cut_layer: CutAssignment = 1,
+        batch_size: int = 32,
+        local_epochs: int = 1,
+        max_steps: int = 0,
+        steps_per_exchange: int = 1,
+        learning_rate: float = 0.05,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        shuffle: bool = True,
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 1,
+        min_available_nodes: int = 1,
+        fraction_evaluate: float = 0.0,
+        min_evaluate_nodes: int = 1,
+        history: Optional[RunHistory] = None,
+        data_plane_factory: Optional[Callable[[Grid, float], DataPlane]] = None,
+    ) -> None:
+        if not 0.0 < fraction_train <= 1.0:
+            raise ValueError(f"fraction-train must be in (0, 1], got {fraction_train}")
+        if not 0.0 <= fraction_evaluate <= 1.0:
+            raise ValueError(f"fraction-evaluate must be in [0, 1], got {fraction_evaluate}")
+        self.model_fn = model_fn
+        self.model = model_fn()
+        self.input_shape = tuple(input_shape)
+        self.num_classes = num_classes
+        self.cut_layer = cut_layer
+        self.train_settings = dict(
+            batch_size=batch_size,
+            local_epochs=local_epochs,
+            max_steps=max_steps,
+            steps_per_exchange=steps_per_exchange,
+            learning_rate=learning_rate,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            seed=seed,
+            shuffle=shuffle,
+        )
+        p.SplitConfig(server_round=1, cut=1, **self.train_settings)  # fail early on bad settings
+        self.seed = seed
+        self.fraction_train = fraction_train
+        self.min_train_nodes = min_train_nodes
+        self.min_available_nodes = min_available_nodes
+        self.fraction_evaluate = fraction_evaluate
+        self.min_evaluate_nodes = min_evaluate_nodes
+        self.history = history or RunHistory()
+        self.data_plane_factory = data_plane_factory or (lambda grid, timeout: MessageDataPlane(grid, timeout))
+        self._shapes = block_output_shapes(self.model, self.input_shape)
+        self.data_plane: Optional[DataPlane] = None
+        self.cuts: dict[int, int] = {}
+        self.errors: list[dict] = []
+        self.server_steps = 0
+
+    # ------------------------------------------------------------------ pieces
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        log(INFO, "\t├── Scheme: %s, cut layer: %s, blocks: %d", type(self).__name__, self.cut_layer, self.model.num_blocks)
+        for key, value in self.train_settings.items():
+            log(INFO, "\t├── %s: %s", key.replace("_", "-"), value)
+        log(INFO, "\t└── fraction-train: %s, fraction-evaluate: %s", self.fraction_train, self.fraction_evaluate)
+
+    def _sample(self, grid: Grid, server_round: int, fraction: float, min_nodes: int) -> list[int]:
+        """Wait for enough nodes (Flower's ``sample_nodes``), then sample with a seeded RNG."""
+        _, all_nodes = sample_nodes(grid, self.min_available_nodes, 0)
+        size = min(max(int(len(all_nodes) * fraction), min_nodes), len(all_nodes))
+        return sorted(random.Random(self.seed * 100_003 + server_round).sample(sorted(all_nodes), size))
+
+    def assign_cuts(self, server_round: int, nodes: list[int]) -> dict[int, int]:
+        """Cut per node for this round (checked against the model)."""
+        spec = self.cut_layer
+        if callable(spec):
+            cuts = {n: int(spec(server_round, list(nodes))[n]) for n in nodes}
+        elif isinstance(spec, (list, tuple)):
+            cuts = {n: int(spec[i % len(spec)]) for i, n in enumerate(sorted(nodes))}
+        else:
+            cuts = {n: int(spec) for n in nodes}
+        for cut in cuts.values():
+            self.model.check_cut(cut)
+        return cuts
+
+    def config_record(self, server_round: int, cut: int) -> ConfigRecord:
+        """The ``SplitConfig`` a node gets this round."""
+        return p.SplitConfig(server_round=server_round, cut=cut, **self.train_settings).to_record()
+
+    def client_part_record(self, cut: int) -> ArrayRecord:
+        """Global weights of blocks ``[0, cut)``."""
+        return ArrayRecord({k: v for k, v in self.model.blocks.state_dict().items() if block_of(k) < cut})
+
+    def start_part(self, node_id: int, cut: int) -> ArrayRecord:
+        """The client part a node starts the round from (default: the global one)."""
+        return self.client_part_record(cut)
+
+    def train_stats(self) -> StepStats:
+        """Training loss/accuracy the server saw this round."""
+        return self.server.stats
+
+    def request(self, node_id: int, grads: Optional[list[torch.Tensor]] = None) -> RecordDict:
+        """A step request: the node's config plus the gradients of its pending batches."""
+        content = RecordDict({p.CONFIG: self._configs[node_id]})
+        if grads:
+            content[p.GRAD] = p.encode_grads(grads)
+        return content
+
+    def decode(self, node_id: int, reply: Reply) -> Optional[list[p.SmashedBatch]]:
+        """Checked smashed batches of a reply, or ``None`` (logged) if the reply is bad."""
+        try:
+            record = reply.content.array_records.get(p.SMASHED) if reply.content else None
+            if record is None:
+                raise p.ProtocolError(f"reply has no '{p.SMASHED}' record")
+            cut = self.cuts[node_id]
+            return p.decode_smashed(record, self._shapes[cut - 1], self.server_dtype, self.num_classes)
+        except p.ProtocolError as err:
+            self.reject(node_id, str(err))
+            return None
+
+    def reject(self, node_id: int, reason: str) -> None:
+        """Record a bad reply: the node sits out this step, nothing is trained on it."""
+        log(WARNING, "[flsplit] node %s: bad reply skipped: %s", node_id, reason)
+        self.errors.append({"node": node_id, "error": reason})
+
+    @property
+    def server_dtype(self) -> torch.dtype:
+        return next(self.model.blocks.parameters()).dtype
+
+    def new_server_part(self, model: Optional[SplitModel] = None) -> ServerPart:
+        """A server part over ``model`` (default: the global model) from the shallowest cut."""
+        s = self.train_settings
+        return ServerPart(
+            model or self.model,
+            min(self.cuts.values()),
+            s["learning_rate"],
+            momentum=s["momentum"],
+            weight_decay=s["weight_decay"],
+        )
+
+    @staticmethod
+    def is_done(reply: Reply) -> bool:
+        status = reply.content.config_records.get(p.STATUS) if reply.content else None
+        return bool(status and status.get("done", False))
+
+    # ------------------------------------------------------------------ Flower Strategy API
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample nodes, assign cuts, and build each node's first request of the round."""
+        nodes = self._sample(grid, server_round, self.fraction_train, self.min_train_nodes)
+        self.cuts = self.assign_cuts(server_round, nodes)
+        self._configs = {n: self.config_record(server_round, c) for n, c in self.cuts.items()}
+        messages = []
+        for node_id in nodes:
+            content = self.request(node_id)
+            content[p.CLIENT_PART] = self.start_part(node_id, self.cuts[node_id])
+            messages.append(Message(content, node_id, p.TRAIN_STEP, group_id=str(server_round)))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message | Reply]
+    ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        """Average every block over the client parts and server part(s) that trained it."""
+        contributions = []
+        examples = 0
+        for reply in replies:
+            content = reply.content
+            part = content.array_records[p.CLIENT_PART].to_torch_state_dict()
+            n = int(content.metric_records[p.METRICS]["num-examples"])
+            contributions.append((part, n))
+            examples += n
+        contributions += self.server_contributions()
+        averaged = average_states(contributions)
+        if averaged:
+            self.model.blocks.load_state_dict(averaged, strict=False)
+        return ArrayRecord(self.model.blocks.state_dict()), MetricRecord({"num-examples": examples})
+
+    def server_contributions(self) -> list[tuple[dict[str, torch.Tensor], float]]:
+        """The shared server part's blocks, each weighted by the samples that went through it."""
+        per_cut = self.server.stats.per_cut_samples
+        out = []
+        for block in range(self.server.entry, self.model.num_blocks):
+            weight = sum(n for cut, n in per_cut.items() if cut <= block)
+            state = {k: v for k, v in self.model.blocks.state_dict().items() if block_of(k) == block}
+            if state:
+                out.append((state, weight))
+        return out
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Ask sampled nodes for the smashed data of their evaluation sets."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        nodes = self._sample(grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes)
+        self._eval_cuts = self.assign_cuts(server_round, nodes)
+        messages = []
+        for node_id, cut in self._eval_cuts.items():
+            content = RecordDict({p.CONFIG: self.config_record(server_round, cut), p.CLIENT_PART: self.client_part_record(cut)})
+            messages.append(Message(content, node_id, p.EVALUATE, group_id=str(server_round)))
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message | Reply]) -> Optional[MetricRecord]:
+        """Finish the forward pass of each node's smashed evaluation data; pool the metrics."""
+        server = ServerPart(self.model, 1, learning_rate=1.0)
+        loss_sum, correct, n = 0.0, 0, 0
+        for reply in replies:
+            if reply.content is None:
+                continue
+            node_id = reply.node_id if isinstance(reply, Reply) else reply.metadata.src_node_id
+            cut = self._eval_cuts[node_id]
+            try:
+                record = reply.content.array_records[p.SMASHED]
+                batches = p.decode_smashed(record, self._shapes[cut - 1], self.server_dtype, self.num_classes) if len(record) else []
+            except (KeyError, p.ProtocolError) as err:
+                self.reject(node_id, f"evaluation: {err}")
+                continue
+            ls, c, k = server.evaluate(cut, batches)
+            loss_sum, correct, n = loss_sum + ls, correct + c, n + k
+        if n == 0:
+            return None
+        return MetricRecord({"eval-loss": loss_sum / n, "eval-accuracy": correct / n, "num-examples": n})
+
+    # ------------------------------------------------------------------ drivers
+    @abstractmethod
+    def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
+        """Run the round's split exchanges; return the final (``done``) reply of each node."""
+
+    def drive_streaming(
+        self, server_round: int, requests: dict[int, RecordDict], server_for: Callable[[int], ServerPart]
+    ) -> list[Reply]:
+        """Clients run independently: each reply is trained on at once and answered at once.
+
+        Used by SL (one node at a time), SFL-V1 (``server_for`` gives each node its copy) and
+        SFL-V2 (one shared part, batches in arrival order).
+        """
+        dp, group, done = self.data_plane, str(server_round), []
+        for node_id, content in requests.items():
+            dp.push(node_id, content, p.TRAIN_STEP, group)
+        while dp.in_flight:
+            for reply in dp.pull():
+                node = reply.node_id
+                if reply.error is not None:
+                    self.reject(node, f"node dropped for this round: {reply.error}")
+                    continue
+                if self.is_done(reply):
+                    done.append(reply)
+                    continue
+                batches = self.decode(node, reply)
+                grads = None
+                if batches is not None:
+                    grads = server_for(node).step_each([(self.cuts[node], b) for b in batches])
+                    self.server_steps += len(batches)
+                dp.push(node, self.request(node, grads), p.TRAIN_STEP, group)
+        return done
+
+    def drive_lockstep(
+        self,
+        server_round: int,
+        requests: dict[int, RecordDict],
+        step: Callable[[list[tuple[int, p.SmashedBatch]]], list[torch.Tensor]],
+    ) -> list[Reply]:
+        """All nodes step together: the k-th batches of every node form one server step."""
+        dp, group, done = self.data_plane, str(server_round), []
+        while requests:
+            replies = dp.exchange(requests, p.TRAIN_STEP, group)
+            requests = {}
+            received: dict[int, list[p.SmashedBatch]] = {}
+            for node, reply in sorted(replies.items()):
+                if reply.error is not None:
+                    self.reject(node, f"node dropped for this round: {reply.error}")
+                elif self.is_done(reply):
+                    done.append(reply)
+                elif (batches := self.decode(node, reply)) is None:
+                    requests[node] = self.request(node)  # skipped this step, goes on
+                else:
+                    received[node] = batches
+            grads: dict[int, list[torch.Tensor]] = {n: [] for n in received}
+            for k in range(max((len(b) for b in received.values()), default=0)):
+                nodes = [n for n in received if k < len(received[n])]
+                for n, g in zip(nodes, step([(self.cuts[n], received[n][k]) for n in nodes])):
+                    grads[n].append(g)
+                self.server_steps += 1
+            for n in received:
+                requests[n] = self.request(n, grads[n])
+        return done
+
+    # ------------------------------------------------------------------ the run
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: Optional[ConfigRecord] = None,
+        evaluate_config: Optional[ConfigRecord] = None,
+        evaluate_fn: Optional[Callable[[int, ArrayRecord], Optional[MetricRecord]]] = None,
+    ) -> Result:
+        """Run ``num_rounds`` rounds of split training and return Flower's ``Result``.
+
+        ``initial_arrays`` holds the full model under the blocks' keys
+        (``ArrayRecord(split_model.blocks.state_dict())``). ``timeout`` bounds each exchange.
+        """
+        log(INFO, "Starting %s split strategy (%d rounds)", type(self).__name__, num_rounds)
+        self.summary()
+        try:
+            self.model.blocks.load_state_dict(initial_arrays.to_torch_state_dict())
+        except RuntimeError as err:
+            raise ValueError(f"initial_arrays do not fit the model: {err}") from err
+        self.data_plane = self.data_plane_factory(grid, timeout)
+        result = Result()
+        if evaluate_fn and (res := evaluate_fn(0, ArrayRecord(self.model.blocks.state_dict()))) is not None:
+            result.evaluate_metrics_serverapp[0] = res
+        for server_round in range(1, num_rounds + 1):
+            t0 = time.perf_counter()
+            self.data_plane.traffic = Traffic()
+            self.errors, self.server_steps = [], 0
+            messages = list(self.configure_train(server_round, result.arrays, ConfigRecord(), grid))
+            requests = {m.metadata.dst_node_id: m.content for m in messages}
+            done = self._train_round(server_round, requests)
+            arrays, train_metrics = self.aggregate_train(server_round, done)
+            result.arrays = arrays
+            result.train_metrics_clientapp[server_round] = train_metrics
+            eval_messages = list(self.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+            if eval_messages:
+                replies = self.data_plane.exchange(
+                    {m.metadata.dst_node_id: m.content for m in eval_messages}, p.EVALUATE, str(server_round)
+                )
+                if (fed := self.aggregate_evaluate(server_round, replies.values())) is not None:
+                    result.evaluate_metrics_clientapp[server_round] = fed
+            central = evaluate_fn(server_round, arrays) if evaluate_fn else None
+            if central is not None:
+                result.evaluate_metrics_serverapp[server_round] = central
+            self.history.add_round(
+                self.round_record(server_round, t0, self.data_plane.traffic, train_metrics, central,
+                                  result.evaluate_metrics_clientapp.get(server_round)),
+                num_rounds,
+            )
+        return result
+
+    def round_record(self, server_round, t0, traffic: Traffic, train_metrics, central, federated) -> dict:
+        """The history entry of a round."""
+        up, down = traffic.totals()
+        stats = self.train_stats()
+        entry = {
+            "round": server_round,
+            "scheme": type(self).__name__,
+            "nodes": sorted(self.cuts),
+            "cuts": {str(n): c for n, c in sorted(self.cuts.items())},
+            "num_examples": int(train_metrics["num-examples"]),
+            "server_steps": self.server_steps,
+            "train_loss": stats.loss if stats.samples else None,
+            "train_accuracy": stats.accuracy if stats.samples else None,
+            "bytes_up": up,
+            "bytes_down": down,
+            "bytes_per_node": {str(n): {"up": traffic.up.get(n, 0), "down": traffic.down.get(n, 0)} for n in sorted(self.cuts)},
+            "messages": traffic.messages,
+            "errors": list(self.errors),
+            "wall_seconds": time.perf_counter() - t0,
+        }
+        if central is not None:
+            entry["test_loss"] = central.get("loss")
+            entry["test_accuracy"] = central.get("accuracy")
+        if federated is not None:
+            entry["eval_loss"] = federated["eval-loss"]
+            entry["eval_accuracy"] = federated["eval-accuracy"]
+        return entry

@@ -1,0 +1,48 @@
+"""SFL-V1 (SplitFed v1): parallel clients, one server copy per client, both averaged."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from flwr.app import RecordDict
+
+from flsplit.aggregation import block_of
+from flsplit.dataplane import Reply
+from flsplit.server import ServerPart, StepStats
+from strategies.base import SplitStrategy
+
+__all__ = ["SFLV1"]
+
+
+class SFLV1(SplitStrategy):
+    """SplitFed v1.
+
+    Clients train in parallel; the server keeps one copy of the server part per client (made
+    from the global model at round start) and trains each on its client's batches only. At
+    round end the client parts and the server copies are averaged (FedAvg, weighted by
+    samples); a block is averaged over every copy that trained it.
+    """
+
+    def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
+        self.copies: dict[int, ServerPart] = {
+            node_id: self.new_server_part(copy.deepcopy(self.model)) for node_id in requests
+        }
+        return self.drive_streaming(server_round, requests, lambda node: self.copies[node])
+
+    def server_contributions(self) -> list[tuple[dict[str, torch.Tensor], float]]:
+        """Each copy's blocks from its client's cut on, weighted by the samples it trained on."""
+        out = []
+        for node_id, part in self.copies.items():
+            cut = self.cuts[node_id]
+            state = {k: v for k, v in part.model.blocks.state_dict().items() if block_of(k) >= cut}
+            out.append((state, part.stats.samples))
+        return out
+
+    def train_stats(self) -> StepStats:
+        merged = StepStats()
+        for part in self.copies.values():
+            merged.loss_sum += part.stats.loss_sum
+            merged.correct += part.stats.correct
+            merged.samples += part.stats.samples
+        return merged

@@ -1,0 +1,23 @@
+"""SFL-V2 (SplitFed v2): parallel clients, one shared server part updated batch by batch."""
+
+from __future__ import annotations
+
+from flwr.app import RecordDict
+
+from flsplit.dataplane import Reply
+from strategies.base import SplitStrategy
+
+__all__ = ["SFLV2"]
+
+
+class SFLV2(SplitStrategy):
+    """SplitFed v2.
+
+    Clients train in parallel on their side; the server keeps one server part and updates it
+    once per client batch, in the order the batches arrive (``ServerPart.step_each``). Client
+    parts are averaged at round end, weighted by samples.
+    """
+
+    def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
+        self.server = self.new_server_part()
+        return self.drive_streaming(server_round, requests, lambda node: self.server)

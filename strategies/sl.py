@@ -1,0 +1,38 @@
+"""SL: vanilla (sequential, relay) split learning."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+from flsplit import protocol as p
+from flsplit.dataplane import Reply
+from strategies.base import SplitStrategy
+
+__all__ = ["SL"]
+
+
+class SL(SplitStrategy):
+    """Vanilla split learning.
+
+    One client at a time trains through its data with the (single) server part; its client
+    part is then handed on to the next client (relay, in sampled order). Nothing is averaged:
+    after the round the global model is the last client's part plus the server part.
+    """
+
+    def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
+        self.server = self.new_server_part()
+        done = []
+        for node_id, content in requests.items():
+            # The relay: this client starts from the blocks the previous client trained.
+            content[p.CLIENT_PART] = self.client_part_record(self.cuts[node_id])
+            finished = self.drive_streaming(server_round, {node_id: content}, lambda node: self.server)
+            for reply in finished:
+                part = reply.content.array_records[p.CLIENT_PART].to_torch_state_dict()
+                self.model.blocks.load_state_dict(part, strict=False)
+            done += finished
+        return done
+
+    def aggregate_train(self, server_round, replies):
+        """Nothing to average: the relay already left the last client's part in the model."""
+        examples = sum(int(r.content.metric_records[p.METRICS]["num-examples"]) for r in replies)
+        return ArrayRecord(self.model.blocks.state_dict()), MetricRecord({"num-examples": examples})
