@@ -52,7 +52,7 @@ def main(grid: Grid, context: Context) -> None:
     """Train with the configured scheme, log a line per round, save history and final model."""
     settings = RunSettings(context.run_config)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(settings["output-dir"]) / f"{stamp}-{settings['strategy']}-{context.run_id}"
+    run_dir = Path(settings["output-dir"]).expanduser().resolve() / f"{stamp}-{settings['strategy']}-{context.run_id}"
     history = RunHistory(run_dir, run={**settings, "run_id": context.run_id})
     log(INFO, "[flsplit] %s on %s, history: %s", settings["strategy"], settings["dataset"], history.path)
     strategy = build_strategy(settings, history)

@@ -35,6 +35,11 @@ _OPTIM = "flsplit.client.optim"
 _CURSOR = "flsplit.client.cursor"
 
 
+def _dtype(module: nn.Module) -> torch.dtype:
+    """Floating dtype of a module's parameters (float32 if it has none)."""
+    return next((t.dtype for t in module.parameters()), torch.float32)
+
+
 class SplitClient:
     """Handles the split-learning messages of one ClientApp.
 
@@ -90,7 +95,7 @@ class SplitClient:
     @staticmethod
     def _forward(part: nn.Module, x: torch.Tensor, cfg: p.SplitConfig, position: int) -> torch.Tensor:
         """Forward with a dropout seed fixed by the position, so a recompute is identical."""
-        dtype = next(part.parameters()).dtype
+        dtype = _dtype(part)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(np.random.SeedSequence([cfg.seed, position]).generate_state(1)[0]))
             return part(x.to(dtype))
@@ -125,10 +130,15 @@ class SplitClient:
             part.load_state_dict(weights.to_torch_state_dict())
         except RuntimeError as err:
             raise p.ProtocolError(f"'{p.CLIENT_PART}' does not fit cut {cfg.cut}: {err}") from err
-        optimizer = torch.optim.SGD(
-            part.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        # A client part without parameters (e.g. a cut after a parameter-free first block)
+        # has nothing to train but still recomputes and sends its activations.
+        params = list(part.parameters())
+        optimizer = (
+            torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            if params
+            else None
         )
-        if optim_bytes:
+        if optim_bytes and optimizer is not None:
             optimizer.load_state_dict(torch.load(io.BytesIO(optim_bytes), weights_only=True))
 
         pending = list(cursor["pending"])
@@ -141,16 +151,18 @@ class SplitClient:
                 x, _ = self._batch(cfg, position)
                 out = self._forward(part, x, cfg, position)  # recompute: the graph did not survive
                 p.check_tensor(f"{p.GRAD} for position {position}", grad, tuple(out.shape), out.dtype)
-                optimizer.zero_grad(set_to_none=True)
-                out.backward(grad)
-                optimizer.step()
+                if optimizer is not None:
+                    optimizer.zero_grad(set_to_none=True)
+                    out.backward(grad)
+                    optimizer.step()
                 num_examples += x.shape[0]
         # Without gradients the pending batches were dropped by the server: skip them.
 
         position, round_end = int(cursor["position"]), int(cursor["round_end"])
         state.array_records[_WEIGHTS] = ArrayRecord(part.state_dict())
         buffer = io.BytesIO()
-        torch.save(optimizer.state_dict(), buffer)
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), buffer)
         state.config_records[_OPTIM] = ConfigRecord({"state": buffer.getvalue()})
 
         reply = RecordDict()
@@ -193,7 +205,7 @@ class SplitClient:
         data = self.eval_data if self.eval_data is not None else TensorData(torch.empty(0), torch.empty(0))
         batches = []
         with torch.no_grad():
-            dtype = next(part.parameters()).dtype
+            dtype = _dtype(part)
             for start in range(0, len(data), cfg.batch_size):
                 chunk = data.subset(slice(start, start + cfg.batch_size))
                 batches.append(p.SmashedBatch(part(chunk.x.to(dtype)), chunk.y))
