@@ -27,12 +27,14 @@ def _mb(n: float) -> str:
 def format_round(entry: dict[str, Any], num_rounds: Optional[int] = None) -> str:
     """The one-line summary of a round."""
     rnd = f"{entry['round']}/{num_rounds}" if num_rounds else str(entry["round"])
-    acc = entry.get("test_accuracy")
-    loss = entry.get("test_loss")
+    def number(key: str) -> str:
+        value = entry.get(key)
+        return "n/a" if value is None else f"{value:.4f}"
+
     parts = [
         f"round {rnd}",
-        f"test acc {acc:.4f}" if acc is not None else "test acc n/a",
-        f"test loss {loss:.4f}" if loss is not None else f"train loss {entry.get('train_loss', float('nan')):.4f}",
+        f"test acc {number('test_accuracy')}",
+        f"test loss {number('test_loss')}" if "test_loss" in entry else f"train loss {number('train_loss')}",
         f"up {_mb(entry['bytes_up'])}",
         f"down {_mb(entry['bytes_down'])}",
         f"{entry['wall_seconds']:.2f} s",

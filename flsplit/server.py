@@ -110,7 +110,7 @@ class ServerPart:
             loss_sum = self.loss_fn(logits, batch.y)
             (loss_sum / batch.y.shape[0]).backward()
             self.optimizer.step()
-            self.stats.add(float(loss_sum), logits.detach(), batch.y, cut)
+            self.stats.add(float(loss_sum.detach()), logits.detach(), batch.y, cut)
             grads.append(x.grad)
         return grads
 
