@@ -95,6 +95,7 @@ def dataset_info(dataset: str) -> DatasetInfo:
 
 def load_centralized(dataset: str, split: str = "test") -> TensorData:
     """A whole split (e.g. the held-out test set for server-side evaluation)."""
+    dataset_info(dataset)  # refuse unknown names before touching the hub
     if dataset == DIGITS:
         return _digits()[0 if split == "train" else 1]
     return _hub_split(dataset, split)
@@ -110,6 +111,7 @@ def load_partition(
     split: str = "train",
 ) -> TensorData:
     """Partition ``partition_id`` of ``num_partitions`` of a dataset split."""
+    dataset_info(dataset)
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
     if dataset == DIGITS:
