@@ -71,7 +71,11 @@ class SplitConfig:
         If positive, the round ends after this many batches instead of after the epochs.
     steps_per_exchange : int
         ``K``: batches of smashed data per exchange, all computed with the weights current
-        when the request arrives (staleness ``K - 1`` steps for the last of them).
+        when the request arrives. The server trains on them in order and returns ``K``
+        gradients; the client applies them in order, recomputing each batch's forward pass
+        with its *current* weights, so gradient ``j`` was computed for activations that are
+        ``j`` client steps old (staleness up to ``K - 1``). ``K = 1`` is exact SL. Stale
+        gradients and heavy momentum do not mix well: with ``K > 1`` prefer plain SGD.
     learning_rate, momentum, weight_decay : float
         SGD settings of the client part.
     seed : int

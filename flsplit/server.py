@@ -29,7 +29,7 @@ from torch import nn
 from flsplit.protocol import SmashedBatch
 from flsplit.splitting import SplitModel
 
-__all__ = ["ServerPart", "StepStats"]
+__all__ = ["ServerPart", "StepStats", "evaluate_smashed"]
 
 
 @dataclass
@@ -95,10 +95,6 @@ class ServerPart:
             raise ValueError(f"cut {cut} is shallower than this server part's entry {self.entry}")
         return self.model.blocks[cut:](x)
 
-    def state_from(self, cut: int) -> dict[str, torch.Tensor]:
-        """State of blocks ``[cut, L)`` under the blocks' keys (``"<block>.<name>"``)."""
-        return {k: v for k, v in self.model.blocks.state_dict().items() if int(k.split(".", 1)[0]) >= cut}
-
     def step_each(self, batches: list[tuple[int, SmashedBatch]]) -> list[torch.Tensor]:
         """Train on each ``(cut, batch)`` in turn; return each batch's smashed-data gradient."""
         self.model.blocks.train()
@@ -136,14 +132,21 @@ class ServerPart:
             self.stats.add(float(self.loss_fn(lg.detach(), b.y)), lg.detach(), b.y, cut)
         return [x.grad * (total / b.y.shape[0]) for x, (_, b) in zip(xs, batches)]
 
-    @torch.no_grad()
-    def evaluate(self, cut: int, batches: list[SmashedBatch]) -> tuple[float, int, int]:
-        """Loss sum, correct predictions and samples on smashed evaluation batches."""
-        self.model.blocks.eval()
-        loss_sum, correct, n = 0.0, 0, 0
-        for b in batches:
-            logits = self._forward(cut, b.x)
-            loss_sum += float(self.loss_fn(logits, b.y))
-            correct += int((logits.argmax(1) == b.y).sum())
-            n += int(b.y.shape[0])
-        return loss_sum, correct, n
+
+@torch.no_grad()
+def evaluate_smashed(model: SplitModel, cut: int, batches: list[SmashedBatch]) -> tuple[float, int, int]:
+    """Finish the forward pass of smashed evaluation batches (eval mode).
+
+    Returns the summed cross-entropy loss, the number of correct predictions and of samples.
+    """
+    server = model.blocks[model.check_cut(cut) :]
+    was_training = server.training
+    server.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for b in batches:
+        logits = server(b.x)
+        loss_sum += float(nn.functional.cross_entropy(logits, b.y, reduction="sum"))
+        correct += int((logits.argmax(1) == b.y).sum())
+        n += int(b.y.shape[0])
+    server.train(was_training)
+    return loss_sum, correct, n

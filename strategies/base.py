@@ -40,7 +40,7 @@ from flsplit import protocol as p
 from flsplit.aggregation import average_states, block_of
 from flsplit.dataplane import DataPlane, MessageDataPlane, Reply, Traffic
 from flsplit.history import RunHistory
-from flsplit.server import ServerPart, StepStats
+from flsplit.server import ServerPart, StepStats, evaluate_smashed
 from flsplit.splitting import SplitModel, block_output_shapes
 
 __all__ = ["SplitStrategy", "CutAssignment"]
@@ -284,7 +284,6 @@ class SplitStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message | Reply]) -> Optional[MetricRecord]:
         """Finish the forward pass of each node's smashed evaluation data; pool the metrics."""
-        server = ServerPart(self.model, 1, learning_rate=1.0)
         loss_sum, correct, n = 0.0, 0, 0
         for reply in replies:
             if reply.content is None:
@@ -297,7 +296,7 @@ class SplitStrategy(Strategy):
             except (KeyError, p.ProtocolError) as err:
                 self.reject(node_id, f"evaluation: {err}")
                 continue
-            ls, c, k = server.evaluate(cut, batches)
+            ls, c, k = evaluate_smashed(self.model, cut, batches)
             loss_sum, correct, n = loss_sum + ls, correct + c, n + k
         if n == 0:
             return None
