@@ -92,22 +92,25 @@ class SplitClient:
             index = slice(j * cfg.batch_size, (j + 1) * cfg.batch_size)
         return self.train_data.x[index], self.train_data.y[index]
 
-    @staticmethod
-    def _forward(part: nn.Module, x: torch.Tensor, cfg: p.SplitConfig, position: int) -> torch.Tensor:
-        """Forward with a dropout seed fixed by the position, so a recompute is identical."""
+    def _config_and_part(self, content: RecordDict) -> tuple[p.SplitConfig, nn.Sequential]:
+        """The request's ``SplitConfig`` and the client-part module for its cut."""
+        if p.CONFIG not in content.config_records:
+            raise p.ProtocolError(f"request has no '{p.CONFIG}' record")
+        cfg = p.SplitConfig.from_record(content.config_records[p.CONFIG])
+        return cfg, self._client_part(cfg.cut)
+
+    def _forward(self, part: nn.Module, x: torch.Tensor, cfg: p.SplitConfig, position: int) -> torch.Tensor:
+        """Forward with a dropout seed fixed by client and position, so a recompute is identical."""
         dtype = _dtype(part)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, position]).generate_state(1)[0]))
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, self.salt, position]).generate_state(1)[0]))
             return part(x.to(dtype))
 
     # ------------------------------------------------------------------ train
     def train_step(self, message: Message, context: Context) -> Message:
         """One fused exchange: apply the gradients of the pending batches, send the next ones."""
         content = message.content
-        if p.CONFIG not in content.config_records:
-            raise p.ProtocolError(f"request has no '{p.CONFIG}' record")
-        cfg = p.SplitConfig.from_record(content.config_records[p.CONFIG])
-        part = self._client_part(cfg.cut)
+        cfg, part = self._config_and_part(content)
         part.train()
         state = context.state
 
@@ -190,10 +193,7 @@ class SplitClient:
     def evaluate(self, message: Message, context: Context) -> Message:
         """Send the smashed data of all local evaluation data (eval mode) with its labels."""
         content = message.content
-        if p.CONFIG not in content.config_records:
-            raise p.ProtocolError(f"request has no '{p.CONFIG}' record")
-        cfg = p.SplitConfig.from_record(content.config_records[p.CONFIG])
-        part = self._client_part(cfg.cut)
+        cfg, part = self._config_and_part(content)
         if p.CLIENT_PART in content.array_records:
             weights = content.array_records[p.CLIENT_PART]
         elif _WEIGHTS in context.state.array_records:
