@@ -5,7 +5,12 @@ Each block is run once forward and once backward on a small batch under
 Block 0 is run with an input that does not require grad (raw data), every other block with
 one that does (the server must return the cut-layer gradient), so the backward FLOPs are
 what split training really executes. The counter counts matmuls and convolutions, not
-element-wise ops.
+element-wise ops: a ``(b x n) @ (n x m)`` matmul is ``2*b*n*m`` FLOPs, so ``Linear(n, m)`` costs
+``2*n*m`` forward and ``4*n*m`` backward per sample (``2*n*m``, the weight gradient only, as
+block 0), and a convolution's backward is twice its forward (once as block 0).
+
+Measuring leaves the model as it was: weights, batch-norm statistics, gradients, train/eval
+mode and torch's random number streams.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ class ModelProfile:
 
     def cut(self, k: int) -> CutProfile:
         """Profile of cut ``k``: client blocks ``[0, k)``, server blocks ``[k, L)``."""
-        if not 1 <= k <= len(self.blocks) - 1:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(self.blocks) - 1:
             raise ValueError(f"cut layer {k} is outside the model: valid cuts are 1..{len(self.blocks) - 1}")
         client, server = self.blocks[:k], self.blocks[k:]
         return CutProfile(
@@ -90,31 +95,45 @@ def profile_model(model, input_shape: tuple[int, ...], batch_size: int = 2) -> M
     """
     split: SplitModel = as_split_model(model)
     blocks = split.blocks
-    was_training = blocks.training
-    blocks.train()
-    state = {k: v.clone() for k, v in blocks.state_dict().items()}  # running stats get restored
-    dtype = next((p.dtype for p in blocks.parameters()), torch.float32)
-    x = torch.randn(batch_size, *input_shape, dtype=dtype)
+    params = list(blocks.parameters())
+    dtype = params[0].dtype if params else torch.float32
+    device = params[0].device if params else torch.device("cpu")
+    modes = [(m, m.training) for m in blocks.modules()]  # per module: some may be frozen in eval
+    # Forward and backward leave parameters alone (there is no optimizer step); only buffers
+    # such as batch-norm running statistics change, so only they are saved and restored.
+    buffers = [(b, b.clone()) for b in blocks.buffers()]
+    grads = [p.grad for p in params]  # the caller's gradients survive the measuring backward
+    cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     out: list[BlockProfile] = []
-    try:
-        for i, block in enumerate(blocks):
-            x = x.detach().requires_grad_(i > 0)
-            with FlopCounterMode(display=False) as fwd:
-                y = block(x)
-            with FlopCounterMode(display=False) as bwd:
-                if y.requires_grad:
-                    y.backward(torch.ones_like(y))
-            out.append(
-                BlockProfile(
-                    forward_flops=fwd.get_total_flops() / batch_size,
-                    backward_flops=bwd.get_total_flops() / batch_size,
-                    output_elements=y[0].numel(),
-                    param_bytes=sum(p.numel() * p.element_size() for p in block.parameters()),
+    # fork_rng: the random probe and dropout leave the caller's RNG streams untouched.
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            blocks.train()
+            for p in params:
+                p.grad = None
+            x = torch.randn(batch_size, *input_shape, dtype=dtype, device=device)
+            for i, block in enumerate(blocks):
+                x = x.detach().requires_grad_(i > 0)
+                with FlopCounterMode(display=False) as fwd:
+                    y = block(x)
+                with FlopCounterMode(display=False) as bwd:
+                    if y.requires_grad:
+                        y.backward(torch.ones_like(y))
+                out.append(
+                    BlockProfile(
+                        forward_flops=fwd.get_total_flops() / batch_size,
+                        backward_flops=bwd.get_total_flops() / batch_size,
+                        output_elements=y[0].numel(),
+                        param_bytes=sum(p.numel() * p.element_size() for p in block.parameters()),
+                    )
                 )
-            )
-            x = y
-    finally:
-        blocks.zero_grad(set_to_none=True)
-        blocks.load_state_dict(state)
-        blocks.train(was_training)
+                x = y
+        finally:
+            for p, g in zip(params, grads):
+                p.grad = g
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            for m, mode in modes:
+                m.training = mode
     return ModelProfile(out)

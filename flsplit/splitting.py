@@ -39,6 +39,12 @@ class SplitModel:
             self.block_paths = [str(i) for i in range(len(self.blocks))]
         if len(self.block_paths) != len(self.blocks):
             raise ValueError("block_paths must name one path per block")
+        # A block's input may be smashed data the server made a leaf that requires grad;
+        # an in-place op on it (torchvision's ``ReLU(inplace=True)``) would fail in backward.
+        # Turning ``inplace`` off keeps the forward and only costs a copy.
+        for block in self.blocks:
+            if getattr(block, "inplace", False) is True:
+                block.inplace = False
 
     @property
     def num_blocks(self) -> int:
@@ -47,7 +53,7 @@ class SplitModel:
 
     def check_cut(self, cut: int) -> int:
         """Return ``cut`` if it is a valid cut, else raise ``ValueError`` naming the range."""
-        if not isinstance(cut, int) or not 1 <= cut <= self.num_blocks - 1:
+        if isinstance(cut, bool) or not isinstance(cut, int) or not 1 <= cut <= self.num_blocks - 1:
             raise ValueError(
                 f"cut layer {cut!r} is outside the model: valid cuts are 1..{self.num_blocks - 1}"
             )
@@ -109,7 +115,9 @@ def flatten_torchvision(model: nn.Module) -> SplitModel:
             f"cannot flatten {type(model).__name__}: only nn.Sequential, VGG- and ResNet-style "
             "torchvision models are supported"
         )
-    return SplitModel(nn.Sequential(*(m for m, _ in pairs)), [p for _, p in pairs])
+    blocks = nn.Sequential(*(m for m, _ in pairs))
+    blocks.training = model.training  # the container only: each block keeps its own mode
+    return SplitModel(blocks, [p for _, p in pairs])
 
 
 def as_split_model(model: nn.Module | SplitModel) -> SplitModel:
@@ -129,15 +137,17 @@ def as_split_model(model: nn.Module | SplitModel) -> SplitModel:
 def block_output_shapes(model: SplitModel, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     """Per-sample output shape of every block; entry ``k-1`` is the smashed shape at cut ``k``."""
     blocks = model.blocks
-    was_training = blocks.training
+    modes = [(m, m.training) for m in blocks.modules()]  # per module: some may be frozen in eval
     blocks.eval()  # eval: no batch-norm statistics are updated by this probe
-    dtype = next((p.dtype for p in blocks.parameters()), torch.float32)
-    x = torch.zeros(1, *input_shape, dtype=dtype)
+    param = next(blocks.parameters(), None)
+    like = {} if param is None else dict(dtype=param.dtype, device=param.device)
+    x = torch.zeros(1, *input_shape, **like)
     shapes = []
     try:
         for block in blocks:
             x = block(x)
             shapes.append(tuple(x.shape[1:]))
     finally:
-        blocks.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     return shapes

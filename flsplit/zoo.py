@@ -13,7 +13,7 @@ __all__ = ["MODELS", "build_model", "digits_cnn", "lenet", "vgg", "resnet18"]
 
 
 def digits_cnn(num_classes: int = 10, in_channels: int = 1, image_size: int = 8) -> nn.Sequential:
-    """A small CNN for 8x8 digits (scikit-learn's ``load_digits``): 8 blocks."""
+    """A small CNN for 8x8 digits (scikit-learn's ``load_digits``): 9 blocks."""
     side = image_size // 2
     return nn.Sequential(
         nn.Conv2d(in_channels, 16, 3, padding=1),
@@ -29,8 +29,15 @@ def digits_cnn(num_classes: int = 10, in_channels: int = 1, image_size: int = 8)
 
 
 def lenet(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> nn.Sequential:
-    """LeNet-5 style network (valid for 28x28 and 32x32 inputs)."""
+    """LeNet-5 style network (12 blocks); 28x28 inputs are padded to 32x32 by the first conv.
+
+    Other sizes work too as long as the feature map survives both 5x5 convs and pools
+    (at least 16x16); the classifier's input size is computed from ``image_size``.
+    """
     pad = 2 if image_size == 28 else 0
+    side = ((image_size + 2 * pad - 4) // 2 - 4) // 2
+    if side < 1:
+        raise ValueError(f"lenet needs images of at least 16x16 pixels, got {image_size}x{image_size}")
     return nn.Sequential(
         nn.Conv2d(in_channels, 6, 5, padding=pad),
         nn.ReLU(),
@@ -39,7 +46,7 @@ def lenet(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> 
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(1),
-        nn.Linear(16 * 5 * 5, 120),
+        nn.Linear(16 * side * side, 120),
         nn.ReLU(),
         nn.Linear(120, 84),
         nn.ReLU(),
@@ -55,7 +62,12 @@ _VGG_CFG = {
 
 
 def vgg(name: str, num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> nn.Sequential:
-    """CIFAR-style VGG with batch norm: one block per conv/BN/ReLU/pool layer."""
+    """CIFAR-style VGG with batch norm: one block per conv/BN/ReLU/pool layer.
+
+    Five 2x2 poolings need images of at least 32x32 pixels.
+    """
+    if image_size < 32:
+        raise ValueError(f"{name} needs images of at least 32x32 pixels, got {image_size}x{image_size}")
     layers: list[nn.Module] = []
     channels = in_channels
     for v in _VGG_CFG[name]:
@@ -91,7 +103,7 @@ class BasicBlock(nn.Module):
 
 
 def resnet18(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> nn.Sequential:
-    """CIFAR-style ResNet18: stem, eight basic blocks, pooling, classifier (13 blocks)."""
+    """CIFAR-style ResNet18: stem (3 blocks), eight basic blocks, pooling, flatten, classifier (14 blocks)."""
     layers: list[nn.Module] = [nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
     in_planes = 64
     for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
@@ -107,6 +119,8 @@ def _torchvision(name: str) -> Callable[..., SplitModel]:
 
         if in_channels != 3:
             raise ValueError(f"torchvision {name} expects 3 input channels, got {in_channels}")
+        if name.startswith("vgg") and image_size < 32:
+            raise ValueError(f"torchvision {name} needs images of at least 32x32 pixels, got {image_size}x{image_size}")
         return flatten_torchvision(getattr(torchvision.models, name)(num_classes=num_classes))
 
     return build
