@@ -39,6 +39,8 @@ def build_strategy(settings: RunSettings, history: RunHistory):
         steps_per_exchange=int(settings["steps-per-exchange"]),
         learning_rate=float(settings["learning-rate"]),
         momentum=float(settings["momentum"]),
+        codec_up=str(settings["codec-up"]),
+        codec_down=str(settings["codec-down"]),
         seed=int(settings["seed"]),
         fraction_train=float(settings["fraction-train"]),
         fraction_evaluate=float(settings["fraction-evaluate"]),

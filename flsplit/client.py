@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from torch import nn
 
 from flsplit import protocol as p
+from flsplit.codecs import get_codec
 from flsplit.data import TensorData
 from flsplit.splitting import SplitModel
 
@@ -147,7 +148,7 @@ class SplitClient:
         pending = list(cursor["pending"])
         num_examples = int(cursor["num_examples"])
         if p.GRAD in content.array_records:
-            grads = p.decode_grads(content.array_records[p.GRAD])
+            grads = p.decode_grads(content.array_records[p.GRAD], get_codec(cfg.codec_down), _dtype(part))
             if len(grads) != len(pending):
                 raise p.ProtocolError(f"got {len(grads)} gradients for {len(pending)} pending batches")
             for position, grad in zip(pending, grads):
@@ -181,7 +182,7 @@ class SplitClient:
                 for pos in pending:
                     x, y = self._batch(cfg, pos)
                     batches.append(p.SmashedBatch(self._forward(part, x, cfg, pos), y))
-            reply[p.SMASHED] = p.encode_batches(batches)
+            reply[p.SMASHED] = p.encode_batches(batches, get_codec(cfg.codec_up))
             reply[p.STATUS] = ConfigRecord({"done": False, "position": position})
             position = pending[-1] + 1
         state.config_records[_CURSOR] = ConfigRecord(
@@ -210,7 +211,7 @@ class SplitClient:
                 chunk = data.subset(slice(start, start + cfg.batch_size))
                 batches.append(p.SmashedBatch(part(chunk.x.to(dtype)), chunk.y))
         reply = RecordDict(
-            {p.SMASHED: p.encode_batches(batches), p.METRICS: MetricRecord({"num-examples": len(data)})}
+            {p.SMASHED: p.encode_batches(batches, get_codec(cfg.codec_up)), p.METRICS: MetricRecord({"num-examples": len(data)})}
         )
         return Message(reply, reply_to=message)
 

@@ -20,9 +20,14 @@ from flwr.serverapp import Grid
 __all__ = ["DataPlane", "MessageDataPlane", "Reply", "Traffic", "payload_bytes", "time_noop_exchanges"]
 
 
-def payload_bytes(content: RecordDict) -> int:
-    """Bytes of the serialized arrays in ``content`` (Flower ``Array.data``, .npy header included)."""
-    return sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
+def payload_bytes(content: RecordDict, prefix: str = "") -> int:
+    """Bytes of the serialized arrays in ``content`` (Flower ``Array.data``, .npy header included).
+
+    With ``prefix``, only records whose name starts with it (``"split."``: the data plane).
+    """
+    return sum(
+        len(a.data) for name, rec in content.array_records.items() if name.startswith(prefix) for a in rec.values()
+    )
 
 
 @dataclass
@@ -36,18 +41,39 @@ class Reply:
 
 @dataclass
 class Traffic:
-    """Bytes per node and direction, split into ``split`` (smashed/grad) and ``model`` (weights)."""
+    """Bytes per node and direction: all arrays, and those of the split exchange alone.
+
+    ``split_*`` counts the ``split.*`` records (smashed data, labels, scales, gradients);
+    the rest is model weights (client parts) going out and coming back.
+    """
 
     up: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     down: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    split_up: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    split_down: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     messages: int = 0
 
     def record(self, node_id: int, content: RecordDict, upstream: bool) -> None:
-        (self.up if upstream else self.down)[node_id] += payload_bytes(content)
+        total, split = payload_bytes(content), payload_bytes(content, "split.")
+        if upstream:
+            self.up[node_id] += total
+            self.split_up[node_id] += split
+        else:
+            self.down[node_id] += total
+            self.split_down[node_id] += split
         self.messages += 1
 
     def totals(self) -> tuple[int, int]:
         return sum(self.up.values()), sum(self.down.values())
+
+    def per_node(self, node_id: int) -> dict[str, int]:
+        """The four counters of one node."""
+        return {
+            "up": self.up.get(node_id, 0),
+            "down": self.down.get(node_id, 0),
+            "split_up": self.split_up.get(node_id, 0),
+            "split_down": self.split_down.get(node_id, 0),
+        }
 
 
 class DataPlane(ABC):

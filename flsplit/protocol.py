@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from flsplit.codecs import Codec, CodecError, get_codec
+
 __all__ = [
     "TRAIN_STEP",
     "EVALUATE",
@@ -82,6 +84,9 @@ class SplitConfig:
         Run seed; batch order and dropout masks derive from it.
     shuffle : bool
         Shuffle the local data each epoch (seeded) or use it in stored order.
+    codec_up, codec_down : str
+        Wire codecs of smashed data (client -> server) and gradients (server -> client),
+        see ``flsplit.codecs``.
     """
 
     server_round: int
@@ -95,8 +100,12 @@ class SplitConfig:
     weight_decay: float = 0.0
     seed: int = 0
     shuffle: bool = True
+    codec_up: str = "native"
+    codec_down: str = "native"
 
     def __post_init__(self) -> None:
+        get_codec(self.codec_up)
+        get_codec(self.codec_down)
         for name in ("cut", "batch_size", "steps_per_exchange"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -132,11 +141,11 @@ class SmashedBatch:
     y: torch.Tensor
 
 
-def encode_batches(batches: list[SmashedBatch]) -> ArrayRecord:
-    """Pack smashed batches as ``x.i`` / ``y.i`` arrays."""
+def encode_batches(batches: list[SmashedBatch], codec: Codec) -> ArrayRecord:
+    """Pack smashed batches as ``x.i`` (through ``codec``) and int64 labels ``y.i``."""
     record = ArrayRecord()
     for i, b in enumerate(batches):
-        record[f"x.{i}"] = Array(b.x.detach())
+        codec.encode_into(record, f"x.{i}", b.x)
         record[f"y.{i}"] = Array(b.y)
     return record
 
@@ -161,13 +170,16 @@ def check_tensor(
     return tensor
 
 
-def _tensor(record: ArrayRecord, key: str, where: str) -> torch.Tensor:
-    if key not in record:
-        raise ProtocolError(f"{where}: missing key '{key}'")
+def _decode(codec: Codec, record: ArrayRecord, key: str, dtype: torch.dtype, where: str) -> torch.Tensor:
     try:
-        return torch.from_numpy(record[key].numpy())
-    except Exception as err:  # a corrupt numpy payload
-        raise ProtocolError(f"{where}: cannot decode '{key}': {err}") from err
+        return codec.decode_from(record, key, dtype)
+    except CodecError as err:
+        raise ProtocolError(f"{where}: {err}") from err
+
+
+def _count(record: ArrayRecord, prefix: str) -> int:
+    """Number of ``<prefix>.<i>`` payload keys (scales not counted)."""
+    return sum(1 for k in record if k.startswith(prefix) and k[len(prefix) :].isdigit())
 
 
 def decode_smashed(
@@ -175,34 +187,41 @@ def decode_smashed(
     sample_shape: tuple[int, ...],
     dtype: torch.dtype,
     num_classes: int,
+    codec: Codec,
 ) -> list[SmashedBatch]:
     """Decode and check the smashed batches of a reply.
 
-    Every ``x.i`` must be ``(b, *sample_shape)`` of ``dtype`` with finite values, and every
-    ``y.i`` ``(b,)`` int64 labels in ``[0, num_classes)``.
+    Every ``x.i`` must decode with ``codec`` to ``(b, *sample_shape)`` with finite values
+    (returned as ``dtype``), and every ``y.i`` be ``(b,)`` int64 labels in ``[0, num_classes)``.
     """
-    xs = sorted((k for k in record if k.startswith("x.")), key=lambda k: int(k[2:]) if k[2:].isdigit() else -1)
-    if not xs:
+    count = _count(record, "x.")
+    if count == 0:
         raise ProtocolError(f"'{SMASHED}': missing key 'x.0' (no smashed data)")
     out = []
-    for i in range(len(xs)):
-        x = _tensor(record, f"x.{i}", SMASHED)
+    for i in range(count):
+        x = _decode(codec, record, f"x.{i}", dtype, SMASHED)
         check_tensor(f"{SMASHED} x.{i}", x, (-1, *sample_shape), dtype)
-        y = _tensor(record, f"y.{i}", SMASHED)
+        y = _decode(CODECS_NATIVE, record, f"y.{i}", torch.int64, SMASHED)
         check_tensor(f"{SMASHED} y.{i}", y, (x.shape[0],), torch.int64)
         if x.shape[0] == 0:
             raise ProtocolError(f"{SMASHED} x.{i}: empty batch")
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        if int(y.min()) < 0 or int(y.max()) >= num_classes:
             raise ProtocolError(f"{SMASHED} y.{i}: labels outside [0, {num_classes})")
         out.append(SmashedBatch(x, y))
     return out
 
 
-def encode_grads(grads: list[torch.Tensor]) -> ArrayRecord:
-    """Pack cut-layer gradients as ``g.i``."""
-    return ArrayRecord({f"g.{i}": Array(g.detach()) for i, g in enumerate(grads)})
+def encode_grads(grads: list[torch.Tensor], codec: Codec) -> ArrayRecord:
+    """Pack cut-layer gradients as ``g.i`` through ``codec``."""
+    record = ArrayRecord()
+    for i, g in enumerate(grads):
+        codec.encode_into(record, f"g.{i}", g)
+    return record
 
 
-def decode_grads(record: ArrayRecord) -> list[torch.Tensor]:
-    """Unpack ``g.0 .. g.{n-1}`` (shapes are checked against the recomputed forward)."""
-    return [_tensor(record, f"g.{i}", GRAD) for i in range(len(record))]
+def decode_grads(record: ArrayRecord, codec: Codec, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Unpack ``g.0 .. g.{n-1}`` as ``dtype`` (shapes are checked against the recomputed forward)."""
+    return [_decode(codec, record, f"g.{i}", dtype, GRAD) for i in range(_count(record, "g."))]
+
+
+CODECS_NATIVE = get_codec("native")

@@ -37,6 +37,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from flsplit import protocol as p
+from flsplit.codecs import get_codec
 from flsplit.aggregation import average_states, block_of
 from flsplit.dataplane import DataPlane, MessageDataPlane, Reply, Traffic
 from flsplit.history import RunHistory
@@ -67,6 +68,9 @@ class SplitStrategy(Strategy):
     weight_decay, seed, shuffle :
         Training settings sent to the clients (``SplitConfig``); the server part uses the
         same SGD settings.
+    codec_up, codec_down : str
+        Wire codecs for smashed data and gradients (``flsplit.codecs``): ``native`` (the
+        model's dtype, lossless), ``fp32``, ``fp16``, ``bf16``, ``fp8-e4m3``, ``fp8-e5m2``, ``int8``.
     fraction_train : float
         Fraction of connected nodes sampled per round (at least ``min_train_nodes``).
     min_train_nodes, min_available_nodes : int
@@ -94,6 +98,8 @@ class SplitStrategy(Strategy):
         weight_decay: float = 0.0,
         seed: int = 0,
         shuffle: bool = True,
+        codec_up: str = "native",
+        codec_down: str = "native",
         fraction_train: float = 1.0,
         min_train_nodes: int = 1,
         min_available_nodes: int = 1,
@@ -121,6 +127,8 @@ class SplitStrategy(Strategy):
             weight_decay=weight_decay,
             seed=seed,
             shuffle=shuffle,
+            codec_up=codec_up,
+            codec_down=codec_down,
         )
         p.SplitConfig(server_round=1, cut=1, **self.train_settings)  # fail early on bad settings
         self.seed = seed
@@ -132,6 +140,7 @@ class SplitStrategy(Strategy):
         self.history = history or RunHistory()
         self.data_plane_factory = data_plane_factory or (lambda grid, timeout: MessageDataPlane(grid, timeout))
         self._shapes = block_output_shapes(self.model, self.input_shape)
+        self.codec_up, self.codec_down = get_codec(codec_up), get_codec(codec_down)
         self.data_plane: Optional[DataPlane] = None
         self.cuts: dict[int, int] = {}
         self.errors: list[dict] = []
@@ -184,7 +193,7 @@ class SplitStrategy(Strategy):
         """A step request: the node's config plus the gradients of its pending batches."""
         content = RecordDict({p.CONFIG: self._configs[node_id]})
         if grads:
-            content[p.GRAD] = p.encode_grads(grads)
+            content[p.GRAD] = p.encode_grads(grads, self.codec_down)
         return content
 
     def decode(self, node_id: int, reply: Reply) -> Optional[list[p.SmashedBatch]]:
@@ -194,7 +203,7 @@ class SplitStrategy(Strategy):
             if record is None:
                 raise p.ProtocolError(f"reply has no '{p.SMASHED}' record")
             cut = self.cuts[node_id]
-            return p.decode_smashed(record, self._shapes[cut - 1], self.server_dtype, self.num_classes)
+            return p.decode_smashed(record, self._shapes[cut - 1], self.server_dtype, self.num_classes, self.codec_up)
         except p.ProtocolError as err:
             self.reject(node_id, str(err))
             return None
@@ -292,7 +301,11 @@ class SplitStrategy(Strategy):
             cut = self._eval_cuts[node_id]
             try:
                 record = reply.content.array_records[p.SMASHED]
-                batches = p.decode_smashed(record, self._shapes[cut - 1], self.server_dtype, self.num_classes) if len(record) else []
+                batches = (
+                    p.decode_smashed(record, self._shapes[cut - 1], self.server_dtype, self.num_classes, self.codec_up)
+                    if len(record)
+                    else []
+                )
             except (KeyError, p.ProtocolError) as err:
                 self.reject(node_id, f"evaluation: {err}")
                 continue
@@ -434,7 +447,9 @@ class SplitStrategy(Strategy):
             "train_accuracy": stats.accuracy if stats.samples else None,
             "bytes_up": up,
             "bytes_down": down,
-            "bytes_per_node": {str(n): {"up": traffic.up.get(n, 0), "down": traffic.down.get(n, 0)} for n in sorted(self.cuts)},
+            "split_bytes_up": sum(traffic.split_up.values()),
+            "split_bytes_down": sum(traffic.split_down.values()),
+            "bytes_per_node": {str(n): traffic.per_node(n) for n in sorted(self.cuts)},
             "messages": traffic.messages,
             "errors": list(self.errors),
             "wall_seconds": time.perf_counter() - t0,

@@ -114,11 +114,11 @@ def test_client_refuses_a_bad_gradient_and_keeps_its_state():
     }
     for phrase, grad in bad.items():
         with pytest.raises(p.ProtocolError, match=phrase):
-            client.train_step(_request(3, RecordDict({p.GRAD: p.encode_grads([grad])})), ctx)
+            client.train_step(_request(3, RecordDict({p.GRAD: ArrayRecord({"g.0": Array(grad)})})), ctx)
         after = ctx.state.array_records["flsplit.client.weights"].to_torch_state_dict()
         assert max_abs_diff(before, after) == 0.0
     with pytest.raises(p.ProtocolError, match="2 gradients for 1 pending"):
-        client.train_step(_request(3, RecordDict({p.GRAD: p.encode_grads([smashed, smashed])})), ctx)
+        client.train_step(_request(3, RecordDict({p.GRAD: ArrayRecord({"g.0": Array(smashed), "g.1": Array(smashed)})})), ctx)
     with pytest.raises(p.ProtocolError, match="no round in progress"):
         client.train_step(_request(3, RecordDict()), _context())
 
