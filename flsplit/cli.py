@@ -1,0 +1,25 @@
+"""The ``flsplit`` command: ``flsplit report RUN...`` (more subcommands to come)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+__all__ = ["main"]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``flsplit`` console script."""
+    parser = argparse.ArgumentParser(prog="flsplit", description="flsplit: split learning on Flower")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    from flsplit import report
+
+    report.add_arguments(commands.add_parser("report", help=report.__doc__.splitlines()[0]))
+    args = parser.parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
