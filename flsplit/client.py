@@ -183,7 +183,9 @@ class SplitClient:
                     x, y = self._batch(cfg, pos)
                     batches.append(p.SmashedBatch(self._forward(part, x, cfg, pos), y))
             reply[p.SMASHED] = p.encode_batches(batches, get_codec(cfg.codec_up))
-            reply[p.STATUS] = ConfigRecord({"done": False, "position": position})
+            reply[p.STATUS] = ConfigRecord(
+                {"done": False, "position": position, "remaining": round_end - position}
+            )
             position = pending[-1] + 1
         state.config_records[_CURSOR] = ConfigRecord(
             {"position": position, "round_end": round_end, "pending": pending, "num_examples": num_examples}

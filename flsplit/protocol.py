@@ -11,7 +11,8 @@ Records in a request (server -> client)
     ``split.grad``    ArrayRecord: ``g.0 .. g.{K-1}``, gradients of the pending batches
 Records in a reply (client -> server)
     ``split.smashed`` ArrayRecord: ``x.i`` smashed data and ``y.i`` labels of batch ``i``
-    ``split.status``  ConfigRecord: ``done`` (bool), ``position`` of the first batch sent
+    ``split.status``  ConfigRecord: ``done`` (bool), ``position`` of the first batch sent,
+                      ``remaining`` batches of the round from it (progress reporting)
     ``client.part``   ArrayRecord + ``split.metrics`` MetricRecord ``num-examples``: at round end
 """
 

@@ -142,6 +142,7 @@ class SplitStrategy(Strategy):
         self._shapes = block_output_shapes(self.model, self.input_shape)
         self.codec_up, self.codec_down = get_codec(codec_up), get_codec(codec_down)
         self.data_plane: Optional[DataPlane] = None
+        self.progress_interval = 10.0  # seconds between progress lines within a round
         self.cuts: dict[int, int] = {}
         self.errors: list[dict] = []
         self.server_steps = 0
@@ -207,6 +208,18 @@ class SplitStrategy(Strategy):
         except p.ProtocolError as err:
             self.reject(node_id, str(err))
             return None
+
+    def track_progress(self, server_round: int, node_id: int, reply: Reply, batches: int) -> None:
+        """Count a node's batches and log the round's progress at most every 10 seconds."""
+        status = reply.content.config_records.get(p.STATUS) or ConfigRecord()
+        if node_id not in self._total:  # the first reply tells how many batches the round has
+            self._total[node_id] = int(status.get("remaining", 0))
+        self._done[node_id] = self._done.get(node_id, 0) + batches
+        now = time.perf_counter()
+        if now - self._last_progress >= self.progress_interval:
+            self._last_progress = now
+            done, total = sum(self._done.values()), sum(self._total.values())
+            log(INFO, "[flsplit] round %d: %d/%d client batches (%.0f%%)", server_round, done, total, 100 * done / max(total, 1))
 
     def reject(self, node_id: int, reason: str) -> None:
         """Record a bad reply: the node sits out this step, nothing is trained on it."""
@@ -341,6 +354,7 @@ class SplitStrategy(Strategy):
                     done.append(reply)
                     continue
                 batches = self.decode(node, reply)
+                self.track_progress(server_round, node, reply, len(batches or ()))
                 grads = None
                 if batches is not None:
                     grads = server_for(node).step_each([(self.cuts[node], b) for b in batches])
@@ -366,9 +380,11 @@ class SplitStrategy(Strategy):
                 elif self.is_done(reply):
                     done.append(reply)
                 elif (batches := self.decode(node, reply)) is None:
+                    self.track_progress(server_round, node, reply, 0)
                     requests[node] = self.request(node)  # skipped this step, goes on
                 else:
                     received[node] = batches
+                    self.track_progress(server_round, node, reply, len(batches))
             grads: dict[int, list[torch.Tensor]] = {n: [] for n in received}
             for k in range(max((len(b) for b in received.values()), default=0)):
                 nodes = [n for n in received if k < len(received[n])]
@@ -409,6 +425,7 @@ class SplitStrategy(Strategy):
             t0 = time.perf_counter()
             self.data_plane.traffic = Traffic()
             self.errors, self.server_steps = [], 0
+            self._done, self._total, self._last_progress = {}, {}, time.perf_counter()
             messages = list(self.configure_train(server_round, result.arrays, ConfigRecord(), grid))
             requests = {m.metadata.dst_node_id: m.content for m in messages}
             done = self._train_round(server_round, requests)

@@ -86,3 +86,23 @@ def test_fraction_train_samples_a_seeded_subset_and_cuts_can_change_per_round():
     again, _, _, _ = run(SFLV2, parts, 2, cut_layer=cut_fn, batch_size=8, fraction_train=0.5, seed=3)
     assert [r["nodes"] for r in again.history.rounds] == [r["nodes"] for r in rounds]
     assert torch.isfinite(torch.tensor([r["train_loss"] for r in rounds])).all()
+
+
+def test_long_rounds_log_their_progress():
+    import logging
+
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("flwr").addHandler(handler)
+    try:
+        parts = [random_data(12, seed=1), random_data(12, seed=2)]
+        grid = InProcessGrid(recording_app(parts, []), 2)
+        strategy = SFLV2(model_fn=model_fn, input_shape=(1, 8, 8), num_classes=10, cut_layer=2, batch_size=4)
+        strategy.progress_interval = 0.0
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(model_fn().blocks.state_dict()), num_rounds=1)
+    finally:
+        logging.getLogger("flwr").removeHandler(handler)
+    progress = [line for line in lines if "client batches" in line]
+    assert progress[-1] == "[flsplit] round 1: 6/6 client batches (100%)"
+    assert progress[0].startswith("[flsplit] round 1: 1/")  # totals are known once each node replied
