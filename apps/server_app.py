@@ -17,6 +17,7 @@ from flsplit.data import dataset_info
 from flsplit.dataplane import MessageDataPlane, time_noop_exchanges
 from flsplit.history import RunHistory
 from flsplit.protocol import NOOP
+from flsplit.scenario import scenario_from_run_config
 from strategies import STRATEGIES
 
 app = ServerApp()
@@ -46,6 +47,7 @@ def build_strategy(settings: RunSettings, history: RunHistory):
         fraction_evaluate=float(settings["fraction-evaluate"]),
         min_available_nodes=int(settings["min-available-nodes"]),
         history=history,
+        scenario=scenario_from_run_config(settings),
     )
 
 

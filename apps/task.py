@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "exchange-timeout": 600.0,
     "noop-exchanges": 0,
     "output-dir": "flsplit-runs",
+    "cost-scenario": "homogeneous",
 }
 
 
@@ -44,7 +45,8 @@ class RunSettings(dict):
     """The run config with defaults filled in (``run_simulation`` leaves it empty)."""
 
     def __init__(self, run_config: Optional[Mapping[str, Any]] = None) -> None:
-        unknown = set(run_config or {}) - set(DEFAULTS)
+        # cost-* keys belong to the cost model (flsplit.scenario.scenario_from_run_config)
+        unknown = {k for k in run_config or {} if not k.startswith("cost-")} - set(DEFAULTS)
         if unknown:
             raise ValueError(f"unknown run-config keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
         super().__init__({**DEFAULTS, **(run_config or {})})

@@ -27,6 +27,7 @@ from torch import nn
 from flsplit import protocol as p
 from flsplit.codecs import get_codec
 from flsplit.data import TensorData
+from flsplit.scenario import DEVICE_KEYS
 from flsplit.splitting import SplitModel
 
 __all__ = ["SplitClient"]
@@ -170,6 +171,8 @@ class SplitClient:
         state.config_records[_OPTIM] = ConfigRecord({"state": buffer.getvalue()})
 
         reply = RecordDict()
+        if p.CLIENT_PART in content.array_records:  # tell the server who this device is
+            reply[p.DEVICE] = self._device_record(context)
         if position >= round_end:
             reply[p.CLIENT_PART] = state.array_records[_WEIGHTS]
             reply[p.METRICS] = MetricRecord({"num-examples": num_examples})
@@ -191,6 +194,14 @@ class SplitClient:
             {"position": position, "round_end": round_end, "pending": pending, "num_examples": num_examples}
         )
         return Message(reply, reply_to=message)
+
+    def _device_record(self, context: Context) -> ConfigRecord:
+        """Partition id and the numeric device-profile keys of the node config."""
+        record = {"partition-id": int(context.node_config.get("partition-id", self.salt))}
+        for key in DEVICE_KEYS:
+            if key in context.node_config:
+                record[key] = float(context.node_config[key])
+        return ConfigRecord(record)
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, message: Message, context: Context) -> Message:

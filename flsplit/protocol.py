@@ -14,6 +14,8 @@ Records in a reply (client -> server)
     ``split.status``  ConfigRecord: ``done`` (bool), ``position`` of the first batch sent,
                       ``remaining`` batches of the round from it (progress reporting)
     ``client.part``   ArrayRecord + ``split.metrics`` MetricRecord ``num-examples``: at round end
+    ``client.device`` ConfigRecord (first reply of a round): ``partition-id`` and the device
+                      profile keys found in the node config (``cpu-hz``, ``tx-power-w``, ...)
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ GRAD = "split.grad"
 SMASHED = "split.smashed"
 STATUS = "split.status"
 METRICS = "split.metrics"
+DEVICE = "client.device"
 
 
 class ProtocolError(ValueError):

@@ -39,8 +39,11 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flsplit import protocol as p
 from flsplit.codecs import get_codec
 from flsplit.aggregation import average_states, block_of
+from flsplit.costmodel import DeviceProfile, client_flops, round_cost, server_flops
 from flsplit.dataplane import DataPlane, MessageDataPlane, Reply, Traffic
 from flsplit.history import RunHistory
+from flsplit.profile import profile_model
+from flsplit.scenario import Scenario, device_from_node_config
 from flsplit.server import ServerPart, StepStats, evaluate_smashed
 from flsplit.splitting import SplitModel, block_output_shapes
 
@@ -79,6 +82,10 @@ class SplitStrategy(Strategy):
         Federated split evaluation after each round (0 disables it).
     history : RunHistory, optional
         Where per-round records go (in memory if not given).
+    scenario : Scenario, optional
+        Wireless edge scenario (``flsplit.scenario.load_scenario``); if given, every round's
+        simulated latency and energy (from the bytes actually sent and the measured profile)
+        go into the history under ``sim``.
     data_plane_factory : callable, optional
         ``fn(grid, timeout) -> DataPlane``; defaults to ``MessageDataPlane``.
     """
@@ -106,6 +113,7 @@ class SplitStrategy(Strategy):
         fraction_evaluate: float = 0.0,
         min_evaluate_nodes: int = 1,
         history: Optional[RunHistory] = None,
+        scenario: Optional[Scenario] = None,
         data_plane_factory: Optional[Callable[[Grid, float], DataPlane]] = None,
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
@@ -143,9 +151,14 @@ class SplitStrategy(Strategy):
         self.codec_up, self.codec_down = get_codec(codec_up), get_codec(codec_down)
         self.data_plane: Optional[DataPlane] = None
         self.progress_interval = 10.0  # seconds between progress lines within a round
+        self.scenario = scenario
+        self.profile = profile_model(self.model, self.input_shape) if scenario is not None else None
+        self.devices: dict[int, tuple[int, Optional[DeviceProfile]]] = {}  # node -> (partition, own profile)
         self.cuts: dict[int, int] = {}
         self.errors: list[dict] = []
         self.server_steps = 0
+
+    timing = "parallel"  # how clients' chains combine in the simulated round latency
 
     # ------------------------------------------------------------------ pieces
     def summary(self) -> None:
@@ -214,12 +227,48 @@ class SplitStrategy(Strategy):
         status = reply.content.config_records.get(p.STATUS) or ConfigRecord()
         if node_id not in self._total:  # the first reply tells how many batches the round has
             self._total[node_id] = int(status.get("remaining", 0))
+            self.note_device(node_id, reply)
         self._done[node_id] = self._done.get(node_id, 0) + batches
         now = time.perf_counter()
         if now - self._last_progress >= self.progress_interval:
             self._last_progress = now
             done, total = sum(self._done.values()), sum(self._total.values())
             log(INFO, "[flsplit] round %d: %d/%d client batches (%.0f%%)", server_round, done, total, 100 * done / max(total, 1))
+
+    def note_device(self, node_id: int, reply: Reply) -> None:
+        """Remember which partition/device a node is (its first reply of a round says)."""
+        record = reply.content.config_records.get(p.DEVICE)
+        if record is None or self.scenario is None:
+            return
+        pid = int(record.get("partition-id", len(self.devices)))
+        try:
+            own = device_from_node_config({k: v for k, v in record.items() if k != "partition-id"}, self.scenario.device(pid))
+        except ValueError as err:
+            self.reject(node_id, f"device profile ignored: {err}")
+            own = None
+        self.devices[node_id] = (pid, own)
+
+    def simulate_round(self, server_round: int, traffic: Traffic, examples: dict[int, int]) -> dict:
+        """Simulated latency and energy of the round (``flsplit.costmodel.round_cost``)."""
+        nodes = sorted(examples)
+        ids = [self.devices.get(n, (i, None))[0] for i, n in enumerate(nodes)]
+        own = {pid: prof for n, (pid, prof) in self.devices.items() if prof is not None and n in examples}
+        scenario = self.scenario.with_devices(own) if own else self.scenario
+        cuts = [self.profile.cut(self.cuts[n]) for n in nodes]
+        cost = round_cost(
+            scenario,
+            client_ids=ids,
+            client_flops=[client_flops(c, examples[n]) for c, n in zip(cuts, nodes)],
+            uplink_bytes=[traffic.up.get(n, 0) for n in nodes],
+            downlink_bytes=[traffic.down.get(n, 0) for n in nodes],
+            server_flops=sum(server_flops(c, examples[n]) for c, n in zip(cuts, nodes)),
+            server_round=server_round,
+            timing=self.timing,
+        )
+        record = cost.as_dict()
+        record["energy_j"] = record.pop("total_energy_j")
+        record["clients"] = {str(n): c for n, c in zip(nodes, record["clients"])}
+        return record
 
     def reject(self, node_id: int, reason: str) -> None:
         """Record a bad reply: the node sits out this step, nothing is trained on it."""
@@ -429,6 +478,7 @@ class SplitStrategy(Strategy):
             messages = list(self.configure_train(server_round, result.arrays, ConfigRecord(), grid))
             requests = {m.metadata.dst_node_id: m.content for m in messages}
             done = self._train_round(server_round, requests)
+            examples = {r.node_id: int(r.content.metric_records[p.METRICS]["num-examples"]) for r in done}
             arrays, train_metrics = self.aggregate_train(server_round, done)
             result.arrays = arrays
             result.train_metrics_clientapp[server_round] = train_metrics
@@ -442,11 +492,14 @@ class SplitStrategy(Strategy):
             central = evaluate_fn(server_round, arrays) if evaluate_fn else None
             if central is not None:
                 result.evaluate_metrics_serverapp[server_round] = central
-            self.history.add_round(
-                self.round_record(server_round, t0, self.data_plane.traffic, train_metrics, central,
-                                  result.evaluate_metrics_clientapp.get(server_round)),
-                num_rounds,
+            entry = self.round_record(
+                server_round, t0, self.data_plane.traffic, train_metrics, central,
+                result.evaluate_metrics_clientapp.get(server_round),
             )
+            entry["examples_per_node"] = {str(n): k for n, k in sorted(examples.items())}
+            if self.scenario is not None:
+                entry["sim"] = self.simulate_round(server_round, self.data_plane.traffic, examples)
+            self.history.add_round(entry, num_rounds)
         return result
 
     def round_record(self, server_round, t0, traffic: Traffic, train_metrics, central, federated) -> dict:

@@ -19,6 +19,8 @@ class SL(SplitStrategy):
     after the round the global model is the last client's part plus the server part.
     """
 
+    timing = "sequential"
+
     def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
         self.server = self.new_server_part()
         done = []
