@@ -29,7 +29,9 @@ def build_strategy(settings: RunSettings, history: RunHistory):
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
     info = dataset_info(settings["dataset"])
+    extra = {"phi": float(settings["phi"]), "positions": str(settings["aggregated-positions"])} if name == "epsl" else {}
     return STRATEGIES[name](
+        **extra,
         model_fn=make_model_fn(settings),
         input_shape=(info.in_channels, info.image_size, info.image_size),
         num_classes=info.num_classes,

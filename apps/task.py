@@ -28,6 +28,8 @@ DEFAULTS: dict[str, Any] = {
     "momentum": 0.9,
     "cut-layer": "2",
     "steps-per-exchange": 1,
+    "phi": 0.5,
+    "aggregated-positions": "first",
     "codec-up": "fp32",
     "codec-down": "fp32",
     "seed": 0,

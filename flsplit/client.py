@@ -148,8 +148,14 @@ class SplitClient:
 
         pending = list(cursor["pending"])
         num_examples = int(cursor["num_examples"])
-        if p.GRAD in content.array_records:
-            grads = p.decode_grads(content.array_records[p.GRAD], get_codec(cfg.codec_down), _dtype(part))
+        if p.GRAD in content.array_records or p.BCAST in content.array_records:
+            grads = p.assemble_grads(
+                content.array_records.get(p.GRAD),
+                content.array_records.get(p.BCAST),
+                content.config_records.get(p.BCAST_CONFIG),
+                get_codec(cfg.codec_down),
+                _dtype(part),
+            )
             if len(grads) != len(pending):
                 raise p.ProtocolError(f"got {len(grads)} gradients for {len(pending)} pending batches")
             for position, grad in zip(pending, grads):

@@ -17,16 +17,22 @@ from typing import Mapping, Optional
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from flsplit.protocol import BCAST
+
 __all__ = ["DataPlane", "MessageDataPlane", "Reply", "Traffic", "payload_bytes", "time_noop_exchanges"]
 
 
-def payload_bytes(content: RecordDict, prefix: str = "") -> int:
+def payload_bytes(content: RecordDict, prefix: str = "", skip: str = "") -> int:
     """Bytes of the serialized arrays in ``content`` (Flower ``Array.data``, .npy header included).
 
-    With ``prefix``, only records whose name starts with it (``"split."``: the data plane).
+    With ``prefix``, only records whose name starts with it (``"split."``: the data plane);
+    records named ``skip`` are left out.
     """
     return sum(
-        len(a.data) for name, rec in content.array_records.items() if name.startswith(prefix) for a in rec.values()
+        len(a.data)
+        for name, rec in content.array_records.items()
+        if name.startswith(prefix) and name != skip
+        for a in rec.values()
     )
 
 
@@ -44,17 +50,21 @@ class Traffic:
     """Bytes per node and direction: all arrays, and those of the split exchange alone.
 
     ``split_*`` counts the ``split.*`` records (smashed data, labels, scales, gradients);
-    the rest is model weights (client parts) going out and coming back.
+    the rest is model weights (client parts) going out and coming back. A broadcast (the
+    ``split.bcast`` record every receiver of a step gets) is counted once, in ``broadcast``,
+    by ``record_broadcast``: on a wireless downlink it is sent once for all receivers.
     """
 
     up: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     down: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     split_up: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     split_down: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    broadcast: int = 0
     messages: int = 0
 
     def record(self, node_id: int, content: RecordDict, upstream: bool) -> None:
-        total, split = payload_bytes(content), payload_bytes(content, "split.")
+        total = payload_bytes(content, skip=BCAST)
+        split = payload_bytes(content, "split.", skip=BCAST)
         if upstream:
             self.up[node_id] += total
             self.split_up[node_id] += split
@@ -63,8 +73,13 @@ class Traffic:
             self.split_down[node_id] += split
         self.messages += 1
 
+    def record_broadcast(self, num_bytes: int) -> None:
+        """Count a broadcast once (call it once per broadcast, not per receiver)."""
+        self.broadcast += num_bytes
+
     def totals(self) -> tuple[int, int]:
-        return sum(self.up.values()), sum(self.down.values())
+        """Bytes up and down (broadcasts once)."""
+        return sum(self.up.values()), sum(self.down.values()) + self.broadcast
 
     def per_node(self, node_id: int) -> dict[str, int]:
         """The four counters of one node."""

@@ -8,7 +8,12 @@ client part's weights; the reply that ends the client's round carries its traine
 Records in a request (server -> client)
     ``split.config``  ConfigRecord: round settings (see ``SplitConfig``)
     ``client.part``   ArrayRecord: client-part weights (first request of a round only)
-    ``split.grad``    ArrayRecord: ``g.0 .. g.{K-1}``, gradients of the pending batches
+    ``split.grad``    ArrayRecord: ``g.0 .. g.{K-1}``, gradients of the pending batches (only the
+                      rows not covered by a broadcast)
+    ``split.bcast``   ArrayRecord: ``b.k`` gradient rows shared by every receiver (EPSL,
+                      SFL-GA); counted once per step in the traffic, not once per client
+    ``split.bcast.config`` ConfigRecord: ``positions.k`` (rows of batch ``k`` the broadcast
+                      fills) and ``scale.k`` (factor this receiver applies to it)
 Records in a reply (client -> server)
     ``split.smashed`` ArrayRecord: ``x.i`` smashed data and ``y.i`` labels of batch ``i``
     ``split.status``  ConfigRecord: ``done`` (bool), ``position`` of the first batch sent,
@@ -40,6 +45,7 @@ __all__ = [
     "encode_grads",
     "decode_grads",
     "check_tensor",
+    "assemble_grads",
 ]
 
 TRAIN_STEP = "train.split_step"
@@ -53,6 +59,8 @@ SMASHED = "split.smashed"
 STATUS = "split.status"
 METRICS = "split.metrics"
 DEVICE = "client.device"
+BCAST = "split.bcast"
+BCAST_CONFIG = "split.bcast.config"
 
 
 class ProtocolError(ValueError):
@@ -226,6 +234,53 @@ def encode_grads(grads: list[torch.Tensor], codec: Codec) -> ArrayRecord:
 def decode_grads(record: ArrayRecord, codec: Codec, dtype: torch.dtype) -> list[torch.Tensor]:
     """Unpack ``g.0 .. g.{n-1}`` as ``dtype`` (shapes are checked against the recomputed forward)."""
     return [_decode(codec, record, f"g.{i}", dtype, GRAD) for i in range(_count(record, "g."))]
+
+
+def assemble_grads(
+    grad: ArrayRecord | None,
+    bcast: ArrayRecord | None,
+    bcast_config: ConfigRecord | None,
+    codec: Codec,
+    dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    """Each pending batch's full cut-layer gradient from its unicast rows and the broadcast.
+
+    ``g.k`` holds batch ``k``'s own rows. If the broadcast has ``b.k``, its first
+    ``len(positions.k)`` rows, times ``scale.k``, go to the sample positions ``positions.k``
+    and the ``g.k`` rows, in order, fill the others; otherwise ``g.k`` is the whole gradient.
+    """
+    unicast = decode_grads(grad, codec, dtype) if grad is not None else []
+    if bcast is None:
+        return unicast
+    if bcast_config is None:
+        raise ProtocolError(f"'{BCAST}' without '{BCAST_CONFIG}'")
+    out = []
+    for k, own in enumerate(unicast):
+        if f"b.{k}" not in bcast:
+            out.append(own)
+            continue
+        rows = _decode(codec, bcast, f"b.{k}", dtype, BCAST)
+        positions, scale = bcast_config.get(f"positions.{k}"), bcast_config.get(f"scale.{k}")
+        if positions is None or scale is None:
+            raise ProtocolError(f"'{BCAST_CONFIG}': missing positions.{k} or scale.{k}")
+        size = len(positions) + own.shape[0]
+        if (
+            rows.shape[0] < len(positions)
+            or rows.shape[1:] != own.shape[1:]
+            or len(set(positions)) != len(positions)
+            or not all(0 <= i < size for i in positions)
+        ):
+            raise ProtocolError(
+                f"{BCAST} b.{k}: positions {list(positions)} do not fit {rows.shape[0]} broadcast "
+                f"rows and {own.shape[0]} own rows"
+            )
+        full = torch.empty((size, *own.shape[1:]), dtype=dtype)
+        mask = torch.zeros(size, dtype=torch.bool)
+        mask[list(positions)] = True
+        full[~mask] = own
+        full[list(positions)] = rows[: len(positions)] * float(scale)
+        out.append(full)
+    return out
 
 
 CODECS_NATIVE = get_codec("native")

@@ -22,6 +22,7 @@ all blocks from the shallowest cut on and runs a client's smashed data from its 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ from torch import nn
 from flsplit.protocol import SmashedBatch
 from flsplit.splitting import SplitModel
 
-__all__ = ["ServerPart", "StepStats", "evaluate_smashed"]
+__all__ = ["ServerPart", "StepGrads", "StepStats", "evaluate_smashed"]
 
 
 @dataclass
@@ -54,6 +55,22 @@ class StepStats:
     @property
     def accuracy(self) -> float:
         return self.correct / max(self.samples, 1)
+
+
+@dataclass
+class StepGrads:
+    """What one lockstep server step sends back.
+
+    ``unicast[i]`` are the gradient rows client ``i`` gets alone. If ``broadcast`` is set,
+    it goes to every client; client ``i`` puts its first ``len(positions[i])`` rows at the
+    sample positions ``positions[i]`` (multiplied by ``scales[i]``), and ``unicast[i]`` holds
+    its other rows, in order.
+    """
+
+    unicast: list[torch.Tensor]
+    broadcast: Optional[torch.Tensor] = None
+    positions: list[list[int]] = field(default_factory=list)
+    scales: list[float] = field(default_factory=list)
 
 
 class ServerPart:
@@ -131,6 +148,100 @@ class ServerPart:
         for (cut, b), lg in zip(batches, logits):
             self.stats.add(float(self.loss_fn(lg.detach(), b.y)), lg.detach(), b.y, cut)
         return [x.grad * (total / b.y.shape[0]) for x, (_, b) in zip(xs, batches)]
+
+    def step_epsl(self, batches: list[tuple[int, SmashedBatch]], positions: list[int]) -> StepGrads:
+        """EPSL: PSL with last-layer gradient aggregation at the sample ``positions``.
+
+        At an aggregated position ``j`` the server does not back-propagate the ``N`` clients'
+        samples one by one. It computes each client's logit gradient ``dL/dz_ij`` (a forward
+        pass without graph), sums them into ``G_j``, forwards the position-wise *mean*
+        ``s_j = (1/N) sum_i s_ij`` of the smashed data, and back-propagates ``G_j`` once from
+        there. That is the gradient of the surrogate ``<G_j, f(s_j)>``, whose gradient with
+        respect to each client's input is ``1/N`` of the gradient at ``s_j``: the same rows for
+        every client, so they are broadcast. The other positions are plain PSL. Server
+        back-propagation shrinks from ``N*b`` to ``(N - 1)*(b - m) + b`` samples for
+        ``m = len(positions)`` (the papers' ``(1-phi)*N*b + phi*b``).
+
+        The loss is PSL's (mean over all ``B`` samples); each client's rows are scaled by
+        ``B / b_i`` as in ``step_union`` (the broadcast rows through ``scales``). All clients
+        must share one cut and have at least ``max(positions) + 1`` samples. With one client
+        or no positions this is exactly ``step_union``.
+        """
+        if not positions or len(batches) == 1:
+            return StepGrads(self.step_union(batches))
+        cuts = {c for c, _ in batches}
+        if len(cuts) != 1:
+            raise ValueError(f"EPSL aggregation needs one cut for all clients, got {sorted(cuts)}")
+        (cut,) = cuts
+        n = len(batches)
+        sizes = [b.y.shape[0] for _, b in batches]
+        if max(positions) >= min(sizes):
+            raise ValueError(f"aggregated position {max(positions)} outside the smallest batch ({min(sizes)})")
+        total = sum(sizes)
+        self.model.blocks.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        agg = torch.tensor(positions)
+        keep = [torch.ones(s, dtype=torch.bool).index_fill_(0, agg, False) for s in sizes]
+
+        # Plain PSL part: the other positions of every client, one forward/backward.
+        xs = [b.x[k].detach().requires_grad_(True) for (_, b), k in zip(batches, keep)]
+        ys = [b.y[k] for (_, b), k in zip(batches, keep)]
+        logits = self._forward(cut, torch.cat(xs))
+        loss_sum = self.loss_fn(logits, torch.cat(ys))
+        (loss_sum / total).backward()
+
+        # Aggregated part: per-client logit gradients, summed, back-propagated once.
+        with torch.no_grad():
+            agg_x = torch.stack([b.x[agg] for _, b in batches])  # (N, m, ...)
+            agg_y = torch.stack([b.y[agg] for _, b in batches])
+            agg_logits = self._forward(cut, agg_x.flatten(0, 1))
+        z = agg_logits.detach().requires_grad_(True)
+        agg_loss = self.loss_fn(z, agg_y.flatten())
+        (agg_loss / total).backward()
+        summed = z.grad.unflatten(0, (n, len(positions))).sum(0)  # G_j
+        mean_x = agg_x.mean(0).requires_grad_(True)
+        self._forward(cut, mean_x).backward(summed)
+        self.optimizer.step()
+
+        for i, ((c, b), k) in enumerate(zip(batches, keep)):
+            lg = torch.empty(sizes[i], logits.shape[1], dtype=logits.dtype)
+            lg[k] = logits.detach().split([int(kk.sum()) for kk in keep])[i]
+            lg[agg] = agg_logits.unflatten(0, (n, len(positions)))[i]
+            self.stats.add(float(self.loss_fn(lg, b.y)), lg, b.y, c)
+        return StepGrads(
+            unicast=[x.grad * (total / s) for x, s in zip(xs, sizes)],
+            broadcast=mean_x.grad / n,
+            positions=[list(positions)] * n,
+            scales=[total / s for s in sizes],
+        )
+
+    def step_gradient_average(self, batches: list[tuple[int, SmashedBatch]]) -> StepGrads:
+        """SFL-GA: one PSL step, then one broadcast of the position-wise average gradient.
+
+        Each client's cut-layer gradient (of its own mean loss, as in ``step_union``) is
+        averaged position by position, weighted by batch share: row ``j`` of the aggregate is
+        ``sum_i b_i g_i[j] / sum_i b_i`` over the clients whose batch has a row ``j``. With
+        unequal batch sizes the aggregate has ``max b_i`` rows and a client uses the first
+        ``b_i`` (a client with a short last batch reads the rows it has). All clients must
+        share one cut (the gradients must have one shape).
+        """
+        cuts = {c for c, _ in batches}
+        if len(cuts) != 1:
+            raise ValueError(f"gradient aggregation needs one cut for all clients, got {sorted(cuts)}")
+        grads = self.step_union(batches)
+        rows = max(g.shape[0] for g in grads)
+        weighted = torch.zeros((rows, *grads[0].shape[1:]), dtype=grads[0].dtype)
+        weights = torch.zeros(rows, dtype=grads[0].dtype)
+        for g in grads:
+            weighted[: g.shape[0]] += g.shape[0] * g
+            weights[: g.shape[0]] += g.shape[0]
+        aggregate = weighted / weights.view(-1, *([1] * (weighted.dim() - 1)))
+        return StepGrads(
+            unicast=[g[:0] for g in grads],
+            broadcast=aggregate,
+            positions=[list(range(g.shape[0])) for g in grads],
+            scales=[1.0] * len(grads),
+        )
 
 
 @torch.no_grad()

@@ -8,11 +8,13 @@ usable from any ServerApp::
 """
 
 from strategies.base import SplitStrategy
+from strategies.epsl import EPSL
 from strategies.psl import PSL
 from strategies.sflv1 import SFLV1
 from strategies.sflv2 import SFLV2
+from strategies.sflga import SFLGA
 from strategies.sl import SL
 
-STRATEGIES = {"sl": SL, "sflv1": SFLV1, "sflv2": SFLV2, "psl": PSL}
+STRATEGIES = {"sl": SL, "sflv1": SFLV1, "sflv2": SFLV2, "psl": PSL, "epsl": EPSL, "sflga": SFLGA}
 
-__all__ = ["SplitStrategy", "SL", "SFLV1", "SFLV2", "PSL", "STRATEGIES"]
+__all__ = ["SplitStrategy", "SL", "SFLV1", "SFLV2", "PSL", "EPSL", "SFLGA", "STRATEGIES"]

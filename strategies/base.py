@@ -44,12 +44,31 @@ from flsplit.dataplane import DataPlane, MessageDataPlane, Reply, Traffic
 from flsplit.history import RunHistory
 from flsplit.profile import profile_model
 from flsplit.scenario import Scenario, device_from_node_config
-from flsplit.server import ServerPart, StepStats, evaluate_smashed
+from flsplit.server import ServerPart, StepGrads, StepStats, evaluate_smashed
 from flsplit.splitting import SplitModel, block_output_shapes
 
 __all__ = ["SplitStrategy", "CutAssignment"]
 
 CutAssignment = Union[int, list[int], Callable[[int, list[int]], Mapping[int, int]]]
+
+
+class _Outgoing:
+    """One node's share of a lockstep exchange's step results, batch by batch."""
+
+    def __init__(self) -> None:
+        self.unicast: list[torch.Tensor] = []
+        self.broadcast: Optional[ArrayRecord] = None
+        self.broadcast_config = ConfigRecord()
+
+    def add(self, result: StepGrads, i: int, shared: ArrayRecord) -> None:
+        k = len(self.unicast)
+        self.unicast.append(result.unicast[i])
+        if result.broadcast is not None:
+            self.broadcast = self.broadcast if self.broadcast is not None else ArrayRecord()
+            for key, array in shared.items():  # the same Array objects for every receiver
+                self.broadcast[key.replace("b", f"b.{k}", 1)] = array
+            self.broadcast_config[f"positions.{k}"] = result.positions[i]
+            self.broadcast_config[f"scale.{k}"] = float(result.scales[i])
 
 
 class SplitStrategy(Strategy):
@@ -203,11 +222,21 @@ class SplitStrategy(Strategy):
         """Training loss/accuracy the server saw this round."""
         return self.server.stats
 
-    def request(self, node_id: int, grads: Optional[list[torch.Tensor]] = None) -> RecordDict:
-        """A step request: the node's config plus the gradients of its pending batches."""
+    def request(
+        self,
+        node_id: int,
+        grads: Optional[list[torch.Tensor]] = None,
+        broadcast: Optional[ArrayRecord] = None,
+        broadcast_config: Optional[ConfigRecord] = None,
+    ) -> RecordDict:
+        """A step request: the node's config, the gradients of its pending batches, and the
+        broadcast rows (already encoded, shared by every receiver) if the scheme has them."""
         content = RecordDict({p.CONFIG: self._configs[node_id]})
         if grads:
             content[p.GRAD] = p.encode_grads(grads, self.codec_down)
+        if broadcast is not None:
+            content[p.BCAST] = broadcast
+            content[p.BCAST_CONFIG] = broadcast_config
         return content
 
     def decode(self, node_id: int, reply: Reply) -> Optional[list[p.SmashedBatch]]:
@@ -264,6 +293,7 @@ class SplitStrategy(Strategy):
             server_flops=sum(server_flops(c, examples[n]) for c, n in zip(cuts, nodes)),
             server_round=server_round,
             timing=self.timing,
+            broadcast_bytes=traffic.broadcast,
         )
         record = cost.as_dict()
         record["energy_j"] = record.pop("total_energy_j")
@@ -415,9 +445,13 @@ class SplitStrategy(Strategy):
         self,
         server_round: int,
         requests: dict[int, RecordDict],
-        step: Callable[[list[tuple[int, p.SmashedBatch]]], list[torch.Tensor]],
+        step: Callable[[list[tuple[int, p.SmashedBatch]]], StepGrads],
     ) -> list[Reply]:
-        """All nodes step together: the k-th batches of every node form one server step."""
+        """All nodes step together: the k-th batches of every node form one server step.
+
+        A step's broadcast rows (EPSL, SFL-GA) are encoded once, put into every receiver's
+        request, and counted once in the traffic.
+        """
         dp, group, done = self.data_plane, str(server_round), []
         while requests:
             replies = dp.exchange(requests, p.TRAIN_STEP, group)
@@ -434,14 +468,19 @@ class SplitStrategy(Strategy):
                 else:
                     received[node] = batches
                     self.track_progress(server_round, node, reply, len(batches))
-            grads: dict[int, list[torch.Tensor]] = {n: [] for n in received}
+            outgoing = {n: _Outgoing() for n in received}
             for k in range(max((len(b) for b in received.values()), default=0)):
                 nodes = [n for n in received if k < len(received[n])]
-                for n, g in zip(nodes, step([(self.cuts[n], received[n][k]) for n in nodes])):
-                    grads[n].append(g)
+                result = step([(self.cuts[n], received[n][k]) for n in nodes])
+                shared = ArrayRecord()
+                if result.broadcast is not None:
+                    self.codec_down.encode_into(shared, "b", result.broadcast)
+                    self.data_plane.traffic.record_broadcast(sum(len(a.data) for a in shared.values()))
+                for i, n in enumerate(nodes):
+                    outgoing[n].add(result, i, shared)
                 self.server_steps += 1
-            for n in received:
-                requests[n] = self.request(n, grads[n])
+            for n, out in outgoing.items():
+                requests[n] = self.request(n, out.unicast, out.broadcast, out.broadcast_config)
         return done
 
     # ------------------------------------------------------------------ the run
@@ -519,6 +558,7 @@ class SplitStrategy(Strategy):
             "bytes_down": down,
             "split_bytes_up": sum(traffic.split_up.values()),
             "split_bytes_down": sum(traffic.split_down.values()),
+            "broadcast_bytes_down": traffic.broadcast,
             "bytes_per_node": {str(n): traffic.per_node(n) for n in sorted(self.cuts)},
             "messages": traffic.messages,
             "errors": list(self.errors),

@@ -1,0 +1,60 @@
+"""EPSL: parallel split learning with last-layer gradient aggregation."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from flwr.app import RecordDict
+
+from flsplit.dataplane import Reply
+from strategies.psl import PSL
+
+__all__ = ["EPSL"]
+
+
+class EPSL(PSL):
+    """Efficient parallel split learning (PSL plus last-layer gradient aggregation).
+
+    In every step, at ``ceil(phi * b)`` sample positions the server back-propagates one
+    aggregated gradient instead of one per client (``ServerPart.step_epsl`` documents the
+    mechanism: the summed logit gradient back-propagated from the clients' mean smashed
+    data, ``1/N`` of the resulting cut-layer gradient to each client). Those rows are the
+    same for every client, so they are broadcast once per step. The other positions are
+    plain PSL; ``phi = 0`` is PSL exactly, and so is one client with any ``phi``.
+
+    Parameters
+    ----------
+    phi : float
+        Aggregation ratio in [0, 1].
+    positions : {"first", "random"}
+        Which positions are aggregated: the first ``ceil(phi * b)``, or a subset of that
+        size drawn per step from a generator seeded with the run seed.
+    **kwargs
+        See ``PSL`` and ``SplitStrategy``. ``b`` is the smallest batch of the step.
+    """
+
+    def __init__(self, *args, phi: float = 0.5, positions: str = "first", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not 0.0 <= phi <= 1.0 or math.isnan(phi):
+            raise ValueError(f"phi must be in [0, 1], got {phi}")
+        if positions not in ("first", "random"):
+            raise ValueError(f"positions must be 'first' or 'random', got {positions!r}")
+        self.phi = phi
+        self.positions = positions
+        self._rng = random.Random(self.seed)
+
+    def aggregated_positions(self, batch_size: int) -> list[int]:
+        """Sample positions aggregated in a step whose smallest batch has ``batch_size`` samples."""
+        m = math.ceil(self.phi * batch_size)
+        if self.positions == "first":
+            return list(range(m))
+        return sorted(self._rng.sample(range(batch_size), m))
+
+    def _step(self, batches):
+        smallest = min(b.y.shape[0] for _, b in batches)
+        return self.server.step_epsl(batches, self.aggregated_positions(smallest))
+
+    def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
+        self.server = self.new_server_part()
+        return self.drive_lockstep(server_round, requests, self._step)

@@ -1,0 +1,27 @@
+"""SFL-GA: split federated learning with cut-layer gradient aggregation and broadcast."""
+
+from __future__ import annotations
+
+from flwr.app import RecordDict
+
+from flsplit.dataplane import Reply
+from strategies.base import SplitStrategy
+
+__all__ = ["SFLGA"]
+
+
+class SFLGA(SplitStrategy):
+    """SFL with gradient aggregation.
+
+    Each step, every sampled client sends a batch; the server takes one step over their
+    union (as PSL), computes every client's cut-layer gradient, averages them position by
+    position weighted by batch share, and broadcasts the single aggregate
+    (``ServerPart.step_gradient_average`` states the rule for unequal batch sizes). Each
+    client back-propagates the aggregate through its own activations; client parts are
+    averaged at round end. The cut may change between rounds (``cut_layer`` as a function of
+    the round) but is the same for all clients within a round.
+    """
+
+    def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
+        self.server = self.new_server_part()
+        return self.drive_lockstep(server_round, requests, self.server.step_gradient_average)
