@@ -15,13 +15,13 @@ being a permutation of the local samples drawn from ``SeedSequence([seed, salt, 
 
 from __future__ import annotations
 
-import io
 import threading
+from functools import lru_cache
 from typing import Callable, Optional
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
 from flsplit import protocol as p
@@ -35,6 +35,34 @@ __all__ = ["SplitClient"]
 _WEIGHTS = "flsplit.client.weights"
 _OPTIM = "flsplit.client.optim"
 _CURSOR = "flsplit.client.cursor"
+
+
+def _seed(*entropy: int) -> int:
+    """A 32-bit seed derived from integers (numpy's ``SeedSequence``)."""
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
+
+
+@lru_cache(maxsize=64)
+def _epoch_order(seed: int, salt: int, epoch: int, n: int) -> torch.Tensor:
+    """The sample order of one epoch (read-only cache: a pure function of its arguments)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, salt, epoch)))
+
+
+def _momentum_record(optimizer: Optional[torch.optim.SGD]) -> ArrayRecord:
+    """SGD's only state, the momentum buffers, as arrays keyed by parameter index."""
+    record = ArrayRecord()
+    if optimizer is not None:
+        for i, param in enumerate(optimizer.param_groups[0]["params"]):
+            buf = optimizer.state.get(param, {}).get("momentum_buffer")
+            if buf is not None:
+                record[str(i)] = Array(buf)
+    return record
+
+
+def _load_momentum(optimizer: torch.optim.SGD, record: ArrayRecord) -> None:
+    params = optimizer.param_groups[0]["params"]
+    for key, array in record.items():
+        optimizer.state[params[int(key)]]["momentum_buffer"] = torch.from_numpy(array.numpy().copy())
 
 
 def _dtype(module: nn.Module) -> torch.dtype:
@@ -85,10 +113,8 @@ class SplitClient:
     def _batch(self, cfg: p.SplitConfig, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         nb = self._batches_per_epoch(cfg.batch_size)
         epoch, j = divmod(position, nb)
-        n = len(self.train_data)
         if cfg.shuffle:
-            seed = int(np.random.SeedSequence([cfg.seed, self.salt, epoch]).generate_state(1)[0])
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+            order = _epoch_order(cfg.seed, self.salt, epoch, len(self.train_data))
             index = order[j * cfg.batch_size : (j + 1) * cfg.batch_size]
         else:
             index = slice(j * cfg.batch_size, (j + 1) * cfg.batch_size)
@@ -105,7 +131,8 @@ class SplitClient:
         """Forward with a dropout seed fixed by client and position, so a recompute is identical."""
         dtype = _dtype(part)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, self.salt, position]).generate_state(1)[0]))
+            # Only the CPU generator: torch.manual_seed would also queue lazy CUDA seeding.
+            torch.default_generator.manual_seed(_seed(cfg.seed, self.salt, position))
             return part(x.to(dtype))
 
     # ------------------------------------------------------------------ train
@@ -124,13 +151,13 @@ class SplitClient:
             cursor = ConfigRecord(
                 {"position": position, "round_end": position + steps, "pending": [], "num_examples": 0}
             )
-            optim_bytes = b""
+            optim_state = None
         else:
             if _WEIGHTS not in state.array_records or _CURSOR not in state.config_records:
                 raise p.ProtocolError(f"no round in progress: the first request must carry '{p.CLIENT_PART}'")
             weights = state.array_records[_WEIGHTS]
             cursor = state.config_records[_CURSOR]
-            optim_bytes = state.config_records[_OPTIM]["state"]
+            optim_state = state.array_records.get(_OPTIM)
         try:
             part.load_state_dict(weights.to_torch_state_dict())
         except RuntimeError as err:
@@ -143,8 +170,8 @@ class SplitClient:
             if params
             else None
         )
-        if optim_bytes and optimizer is not None:
-            optimizer.load_state_dict(torch.load(io.BytesIO(optim_bytes), weights_only=True))
+        if optim_state is not None and optimizer is not None:
+            _load_momentum(optimizer, optim_state)
 
         pending = list(cursor["pending"])
         num_examples = int(cursor["num_examples"])
@@ -171,10 +198,7 @@ class SplitClient:
 
         position, round_end = int(cursor["position"]), int(cursor["round_end"])
         state.array_records[_WEIGHTS] = ArrayRecord(part.state_dict())
-        buffer = io.BytesIO()
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), buffer)
-        state.config_records[_OPTIM] = ConfigRecord({"state": buffer.getvalue()})
+        state.array_records[_OPTIM] = _momentum_record(optimizer)
 
         reply = RecordDict()
         if p.CLIENT_PART in content.array_records:  # tell the server who this device is

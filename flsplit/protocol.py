@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from flsplit.codecs import Codec, CodecError, get_codec
+from flsplit.codecs import Codec, CodecError, all_finite, get_codec
 
 __all__ = [
     "TRAIN_STEP",
@@ -177,7 +177,7 @@ def check_tensor(
         raise ProtocolError(f"{name}: wrong dtype {tensor.dtype}, expected {dtype}")
     if len(tensor.shape) != len(shape) or any(s != -1 and s != t for s, t in zip(shape, tensor.shape)):
         raise ProtocolError(f"{name}: wrong shape {tuple(tensor.shape)}, expected {shape}")
-    if finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if finite and not all_finite(tensor):
         raise ProtocolError(f"{name}: contains NaN or infinite values")
     return tensor
 

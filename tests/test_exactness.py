@@ -88,3 +88,21 @@ def test_steps_per_exchange_two_has_the_documented_staleness():
         client(b.x.double()).backward(g)
         copt.step()
     assert max_abs_diff(result.arrays.to_torch_state_dict(), model.state_dict()) <= 1e-10
+
+
+def test_momentum_survives_between_messages():
+    """The client's momentum buffers live in context.state: SL with SGD momentum 0.9 and
+    weight decay over several steps equals centralized training with the same optimizer."""
+    data = random_data(40, seed=6)
+    steps, b = 5, 8
+    _, result, _ = run_strategy(
+        SL, [data], cut_layer=3, batch_size=b, max_steps=steps, learning_rate=LR, momentum=0.9, weight_decay=1e-3
+    )
+    model = model_fn().blocks
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-3)
+    for i in range(steps):
+        batch = data.subset(slice(i * b, (i + 1) * b))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(batch.x.double()), batch.y).backward()
+        opt.step()
+    assert max_abs_diff(result.arrays.to_torch_state_dict(), model.state_dict()) <= 1e-10
