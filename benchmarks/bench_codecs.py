@@ -73,12 +73,12 @@ def load(name: str) -> tuple[TensorData, TensorData, str, tuple[int, int, int]]:
     return TensorData(x[train], y[train]), TensorData(x[test], y[test]), "lenet", (1, 28, 28)
 
 
-def train_accuracy(data: str, codec_up: str, codec_down: str, rounds: int, clients: int, cut: int) -> dict:
+def train_accuracy(data: str, codec_up: str, codec_down: str, rounds: int, clients: int, cut: int, seed: int = 0) -> dict:
     """PSL in-process; test accuracy of the composed model after each round."""
     train, test, model_name, shape = load(data)
 
     def model_fn():
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         return build_model(model_name, 10, shape[0], shape[1])
 
     parts = [train.subset(slice(i, None, clients)) for i in range(clients)]
@@ -102,7 +102,7 @@ def train_accuracy(data: str, codec_up: str, codec_down: str, rounds: int, clien
 
     strategy = PSL(
         model_fn=model_fn, input_shape=shape, num_classes=10, cut_layer=cut, batch_size=32,
-        learning_rate=0.05, momentum=0.9, seed=0, codec_up=codec_up, codec_down=codec_down,
+        learning_rate=0.05, momentum=0.9, seed=seed, codec_up=codec_up, codec_down=codec_down,
     )
     t0 = time.perf_counter()
     result = strategy.start(
@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--cut", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=1, help="repeat both runs with seeds 0..N-1")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     FLOWER_LOGGER.setLevel(logging.WARNING)
@@ -131,16 +132,19 @@ def main() -> None:
     for codec, n in sizes.items():
         print(f"  {codec:9s} {n:>9d} B   ratio to fp32 {n / sizes['fp32']:.4f}")
 
-    print(f"\naccuracy, PSL {args.clients} clients, {args.data}, {args.rounds} rounds, same seed:")
-    runs = {
-        "fp32/fp32": train_accuracy(args.data, "fp32", "fp32", args.rounds, args.clients, args.cut),
-        "fp8-e4m3/fp8-e5m2": train_accuracy(args.data, "fp8-e4m3", "fp8-e5m2", args.rounds, args.clients, args.cut),
-    }
-    for name, run in runs.items():
-        accs = " ".join(f"{a:.4f}" for a in run["accuracy"])
-        print(f"  {name:18s} acc per round {accs} | split MB up {run['split_bytes_up'] / 1e6:.2f} down {run['split_bytes_down'] / 1e6:.2f} | {run['seconds']:.1f} s")
-    diff = 100 * (runs["fp8-e4m3/fp8-e5m2"]["accuracy"][-1] - runs["fp32/fp32"]["accuracy"][-1])
-    print(f"  final accuracy difference fp8 - fp32: {diff:+.2f} percentage points")
+    print(f"\naccuracy, PSL {args.clients} clients, {args.data}, {args.rounds} rounds, seeds {args.seeds}:")
+    runs: dict[str, list[dict]] = {"fp32/fp32": [], "fp8-e4m3/fp8-e5m2": []}
+    for seed in range(args.seeds):
+        for name, (up, down) in (("fp32/fp32", ("fp32", "fp32")), ("fp8-e4m3/fp8-e5m2", ("fp8-e4m3", "fp8-e5m2"))):
+            run = train_accuracy(args.data, up, down, args.rounds, args.clients, args.cut, seed)
+            runs[name].append(run)
+            accs = " ".join(f"{a:.4f}" for a in run["accuracy"])
+            print(f"  seed {seed} {name:18s} acc per round {accs} | split MB up {run['split_bytes_up'] / 1e6:.2f} down {run['split_bytes_down'] / 1e6:.2f} | {run['seconds']:.1f} s")
+    final = {name: [r["accuracy"][-1] for r in rs] for name, rs in runs.items()}
+    mean = {name: sum(v) / len(v) for name, v in final.items()}
+    diffs = [100 * (a - b) for a, b in zip(final["fp8-e4m3/fp8-e5m2"], final["fp32/fp32"])]
+    print(f"  mean final accuracy: fp32 {mean['fp32/fp32']:.4f}, fp8 {mean['fp8-e4m3/fp8-e5m2']:.4f}")
+    print(f"  difference fp8 - fp32 (percentage points): mean {sum(diffs) / len(diffs):+.2f}, per seed {' '.join(f'{d:+.2f}' for d in diffs)}")
     print(f"\nmachine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     if args.json:
         args.json.write_text(json.dumps({"bytes_per_step": sizes, "runs": runs, "data": args.data}, indent=1))

@@ -1,0 +1,82 @@
+"""PSL versus EPSL at several phi, and SFL versus SFL-GA downlink bytes, in one run.
+
+Every configuration runs the project's real ServerApp and ClientApps on an in-process grid
+(8 clients, scikit-learn digits, the heterogeneous wireless scenario, same seed and
+schedule) and reads its history: simulated round latency and energy, wall seconds per
+round, final test accuracy, and bytes down per round (unicast split bytes + broadcast).
+
+Run: ``python benchmarks/bench_epsl.py [--rounds 5] [--clients 8]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+from flwr.app import Context, RecordDict
+from flwr.common.logger import FLOWER_LOGGER
+
+from apps.client_app import app as client_app
+from apps.server_app import app as server_app
+from flsplit.inprocess import InProcessGrid
+
+
+def run(tmp: Path, clients: int, **run_config) -> dict:
+    """One run of the app; its history."""
+    out = tmp / "-".join(f"{k}={v}" for k, v in run_config.items())
+    config = {"output-dir": str(out), "cost-scenario": "heterogeneous", **run_config}
+    grid = InProcessGrid(client_app, clients, run_config=config)
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    (history,) = out.glob("*/history.json")
+    return json.loads(history.read_text())
+
+
+def summary(history: dict) -> dict:
+    rounds = history["rounds"]
+    return {
+        "sim_latency_s": statistics.mean(r["sim"]["round_latency_s"] for r in rounds),
+        "sim_energy_j": statistics.mean(r["sim"]["energy_j"] for r in rounds),
+        "wall_s": statistics.median(r["wall_seconds"] for r in rounds[1:] or rounds),
+        "accuracy": rounds[-1]["test_accuracy"],
+        "down_split_mb": statistics.mean(r["split_bytes_down"] for r in rounds) / 1e6,
+        "down_broadcast_mb": statistics.mean(r["broadcast_bytes_down"] for r in rounds) / 1e6,
+        "down_total_mb": statistics.mean(r["bytes_down"] for r in rounds) / 1e6,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    FLOWER_LOGGER.setLevel(logging.WARNING)
+    torch.set_num_threads(1)
+    common = {"num-server-rounds": args.rounds, "cut-layer": "2", "batch-size": args.batch_size, "learning-rate": args.lr}
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        results["psl"] = summary(run(Path(tmp), args.clients, strategy="psl", **common))
+        for phi in (0.0, 0.25, 0.5, 0.75, 1.0):
+            results[f"epsl phi={phi}"] = summary(run(Path(tmp), args.clients, strategy="epsl", phi=phi, **common))
+        results["sflv2"] = summary(run(Path(tmp), args.clients, strategy="sflv2", **common))
+        results["sflga"] = summary(run(Path(tmp), args.clients, strategy="sflga", **common))
+
+    print(f"{args.clients} clients, digits, heterogeneous scenario, cut 2, batch {args.batch_size}, lr {args.lr}, momentum 0.9, {args.rounds} rounds, 1 torch thread")
+    print(f"{'scheme':16s} {'sim latency s/round':>20s} {'sim energy J/round':>19s} {'wall s/round':>13s} "
+          f"{'final acc':>10s} {'down MB/round (unicast+bcast)':>30s}")
+    for name, r in results.items():
+        down = f"{r['down_split_mb']:.3f} + {r['down_broadcast_mb']:.3f}"
+        print(f"{name:16s} {r['sim_latency_s']:20.3f} {r['sim_energy_j']:19.4f} {r['wall_s']:13.3f} {r['accuracy']:10.4f} {down:>30s}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
