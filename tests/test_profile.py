@@ -24,13 +24,7 @@ from flsplit.splitting import as_split_model, flatten_torchvision
 from flsplit.zoo import MODELS, build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small batches: one thread is as fast, and immune to a busy second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- hand-written literal cases ------------------------------------------------------------
