@@ -361,10 +361,11 @@ class SplitStrategy(Strategy):
     def server_contributions(self) -> list[tuple[dict[str, torch.Tensor], float]]:
         """The shared server part's blocks, each weighted by the samples that went through it."""
         per_cut = self.server.stats.per_cut_samples
+        full = self.model.blocks.state_dict()
         out = []
         for block in range(self.server.entry, self.model.num_blocks):
             weight = sum(n for cut, n in per_cut.items() if cut <= block)
-            state = {k: v for k, v in self.model.blocks.state_dict().items() if block_of(k) == block}
+            state = {k: v for k, v in full.items() if block_of(k) == block}
             if state:
                 out.append((state, weight))
         return out
@@ -498,6 +499,8 @@ class SplitStrategy(Strategy):
 
         ``initial_arrays`` holds the full model under the blocks' keys
         (``ArrayRecord(split_model.blocks.state_dict())``). ``timeout`` bounds each exchange.
+        ``train_config`` and ``evaluate_config`` are accepted for signature compatibility and
+        not used: the split settings are the strategy's constructor arguments.
         """
         log(INFO, "Starting %s split strategy (%d rounds)", type(self).__name__, num_rounds)
         self.summary()
