@@ -37,6 +37,12 @@ def split_step(msg: Message, context: Context) -> Message:
     return client_for(context).train_step(msg, context)
 
 
+@app.train("split_upload")
+def split_upload(msg: Message, context: Context) -> Message:
+    """One-way upload of a window's smashed data (async SL, state B)."""
+    return client_for(context).upload(msg, context)
+
+
 @app.evaluate("split_eval")
 def split_eval(msg: Message, context: Context) -> Message:
     """Smashed evaluation data for server-side finishing."""

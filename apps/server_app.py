@@ -29,7 +29,19 @@ def build_strategy(settings: RunSettings, history: RunHistory):
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
     info = dataset_info(settings["dataset"])
-    extra = {"phi": float(settings["phi"]), "positions": str(settings["aggregated-positions"])} if name == "epsl" else {}
+    extra: dict = {}
+    if name == "epsl":
+        extra = {"phi": float(settings["phi"]), "positions": str(settings["aggregated-positions"])}
+    if name == "async":
+        extra = {"loss_threshold": float(settings["loss-threshold"]), "cache_max_mb": float(settings["cache-max-mb"])}
+        window = str(settings["state-window"])
+        if window != "epoch":  # a window of N steps: one round of N batches
+            if not window.isdigit() or int(window) < 1:
+                raise ValueError(f"state-window must be 'epoch' or a number of steps, got {window!r}")
+            settings = RunSettings({**settings, "max-steps": int(window)})
+    for key, arg in (("codec-up", "codec_up"), ("codec-down", "codec_down")):
+        if settings[key]:  # empty: the scheme's default (FP8 for async, lossless otherwise)
+            extra[arg] = str(settings[key])
     return STRATEGIES[name](
         **extra,
         model_fn=make_model_fn(settings),
@@ -42,8 +54,6 @@ def build_strategy(settings: RunSettings, history: RunHistory):
         steps_per_exchange=int(settings["steps-per-exchange"]),
         learning_rate=float(settings["learning-rate"]),
         momentum=float(settings["momentum"]),
-        codec_up=str(settings["codec-up"]),
-        codec_down=str(settings["codec-down"]),
         seed=int(settings["seed"]),
         fraction_train=float(settings["fraction-train"]),
         fraction_evaluate=float(settings["fraction-evaluate"]),

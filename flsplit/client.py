@@ -233,6 +233,38 @@ class SplitClient:
                 record[key] = float(context.node_config[key])
         return ConfigRecord(record)
 
+    # ------------------------------------------------------------------ upload
+    def upload(self, message: Message, context: Context) -> Message:
+        """One-way upload (async SL, state B): smashed data of a whole window, frozen client part.
+
+        The client part is not trained and no gradient will come back: the client computes
+        the window's batches with the weights it holds in ``context.state`` and sends them
+        all in this one reply; only the data cursor moves.
+        """
+        cfg, part = self._config_and_part(message.content)
+        state = context.state
+        if _WEIGHTS not in state.array_records or _CURSOR not in state.config_records:
+            raise p.ProtocolError("no client part to upload with: the client has not trained yet")
+        part.load_state_dict(state.array_records[_WEIGHTS].to_torch_state_dict())
+        part.train()
+        position = int(state.config_records[_CURSOR]["position"])
+        steps = cfg.max_steps or cfg.local_epochs * self._batches_per_epoch(cfg.batch_size)
+        batches = []
+        with torch.no_grad():
+            for pos in range(position, position + steps):
+                x, y = self._batch(cfg, pos)
+                batches.append(p.SmashedBatch(self._forward(part, x, cfg, pos), y))
+        state.config_records[_CURSOR] = ConfigRecord(
+            {"position": position + steps, "round_end": position + steps, "pending": [], "num_examples": 0}
+        )
+        reply = RecordDict(
+            {
+                p.SMASHED: p.encode_batches(batches, get_codec(cfg.codec_up)),
+                p.METRICS: MetricRecord({"num-examples": sum(int(b.y.shape[0]) for b in batches)}),
+            }
+        )
+        return Message(reply, reply_to=message)
+
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, message: Message, context: Context) -> Message:
         """Send the smashed data of all local evaluation data (eval mode) with its labels."""

@@ -35,6 +35,7 @@ from flsplit.codecs import Codec, CodecError, all_finite, get_codec
 
 __all__ = [
     "TRAIN_STEP",
+    "UPLOAD",
     "EVALUATE",
     "NOOP",
     "ProtocolError",
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 TRAIN_STEP = "train.split_step"
+UPLOAD = "train.split_upload"
 EVALUATE = "evaluate.split_eval"
 NOOP = "query.noop"
 

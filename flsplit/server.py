@@ -112,12 +112,13 @@ class ServerPart:
             raise ValueError(f"cut {cut} is shallower than this server part's entry {self.entry}")
         return self.model.blocks[cut:](x)
 
-    def step_each(self, batches: list[tuple[int, SmashedBatch]]) -> list[torch.Tensor]:
-        """Train on each ``(cut, batch)`` in turn; return each batch's smashed-data gradient."""
+    def step_each(self, batches: list[tuple[int, SmashedBatch]], input_grad: bool = True) -> list[torch.Tensor]:
+        """Train on each ``(cut, batch)`` in turn; return each batch's smashed-data gradient
+        (``None`` with ``input_grad=False``, when no client needs it)."""
         self.model.blocks.train()
         grads = []
         for cut, batch in batches:
-            x = batch.x.detach().requires_grad_(True)
+            x = batch.x.detach().requires_grad_(input_grad)
             self.optimizer.zero_grad(set_to_none=True)
             logits = self._forward(cut, x)
             loss_sum = self.loss_fn(logits, batch.y)

@@ -7,6 +7,7 @@ usable from any ServerApp::
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.blocks.state_dict()))
 """
 
+from strategies.async_sl import AsyncSL
 from strategies.base import SplitStrategy
 from strategies.epsl import EPSL
 from strategies.psl import PSL
@@ -15,6 +16,6 @@ from strategies.sflv2 import SFLV2
 from strategies.sflga import SFLGA
 from strategies.sl import SL
 
-STRATEGIES = {"sl": SL, "sflv1": SFLV1, "sflv2": SFLV2, "psl": PSL, "epsl": EPSL, "sflga": SFLGA}
+STRATEGIES = {"sl": SL, "sflv1": SFLV1, "sflv2": SFLV2, "psl": PSL, "epsl": EPSL, "sflga": SFLGA, "async": AsyncSL}
 
-__all__ = ["SplitStrategy", "SL", "SFLV1", "SFLV2", "PSL", "EPSL", "SFLGA", "STRATEGIES"]
+__all__ = ["SplitStrategy", "SL", "SFLV1", "SFLV2", "PSL", "EPSL", "SFLGA", "AsyncSL", "STRATEGIES"]

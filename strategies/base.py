@@ -544,6 +544,10 @@ class SplitStrategy(Strategy):
             self.history.add_round(entry, num_rounds)
         return result
 
+    def round_extras(self) -> dict:
+        """Scheme-specific fields of the round's history entry (none here)."""
+        return {}
+
     def round_record(self, server_round, t0, traffic: Traffic, train_metrics, central, federated) -> dict:
         """The history entry of a round."""
         up, down = traffic.totals()
@@ -566,6 +570,7 @@ class SplitStrategy(Strategy):
             "messages": traffic.messages,
             "errors": list(self.errors),
             "wall_seconds": time.perf_counter() - t0,
+            **self.round_extras(),
         }
         if central is not None:
             entry["test_loss"] = central.get("loss")

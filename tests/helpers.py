@@ -33,6 +33,10 @@ def client_app_for(partitions: list[TensorData]) -> ClientApp:
     def _train(msg, ctx):
         return clients[int(ctx.node_config["partition-id"])].train_step(msg, ctx)
 
+    @app.train("split_upload")
+    def _upload(msg, ctx):
+        return clients[int(ctx.node_config["partition-id"])].upload(msg, ctx)
+
     @app.evaluate("split_eval")
     def _eval(msg, ctx):
         return clients[int(ctx.node_config["partition-id"])].evaluate(msg, ctx)

@@ -1,0 +1,180 @@
+"""Loss-triggered asynchronous split learning with FP8 (Chen, Li, Chakrabarti 2021).
+
+Each client is in one of three states, re-evaluated at the end of each window (one round:
+``local_epochs`` epochs, or ``max_steps`` batches when that is set):
+
+A
+    normal split training: smashed data up, gradients down, both parts train (SFL-V2
+    style: the shared server part steps once per client batch).
+B
+    the client part is frozen; the client computes its smashed data for the whole window
+    and sends it one way in one reply (``train.split_upload``): no per-step round trips,
+    no gradient back. The server trains on it and caches it.
+C
+    the server sends that client nothing and the client does no work; the server trains on
+    the client's cached smashed data.
+
+Rule (``next_state``): ``delta = |reference loss - window's average loss|``;
+``delta >= threshold`` -> A, otherwise A -> B, B -> C, C -> C. The reference loss is the
+average loss of the client's most recent window in state A (refreshed only in A; before the
+first one there is none, and the client goes to A). The loss of a window is what the server
+measured on that client's samples (fresh in A and B, cached in C).
+
+The cache keeps every B upload *as received*, i.e. encoded (fp8 takes one byte per value),
+up to ``cache_max_mb`` in total. Past that bound the least recently used other caches
+are evicted; a client whose cache is gone, or did not fit, is moved from C back to B (it
+uploads again) instead of training the server on nothing.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from logging import WARNING
+from typing import Optional
+
+from flwr.app import ArrayRecord, RecordDict
+from flwr.common.logger import log
+
+from flsplit import protocol as p
+from flsplit.dataplane import Reply, payload_bytes
+from flsplit.server import StepStats
+from strategies.base import SplitStrategy
+
+__all__ = ["AsyncSL", "next_state"]
+
+_DEMOTE = {"A": "B", "B": "C", "C": "C"}
+
+
+def next_state(state: str, reference_loss: Optional[float], loss: float, threshold: float) -> str:
+    """The state after a window: A if the loss moved by ``threshold`` or more, else one step down."""
+    if state not in _DEMOTE:
+        raise ValueError(f"unknown state {state!r}")
+    if reference_loss is None or abs(reference_loss - loss) >= threshold:
+        return "A"
+    return _DEMOTE[state]
+
+
+class AsyncSL(SplitStrategy):
+    """Loss-triggered asynchronous split learning (states A/B/C per client).
+
+    Parameters
+    ----------
+    loss_threshold : float
+        The ``threshold`` of ``next_state``.
+    cache_max_mb : float
+        Bound on the server's cache of encoded smashed data (MB, 10^6 bytes).
+    codec_up, codec_down : str
+        Default to FP8: ``fp8-e4m3`` for smashed data, ``fp8-e5m2`` for gradients.
+    **kwargs
+        See ``SplitStrategy``. All clients start in A.
+    """
+
+    def __init__(
+        self,
+        *args,
+        loss_threshold: float = 0.05,
+        cache_max_mb: float = 1024.0,
+        codec_up: str = "fp8-e4m3",
+        codec_down: str = "fp8-e5m2",
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, codec_up=codec_up, codec_down=codec_down, **kwargs)
+        if not loss_threshold >= 0:
+            raise ValueError(f"loss-threshold must be >= 0, got {loss_threshold}")
+        if not cache_max_mb > 0:
+            raise ValueError(f"cache-max-mb must be > 0, got {cache_max_mb}")
+        self.loss_threshold = loss_threshold
+        self.cache_max_bytes = int(cache_max_mb * 1e6)
+        self.states: dict[int, str] = {}
+        self.reference_loss: dict[int, Optional[float]] = {}
+        self.cache: OrderedDict[int, tuple[int, ArrayRecord]] = OrderedDict()  # node -> (cut, encoded)
+        self.transitions: dict[str, dict] = {}
+
+    # ------------------------------------------------------------------ cache
+    def cache_bytes(self) -> int:
+        return sum(payload_bytes(RecordDict({p.SMASHED: rec})) for _, rec in self.cache.values())
+
+    def _store(self, node: int, cut: int, record: ArrayRecord) -> None:
+        """Cache an upload as received; evict the oldest other caches past the bound."""
+        self.cache.pop(node, None)
+        size = payload_bytes(RecordDict({p.SMASHED: record}))
+        if size > self.cache_max_bytes:
+            log(WARNING, "[flsplit] node %s: upload of %d bytes exceeds the cache bound; not cached", node, size)
+            return
+        while self.cache and self.cache_bytes() + size > self.cache_max_bytes:
+            evicted, _ = self.cache.popitem(last=False)
+            log(WARNING, "[flsplit] node %s: cache evicted (bound %d bytes)", evicted, self.cache_max_bytes)
+        self.cache[node] = (cut, record)
+
+    # ------------------------------------------------------------------ round
+    def _server_for(self, node: int):
+        self.server.stats = self.node_stats[node]  # per-client losses drive the state rule
+        return self.server
+
+    def _train_server_only(self, node: int, batches: list[p.SmashedBatch]) -> None:
+        self._server_for(node).step_each([(self.cuts[node], b) for b in batches], input_grad=False)
+        self.server_steps += len(batches)
+
+    def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
+        self.server = self.new_server_part()
+        self.node_stats = {n: StepStats() for n in requests}
+        window = {n: self.states.get(n, "A") for n in requests}
+        for n, state in window.items():
+            if state == "C" and (n not in self.cache or self.cache[n][0] != self.cuts[n]):
+                window[n] = "B"  # nothing (usable) cached: upload again
+        self.window = window
+        group = str(server_round)
+        # Taken now: this round's uploads may evict caches, which then count from next round.
+        cached = {n: self.cache[n] for n, s in window.items() if s == "C"}
+
+        uploads = {n: RecordDict({p.CONFIG: self._configs[n]}) for n, s in window.items() if s == "B"}
+        for node, reply in self.data_plane.exchange(uploads, p.UPLOAD, group).items():
+            if reply.error is not None:
+                self.reject(node, f"upload failed: {reply.error}")
+            elif (batches := self.decode(node, reply)) is not None:
+                self._store(node, self.cuts[node], reply.content.array_records[p.SMASHED])
+                self._train_server_only(node, batches)
+
+        done = self.drive_streaming(
+            server_round, {n: c for n, c in requests.items() if window[n] == "A"}, self._server_for
+        )
+
+        for node, (cut, record) in cached.items():
+            if node in self.cache:
+                self.cache.move_to_end(node)
+            batches = p.decode_smashed(record, self._shapes[cut - 1], self.server_dtype, self.num_classes, self.codec_up)
+            self._train_server_only(node, batches)
+
+        self._update_states(window)
+        return done
+
+    def _update_states(self, window: dict[int, str]) -> None:
+        self.transitions = {}
+        for node, state in window.items():
+            stats = self.node_stats[node]
+            if stats.samples == 0:  # nothing measured (errors): keep the state
+                continue
+            reference = self.reference_loss.get(node)
+            new = next_state(state, reference, stats.loss, self.loss_threshold)
+            if state == "A":
+                self.reference_loss[node] = stats.loss
+            self.states[node] = new
+            self.transitions[str(node)] = {"state": state, "next": new, "loss": stats.loss, "reference_loss": reference}
+
+    def train_stats(self) -> StepStats:
+        merged = StepStats()
+        for stats in self.node_stats.values():
+            merged.loss_sum += stats.loss_sum
+            merged.correct += stats.correct
+            merged.samples += stats.samples
+            for cut, n in stats.per_cut_samples.items():
+                merged.per_cut_samples[cut] = merged.per_cut_samples.get(cut, 0) + n
+        return merged
+
+    def server_contributions(self):
+        """The server part's blocks, weighted by every sample it trained on this round."""
+        self.server.stats = self.train_stats()
+        return super().server_contributions()
+
+    def round_extras(self) -> dict:
+        return {"async": dict(self.transitions), "cache_bytes": self.cache_bytes()}
