@@ -118,6 +118,7 @@ class AsyncSL(SplitStrategy):
     def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
         self.server = self.new_server_part()
         self.node_stats = {n: StepStats() for n in requests}
+        self.upload_examples: dict[int, int] = {}
         window = {n: self.states.get(n, "A") for n in requests}
         for n, state in window.items():
             if state == "C" and (n not in self.cache or self.cache[n][0] != self.cuts[n]):
@@ -132,6 +133,7 @@ class AsyncSL(SplitStrategy):
             if reply.error is not None:
                 self.reject(node, f"upload failed: {reply.error}")
             elif (batches := self.decode(node, reply)) is not None:
+                self.upload_examples[node] = sum(int(b.y.shape[0]) for b in batches)
                 self._store(node, self.cuts[node], reply.content.array_records[p.SMASHED])
                 self._train_server_only(node, batches)
 
@@ -160,6 +162,25 @@ class AsyncSL(SplitStrategy):
                 self.reference_loss[node] = stats.loss
             self.states[node] = new
             self.transitions[str(node)] = {"state": state, "next": new, "loss": stats.loss, "reference_loss": reference}
+
+    def round_examples(self, done: list[Reply]) -> dict[int, int]:
+        """A clients' trained samples plus B clients' uploaded ones (C clients processed none)."""
+        return {**super().round_examples(done), **self.upload_examples}
+
+    def client_flops_executed(self, node_id: int, cut, samples: int) -> float:
+        """In B the frozen client only runs its forward pass."""
+        if self.window.get(node_id) == "B":
+            return samples * cut.client_forward_flops
+        return super().client_flops_executed(node_id, cut, samples)
+
+    def extra_server_flops(self) -> float:
+        """The server's training on cached smashed data of the C clients."""
+        total = 0.0
+        for node, state in self.window.items():
+            if state == "C":
+                cut = self.profile.cut(self.cuts[node])
+                total += self.node_stats[node].samples * (cut.server_forward_flops + cut.server_backward_flops)
+        return total
 
     def train_stats(self) -> StepStats:
         merged = StepStats()

@@ -42,7 +42,7 @@ from flsplit.aggregation import average_states, block_of
 from flsplit.costmodel import DeviceProfile, client_flops, round_cost, server_flops
 from flsplit.dataplane import DataPlane, MessageDataPlane, Reply, Traffic
 from flsplit.history import RunHistory
-from flsplit.profile import profile_model
+from flsplit.profile import CutProfile, profile_model
 from flsplit.scenario import Scenario, device_from_node_config
 from flsplit.server import ServerPart, StepGrads, StepStats, evaluate_smashed
 from flsplit.splitting import SplitModel, block_output_shapes
@@ -277,6 +277,18 @@ class SplitStrategy(Strategy):
             own = None
         self.devices[node_id] = (pid, own)
 
+    def round_examples(self, done: list[Reply]) -> dict[int, int]:
+        """Samples each client processed this round (from the replies that ended its round)."""
+        return {r.node_id: int(r.content.metric_records[p.METRICS]["num-examples"]) for r in done}
+
+    def client_flops_executed(self, node_id: int, cut: CutProfile, samples: int) -> float:
+        """Simulated client FLOPs of a node this round (forward and backward per sample)."""
+        return client_flops(cut, samples)
+
+    def extra_server_flops(self) -> float:
+        """Server FLOPs on data no client sent this round (none here)."""
+        return 0.0
+
     def simulate_round(self, server_round: int, traffic: Traffic, examples: dict[int, int]) -> dict:
         """Simulated latency and energy of the round (``flsplit.costmodel.round_cost``)."""
         nodes = sorted(examples)
@@ -287,10 +299,10 @@ class SplitStrategy(Strategy):
         cost = round_cost(
             scenario,
             client_ids=ids,
-            client_flops=[client_flops(c, examples[n]) for c, n in zip(cuts, nodes)],
+            client_flops=[self.client_flops_executed(n, c, examples[n]) for c, n in zip(cuts, nodes)],
             uplink_bytes=[traffic.up.get(n, 0) for n in nodes],
             downlink_bytes=[traffic.down.get(n, 0) for n in nodes],
-            server_flops=sum(server_flops(c, examples[n]) for c, n in zip(cuts, nodes)),
+            server_flops=sum(server_flops(c, examples[n]) for c, n in zip(cuts, nodes)) + self.extra_server_flops(),
             server_round=server_round,
             timing=self.timing,
             broadcast_bytes=traffic.broadcast,
@@ -520,7 +532,7 @@ class SplitStrategy(Strategy):
             messages = list(self.configure_train(server_round, result.arrays, ConfigRecord(), grid))
             requests = {m.metadata.dst_node_id: m.content for m in messages}
             done = self._train_round(server_round, requests)
-            examples = {r.node_id: int(r.content.metric_records[p.METRICS]["num-examples"]) for r in done}
+            examples = self.round_examples(done)
             arrays, train_metrics = self.aggregate_train(server_round, done)
             result.arrays = arrays
             result.train_metrics_clientapp[server_round] = train_metrics

@@ -156,3 +156,25 @@ def test_async_learns_within_one_point_of_synchronous(tmp_path):
     assert best(fp8) >= best(sync) - 0.01
     traffic = lambda h: sum(r["bytes_up"] + r["bytes_down"] for r in h["rounds"])  # noqa: E731
     assert traffic(fp8) < traffic(sync) / 4
+
+
+def test_simulated_cost_prices_b_uploads_and_the_servers_work_on_the_cache():
+    from flsplit.costmodel import client_flops as fwd_bwd
+    from flsplit.profile import profile_model
+    from flsplit.scenario import load_scenario
+
+    grid = InProcessGrid(_recording_app([random_data(16, seed=6)], []), 1)
+    strategy = AsyncSL(
+        model_fn=model_fn, input_shape=(1, 8, 8), num_classes=10, cut_layer=2, batch_size=8,
+        loss_threshold=1e9, scenario=load_scenario("homogeneous"),
+    )
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(model_fn().blocks.state_dict()), num_rounds=4)
+    cut = profile_model(model_fn(), (1, 8, 8)).cut(2)
+    rounds = strategy.history.rounds
+    (a,) = rounds[1]["sim"]["clients"].values()
+    (b,) = rounds[2]["sim"]["clients"].values()
+    assert a["flops"] == fwd_bwd(cut, 16)  # A: forward and backward
+    assert b["flops"] == 16 * cut.client_forward_flops  # B: forward only
+    assert b["uplink_bytes"] > 0 and b["downlink_bytes"] == 0
+    assert rounds[3]["sim"]["clients"] == {}  # C: the client does nothing
+    assert rounds[3]["sim"]["server_flops"] == 16 * (cut.server_forward_flops + cut.server_backward_flops)
