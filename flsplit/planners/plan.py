@@ -1,0 +1,47 @@
+"""The plan every planner returns."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Cuts and allocations for one round, with the cost model's prediction.
+
+    Attributes
+    ----------
+    method : str
+        The planner that made it (``edgesplit``, ``asl``, ``epsl``, ``ccc``, ``fixed``).
+    cuts : list of int
+        Cut layer per client (client order of the problem).
+    bandwidth_hz : list of float, optional
+        Bandwidth per client, if the planner allocates a shared band.
+    subchannels : list of int, optional
+        OFDMA subchannels per client, if the planner assigns them.
+    tx_power_w : list of float, optional
+        Transmit power per client, if the planner controls it.
+    server_cpu_share : list of float, optional
+        Share of the server CPU per client, if the planner allocates it.
+    latency_s : float
+        Predicted round latency.
+    energy_j : float
+        Predicted device energy of the round (all clients).
+    details : dict
+        Planner-specific diagnostics (iterations, per-client latency, queues, ...).
+    """
+
+    method: str
+    cuts: list[int]
+    latency_s: float
+    energy_j: float
+    bandwidth_hz: Optional[list[float]] = None
+    subchannels: Optional[list[int]] = None
+    tx_power_w: Optional[list[float]] = None
+    server_cpu_share: Optional[list[float]] = None
+    details: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """Plain dict for JSON."""
+        return asdict(self)
