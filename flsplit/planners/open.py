@@ -1,0 +1,372 @@
+"""OPEN: online split-point and server-CPU planning under long-term energy budgets (ASL).
+
+DESIGN.md 2 item 5. Each device ``i`` has a long-term average energy budget ``E_budget_i``
+per round. A virtual energy-deficit queue per device,
+
+    Q_i(t+1) = max(Q_i(t) + E_i(t) - E_budget_i, 0),
+
+turns the long-term constraint into a per-round drift-plus-penalty problem (Lyapunov
+optimisation): each round, with the round's channel state,
+
+    minimise   V * latency + sum_i Q_i * E_i
+    over       the cut k_i of every client and the server CPU shares s_i (sum s_i = 1, s_i > 0).
+
+A larger ``V`` weighs latency more (lower latency, energy closer to or above budget over a
+finite horizon); ``V = 0`` minimises the queue-weighted energy only.
+
+Cost model (the terms of ``flsplit.costmodel``, DESIGN.md 3.6), for client ``i`` with ``n_i``
+samples at cut ``k`` in round ``t``:
+
+* device compute: ``F = n_i * (client forward + backward FLOPs of k)``, time
+  ``t_d = F / (cpu_hz * flops_per_cycle)``, energy ``kappa * cpu_hz**2 * F / flops_per_cycle``;
+* uplink of the smashed data: ``bits = n_i * smashed_elements(k) * bytes_per_element * 8``,
+  rate ``r_i = B/N log2(1 + p g_i(t) / (B/N N0))`` (an equal share of the band among the
+  ``N`` clients, gain ``g_i(t) = scenario.channel_gain(client_id, t)``), time
+  ``t_u = bits / r_i``, energy ``tx_power_w * t_u``;
+* server: ``w_i = n_i * (server forward + backward FLOPs of k) / server FLOP/s`` is the time
+  with the whole server; with share ``s_i`` it takes ``w_i / s_i``.
+
+The client finishes at ``a_i + w_i / s_i`` with ``a_i = t_d + t_u`` and the round latency is
+``max_i (a_i + w_i / s_i)`` (clients in parallel). Device energy ``E_i = compute + transmit``
+does not depend on the shares (downlink reception is not counted, as in the cost model).
+
+Solution method:
+
+* **Inner problem** (cuts fixed): ``min_s max_i (a_i + w_i / s_i)`` s.t. ``sum s_i = 1``.
+  At the optimum every client with server work finishes at the same time ``T`` (KKT of the
+  min-max problem), so ``s_i = w_i / (T - a_i)`` and ``T`` is the unique root of
+  ``sum_i w_i / (T - a_i) = 1`` on ``T > max_i a_i``: the left side is strictly decreasing
+  there, so bisection finds it (bracket ``[max a, max a + sum w]``) to machine precision.
+  Clients without server work (``w_i = 0``) finish at ``a_i``; if one of them is the slowest,
+  the spare CPU is split evenly among all clients (every share stays > 0).
+* **Outer problem** (cuts): full enumeration of the candidate cut combinations when there
+  are at most ``max_enumeration`` of them (vectorised: all combinations are solved in one
+  batched bisection), otherwise per-client coordinate descent (each client in turn takes its
+  best cut with the others fixed, until no client changes; a local optimum).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Optional
+
+import numpy as np
+
+from flsplit.costmodel import Scenario, shannon_rate_bps
+from flsplit.planners.plan import Plan
+from flsplit.profile import ModelProfile
+
+__all__ = ["OpenPlanner", "min_makespan_shares"]
+
+_BISECTION_STEPS = 200
+
+
+def _min_makespan(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Batched optimal makespan ``min_s max_i (a_i + w_i / s_i)``, ``sum s = 1``.
+
+    ``a`` and ``w`` have shape ``(..., n)``; returns ``T`` of shape ``(...)``.
+    """
+    has_work = w > 0
+    a_work = np.where(has_work, a, -np.inf)
+    lo = a_work.max(axis=-1)
+    any_work = np.isfinite(lo)
+    lo = np.where(any_work, lo, 0.0)
+    hi = lo + w.sum(axis=-1)
+    for _ in range(_BISECTION_STEPS):
+        mid = 0.5 * (lo + hi)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gap = mid[..., None] - a
+            load = np.where(has_work, w / np.where(gap > 0, gap, 1.0), 0.0)
+            load = np.where(has_work & (gap <= 0), np.inf, load).sum(axis=-1)
+        over = load > 1.0
+        lo = np.where(over, mid, lo)
+        hi = np.where(over, hi, mid)
+        if np.all(hi - lo <= 1e-15 * np.maximum(np.abs(hi), 1e-300)):
+            break
+    t_work = np.where(any_work, hi, -np.inf)
+    return np.maximum(t_work, a.max(axis=-1))
+
+
+def min_makespan_shares(a: Sequence[float], w: Sequence[float]) -> tuple[float, np.ndarray]:
+    """Server CPU shares minimising the makespan ``max_i (a_i + w_i / s_i)``.
+
+    Parameters
+    ----------
+    a : sequence of float
+        Time at which each client's smashed data reaches the server (>= 0).
+    w : sequence of float
+        Server time of each client's work with the whole server (>= 0).
+
+    Returns
+    -------
+    tuple of (float, numpy.ndarray)
+        The optimal makespan ``T`` and the shares (each > 0, summing to 1). Clients with
+        ``w_i > 0`` finish exactly at ``T`` when one of them is the slowest.
+    """
+    a_arr = np.asarray(a, dtype=float)
+    w_arr = np.asarray(w, dtype=float)
+    if a_arr.ndim != 1 or a_arr.shape != w_arr.shape or a_arr.size == 0:
+        raise ValueError("a and w must be non-empty 1-D sequences of the same length")
+    if np.any(~np.isfinite(a_arr)) or np.any(a_arr < 0) or np.any(~np.isfinite(w_arr)) or np.any(w_arr < 0):
+        raise ValueError("a and w must be finite and >= 0")
+    n = a_arr.size
+    if not np.any(w_arr > 0):
+        return float(a_arr.max()), np.full(n, 1.0 / n)
+    t = float(_min_makespan(a_arr, w_arr))
+    shares = np.zeros(n)
+    work = w_arr > 0
+    shares[work] = w_arr[work] / (t - a_arr[work])
+    total = shares.sum()
+    if total >= 1.0 - 1e-12:
+        shares /= total  # bisection residual only: finishing times stay equal to ~1e-15
+    else:  # a client without server work is the slowest: spread the spare CPU evenly
+        shares += (1.0 - total) / n
+    return t, shares
+
+
+def _positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return v
+
+
+class OpenPlanner:
+    """Online Lyapunov planner of cuts and server CPU shares (OPEN / ASL).
+
+    Parameters
+    ----------
+    profile : ModelProfile
+        Per-block costs of the model (``flsplit.profile``).
+    scenario : Scenario
+        Devices, server and channel; fading is drawn per round from its seed.
+    energy_budget_j : list of float
+        Per client, the long-term average device energy allowed per round (J, > 0).
+    V : float
+        Lyapunov trade-off weight of the latency (>= 0).
+    samples : list of int
+        Per client, samples processed in a round (> 0).
+    client_ids : list of int, optional
+        Scenario client ids (select the device and key the fading); default ``0..N-1``.
+    bytes_per_element : float
+        Bytes per smashed-data element (4 for fp32).
+    candidate_cuts : list of int, optional
+        Cuts every client may use; default all cuts ``1..L-1`` of the model.
+    initial_queues : list of float, optional
+        Initial energy-deficit queues (>= 0); default zeros.
+    max_enumeration : int
+        Enumerate all cut combinations up to this many; beyond, coordinate descent.
+
+    Notes
+    -----
+    The model and the algorithm are in the module docstring. ``plan`` updates the queues
+    with the planned energies; ``queues`` reads them.
+    """
+
+    def __init__(
+        self,
+        profile: ModelProfile,
+        scenario: Scenario,
+        *,
+        energy_budget_j: Sequence[float],
+        V: float,
+        samples: Sequence[int],
+        client_ids: Optional[Sequence[int]] = None,
+        bytes_per_element: float = 4.0,
+        candidate_cuts: Optional[Sequence[int]] = None,
+        initial_queues: Optional[Sequence[float]] = None,
+        max_enumeration: int = 4096,
+    ) -> None:
+        if not isinstance(profile, ModelProfile):
+            raise ValueError(f"profile must be a ModelProfile, got {type(profile).__name__}")
+        if not isinstance(scenario, Scenario):
+            raise ValueError(f"scenario must be a Scenario, got {type(scenario).__name__}")
+        samples = list(samples)
+        if not samples:
+            raise ValueError("samples must name at least one client")
+        for i, s in enumerate(samples):
+            if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s <= 0:
+                raise ValueError(f"samples[{i}] must be a positive integer, got {s!r}")
+        n = len(samples)
+        budgets = list(energy_budget_j)
+        if len(budgets) != n:
+            raise ValueError(f"energy_budget_j has {len(budgets)} entries for {n} clients")
+        self.energy_budget_j = np.array([_positive(f"energy_budget_j[{i}]", b) for i, b in enumerate(budgets)])
+        if isinstance(V, bool) or not isinstance(V, (int, float, np.integer, np.floating)):
+            raise ValueError(f"V must be a number, got {V!r}")
+        if not math.isfinite(float(V)) or float(V) < 0:
+            raise ValueError(f"V must be finite and >= 0, got {V!r}")
+        self.V = float(V)
+        ids = list(range(n)) if client_ids is None else list(client_ids)
+        if len(ids) != n:
+            raise ValueError(f"client_ids has {len(ids)} entries for {n} clients")
+        for i, c in enumerate(ids):
+            if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0:
+                raise ValueError(f"client_ids[{i}] must be a non-negative integer, got {c!r}")
+        if len(set(ids)) != n:
+            raise ValueError(f"client_ids must be distinct, got {ids}")
+        self.client_ids = [int(c) for c in ids]
+        self.samples = [int(s) for s in samples]
+        self.bytes_per_element = _positive("bytes_per_element", bytes_per_element)
+        num_blocks = len(profile.blocks)
+        cuts = list(range(1, num_blocks)) if candidate_cuts is None else list(candidate_cuts)
+        if not cuts:
+            raise ValueError("candidate_cuts must not be empty (the model needs at least 2 blocks)")
+        for k in cuts:
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= num_blocks - 1:
+                raise ValueError(f"candidate_cuts: cut {k!r} is outside the model (valid cuts are 1..{num_blocks - 1})")
+        if len(set(cuts)) != len(cuts):
+            raise ValueError(f"candidate_cuts must be distinct, got {cuts}")
+        self.candidate_cuts = [int(k) for k in cuts]
+        if isinstance(max_enumeration, bool) or not isinstance(max_enumeration, int) or max_enumeration < 1:
+            raise ValueError(f"max_enumeration must be a positive integer, got {max_enumeration!r}")
+        self.max_enumeration = max_enumeration
+        if initial_queues is None:
+            self._queues = np.zeros(n)
+        else:
+            q = list(initial_queues)
+            if len(q) != n:
+                raise ValueError(f"initial_queues has {len(q)} entries for {n} clients")
+            q_arr = np.array(q, dtype=float)
+            if np.any(~np.isfinite(q_arr)) or np.any(q_arr < 0):
+                raise ValueError(f"initial_queues must be finite and >= 0, got {q}")
+            self._queues = q_arr
+        self.profile = profile
+        self.scenario = scenario
+
+        # Per-sample, per-cut quantities (rows: candidate cuts).
+        cut_profiles = [profile.cut(k) for k in self.candidate_cuts]
+        self._client_flops = np.array([c.client_forward_flops + c.client_backward_flops for c in cut_profiles])
+        self._server_flops = np.array([c.server_forward_flops + c.server_backward_flops for c in cut_profiles])
+        self._smashed = np.array([float(c.smashed_elements) for c in cut_profiles])
+
+    @property
+    def num_clients(self) -> int:
+        """Number of clients planned for."""
+        return len(self.samples)
+
+    @property
+    def queues(self) -> np.ndarray:
+        """Current energy-deficit queues ``Q_i`` (a copy)."""
+        return self._queues.copy()
+
+    def round_terms(self, server_round: int) -> dict[str, np.ndarray]:
+        """Per-client, per-candidate-cut cost terms of a round (arrays of shape ``(N, K)``).
+
+        Returns
+        -------
+        dict
+            ``compute_s``, ``uplink_s``, ``ready_s`` (``a = compute + uplink``),
+            ``server_s`` (``w``: server time with the whole server), ``energy_j``.
+        """
+        if isinstance(server_round, bool) or not isinstance(server_round, (int, np.integer)) or server_round < 0:
+            raise ValueError(f"server_round must be a non-negative integer, got {server_round!r}")
+        sc = self.scenario
+        n = self.num_clients
+        gains = sc.channel_gains(self.client_ids, int(server_round))
+        bandwidth = sc.channel.client_bandwidths_hz(n)
+        samples = np.array(self.samples, dtype=float)[:, None]
+        compute_s = np.empty((n, len(self.candidate_cuts)))
+        uplink_s = np.empty_like(compute_s)
+        energy = np.empty_like(compute_s)
+        for i, cid in enumerate(self.client_ids):
+            dev = sc.device(cid)
+            flops = samples[i] * self._client_flops
+            rate = float(shannon_rate_bps(bandwidth[i], dev.tx_power_w, gains[i], sc.channel.noise_psd_w_per_hz))
+            if rate <= 0:
+                raise ValueError(f"client {cid} has no uplink rate in round {server_round}")
+            bits = samples[i] * self._smashed * self.bytes_per_element * 8.0
+            compute_s[i] = flops / dev.flops_per_s
+            uplink_s[i] = bits / rate
+            energy[i] = dev.kappa * dev.cpu_hz**2 * flops / dev.flops_per_cycle + dev.tx_power_w * uplink_s[i]
+        server_s = samples * self._server_flops[None, :] / sc.server.flops_per_s
+        return {
+            "compute_s": compute_s,
+            "uplink_s": uplink_s,
+            "ready_s": compute_s + uplink_s,
+            "server_s": server_s,
+            "energy_j": energy,
+        }
+
+    def _objective(self, a: np.ndarray, w: np.ndarray, e: np.ndarray, choice: np.ndarray) -> np.ndarray:
+        """Objective of cut-index combinations ``choice`` (shape ``(C, N)``)."""
+        rows = np.arange(self.num_clients)[None, :]
+        t = _min_makespan(a[rows, choice], w[rows, choice])
+        return self.V * t + (self._queues[None, :] * e[rows, choice]).sum(axis=-1)
+
+    def plan(self, server_round: int) -> Plan:
+        """Plan one round and update the energy-deficit queues.
+
+        Parameters
+        ----------
+        server_round : int
+            Round number (keys the fading).
+
+        Returns
+        -------
+        Plan
+            ``method="asl"``, the cuts, the server CPU shares, the predicted round latency and
+            total device energy; ``details`` holds the queues before and after, per-client
+            energy, finishing times, the objective and the search used.
+        """
+        terms = self.round_terms(server_round)
+        a, w, e = terms["ready_s"], terms["server_s"], terms["energy_j"]
+        n, k = a.shape
+        if k**n <= self.max_enumeration:
+            search = "enumeration"
+            combos = np.array(list(itertools.product(range(k), repeat=n)), dtype=int)
+            values = self._objective(a, w, e, combos)
+            choice = combos[int(np.argmin(values))]
+            sweeps = 0
+        else:
+            search = "coordinate-descent"
+            choice = np.argmin(e, axis=1) if self.V == 0 else np.argmin(a + w, axis=1)
+            best = float(self._objective(a, w, e, choice[None, :])[0])
+            sweeps = 0
+            improved = True
+            while improved and sweeps < 100:
+                improved = False
+                sweeps += 1
+                for i in range(n):
+                    trial = np.repeat(choice[None, :], k, axis=0)
+                    trial[:, i] = np.arange(k)
+                    values = self._objective(a, w, e, trial)
+                    j = int(np.argmin(values))
+                    if values[j] < best * (1 - 1e-12) - 1e-300 and j != choice[i]:
+                        choice, best, improved = trial[j], float(values[j]), True
+
+        rows = np.arange(n)
+        a_c, w_c, e_c = a[rows, choice], w[rows, choice], e[rows, choice]
+        latency, shares = min_makespan_shares(a_c, w_c)
+        with np.errstate(divide="ignore"):
+            finish = a_c + np.where(w_c > 0, w_c / shares, 0.0)
+        objective = self.V * latency + float(self._queues @ e_c)
+        before = self._queues.copy()
+        self._queues = np.maximum(before + e_c - self.energy_budget_j, 0.0)
+        return Plan(
+            method="asl",
+            cuts=[self.candidate_cuts[j] for j in choice],
+            latency_s=float(latency),
+            energy_j=float(e_c.sum()),
+            server_cpu_share=[float(s) for s in shares],
+            details={
+                "server_round": int(server_round),
+                "client_ids": list(self.client_ids),
+                "V": self.V,
+                "objective": objective,
+                "queues_before": before.tolist(),
+                "queues_after": self._queues.tolist(),
+                "energy_per_client_j": e_c.tolist(),
+                "energy_budget_j": self.energy_budget_j.tolist(),
+                "compute_s": terms["compute_s"][rows, choice].tolist(),
+                "uplink_s": terms["uplink_s"][rows, choice].tolist(),
+                "server_full_s": w_c.tolist(),
+                "finish_s": finish.tolist(),
+                "search": search,
+                "sweeps": sweeps,
+            },
+        )
