@@ -2,8 +2,14 @@
 
 A plan holds a cut per client and the resource allocations, plus the round latency and
 energy the cost model predicts for it (``flsplit.costmodel``).
+
+- ``plan_edgesplit``: a cut and a bandwidth share per client, minimising the makespan.
+- ``OpenPlanner``: ASL/OPEN, online (Lyapunov) split points and server CPU shares under
+  long-term per-device energy budgets.
 """
 
+from flsplit.planners.edgesplit import plan_edgesplit
+from flsplit.planners.open import OpenPlanner
 from flsplit.planners.plan import Plan
 
-__all__ = ["Plan"]
+__all__ = ["Plan", "plan_edgesplit", "OpenPlanner"]
