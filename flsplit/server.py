@@ -22,7 +22,7 @@ all blocks from the shallowest cut on and runs a client's smashed data from its 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -47,6 +47,18 @@ class StepStats:
         self.correct += int((logits.argmax(1) == y).sum())
         self.samples += int(y.shape[0])
         self.per_cut_samples[cut] = self.per_cut_samples.get(cut, 0) + int(y.shape[0])
+
+    @classmethod
+    def merged(cls, parts: "Iterable[StepStats]") -> "StepStats":
+        """The statistics of several trainers (server copies, clients) pooled."""
+        out = cls()
+        for part in parts:
+            out.loss_sum += part.loss_sum
+            out.correct += part.correct
+            out.samples += part.samples
+            for cut, n in part.per_cut_samples.items():
+                out.per_cut_samples[cut] = out.per_cut_samples.get(cut, 0) + n
+        return out
 
     @property
     def loss(self) -> float:

@@ -183,19 +183,7 @@ class AsyncSL(SplitStrategy):
         return total
 
     def train_stats(self) -> StepStats:
-        merged = StepStats()
-        for stats in self.node_stats.values():
-            merged.loss_sum += stats.loss_sum
-            merged.correct += stats.correct
-            merged.samples += stats.samples
-            for cut, n in stats.per_cut_samples.items():
-                merged.per_cut_samples[cut] = merged.per_cut_samples.get(cut, 0) + n
-        return merged
-
-    def server_contributions(self):
-        """The server part's blocks, weighted by every sample it trained on this round."""
-        self.server.stats = self.train_stats()
-        return super().server_contributions()
+        return StepStats.merged(self.node_stats.values())
 
     def round_extras(self) -> dict:
         return {"async": dict(self.transitions), "cache_bytes": self.cache_bytes()}

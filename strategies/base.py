@@ -372,7 +372,7 @@ class SplitStrategy(Strategy):
 
     def server_contributions(self) -> list[tuple[dict[str, torch.Tensor], float]]:
         """The shared server part's blocks, each weighted by the samples that went through it."""
-        per_cut = self.server.stats.per_cut_samples
+        per_cut = self.train_stats().per_cut_samples
         full = self.model.blocks.state_dict()
         out = []
         for block in range(self.server.entry, self.model.num_blocks):

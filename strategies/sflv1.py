@@ -40,9 +40,4 @@ class SFLV1(SplitStrategy):
         return out
 
     def train_stats(self) -> StepStats:
-        merged = StepStats()
-        for part in self.copies.values():
-            merged.loss_sum += part.stats.loss_sum
-            merged.correct += part.stats.correct
-            merged.samples += part.stats.samples
-        return merged
+        return StepStats.merged(part.stats for part in self.copies.values())
