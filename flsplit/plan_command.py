@@ -145,10 +145,10 @@ def _planner(setup: PlanSetup, baseline: list) -> Callable[[int], Any]:
         planner = OpenPlanner(profile, scenario, energy_budget_j=budgets, V=setup.V, samples=samples, **common)
         return planner.plan
     if setup.method == "ccc":
-        from flsplit.planners.ccc import CCCAgent, CCCPlanner
-
         if setup.agent_path is None:
             raise ValueError("--method ccc needs a trained agent: --agent PATH (train one with --train-agent)")
+        from flsplit.planners.ccc import CCCAgent, CCCPlanner
+
         agent = CCCAgent.load(setup.agent_path)
         planner = CCCPlanner(agent, profile, scenario, samples=samples, energy_budget_j=budgets, **common)
         return planner.plan
