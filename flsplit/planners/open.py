@@ -36,12 +36,13 @@ Solution method:
   At the optimum every client with server work finishes at the same time ``T`` (KKT of the
   min-max problem), so ``s_i = w_i / (T - a_i)`` and ``T`` is the unique root of
   ``sum_i w_i / (T - a_i) = 1`` on ``T > max_i a_i``: the left side is strictly decreasing
-  there, so bisection finds it (bracket ``[max a, max a + sum w]``) to machine precision.
+  and convex there, so Newton's method from ``max_i (a_i + w_i)`` (where ``f >= 0``) climbs
+  to it monotonically, to machine precision.
   Clients without server work (``w_i = 0``) finish at ``a_i``; if one of them is the slowest,
   the spare CPU is split evenly among all clients (every share stays > 0).
 * **Outer problem** (cuts): full enumeration of the candidate cut combinations when there
   are at most ``max_enumeration`` of them (vectorised: all combinations are solved in one
-  batched bisection), otherwise per-client coordinate descent (each client in turn takes its
+  batched Newton solve), otherwise per-client coordinate descent (each client in turn takes its
   best cut with the others fixed, until no client changes; a local optimum).
 """
 
@@ -60,32 +61,34 @@ from flsplit.profile import ModelProfile
 
 __all__ = ["OpenPlanner", "min_makespan_shares"]
 
-_BISECTION_STEPS = 200
+_NEWTON_STEPS = 200
 
 
 def _min_makespan(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Batched optimal makespan ``min_s max_i (a_i + w_i / s_i)``, ``sum s = 1``.
 
     ``a`` and ``w`` have shape ``(..., n)``; returns ``T`` of shape ``(...)``.
+
+    ``f(T) = sum_i w_i / (T - a_i) - 1`` is convex and decreasing on ``T > max a``, so Newton's
+    method started left of the root (at ``max_i (a_i + w_i)``, where one term alone is 1 and
+    ``f >= 0``) climbs to the root monotonically, never overshooting, and converges
+    quadratically near it: a few tens of steps instead of a bisection's ~55.
     """
     has_work = w > 0
-    a_work = np.where(has_work, a, -np.inf)
-    lo = a_work.max(axis=-1)
-    any_work = np.isfinite(lo)
-    lo = np.where(any_work, lo, 0.0)
-    hi = lo + w.sum(axis=-1)
-    for _ in range(_BISECTION_STEPS):
-        mid = 0.5 * (lo + hi)
+    any_work = has_work.any(axis=-1)
+    t = np.where(has_work, a + w, -np.inf).max(axis=-1)
+    t = np.where(any_work, t, 0.0)
+    for _ in range(_NEWTON_STEPS):
         with np.errstate(divide="ignore", invalid="ignore"):
-            gap = mid[..., None] - a
-            load = np.where(has_work, w / np.where(gap > 0, gap, 1.0), 0.0)
-            load = np.where(has_work & (gap <= 0), np.inf, load).sum(axis=-1)
-        over = load > 1.0
-        lo = np.where(over, mid, lo)
-        hi = np.where(over, hi, mid)
-        if np.all(hi - lo <= 1e-15 * np.maximum(np.abs(hi), 1e-300)):
+            gap = np.where(has_work, t[..., None] - a, 1.0)
+            ratio = np.where(has_work, w / gap, 0.0)
+            f = ratio.sum(axis=-1) - 1.0
+            slope = -(ratio / gap).sum(axis=-1)
+            step = np.where(any_work & (f > 0), -f / np.where(slope < 0, slope, -1.0), 0.0)
+        t = t + step
+        if np.all(step <= 4e-16 * np.abs(t)):
             break
-    t_work = np.where(any_work, hi, -np.inf)
+    t_work = np.where(any_work, t, -np.inf)
     return np.maximum(t_work, a.max(axis=-1))
 
 
@@ -120,7 +123,7 @@ def min_makespan_shares(a: Sequence[float], w: Sequence[float]) -> tuple[float, 
     shares[work] = w_arr[work] / (t - a_arr[work])
     total = shares.sum()
     if total >= 1.0 - 1e-12:
-        shares /= total  # bisection residual only: finishing times stay equal to ~1e-15
+        shares /= total  # root-finding residual only: finishing times stay equal to ~1e-15
     else:  # a client without server work is the slowest: spread the spare CPU evenly
         shares += (1.0 - total) / n
     return t, shares
