@@ -128,7 +128,7 @@ def _planner(setup: PlanSetup, baseline: list) -> Callable[[int], Any]:
     if setup.method == "fixed":
         cut = setup.cut if setup.cut is not None else baseline[0].cuts[0]
         return lambda r: plan_fixed(profile, scenario, cut=cut, samples=samples, server_round=r, **common)
-    if setup.phi != 0.0:
+    if setup.phi != 0.0 and setup.method != "epsl":
         raise ValueError(f"--phi applies to --method epsl only, not {setup.method}")
     if setup.method == "edgesplit":
         return lambda r: plan_edgesplit(profile, scenario, samples=samples, server_round=r, **common)
@@ -260,7 +260,7 @@ def format_round(entry: dict) -> str:
         f"{'latency s':>10} {'energy J':>10}   (per client, planner's model)",
     ]
     per_latency = d.get("client_latency_s") or d.get("finish_s")
-    per_energy = d.get("energy_per_client_j") or d.get("energy_j")
+    per_energy = d.get("energy_per_client_j") or d.get("client_energy_j") or d.get("energy_j")
     band = [b / 1e6 for b in plan["bandwidth_hz"]] if plan["bandwidth_hz"] is not None else None
     ids = d.get("client_ids") or list(range(len(plan["cuts"])))
     for i, cut in enumerate(plan["cuts"]):

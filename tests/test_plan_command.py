@@ -138,3 +138,33 @@ def test_console_script_prints_json(tmp_path):
     out = json.loads(proc.stdout)
     assert [r["round"] for r in out["rounds"]] == [0, 1]
     assert out["method"] == "edgesplit" and out["clients"] == 2
+
+
+def test_epsl_plan_equals_the_cost_model_and_respects_budgets(capsys, profile):
+    scenario = load_scenario("heterogeneous")
+    out = run_json(capsys, "--scenario", "heterogeneous", "--method", "epsl", "--phi", "0.5", "--clients", "4",
+                   "--energy-budget", "0.002")
+    entry = out["rounds"][0]
+    plan = entry["plan"]
+    assert len(set(plan["cuts"])) == 1 and sum(plan["subchannels"]) == 16
+    cost = scheme_round_cost(profile, scenario, cuts=plan["cuts"], samples=[64] * 4, scheme="epsl", phi=0.5,
+                             subchannels=plan["subchannels"], tx_power_w=plan["tx_power_w"])
+    assert entry["latency_s"] == pytest.approx(cost.round_latency_s, rel=1e-12)
+    assert plan["latency_s"] == pytest.approx(cost.round_latency_s, rel=1e-9)
+    assert all(c.energy_j <= 0.002 * (1 + 1e-9) for c in cost.clients)
+    # The baseline is EPSL at one cut with an even split, at the same phi.
+    base = plan_fixed(profile, scenario, cut=out["best_fixed_cut"], samples=[64] * 4, scheme="epsl", phi=0.5)
+    assert entry["baseline_latency_s"] == pytest.approx(base.latency_s, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--scenario", "homogeneous", "--method", "epsl"], "EPSL assigns OFDMA subchannels"),
+        (["--scenario", "heterogeneous", "--method", "epsl", "--energy-budget", "1e-9"], "infeasible"),
+        (["--scenario", "heterogeneous", "--method", "epsl", "--phi", "2"], "phi"),
+    ],
+)
+def test_epsl_requests_it_cannot_plan_exit_1(capsys, args, message):
+    assert main(["plan", "--model", MODEL, *args]) == 1
+    assert message in capsys.readouterr().err

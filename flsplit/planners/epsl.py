@@ -1,0 +1,653 @@
+"""EPSL planner: OFDMA subchannels, uplink powers and one cut layer minimising the round latency.
+
+EPSL (Lin et al., "Efficient Parallel Split Learning over Resource-constrained Wireless Edge
+Networks"; DESIGN.md 2, item 1) is PSL with last-layer gradient aggregation: for a fraction
+``phi`` of a step's sample positions the server sums the clients' logit gradients and
+back-propagates them once, and the resulting cut-layer gradient is broadcast. All clients
+share one cut. The planner chooses that cut, each client's number of OFDMA subchannels and
+each client's uplink transmit power so that the round finishes as early as possible
+(``phi = 0`` is PSL).
+
+Traffic and work of one round (``N`` clients, ``n`` samples each, ``s`` smashed elements per
+sample at cut ``k``, ``bpe`` bytes per element), exactly as ``costmodel.round_cost`` is called
+for the returned plan (``timing="parallel"``, ``subchannels=``, ``tx_power_w=``)::
+
+    uplink_bytes_i    = n * s * bpe                 (smashed data)
+    downlink_bytes_i  = (1 - phi) * n * s * bpe     (unicast part of the cut-layer gradient)
+    broadcast_bytes   = phi * n * s * bpe           (aggregated part: one broadcast to all)
+    client_flops_i    = client_flops(cut, n)        (forward + backward)
+    server_flops      = server_flops(cut, N * n, backward_samples=(1 - phi) * N * n + phi * n)
+
+Latency model (``flsplit.costmodel``, DESIGN.md 3.6). Client ``i`` with ``m_i`` subchannels of
+width ``W`` (``B_i = m_i W``), power ``p_i``, gain ``g_i`` (``Scenario.channel_gain``)::
+
+    chain_i = n F^c(k) / f_i                                    (compute)
+            + D / (B_i log2(1 + p_i g_i / (B_i N0)))            (uplink, D = 8 n s bpe bits)
+            + (1 - phi) D / (B_i log2(1 + P_s g_i / (B_i N0)))  (unicast downlink, server power)
+            + phi D / (W_tot log2(1 + P_s g_min / (W_tot N0)))  (broadcast: whole band, weakest)
+    T = max_i chain_i + server_flops / server_flops_per_s
+
+and minimises ``T`` over the cut (from the candidate cuts), integer subchannel counts
+``m_i >= 1`` with ``sum_i m_i <= K`` and powers ``0 < p_i <= pmax_i`` (the device's
+``tx_power_w``). With ``energy_budget_j`` client ``i``'s round energy must stay within its
+budget ``E_i``::
+
+    kappa_i f_i^2 n F^c(k) / c_i  +  p_i * D / r_i(p_i)  <=  E_i
+
+The transmit energy ``p D / r(p)`` equals ``E0 x / ln(1 + x)`` with the SNR
+``x = p g / (B N0)`` and ``E0 = D N0 ln2 / g``: it increases in ``p`` from ``E0`` (its limit as
+``p -> 0``, whatever the bandwidth) to infinity. So a budget leaves room to transmit iff
+``E_i - compute energy > E0`` (required with a relative margin of ``1e-6``, below which the
+SNR would be under ``2e-6``; a cut where some client has no room is skipped, and no feasible
+cut is a ValueError naming the clients and budgets), and it then caps the SNR at the root
+``x*_i`` of ``x / ln(1 + x) = (E_i - compute energy) / E0``, i.e. the power at
+``p*_i(B) = min(pmax_i, x*_i B N0 / g_i)``. Because ``x*_i`` does not depend on ``B``, a
+budget-bound client keeps its SNR and its power grows with its bandwidth.
+
+Algorithm (block-coordinate descent, DESIGN.md 3.7):
+
+* **Power step** (subchannels and cut fixed): one convex program in cvxpy with an epigraph
+  variable ``T`` for the max. In normalised units (times divided by a scale ``tau``, the
+  variable ``z_i = ln(1 + x_i)`` = the uplink's spectral efficiency in nats, which lies in
+  ``[0, ln(1 + pmax g / (B N0))]``, about ``[0, 15]``)::
+
+      minimise    t + mean_i l_i
+      subject to  c_i + u_i * inv_pos(z_i) <= l_i <= t          (chain of client i)
+                  exp(z_i + ln w_i) - w_i - z_i <= 0             (energy budget)
+                  0 <= z_i <= ln(1 + pmax_i g_i / (B_i N0))
+
+  with ``c_i`` the chain's power-independent part, ``u_i = D ln2 / B_i`` (uplink time
+  ``= u_i / z_i``) and ``w_i = E0_i / (E_i - compute energy)``. The budget constraint is
+  ``D p_i - Etx_i B_i log2(1 + a_i p_i) <= 0`` (linear minus concave) written in ``z``:
+  ``w (e^z - 1) - z <= 0`` (convex). Every client's own latency falls as its power rises, so
+  all the ``l_i`` are minimised at one point: the tie-breaker ``mean_i l_i`` leaves the optimal
+  ``t`` unchanged and makes the optimum unique, namely ``p*_i`` above for every client. The
+  solver's answer is polished to that closed form (``x*_i`` by bisection): each returned
+  power either meets its budget with equality or is the device's maximum, and the budget is
+  re-checked with ``round_cost``'s own arithmetic (never exceeded). The solver's deviation
+  from the closed form is reported in ``details``. **Without budgets the maximum power is
+  optimal** (latency decreases in ``p``) and no convex program is solved.
+* **Subchannel step** (cut fixed): start with one subchannel per client, then give each of
+  the remaining subchannels to the current bottleneck (largest chain), its power re-capped by
+  its budget (``p*_i(B)``). Every chain decreases in its own bandwidth, so this greedy is
+  optimal for ``min max_i chain_i``: while the bottleneck is above the optimum ``T*`` it only
+  gives subchannels to clients below their need at ``T*``, whose needs fit in ``K``.
+* **Cut step**: every candidate cut is evaluated with its subchannel and power steps; the
+  best is kept (ties: the smaller cut).
+
+The blocks are iterated until the latency stops improving (relative ``1e-9``) or
+``max_iter``. Since each block is solved exactly (greedy subchannels and closed-form powers
+are jointly optimal for a fixed cut, and the cut search is exhaustive), the first pass
+already reaches the global optimum of this model and the second pass confirms it (the power
+step is memoised on (cut, subchannels), so the confirming pass re-runs only the greedy).
+
+Pure apart from cvxpy: numpy and plain floats, no torch import (the profile is only read).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import numbers
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Optional, Union
+
+import numpy as np
+
+from flsplit.costmodel import Scenario, client_flops, round_cost, server_flops
+from flsplit.planners.plan import Plan
+
+if TYPE_CHECKING:  # the planner must not import torch
+    from flsplit.profile import CutProfile, ModelProfile
+
+__all__ = ["plan_epsl"]
+
+_LN2 = math.log(2.0)
+_REL_IMPROVE = 1e-9  # the BCD stops when the latency drops by less than this (relative)
+_ROOM_MARGIN = 1e-6  # a budget must exceed compute energy + E0 by this much (relative to E0): below it
+# the SNR would be under ~2e-6, the uplink endless and float rounding would decide the budget
+_BISECT_STEPS = 300  # bisection steps for the budget's SNR cap (stops when the bracket is tight)
+_SOLVER_ORDER = ("CLARABEL", "ECOS", "SCS")  # exponential-cone solvers, best first
+
+
+# --- argument checks -------------------------------------------------------------------------
+
+
+def _int_arg(name: str, value, *, minimum: int) -> int:
+    """``value`` as an int >= ``minimum`` (numpy integers and integral floats accepted)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    v = int(value)
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return v
+
+
+def _float_arg(name: str, value) -> float:
+    """``value`` as a float (NaN and infinities pass; the caller checks the range)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _client_ids(num_clients, client_ids) -> list[int]:
+    if client_ids is None:
+        if num_clients is None:
+            raise ValueError("give num_clients or client_ids")
+        n = _int_arg("num_clients", num_clients, minimum=1)
+        return list(range(n))
+    if isinstance(client_ids, (str, bytes)) or not isinstance(client_ids, (Sequence, np.ndarray)):
+        raise ValueError(f"client_ids must be a sequence of ints, got {client_ids!r}")
+    ids = [_int_arg(f"client_ids[{i}]", c, minimum=0) for i, c in enumerate(client_ids)]
+    if not ids:
+        raise ValueError("client_ids is empty: at least one client is needed")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"client_ids must be distinct, got {ids}")
+    if num_clients is not None and _int_arg("num_clients", num_clients, minimum=1) != len(ids):
+        raise ValueError(f"num_clients={num_clients} but client_ids has {len(ids)} entries")
+    return ids
+
+
+def _candidate_cuts(profile: "ModelProfile", candidate_cuts) -> list[int]:
+    num_layers = len(profile.blocks)
+    if num_layers < 2:
+        raise ValueError(f"the model has {num_layers} block(s): no cut is possible")
+    if candidate_cuts is None:
+        return list(range(1, num_layers))
+    raw = list(candidate_cuts)
+    if not raw:
+        raise ValueError("candidate_cuts is empty")
+    cands: list[int] = []
+    for k in raw:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= num_layers - 1:
+            raise ValueError(f"candidate_cuts: cut {k!r} is outside 1..{num_layers - 1}")
+        if int(k) not in cands:
+            cands.append(int(k))
+    return sorted(cands)
+
+
+def _budgets(energy_budget_j, n: int) -> Optional[np.ndarray]:
+    if energy_budget_j is None:
+        return None
+    if isinstance(energy_budget_j, numbers.Real) and not isinstance(energy_budget_j, bool):
+        values = [energy_budget_j] * n
+    else:
+        if isinstance(energy_budget_j, (str, bytes)) or not isinstance(energy_budget_j, (Sequence, np.ndarray)):
+            raise ValueError(f"energy_budget_j must be a number or one number per client, got {energy_budget_j!r}")
+        values = list(energy_budget_j)
+        if len(values) != n:
+            raise ValueError(f"energy_budget_j has {len(values)} entries for {n} clients")
+    out = []
+    for i, v in enumerate(values):
+        b = _float_arg(f"energy_budget_j[{i}]", v)
+        if not (math.isfinite(b) and b > 0):
+            raise ValueError(f"energy_budget_j[{i}] must be a finite number > 0 J, got {b}")
+        out.append(b)
+    return np.array(out, dtype=float)
+
+
+# --- per-cut constants -----------------------------------------------------------------------
+
+
+class _CutData:
+    """Everything of one candidate cut that does not depend on subchannels or powers."""
+
+    def __init__(
+        self,
+        cut: "CutProfile",
+        *,
+        samples: int,
+        n_clients: int,
+        phi: float,
+        bpe: float,
+        devices,
+        server,
+        gains: np.ndarray,
+        n0: float,
+        total_bandwidth: float,
+        budgets: Optional[np.ndarray],
+    ):
+        self.k = cut.cut
+        self.client_flops = client_flops(cut, samples)
+        self.server_flops = server_flops(
+            cut, n_clients * samples, backward_samples=(1.0 - phi) * n_clients * samples + phi * samples
+        )
+        self.up_bytes = samples * cut.smashed_elements * bpe
+        self.down_bytes = (1.0 - phi) * self.up_bytes
+        self.broadcast_bytes = phi * self.up_bytes
+        self.bits = self.up_bytes * 8.0
+        self.down_bits = self.down_bytes * 8.0
+        self.compute_s = np.array([d.compute_time_s(self.client_flops) for d in devices])
+        self.compute_j = np.array([d.compute_energy_j(self.client_flops) for d in devices])
+        self.server_s = server.compute_time_s(self.server_flops)
+        if self.broadcast_bytes > 0:
+            weakest = total_bandwidth * math.log2(1.0 + server.tx_power_w * float(gains.min()) / (total_bandwidth * n0))
+            self.broadcast_s = self.broadcast_bytes * 8.0 / weakest
+        else:
+            self.broadcast_s = 0.0
+        # Least transmit energy (p -> 0) and the room the budget leaves for transmitting.
+        self.e0 = self.bits * n0 * _LN2 / gains
+        self.room = None if budgets is None else budgets - self.compute_j
+        if budgets is None:
+            self.short = np.zeros(len(gains), dtype=bool)
+        elif self.bits == 0:  # nothing to transmit: the compute energy alone must fit
+            self.short = ~(self.room >= 0.0)
+        else:
+            self.short = ~(self.room > self.e0 * (1.0 + _ROOM_MARGIN))
+
+    @property
+    def feasible(self) -> bool:
+        return not self.short.any()
+
+
+def _snr_cap(rho: np.ndarray, x_hi: np.ndarray) -> np.ndarray:
+    """Largest SNR ``x`` in ``(0, x_hi]`` with ``x / ln(1 + x) <= rho`` (``inf``: never binds).
+
+    ``x / ln(1 + x)`` increases from 1 (at ``x -> 0``) to infinity, and ``rho > 1``. Bisection
+    keeps the feasible end, so the returned SNR never overshoots the budget.
+    """
+    h = lambda x: x / np.log1p(x)  # noqa: E731
+    out = np.full(rho.shape, math.inf)
+    bind = h(x_hi) > rho
+    if not bind.any():
+        return out
+    r, lo, hi = rho[bind], np.zeros(int(bind.sum())), x_hi[bind].copy()
+    for _ in range(_BISECT_STEPS):
+        mid = 0.5 * (lo + hi)
+        if np.all((mid <= lo) | (mid >= hi)):
+            break
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ok = (mid > 0) & (h(mid) <= r)
+        lo = np.where(ok, mid, lo)
+        hi = np.where(ok, hi, mid)
+    out[bind] = lo
+    return out
+
+
+class _Problem:
+    """Constants of the planning problem shared by all cuts."""
+
+    def __init__(self, scenario: Scenario, ids: list[int], server_round: int, budgets: Optional[np.ndarray]):
+        channel = scenario.channel
+        self.ids = ids
+        self.n = len(ids)
+        self.devices = [scenario.device(c) for c in ids]
+        self.server = scenario.server
+        self.gains = scenario.channel_gains(ids, server_round)
+        self.n0 = channel.noise_psd_w_per_hz
+        self.w = float(channel.subchannel_bandwidth_hz)
+        self.k_total = int(channel.num_subchannels)
+        self.total_bandwidth = channel.total_bandwidth_hz
+        self.pmax = np.array([d.tx_power_w for d in self.devices], dtype=float)
+        self.budgets = budgets
+
+    def snr_caps(self, cd: _CutData) -> np.ndarray:
+        """Per-client SNR cap ``x*`` of the budget at this cut (``inf`` where it never binds)."""
+        if self.budgets is None or cd.bits == 0:
+            return np.full(self.n, math.inf)
+        rho = cd.room / cd.e0
+        # The SNR at full power is largest on one subchannel: above it the budget never binds.
+        x_hi = self.pmax * self.gains / (self.w * self.n0)
+        return _snr_cap(rho, x_hi)
+
+    def powers(self, m: np.ndarray, x_cap: np.ndarray) -> np.ndarray:
+        """Closed-form optimal powers ``min(pmax, x* B N0 / g)`` for subchannel counts ``m``."""
+        with np.errstate(invalid="ignore"):
+            capped = x_cap * (m * self.w) * self.n0 / self.gains
+        return np.minimum(self.pmax, np.where(np.isfinite(x_cap), capped, math.inf))
+
+    def chains(self, cd: _CutData, m: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(compute, uplink, downlink incl. broadcast, chain) seconds per client."""
+        b = m * self.w
+        up = np.zeros(self.n) if cd.bits == 0 else cd.bits / (b * np.log2(1.0 + p * self.gains / (b * self.n0)))
+        down = np.full(self.n, cd.broadcast_s)
+        if cd.down_bits > 0:
+            down = down + cd.down_bits / (b * np.log2(1.0 + self.server.tx_power_w * self.gains / (b * self.n0)))
+        return cd.compute_s, up, down, cd.compute_s + up + down
+
+    # -- subchannel step --
+
+    def greedy_subchannels(self, cd: _CutData, x_cap: np.ndarray) -> np.ndarray:
+        """One subchannel each, then each remaining one to the current bottleneck."""
+        m = np.ones(self.n)
+        *_, chain = self.chains(cd, m, self.powers(m, x_cap))
+        spare = self.k_total - self.n
+        if spare == 0 or (cd.bits == 0 and cd.down_bits == 0):
+            return m.astype(int)
+        heap = [(-float(t), i) for i, t in enumerate(chain)]
+        heapq.heapify(heap)
+        w, n0, ps = self.w, self.n0, self.server.tx_power_w
+        for _ in range(spare):
+            _, i = heapq.heappop(heap)
+            m[i] += 1
+            b, g = m[i] * w, self.gains[i]
+            p = self.pmax[i] if not math.isfinite(x_cap[i]) else min(self.pmax[i], x_cap[i] * b * n0 / g)
+            t = cd.compute_s[i] + cd.broadcast_s
+            if cd.bits > 0:
+                t += cd.bits / (b * math.log2(1.0 + p * g / (b * n0)))
+            if cd.down_bits > 0:
+                t += cd.down_bits / (b * math.log2(1.0 + ps * g / (b * n0)))
+            heapq.heappush(heap, (-t, i))
+        return m.astype(int)
+
+
+# --- power step (convex program) -------------------------------------------------------------
+
+
+class _PowerProgram:
+    """The power step as one DPP-parametrised cvxpy program, compiled once per plan."""
+
+    def __init__(self, n: int):
+        import cvxpy as cp  # only needed with energy budgets
+
+        installed = set(cp.installed_solvers())
+        self.solver = next((s for s in _SOLVER_ORDER if s in installed), None)
+        if self.solver is None:
+            raise RuntimeError(
+                f"energy budgets need an exponential-cone solver for cvxpy ({', '.join(_SOLVER_ORDER)}); "
+                f"installed: {sorted(installed)}"
+            )
+        self.cp = cp
+        self.z = cp.Variable(n, nonneg=True)  # ln(1 + SNR): the uplink's spectral efficiency in nats
+        self.l = cp.Variable(n)  # per-client chain (normalised)
+        self.t = cp.Variable()  # epigraph of the max
+        self.c = cp.Parameter(n)  # power-independent part of the chain / tau
+        self.u = cp.Parameter(n, nonneg=True)  # D ln2 / (B tau): uplink time = u / z
+        self.zmax = cp.Parameter(n, nonneg=True)  # ln(1 + pmax g / (B N0))
+        self.w = cp.Parameter(n, nonneg=True)  # E0 / (budget - compute energy), in (0, 1)
+        self.logw = cp.Parameter(n)  # ln w
+        chain = self.c + cp.multiply(self.u, cp.inv_pos(self.z))
+        constraints = [
+            chain <= self.l,
+            self.l <= self.t,
+            self.z <= self.zmax,
+            cp.exp(self.z + self.logw) - self.w - self.z <= 0,
+        ]
+        self.problem = cp.Problem(cp.Minimize(self.t + cp.sum(self.l) / n), constraints)
+
+    def solve(self, c: np.ndarray, u: np.ndarray, zmax: np.ndarray, w: np.ndarray) -> tuple[Optional[np.ndarray], str]:
+        """Optimal ``z`` (``None`` if the solver failed) and the solver's status."""
+        self.c.value, self.u.value, self.zmax.value = c, u, zmax
+        self.w.value, self.logw.value = w, np.log(w)
+        try:
+            with warnings.catch_warnings():  # "may be inaccurate": the status says it, and we polish
+                warnings.simplefilter("ignore", UserWarning)
+                self.problem.solve(solver=self.solver)
+        except self.cp.error.SolverError as exc:  # pragma: no cover - depends on the solver build
+            return None, f"solver error: {exc}"
+        status = str(self.problem.status)
+        if status not in ("optimal", "optimal_inaccurate") or self.z.value is None:
+            return None, status
+        return np.asarray(self.z.value, dtype=float), status
+
+
+def _power_step(
+    prob: _Problem, cd: _CutData, m: np.ndarray, x_cap: np.ndarray, program: Optional[_PowerProgram]
+) -> tuple[np.ndarray, dict]:
+    """Powers for fixed subchannels and cut: the convex program, polished to its closed form."""
+    p_closed = prob.powers(m, x_cap)
+    if program is None or cd.bits == 0:
+        return p_closed, {"status": "max power (no budget: latency decreases in power)"}
+    b = m * prob.w
+    _, up, down, chain = prob.chains(cd, m, p_closed)
+    tau = float(chain.max())  # time scale: the program's t is about 1
+    c = (cd.compute_s + down) / tau
+    u = cd.bits * _LN2 / (b * tau)
+    zmax = np.log1p(prob.pmax * prob.gains / (b * prob.n0))
+    w = cd.e0 / cd.room
+    z, status = program.solve(c, u, zmax, w)
+    info: dict = {"status": status}
+    if z is not None:
+        p_solver = np.expm1(z) * b * prob.n0 / prob.gains
+        info["solver_tx_power_w"] = p_solver
+        info["solver_latency_s"] = float(program.t.value) * tau + cd.server_s
+        info["max_rel_gap"] = float(np.max(np.abs(p_solver - p_closed) / p_closed))
+    return p_closed, info
+
+
+def _respect_budgets(cost_fn, powers: np.ndarray, budgets: Optional[np.ndarray]):
+    """``round_cost`` of the plan, shrinking powers by ulps if rounding put one over budget."""
+    cost = cost_fn(powers)
+    if budgets is None:
+        return cost, powers
+    for attempt in range(60):
+        energy = np.array([c.energy_j for c in cost.clients])
+        over = energy > budgets
+        if not over.any():
+            return cost, powers
+        powers = np.where(over, powers * (1.0 - min(0.5, 1e-12 * 2.0**attempt)), powers)
+        cost = cost_fn(powers)
+    raise RuntimeError("could not bring the powers within the energy budgets")  # pragma: no cover
+
+
+# --- the planner -----------------------------------------------------------------------------
+
+
+def plan_epsl(
+    profile: "ModelProfile",
+    scenario: Scenario,
+    *,
+    samples: int,
+    num_clients: Optional[int] = None,
+    client_ids: Optional[Sequence[int]] = None,
+    server_round: int = 0,
+    phi: float = 0.0,
+    bytes_per_element: float = 4.0,
+    candidate_cuts: Optional[Sequence[int]] = None,
+    energy_budget_j: Union[None, float, Sequence[float]] = None,
+    max_iter: int = 20,
+) -> Plan:
+    """Subchannels, uplink powers and one cut minimising EPSL's round latency.
+
+    Parameters
+    ----------
+    profile : ModelProfile
+        Per-block FLOPs and sizes of the model (``flsplit.profile.profile_model``).
+    scenario : Scenario
+        Devices, server and an OFDMA channel (``num_subchannels`` subchannels of
+        ``subchannel_bandwidth_hz``, at least one per client).
+    samples : int
+        Samples each client trains on in the round (EPSL steps use one batch size).
+    num_clients : int, optional
+        Number of clients, ids ``0 .. num_clients - 1``. Give this or ``client_ids``.
+    client_ids : sequence of int, optional
+        Client (partition) ids, selecting device profiles and keying the fading.
+    server_round : int
+        Round number (keys the fading).
+    phi : float
+        Fraction of sample positions whose last-layer gradients are aggregated, in
+        ``[0, 1]`` (0: PSL).
+    bytes_per_element : float
+        Wire size of one smashed element (4 for fp32).
+    candidate_cuts : sequence of int, optional
+        Cuts to choose from (each in ``1 .. L-1``); default all of them.
+    energy_budget_j : float or sequence of float, optional
+        Per-client energy budget of the round in J (compute plus transmit energy): one number
+        for every client or one per client. Default: no budget (maximum power).
+    max_iter : int
+        Maximum number of block-coordinate passes.
+
+    Returns
+    -------
+    Plan
+        ``method="epsl"``, ``cuts`` (the same cut for every client), ``subchannels``,
+        ``tx_power_w``, ``latency_s`` and ``energy_j`` (``round_cost``'s round latency and
+        total device energy for this plan) and ``details``: ``iterations``, ``converged``,
+        ``latency_history``, ``client_ids``, ``phi``, ``candidate_cuts``, ``cut_latency_s``
+        (best latency per candidate cut, ``None`` where a budget cannot be met),
+        ``client_latency_s``, ``client_energy_j``, ``compute_s``, ``uplink_s``,
+        ``downlink_s`` (unicast plus broadcast), ``broadcast_s``, ``server_s``,
+        ``energy_budget_j``, ``budget_binding``, ``solver`` and ``power_step``
+        (the convex program's status, its own powers and latency, and its largest relative
+        deviation from the polished closed form).
+
+    Raises
+    ------
+    ValueError
+        On a non-OFDMA channel, fewer subchannels than clients, ``phi`` outside ``[0, 1]``,
+        ``samples <= 0``, empty or out-of-range candidate cuts, malformed or infeasible energy
+        budgets, or other malformed arguments.
+    RuntimeError
+        With energy budgets, if cvxpy has none of the exponential-cone solvers CLARABEL, ECOS, SCS.
+    """
+    # -- arguments --
+    ids = _client_ids(num_clients, client_ids)
+    n = len(ids)
+    samples = _int_arg("samples", samples, minimum=1)
+    server_round = _int_arg("server_round", server_round, minimum=0)
+    max_iter = _int_arg("max_iter", max_iter, minimum=1)
+    phi = _float_arg("phi", phi)
+    if not 0.0 <= phi <= 1.0:  # also rejects NaN
+        raise ValueError(f"phi must be in [0, 1], got {phi}")
+    bpe = _float_arg("bytes_per_element", bytes_per_element)
+    if not (math.isfinite(bpe) and bpe > 0):
+        raise ValueError(f"bytes_per_element must be > 0, got {bpe}")
+    channel = scenario.channel
+    if not channel.ofdma:
+        raise ValueError(
+            "EPSL assigns OFDMA subchannels: the scenario's channel needs num_subchannels and "
+            "subchannel_bandwidth_hz (it has a shared band, bandwidth_hz)"
+        )
+    w = channel.subchannel_bandwidth_hz
+    if w is None or not math.isfinite(w) or w <= 0:
+        raise ValueError(f"subchannel bandwidth must be > 0 Hz, got {w}")
+    if channel.num_subchannels < n:
+        raise ValueError(
+            f"EPSL gives every client at least one subchannel: {channel.num_subchannels} subchannels "
+            f"for {n} clients"
+        )
+    cands = _candidate_cuts(profile, candidate_cuts)
+    budgets = _budgets(energy_budget_j, n)
+
+    # -- constants --
+    prob = _Problem(scenario, ids, server_round, budgets)
+    cuts = [
+        _CutData(
+            profile.cut(k),
+            samples=samples,
+            n_clients=n,
+            phi=phi,
+            bpe=bpe,
+            devices=prob.devices,
+            server=prob.server,
+            gains=prob.gains,
+            n0=prob.n0,
+            total_bandwidth=prob.total_bandwidth,
+            budgets=budgets,
+        )
+        for k in cands
+    ]
+    if not any(cd.feasible for cd in cuts):
+        raise ValueError(_infeasible_message(cuts, ids, budgets))
+    x_caps = {cd.k: prob.snr_caps(cd) for cd in cuts if cd.feasible}
+    program = _PowerProgram(n) if budgets is not None else None
+
+    # -- block-coordinate descent --
+    best: Optional[tuple] = None
+    history: list[float] = []
+    cut_latency: dict[int, Optional[float]] = {}
+    converged = False
+    iterations = 0
+    # The power step is a function of (cut, subchannels): a later pass that reaches the same
+    # point reuses it instead of solving the same convex program again.
+    power_memo: dict[tuple[int, bytes], tuple[np.ndarray, dict]] = {}
+    for iterations in range(1, max_iter + 1):
+        incumbent = None
+        for cd in cuts:  # cut step: every candidate, with its subchannel and power steps
+            if not cd.feasible:
+                cut_latency[cd.k] = None
+                continue
+            m = prob.greedy_subchannels(cd, x_caps[cd.k])
+            key = (cd.k, m.tobytes())
+            if key not in power_memo:
+                power_memo[key] = _power_step(prob, cd, m, x_caps[cd.k], program)
+            p, info = power_memo[key]
+            latency = float(prob.chains(cd, m, p)[3].max()) + cd.server_s
+            cut_latency[cd.k] = latency
+            if incumbent is None or latency < incumbent[0]:
+                incumbent = (latency, cd, m, p, info)
+        assert incumbent is not None
+        history.append(incumbent[0])
+        if best is not None and incumbent[0] >= best[0] * (1.0 - _REL_IMPROVE):
+            converged = True
+            break
+        best = incumbent
+    assert best is not None
+    _, cd, m, p, info = best
+
+    # -- the plan, costed by the cost model itself --
+    def cost_fn(powers: np.ndarray):
+        return round_cost(
+            scenario,
+            client_ids=ids,
+            client_flops=[cd.client_flops] * n,
+            uplink_bytes=[cd.up_bytes] * n,
+            downlink_bytes=[cd.down_bytes] * n,
+            server_flops=cd.server_flops,
+            server_round=server_round,
+            timing="parallel",
+            broadcast_bytes=cd.broadcast_bytes,
+            subchannels=[int(v) for v in m],
+            tx_power_w=[float(v) for v in powers],
+        )
+
+    cost, p = _respect_budgets(cost_fn, p, budgets)
+    clients = cost.clients
+    x_cap = x_caps[cd.k]
+    power_step = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in info.items()}
+    return Plan(
+        method="epsl",
+        cuts=[cd.k] * n,
+        latency_s=float(cost.round_latency_s),
+        energy_j=float(cost.total_energy_j),
+        subchannels=[int(v) for v in m],
+        tx_power_w=[float(v) for v in p],
+        details={
+            "iterations": iterations,
+            "converged": converged,
+            "latency_history": history,
+            "client_ids": ids,
+            "phi": phi,
+            "samples": samples,
+            "candidate_cuts": cands,
+            "cut_latency_s": {k: cut_latency.get(k) for k in cands},
+            "client_latency_s": [c.latency_s for c in clients],
+            "client_energy_j": [c.energy_j for c in clients],
+            "compute_s": [c.compute_latency_s for c in clients],
+            "uplink_s": [c.uplink_latency_s for c in clients],
+            "downlink_s": [c.downlink_latency_s for c in clients],
+            "broadcast_s": cost.broadcast_latency_s,
+            "server_s": cost.server_latency_s,
+            "energy_budget_j": None if budgets is None else budgets.tolist(),
+            "budget_binding": [bool(math.isfinite(x) and pi < pm) for x, pi, pm in zip(x_cap, p, prob.pmax)],
+            "solver": program.solver if program is not None else None,
+            "power_step": power_step,
+            "model": "one cut for all; uplink n*s*bpe bytes per client, unicast downlink (1-phi)*n*s*bpe, "
+            "broadcast phi*n*s*bpe over the whole band at the weakest receiver; server backward "
+            "(1-phi)*N*n + phi*n samples; parallel timing",
+        },
+    )
+
+
+def _infeasible_message(cuts: list[_CutData], ids: list[int], budgets: np.ndarray) -> str:
+    """Why no candidate cut meets every budget: the clients that cannot meet theirs."""
+    always = [i for i in range(len(ids)) if all(cd.short[i] for cd in cuts)]
+    if always:
+        parts = []
+        for i in always[:5]:
+            need = min(cd.compute_j[i] + cd.e0[i] for cd in cuts)
+            parts.append(
+                f"client {ids[i]}: budget {budgets[i]:.6g} J leaves no room to transmit: it must exceed "
+                f"compute energy + least transmit energy (D*N0*ln2/g, as power -> 0) = {need:.6g} J "
+                f"at its cheapest cut"
+            )
+        more = f" (and {len(always) - 5} more)" if len(always) > 5 else ""
+        return "energy_budget_j is infeasible at every candidate cut: " + "; ".join(parts) + more
+    parts = []
+    for cd in cuts:
+        i = int(np.argmax(cd.short))
+        parts.append(f"cut {cd.k} fails client {ids[i]} (budget {budgets[i]:.6g} J)")
+    return "energy_budget_j: no candidate cut meets every client's budget: " + "; ".join(parts)
