@@ -168,3 +168,35 @@ def test_epsl_plan_equals_the_cost_model_and_respects_budgets(capsys, profile):
 def test_epsl_requests_it_cannot_plan_exit_1(capsys, args, message):
     assert main(["plan", "--model", MODEL, *args]) == 1
     assert message in capsys.readouterr().err
+
+
+def test_ccc_trains_saves_and_reloads_an_agent(tmp_path, capsys, profile):
+    from dataclasses import replace
+
+    agent = tmp_path / "agents" / "ccc.pt"
+    common = ["--scenario", "heterogeneous", "--method", "ccc", "--clients", "3", "--agent", str(agent),
+              "--min-client-depth", "2"]
+    first = run_json(capsys, *common, "--train-agent", "--episodes", "4", "--episode-rounds", "5", "--rounds", "2")
+    assert agent.is_file()
+    second = run_json(capsys, *common, "--rounds", "2")  # loads the saved agent
+    assert [r["plan"]["cuts"] for r in first["rounds"]] == [r["plan"]["cuts"] for r in second["rounds"]]
+    scenario = load_scenario("heterogeneous")
+    for entry in second["rounds"]:
+        plan = entry["plan"]
+        assert len(set(plan["cuts"])) == 1 and plan["cuts"][0] >= 2  # the privacy bound
+        clocks = plan["details"]["cpu_hz"]
+        at_clock = scenario.with_devices({i: replace(scenario.device(i), cpu_hz=f) for i, f in enumerate(clocks)})
+        total = scenario.channel.total_bandwidth_hz
+        cost = scheme_round_cost(profile, at_clock, cuts=plan["cuts"], samples=[64] * 3, scheme="sflga",
+                                 server_round=entry["round"], tx_power_w=plan["tx_power_w"],
+                                 bandwidth_shares=[b / total for b in plan["bandwidth_hz"]])
+        assert entry["latency_s"] == pytest.approx(cost.round_latency_s, rel=1e-12)
+        assert plan["latency_s"] == pytest.approx(cost.round_latency_s, rel=1e-6)
+
+
+def test_ccc_agent_for_other_clients_is_refused(tmp_path, capsys):
+    agent = tmp_path / "ccc.pt"
+    args = ["--scenario", "heterogeneous", "--method", "ccc", "--agent", str(agent)]
+    run_json(capsys, *args, "--clients", "3", "--train-agent", "--episodes", "2", "--episode-rounds", "3")
+    assert main(["plan", "--model", MODEL, *args, "--clients", "4"]) == 1
+    assert "the agent was trained for 3 clients" in capsys.readouterr().err

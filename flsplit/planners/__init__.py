@@ -6,14 +6,29 @@ energy the cost model predicts for it (``flsplit.costmodel``).
 - ``plan_edgesplit``: a cut and a bandwidth share per client, minimising the makespan.
 - ``plan_fixed`` / ``best_fixed_cut``: the baseline, one cut for everyone and an even split.
 - ``plan_epsl``: one cut, OFDMA subchannels and uplink powers minimising EPSL's round latency.
+- ``CCCPlanner``: SFL-GA's cut chosen each round by a Double-DQN agent (``train_ccc_agent``),
+  then a convex bandwidth / power / CPU-frequency allocation (``allocate_sflga``).
 - ``OpenPlanner``: ASL/OPEN, online (Lyapunov) split points and server CPU shares under
   long-term per-device energy budgets.
 """
 
+from flsplit.planners.ccc import CCCAgent, CCCEnvironment, CCCPlanner, allocate_sflga, train_ccc_agent
 from flsplit.planners.edgesplit import plan_edgesplit
 from flsplit.planners.epsl import plan_epsl
 from flsplit.planners.fixed import best_fixed_cut, plan_fixed
 from flsplit.planners.open import OpenPlanner
 from flsplit.planners.plan import Plan
 
-__all__ = ["Plan", "plan_edgesplit", "plan_epsl", "plan_fixed", "best_fixed_cut", "OpenPlanner"]
+__all__ = [
+    "Plan",
+    "plan_fixed",
+    "best_fixed_cut",
+    "plan_edgesplit",
+    "plan_epsl",
+    "OpenPlanner",
+    "allocate_sflga",
+    "CCCEnvironment",
+    "CCCAgent",
+    "CCCPlanner",
+    "train_ccc_agent",
+]
