@@ -25,6 +25,7 @@ Run: ``python benchmarks/bench_planners.py [--part time|methods|asl] [--model vg
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import sys
 import time
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flsplit.costmodel import Channel, Scenario  # noqa: E402
 from flsplit.plan_command import PlanSetup, model_profile, run_plans  # noqa: E402
-from flsplit.planners import OpenPlanner, best_fixed_cut, plan_edgesplit  # noqa: E402
+from flsplit.planners import OpenPlanner, allocate_sflga, best_fixed_cut, plan_edgesplit  # noqa: E402
 from flsplit.scenario import load_scenario  # noqa: E402
 
 
@@ -82,7 +83,7 @@ def part_time(profile, base: Scenario, samples: int, repeats: int, sizes: list[i
             except ValueError as err:  # e.g. a budget the slowest device cannot meet
                 cells.append(f"n/a ({err})")
         start = time.perf_counter()
-        episodes = 200 if n <= 10 else 5  # the training time is reported for the full run only
+        episodes = 600 if n <= 10 else 5  # the training time is reported for the full run only
         agent = train_ccc_agent(profile, sc, num_clients=n, samples=samples, episodes=episodes,
                                 rounds_per_episode=20, seed=0)
         train_s = time.perf_counter() - start
@@ -97,10 +98,10 @@ def part_methods(profile, scenario: Scenario, samples: int, rounds: int, agent_p
 
     n = len(scenario.devices)
     start = time.perf_counter()
-    agent = train_ccc_agent(profile, scenario, num_clients=n, samples=samples, episodes=200,
+    agent = train_ccc_agent(profile, scenario, num_clients=n, samples=samples, episodes=600,
                             rounds_per_episode=20, seed=0)
     agent.save(agent_path)
-    print(f"\n(ccc agent: 200 episodes x 20 rounds trained in {time.perf_counter() - start:.1f} s)")
+    print(f"\n(ccc agent: 600 episodes x 20 rounds trained in {time.perf_counter() - start:.1f} s)")
     print(f"\n### Predicted round latency and device energy, mean of {rounds} rounds, {n} clients x "
           f"{samples} samples, scenario {scenario.name}\n")
     print("| method | scheme | latency s | energy J | best fixed cut | its latency s | its energy J "
@@ -120,9 +121,22 @@ def part_methods(profile, scenario: Scenario, samples: int, rounds: int, agent_p
         s = out["summary"]
         own = sum(r["plan"]["latency_s"] for r in out["rounds"]) / rounds
         label = method + (f" phi={extra['phi']}" if "phi" in extra else "")
+        if method == "ccc":
+            chosen = collections.Counter(r["plan"]["cuts"][0] for r in out["rounds"])
+            label += " (cuts " + ", ".join(f"{k}: {c}x" for k, c in sorted(chosen.items())) + ")"
         print(f"| {label} | {out['scheme']} | {s['mean_latency_s']:.4g} | {s['mean_energy_j']:.4g} | "
               f"{out['best_fixed_cut']} | {s['baseline_mean_latency_s']:.4g} | {s['baseline_mean_energy_j']:.4g} | "
               f"{s['latency_change_pct']:+.1f} % | {s['energy_change_pct']:+.1f} % | {own:.4g} |")
+        if method == "ccc":  # the convex allocation alone, at the best fixed cut
+            k = out["best_fixed_cut"]
+            alloc = [allocate_sflga(profile, scenario, cut=k, samples=[samples] * n, server_round=r)
+                     for r in range(rounds)]
+            lat = float(np.mean([p.latency_s for p in alloc]))
+            energy = float(np.mean([p.energy_j for p in alloc]))
+            print(f"| sflga allocation at cut {k} | sflga | {lat:.4g} | {energy:.4g} | {k} | "
+                  f"{s['baseline_mean_latency_s']:.4g} | {s['baseline_mean_energy_j']:.4g} | "
+                  f"{100 * (lat / s['baseline_mean_latency_s'] - 1):+.1f} % | "
+                  f"{100 * (energy / s['baseline_mean_energy_j'] - 1):+.1f} % | {lat:.4g} |")
 
 
 def part_asl(profile, scenario: Scenario, samples: int, rounds: int, v_values: list[float]) -> None:

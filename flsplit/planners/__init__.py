@@ -12,12 +12,13 @@ energy the cost model predicts for it (``flsplit.costmodel``).
   long-term per-device energy budgets.
 """
 
-from flsplit.planners.ccc import CCCAgent, CCCEnvironment, CCCPlanner, allocate_sflga, train_ccc_agent
+from flsplit.planners.ccc import CCCAgent, CCCEnvironment, CCCPlanner, train_ccc_agent
 from flsplit.planners.edgesplit import plan_edgesplit
 from flsplit.planners.epsl import plan_epsl
 from flsplit.planners.fixed import best_fixed_cut, plan_fixed
 from flsplit.planners.open import OpenPlanner
 from flsplit.planners.plan import Plan
+from flsplit.planners.sflga_allocation import allocate_sflga
 
 __all__ = [
     "Plan",
