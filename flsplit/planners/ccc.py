@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import numpy as np
 
 from flsplit.costmodel import Scenario
+from flsplit.planners.checks import int_arg, real_arg
 from flsplit.planners.plan import Plan
 from flsplit.planners.sflga_allocation import (  # the allocation for a cut and its argument checks
     allocate_sflga,
@@ -76,9 +77,7 @@ from flsplit.planners.sflga_allocation import (  # the allocation for a cut and 
     _cut_arg,
     _cut_terms,
     _evaluate,
-    _float_arg,
     _ids_arg,
-    _int_arg,
     _plan_from,
     _samples_arg,
     _sequence,
@@ -129,7 +128,7 @@ def _candidates(profile: "ModelProfile", candidate_cuts, min_client_depth) -> tu
     num_blocks = len(profile.blocks)
     if num_blocks < 2:
         raise ValueError(f"the model has {num_blocks} block(s): no cut is possible")
-    depth = _int_arg("min_client_depth", min_client_depth, minimum=1)
+    depth = int_arg("min_client_depth", min_client_depth, minimum=1)
     if depth > num_blocks - 1:
         raise ValueError(
             f"min_client_depth={depth} is beyond the model: the client can keep at most {num_blocks - 1} "
@@ -204,20 +203,20 @@ class CCCEnvironment:
         self.client_ids = _ids_arg(client_ids, n)
         self.candidate_cuts, self.allowed, self.min_client_depth = _candidates(profile, candidate_cuts,
                                                                                 min_client_depth)
-        self.num_rounds = _int_arg("num_rounds", num_rounds, minimum=1)
-        self.bytes_per_element = _float_arg("bytes_per_element", bytes_per_element, positive=True)
+        self.num_rounds = int_arg("num_rounds", num_rounds, minimum=1)
+        self.bytes_per_element = real_arg("bytes_per_element", bytes_per_element, positive=True)
         self.budgets = _budget_arg(energy_budget_j, n)
-        self.w_lat = _float_arg("w_lat", w_lat, nonnegative=True)
-        self.w_conv = _float_arg("w_conv", w_conv, nonnegative=True)
+        self.w_lat = real_arg("w_lat", w_lat, nonnegative=True)
+        self.w_conv = real_arg("w_conv", w_conv, nonnegative=True)
         if self.w_lat == 0 and self.w_conv == 0:
             raise ValueError("w_lat and w_conv are both 0: the reward would be constant")
-        self.eta = _float_arg("eta", eta, positive=True)
+        self.eta = real_arg("eta", eta, positive=True)
         if self.eta >= 1:
             raise ValueError(f"eta must be < 1, got {self.eta}")
-        self.rho = _float_arg("rho", rho, nonnegative=True)
+        self.rho = real_arg("rho", rho, nonnegative=True)
         if self.rho > 1:
             raise ValueError(f"rho must be <= 1, got {self.rho}")
-        self.infeasible_penalty = _float_arg("infeasible_penalty", infeasible_penalty, positive=True)
+        self.infeasible_penalty = real_arg("infeasible_penalty", infeasible_penalty, positive=True)
         self.profile = profile
         self.scenario = scenario
         self.total = _total_band(scenario)
@@ -292,14 +291,14 @@ class CCCEnvironment:
 
     def reset(self, episode: int = 0) -> np.ndarray:
         """Start episode ``episode`` (its fading rounds are ``episode * num_rounds + t``)."""
-        self.episode = _int_arg("episode", episode, minimum=0)
+        self.episode = int_arg("episode", episode, minimum=0)
         self.round_index = 0
         self.loss = 1.0
         self.key = self.fading_key(self.episode, 0)
         return self.state()
 
     def _check_action(self, action) -> int:
-        a = _int_arg("action", action, minimum=0)
+        a = int_arg("action", action, minimum=0)
         if a >= self.num_actions:
             raise ValueError(f"action {a} is outside 0..{self.num_actions - 1}")
         if not self.allowed[a]:
@@ -413,31 +412,31 @@ class CCCAgent:
     ) -> None:
         import torch
 
-        self.num_clients = _int_arg("num_clients", num_clients, minimum=1)
+        self.num_clients = int_arg("num_clients", num_clients, minimum=1)
         cuts = _sequence("candidate_cuts", candidate_cuts)
         if not cuts:
             raise ValueError("candidate_cuts is empty")
-        self.candidate_cuts = [_int_arg(f"candidate_cuts[{i}]", k, minimum=1) for i, k in enumerate(cuts)]
+        self.candidate_cuts = [int_arg(f"candidate_cuts[{i}]", k, minimum=1) for i, k in enumerate(cuts)]
         if len(set(self.candidate_cuts)) != len(self.candidate_cuts):
             raise ValueError(f"candidate_cuts must be distinct, got {self.candidate_cuts}")
-        self.min_client_depth = _int_arg("min_client_depth", min_client_depth, minimum=1)
+        self.min_client_depth = int_arg("min_client_depth", min_client_depth, minimum=1)
         self.allowed = np.array([k >= self.min_client_depth for k in self.candidate_cuts], dtype=bool)
         if not self.allowed.any():
             raise ValueError(
                 f"no candidate cut keeps min_client_depth={self.min_client_depth} blocks: {self.candidate_cuts}"
             )
-        self.num_rounds = _int_arg("num_rounds", num_rounds, minimum=1)
-        self.hidden = [_int_arg(f"hidden[{i}]", h, minimum=1) for i, h in enumerate(_sequence("hidden", hidden))]
-        self.gamma = _float_arg("gamma", gamma, nonnegative=True)
+        self.num_rounds = int_arg("num_rounds", num_rounds, minimum=1)
+        self.hidden = [int_arg(f"hidden[{i}]", h, minimum=1) for i, h in enumerate(_sequence("hidden", hidden))]
+        self.gamma = real_arg("gamma", gamma, nonnegative=True)
         if self.gamma >= 1:
             raise ValueError(f"gamma must be < 1, got {self.gamma}")
-        self.lr = _float_arg("lr", lr, positive=True)
-        self.batch_size = _int_arg("batch_size", batch_size, minimum=1)
-        self.buffer_size = _int_arg("buffer_size", buffer_size, minimum=1)
-        self.target_sync = _int_arg("target_sync", target_sync, minimum=1)
-        self.seed = _int_arg("seed", seed, minimum=0)
-        self.log_gain_mean = _float_arg("log_gain_mean", log_gain_mean)
-        self.log_gain_scale = _float_arg("log_gain_scale", log_gain_scale, positive=True)
+        self.lr = real_arg("lr", lr, positive=True)
+        self.batch_size = int_arg("batch_size", batch_size, minimum=1)
+        self.buffer_size = int_arg("buffer_size", buffer_size, minimum=1)
+        self.target_sync = int_arg("target_sync", target_sync, minimum=1)
+        self.seed = int_arg("seed", seed, minimum=0)
+        self.log_gain_mean = real_arg("log_gain_mean", log_gain_mean)
+        self.log_gain_scale = real_arg("log_gain_scale", log_gain_scale, positive=True)
         self.reward = dict(reward or {"w_lat": 1.0, "w_conv": 1.0, "eta": 0.1, "rho": 0.5})
         self.updates = 0
         self.history: dict[str, list[float]] = {"episode_return": [], "loss": []}
@@ -639,7 +638,7 @@ class CCCAgent:
                 "batch_size", "buffer_size", "target_sync", "seed", "log_gain_mean", "log_gain_scale")
         if not isinstance(cfg, dict) or any(k not in cfg for k in keys):
             raise ValueError(f"{path}: corrupt CCC agent file (incomplete configuration)")
-        if num_clients is not None and _int_arg("num_clients", num_clients, minimum=1) != cfg["num_clients"]:
+        if num_clients is not None and int_arg("num_clients", num_clients, minimum=1) != cfg["num_clients"]:
             raise ValueError(
                 f"{path}: the agent was trained for {cfg['num_clients']} clients, not {num_clients}"
             )
@@ -722,13 +721,13 @@ def train_ccc_agent(
         With ``history["episode_return"]`` (sum of rewards per episode) and ``history["loss"]``
         (mean Huber loss per episode).
     """
-    n = _int_arg("num_clients", num_clients, minimum=1)
-    episodes = _int_arg("episodes", episodes, minimum=1)
-    rounds = _int_arg("rounds_per_episode", rounds_per_episode, minimum=1)
-    seed = _int_arg("seed", seed, minimum=0)
-    eps_start = _float_arg("eps_start", eps_start, nonnegative=True)
-    eps_end = _float_arg("eps_end", eps_end, nonnegative=True)
-    decay = _float_arg("eps_decay_fraction", eps_decay_fraction, positive=True)
+    n = int_arg("num_clients", num_clients, minimum=1)
+    episodes = int_arg("episodes", episodes, minimum=1)
+    rounds = int_arg("rounds_per_episode", rounds_per_episode, minimum=1)
+    seed = int_arg("seed", seed, minimum=0)
+    eps_start = real_arg("eps_start", eps_start, nonnegative=True)
+    eps_end = real_arg("eps_end", eps_end, nonnegative=True)
+    decay = real_arg("eps_decay_fraction", eps_decay_fraction, positive=True)
     if eps_start > 1 or eps_end > 1:
         raise ValueError("eps_start and eps_end must be in [0, 1]")
     env = CCCEnvironment(
@@ -821,9 +820,9 @@ class CCCPlanner:
         num_blocks = len(profile.blocks)
         for k in agent.candidate_cuts:
             _cut_arg("the agent's candidate cut", k, num_blocks)
-        self.bytes_per_element = _float_arg("bytes_per_element", bytes_per_element, positive=True)
+        self.bytes_per_element = real_arg("bytes_per_element", bytes_per_element, positive=True)
         self.budgets = _budget_arg(energy_budget_j, n)
-        self.loss_scale = None if loss_scale is None else _float_arg("loss_scale", loss_scale, positive=True)
+        self.loss_scale = None if loss_scale is None else real_arg("loss_scale", loss_scale, positive=True)
         _total_band(scenario)
         self.agent = agent
         self.profile = profile
@@ -854,9 +853,9 @@ class CCCPlanner:
             candidate), ``action``, ``candidate_cuts``, ``allowed``, ``state``, ``loss_fraction``
             and ``fallback`` (the greedy cut was infeasible and the next best was used).
         """
-        server_round = _int_arg("server_round", server_round, minimum=0)
+        server_round = int_arg("server_round", server_round, minimum=0)
         if recent_loss is not None:
-            loss = _float_arg("recent_loss", recent_loss, nonnegative=True)
+            loss = real_arg("recent_loss", recent_loss, nonnegative=True)
             if self.loss_scale is None:
                 self.loss_scale = loss if loss > 0 else 1.0
             fraction = loss / self.loss_scale

@@ -51,6 +51,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Optional
 
 from flsplit.costmodel import Scenario
+from flsplit.planners.checks import int_arg
 from flsplit.planners.plan import Plan
 
 if TYPE_CHECKING:  # the planner must not import torch
@@ -61,18 +62,6 @@ __all__ = ["plan_edgesplit"]
 _LN2 = math.log(2.0)
 _MAX_BISECT = 300  # bisection steps (stops earlier when the interval stops shrinking)
 _REL_IMPROVE = 1e-12  # a makespan or a client time must drop by this much to count as better
-
-
-def _int_arg(name: str, value, *, minimum: int) -> int:
-    """``value`` as an int >= ``minimum`` (numpy integers and integral floats accepted)."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if isinstance(value, float) and not value.is_integer():
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    v = int(value)
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    return v
 
 
 def _rate(bandwidth: float, snr_per_hz: float) -> float:
@@ -220,18 +209,18 @@ def plan_edgesplit(
         On a non-positive bandwidth, empty or out-of-range candidate cuts, ``samples`` and
         ``client_ids`` of different lengths, or other malformed arguments.
     """
-    samples = [_int_arg(f"samples[{i}]", s, minimum=0) for i, s in enumerate(samples)]
+    samples = [int_arg(f"samples[{i}]", s, minimum=0) for i, s in enumerate(samples)]
     n = len(samples)
     if n == 0:
         raise ValueError("samples: at least one client is needed")
     ids = list(range(n)) if client_ids is None else list(client_ids)
     if len(ids) != n:
         raise ValueError(f"samples has {n} entries but client_ids has {len(ids)}")
-    ids = [_int_arg(f"client_ids[{i}]", c, minimum=0) for i, c in enumerate(ids)]
+    ids = [int_arg(f"client_ids[{i}]", c, minimum=0) for i, c in enumerate(ids)]
     if len(set(ids)) != n:
         raise ValueError(f"client_ids must be distinct, got {ids}")
-    server_round = _int_arg("server_round", server_round, minimum=0)
-    max_iter = _int_arg("max_iter", max_iter, minimum=1)
+    server_round = int_arg("server_round", server_round, minimum=0)
+    max_iter = int_arg("max_iter", max_iter, minimum=1)
     if isinstance(bytes_per_element, bool) or not isinstance(bytes_per_element, (int, float)):
         raise ValueError(f"bytes_per_element must be a number, got {bytes_per_element!r}")
     if not (math.isfinite(bytes_per_element) and bytes_per_element > 0):

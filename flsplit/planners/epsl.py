@@ -96,6 +96,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import numpy as np
 
 from flsplit.costmodel import Scenario, client_flops, round_cost, server_flops
+from flsplit.planners.checks import int_arg, real_arg
 from flsplit.planners.plan import Plan
 
 if TYPE_CHECKING:  # the planner must not import torch
@@ -114,39 +115,20 @@ _SOLVER_ORDER = ("CLARABEL", "ECOS", "SCS")  # exponential-cone solvers, best fi
 # --- argument checks -------------------------------------------------------------------------
 
 
-def _int_arg(name: str, value, *, minimum: int) -> int:
-    """``value`` as an int >= ``minimum`` (numpy integers and integral floats accepted)."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if isinstance(value, float) and not value.is_integer():
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    v = int(value)
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    return v
-
-
-def _float_arg(name: str, value) -> float:
-    """``value`` as a float (NaN and infinities pass; the caller checks the range)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    return float(value)
-
-
 def _client_ids(num_clients, client_ids) -> list[int]:
     if client_ids is None:
         if num_clients is None:
             raise ValueError("give num_clients or client_ids")
-        n = _int_arg("num_clients", num_clients, minimum=1)
+        n = int_arg("num_clients", num_clients, minimum=1)
         return list(range(n))
     if isinstance(client_ids, (str, bytes)) or not isinstance(client_ids, (Sequence, np.ndarray)):
         raise ValueError(f"client_ids must be a sequence of ints, got {client_ids!r}")
-    ids = [_int_arg(f"client_ids[{i}]", c, minimum=0) for i, c in enumerate(client_ids)]
+    ids = [int_arg(f"client_ids[{i}]", c, minimum=0) for i, c in enumerate(client_ids)]
     if not ids:
         raise ValueError("client_ids is empty: at least one client is needed")
     if len(set(ids)) != len(ids):
         raise ValueError(f"client_ids must be distinct, got {ids}")
-    if num_clients is not None and _int_arg("num_clients", num_clients, minimum=1) != len(ids):
+    if num_clients is not None and int_arg("num_clients", num_clients, minimum=1) != len(ids):
         raise ValueError(f"num_clients={num_clients} but client_ids has {len(ids)} entries")
     return ids
 
@@ -182,7 +164,7 @@ def _budgets(energy_budget_j, n: int) -> Optional[np.ndarray]:
             raise ValueError(f"energy_budget_j has {len(values)} entries for {n} clients")
     out = []
     for i, v in enumerate(values):
-        b = _float_arg(f"energy_budget_j[{i}]", v)
+        b = real_arg(f"energy_budget_j[{i}]", v, finite=False)
         if not (math.isfinite(b) and b > 0):
             raise ValueError(f"energy_budget_j[{i}] must be a finite number > 0 J, got {b}")
         out.append(b)
@@ -496,13 +478,13 @@ def plan_epsl(
     # -- arguments --
     ids = _client_ids(num_clients, client_ids)
     n = len(ids)
-    samples = _int_arg("samples", samples, minimum=1)
-    server_round = _int_arg("server_round", server_round, minimum=0)
-    max_iter = _int_arg("max_iter", max_iter, minimum=1)
-    phi = _float_arg("phi", phi)
+    samples = int_arg("samples", samples, minimum=1)
+    server_round = int_arg("server_round", server_round, minimum=0)
+    max_iter = int_arg("max_iter", max_iter, minimum=1)
+    phi = real_arg("phi", phi, finite=False)
     if not 0.0 <= phi <= 1.0:  # also rejects NaN
         raise ValueError(f"phi must be in [0, 1], got {phi}")
-    bpe = _float_arg("bytes_per_element", bytes_per_element)
+    bpe = real_arg("bytes_per_element", bytes_per_element, finite=False)
     if not (math.isfinite(bpe) and bpe > 0):
         raise ValueError(f"bytes_per_element must be > 0, got {bpe}")
     channel = scenario.channel

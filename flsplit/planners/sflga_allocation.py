@@ -89,6 +89,7 @@ import numpy as np
 from scipy.special import lambertw
 
 from flsplit.costmodel import Scenario
+from flsplit.planners.checks import int_arg, real_arg
 from flsplit.planners.plan import Plan
 
 if TYPE_CHECKING:
@@ -107,32 +108,6 @@ BudgetArg = Union[None, float, Sequence[Optional[float]]]
 # --- argument checks -------------------------------------------------------------------------
 
 
-def _int_arg(name: str, value, *, minimum: int) -> int:
-    """``value`` as an int >= ``minimum`` (numpy integers and integral floats accepted)."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if isinstance(value, float) and not value.is_integer():
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    v = int(value)
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    return v
-
-
-def _float_arg(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
-    """``value`` as a finite float (optionally > 0 or >= 0), or a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    if positive and v <= 0:
-        raise ValueError(f"{name} must be > 0, got {v}")
-    if nonnegative and v < 0:
-        raise ValueError(f"{name} must be >= 0, got {v}")
-    return v
-
-
 def _sequence(name: str, value) -> list:
     if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
         raise ValueError(f"{name} must be a sequence, got {value!r}")
@@ -148,7 +123,7 @@ def _samples_arg(samples, num_clients: Optional[int] = None) -> list[int]:
     values = _sequence("samples", samples)
     if not values:
         raise ValueError("samples: at least one client is needed")
-    out = [_int_arg(f"samples[{i}]", s, minimum=1) for i, s in enumerate(values)]
+    out = [int_arg(f"samples[{i}]", s, minimum=1) for i, s in enumerate(values)]
     if num_clients is not None and len(out) != num_clients:
         raise ValueError(f"samples has {len(out)} entries for num_clients={num_clients}")
     return out
@@ -160,7 +135,7 @@ def _ids_arg(client_ids, n: int) -> list[int]:
     ids = _sequence("client_ids", client_ids)
     if len(ids) != n:
         raise ValueError(f"client_ids has {len(ids)} entries for {n} clients (samples)")
-    ids = [_int_arg(f"client_ids[{i}]", c, minimum=0) for i, c in enumerate(ids)]
+    ids = [int_arg(f"client_ids[{i}]", c, minimum=0) for i, c in enumerate(ids)]
     if len(set(ids)) != n:
         raise ValueError(f"client_ids must be distinct, got {ids}")
     return ids
@@ -768,8 +743,8 @@ def allocate_sflga(
     samples = _samples_arg(samples)
     n = len(samples)
     ids = _ids_arg(client_ids, n)
-    server_round = _int_arg("server_round", server_round, minimum=0)
-    bpe = _float_arg("bytes_per_element", bytes_per_element, positive=True)
+    server_round = int_arg("server_round", server_round, minimum=0)
+    bpe = real_arg("bytes_per_element", bytes_per_element, positive=True)
     budgets = _budget_arg(energy_budget_j, n)
     _total_band(scenario)  # a clear error for a zero or missing band before any work
     terms = _cut_terms(profile, scenario, cut, samples, ids, bpe, budgets)
