@@ -70,24 +70,29 @@ def _min_makespan(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     ``a`` and ``w`` have shape ``(..., n)``; returns ``T`` of shape ``(...)``.
 
     ``f(T) = sum_i w_i / (T - a_i) - 1`` is convex and decreasing on ``T > max a``, so Newton's
-    method started left of the root (at ``max_i (a_i + w_i)``, where one term alone is 1 and
-    ``f >= 0``) climbs to the root monotonically, never overshooting, and converges
+    method started left of the root (at ``max_i (a_i + w_i)``, where one term alone is 1, or at
+    ``min_j a_j + sum_i w_i`` if later; ``f >= 0`` at both) climbs to the root monotonically, never overshooting, and converges
     quadratically near it: a few tens of steps instead of a bisection's ~55.
     """
     has_work = w > 0
     any_work = has_work.any(axis=-1)
+    # Two points where f >= 0: one client alone needs the whole server until a_i + w_i, and at
+    # min_j a_j + sum_i w_i every term is at least w_i / sum w. The later one is closer.
     t = np.where(has_work, a + w, -np.inf).max(axis=-1)
+    t = np.maximum(t, np.where(has_work, a, np.inf).min(axis=-1) + w.sum(axis=-1))
     t = np.where(any_work, t, 0.0)
-    for _ in range(_NEWTON_STEPS):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            gap = np.where(has_work, t[..., None] - a, 1.0)
-            ratio = np.where(has_work, w / gap, 0.0)
+    # A client without server work contributes w / gap = 0: push its a far away so that the
+    # loop needs no masks (gap stays > 0 for the others, as t >= a_i + w_i > a_i).
+    a_eff = np.where(has_work, a, -1e300)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for _ in range(_NEWTON_STEPS):
+            gap = t[..., None] - a_eff
+            ratio = w / gap
             f = ratio.sum(axis=-1) - 1.0
-            slope = -(ratio / gap).sum(axis=-1)
-            step = np.where(any_work & (f > 0), -f / np.where(slope < 0, slope, -1.0), 0.0)
-        t = t + step
-        if np.all(step <= 4e-16 * np.abs(t)):
-            break
+            step = np.where(f > 0, f / (ratio / gap).sum(axis=-1), 0.0)
+            t = t + step
+            if (step <= 4e-16 * np.abs(t)).all():
+                break
     t_work = np.where(any_work, t, -np.inf)
     return np.maximum(t_work, a.max(axis=-1))
 
