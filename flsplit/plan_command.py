@@ -81,7 +81,7 @@ class PlanSetup:
     bytes_per_element: float = 4.0
     cut: Optional[int] = None
     phi: float = 0.0
-    V: float = 1.0
+    V: float = 0.01
     energy_budget_j: Optional[list[float]] = None
     agent_path: Optional[Path] = None
 
@@ -352,7 +352,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="wire bytes per smashed element: 4 fp32, 2 fp16/bf16, 1 fp8/int8 (default 4)")
     parser.add_argument("--cut", type=_positive_int, default=None, help="fixed: the cut (default: the best fixed cut)")
     parser.add_argument("--phi", type=_finite_float, default=0.0, help="epsl: aggregated fraction phi (default 0)")
-    parser.add_argument("--V", type=_finite_float, default=1.0, help="asl: Lyapunov latency weight V (default 1)")
+    parser.add_argument("--V", type=_finite_float, default=0.01,
+                        help="asl: Lyapunov latency weight V, in J^2/s (default 0.01)")
     parser.add_argument("--energy-budget", type=_float_list, default=None, metavar="J[,J...]",
                         help="per-round device energy budget in J, one for all or one per client "
                              "(asl: long-term average; epsl/ccc: per round)")
