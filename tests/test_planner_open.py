@@ -240,3 +240,36 @@ def test_coordinate_descent_on_large_problems_is_close_to_enumeration():
     assert descent.details["search"] == "coordinate-descent" and exact.details["search"] == "enumeration"
     assert exact.details["objective"] <= descent.details["objective"] * (1 + 1e-12)
     assert descent.details["objective"] <= 1.1 * exact.details["objective"]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_coordinate_descent_reaches_the_enumerated_optimum(seed):
+    """Beyond ``max_enumeration`` combinations the planner searches client by client; on 5
+    clients x 6 cuts (7,776 combinations, enumerated here as the reference) it lands on the
+    optimum. The enumeration is checked against independent brute force above."""
+    rng = np.random.default_rng(seed)
+    blocks = [
+        BlockProfile(
+            forward_flops=float(10 ** rng.uniform(5.5, 7.5)),
+            backward_flops=float(10 ** rng.uniform(5.5, 7.8)),
+            output_elements=int(10 ** rng.uniform(2.0, 4.0)),
+            param_bytes=1000,
+        )
+        for _ in range(7)
+    ]
+    devices = tuple(
+        DeviceProfile(cpu_hz=float(rng.uniform(0.5e9, 2e9)), flops_per_cycle=4, kappa=1e-28,
+                      tx_power_w=float(rng.uniform(0.1, 0.2)), distance_m=float(rng.uniform(50, 250)))
+        for _ in range(5)
+    )
+    scenario = Scenario(devices, ServerProfile(cpu_hz=20e9, flops_per_cycle=4, tx_power_w=1.0),
+                        Channel(bandwidth_hz=BAND), seed=seed)
+    kwargs = dict(
+        energy_budget_j=list(rng.uniform(0.001, 0.01, 5)), V=float(rng.uniform(0.001, 0.1)),
+        samples=[int(s) for s in rng.integers(16, 128, 5)], initial_queues=list(rng.uniform(0, 0.5, 5)),
+    )
+    searched = OpenPlanner(ModelProfile(blocks), scenario, max_enumeration=100, **kwargs).plan(seed)
+    enumerated = OpenPlanner(ModelProfile(blocks), scenario, max_enumeration=10**5, **kwargs).plan(seed)
+    assert searched.details["search"] == "coordinate-descent"
+    assert enumerated.details["search"] == "enumeration"
+    assert searched.details["objective"] <= enumerated.details["objective"] * 1.01
