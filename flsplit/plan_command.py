@@ -1,4 +1,4 @@
-"""Plan cuts and wireless resources for a scenario: ``flsplit plan``.
+"""Plan cuts and wireless resources for a scenario (the ``flsplit plan`` command).
 
 ``flsplit plan --scenario FILE --model NAME --method {epsl,edgesplit,asl,ccc,fixed} [--rounds R]``
 profiles the model (torch's FLOP counter, per cut), loads the scenario (a shipped name such
@@ -332,7 +332,7 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``plan`` arguments to ``parser`` and set its handler."""
-    parser.description = __doc__.split("\n\n")[0]
+    parser.description = __doc__.split("\n\n")[0].replace("``", "")
     parser.epilog = ("Latency and energy are compared with the best fixed cut under the common cost model "
                      "(flsplit.planners.fixed.scheme_round_cost); the planner's own prediction is shown beside.")
     parser.add_argument("--scenario", required=True,
@@ -404,7 +404,8 @@ def handle(args: argparse.Namespace) -> int:
             agent = train_ccc_agent(profile, scenario, num_clients=n, samples=args.samples,
                                     episodes=args.episodes, rounds_per_episode=args.episode_rounds,
                                     seed=args.seed, min_client_depth=args.min_client_depth,
-                                    bytes_per_element=args.bytes_per_element)
+                                    bytes_per_element=args.bytes_per_element,
+                                    energy_budget_j=_budgets(args.energy_budget, n))
             args.agent.parent.mkdir(parents=True, exist_ok=True)
             agent.save(args.agent)
             print(f"trained the ccc agent in {time.perf_counter() - start:.1f} s; saved to {args.agent}",
