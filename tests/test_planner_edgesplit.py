@@ -120,7 +120,16 @@ def brute_force(profile, scenario, samples, cands):
 # --- tests -----------------------------------------------------------------------------------
 
 
-def test_matches_brute_force_on_20_random_instances():
+@pytest.fixture(params=["loop", "numpy"])
+def bisection_path(request, monkeypatch):
+    """Run a test through both implementations of the bandwidth bisections (the numpy one is
+    used from ``_VECTORISE_FROM`` clients on; setting it to 0 forces it on small instances)."""
+    if request.param == "numpy":
+        monkeypatch.setattr("flsplit.planners.edgesplit._VECTORISE_FROM", 0)
+    return request.param
+
+
+def test_matches_brute_force_on_20_random_instances(bisection_path):
     start = time.perf_counter()
     ratios, naive_gaps = [], []
     for seed in range(20):
@@ -153,7 +162,7 @@ def test_matches_brute_force_on_20_random_instances():
 
 
 @pytest.mark.parametrize("seed", [0, 7, 13])
-def test_fixed_cut_gives_equal_finish_times_and_fills_band(seed):
+def test_fixed_cut_gives_equal_finish_times_and_fills_band(seed, bisection_path):
     profile, scenario, samples, cands = random_instance(seed)
     cut = cands[1]
     plan = plan_edgesplit(profile, scenario, samples=samples, candidate_cuts=[cut])

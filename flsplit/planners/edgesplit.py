@@ -40,7 +40,7 @@ optimal: if some plan had makespan ``T* < T``, the bandwidths of both plans sum 
 some client ``j`` would have ``B*_j <= B_j`` and hence ``T_j(k*_j, B_j) <= T* < T``, and step (b)
 would have moved it.
 
-Pure: plain Python floats, no torch import (the profile is only read).
+Pure: numpy and plain Python floats, no torch import (the profile is only read).
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ import math
 import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Optional
+
+import numpy as np
 
 from flsplit.costmodel import Scenario
 from flsplit.planners.checks import int_arg
@@ -61,6 +63,7 @@ __all__ = ["plan_edgesplit"]
 
 _LN2 = math.log(2.0)
 _MAX_BISECT = 300  # bisection steps (stops earlier when the interval stops shrinking)
+_VECTORISE_FROM = 64  # clients: from here on the bandwidth bisections run as numpy arrays
 _REL_IMPROVE = 1e-12  # a makespan or a client time must drop by this much to count as better
 
 
@@ -113,6 +116,41 @@ class _Client:
         return hi
 
 
+def _min_bandwidths(clients: list[_Client], cuts: list[int], deadline: float, total: float) -> np.ndarray:
+    """``_Client.min_bandwidth`` of every client at once (numpy; the same bisection per client)."""
+    compute = np.array([c.compute[j] for c, j in zip(clients, cuts)])
+    bits = np.array([c.bits[j] for c, j in zip(clients, cuts)])
+    a_up = np.array([c.a_up for c in clients])
+    a_down = np.array([c.a_down for c in clients])
+    slack = deadline - compute
+
+    def comm(bandwidth: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ru = bandwidth * np.log1p(a_up / bandwidth) / _LN2
+            rd = bandwidth * np.log1p(a_down / bandwidth) / _LN2
+            out = bits / ru + bits / rd
+        out = np.where((ru > 0) & (rd > 0), out, np.inf)
+        return np.where(bits == 0.0, 0.0, out)
+
+    need = np.full(len(clients), math.inf)
+    feasible = (slack >= 0.0) & (comm(np.full(len(clients), total)) <= slack)
+    need[feasible & (bits == 0.0)] = 0.0
+    active = feasible & (bits > 0.0)
+    lo = np.zeros(len(clients))
+    hi = np.full(len(clients), total)
+    for _ in range(_MAX_BISECT):
+        mid = 0.5 * (lo + hi)
+        active &= (mid > lo) & (mid < hi)  # a client stops when its interval stops shrinking
+        if not active.any():
+            break
+        ok = comm(mid) <= slack
+        hi = np.where(active & ok, mid, hi)
+        lo = np.where(active & ~ok, mid, lo)
+    fit = feasible & (bits > 0.0)
+    need[fit] = hi[fit]
+    return need
+
+
 def _allocate(clients: list[_Client], cuts: list[int], total: float) -> tuple[float, list[float]]:
     """Step (a): equal-finish-time bandwidth split for fixed (candidate-index) cuts.
 
@@ -120,28 +158,30 @@ def _allocate(clients: list[_Client], cuts: list[int], total: float) -> tuple[fl
     """
     n = len(clients)
 
-    def need(deadline: float) -> list[float]:
-        return [c.min_bandwidth(j, deadline, total) for c, j in zip(clients, cuts)]
+    def need(deadline: float) -> np.ndarray:
+        if n <= _VECTORISE_FROM:  # numpy's per-call overhead outweighs a short Python loop
+            return np.array([c.min_bandwidth(j, deadline, total) for c, j in zip(clients, cuts)])
+        return _min_bandwidths(clients, cuts, deadline, total)
 
     # No client can beat its time over the whole band; the equal split is feasible.
     lo = max(c.time(j, total) for c, j in zip(clients, cuts))
     hi = max(c.time(j, total / n) for c, j in zip(clients, cuts))
-    if sum(need(lo)) <= total:
+    if need(lo).sum() <= total:
         hi = lo
     else:
         for _ in range(_MAX_BISECT):
             mid = 0.5 * (lo + hi)
             if mid <= lo or mid >= hi:
                 break
-            if sum(need(mid)) <= total:
+            if need(mid).sum() <= total:
                 hi = mid
             else:
                 lo = mid
     bandwidth = need(hi)
-    used = sum(bandwidth)
+    used = float(bandwidth.sum())
     if used > 0.0:
         # Hand out the bisection's leftover (tiny) in proportion: nobody gets slower.
-        bandwidth = [b * total / used for b in bandwidth]
+        bandwidth = [float(b) * total / used for b in bandwidth]
     else:  # nothing to transfer: any split will do
         bandwidth = [total / n] * n
     makespan = max(c.time(j, b) for c, j, b in zip(clients, cuts, bandwidth))
