@@ -125,11 +125,16 @@ def _planner(setup: PlanSetup, baseline: list) -> Callable[[int], Any]:
     samples = [setup.samples] * n
     common = dict(bytes_per_element=setup.bytes_per_element)
     budgets = _budgets(setup.energy_budget_j, n)
+    # Options a method does not use are refused, not silently ignored.
+    if setup.phi != 0.0 and setup.method != "epsl":
+        raise ValueError(f"--phi applies to --method epsl only, not {setup.method}")
+    if setup.cut is not None and setup.method != "fixed":
+        raise ValueError(f"--cut applies to --method fixed only; {setup.method} chooses the cuts")
+    if budgets is not None and setup.method in ("fixed", "edgesplit"):
+        raise ValueError(f"--method {setup.method} takes no energy budget (epsl, asl and ccc do)")
     if setup.method == "fixed":
         cut = setup.cut if setup.cut is not None else baseline[0].cuts[0]
         return lambda r: plan_fixed(profile, scenario, cut=cut, samples=samples, server_round=r, **common)
-    if setup.phi != 0.0 and setup.method != "epsl":
-        raise ValueError(f"--phi applies to --method epsl only, not {setup.method}")
     if setup.method == "edgesplit":
         return lambda r: plan_edgesplit(profile, scenario, samples=samples, server_round=r, **common)
     if setup.method == "epsl":
