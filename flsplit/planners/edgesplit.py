@@ -46,14 +46,13 @@ Pure: numpy and plain Python floats, no torch import (the profile is only read).
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
 from flsplit.costmodel import Scenario
-from flsplit.planners.checks import int_arg
+from flsplit.planners.checks import candidate_cut_list, int_arg
 from flsplit.planners.plan import Plan
 
 if TYPE_CHECKING:  # the planner must not import torch
@@ -269,22 +268,7 @@ def plan_edgesplit(
     if total is None or not math.isfinite(total) or total <= 0:
         raise ValueError(f"bandwidth: the channel's total bandwidth must be > 0 Hz, got {total}")
 
-    num_layers = len(profile.blocks)
-    if num_layers < 2:
-        raise ValueError(f"the model has {num_layers} block(s): no cut is possible")
-    if candidate_cuts is None:
-        cands = list(range(1, num_layers))
-    else:
-        raw = list(candidate_cuts)
-        if not raw:
-            raise ValueError("candidate_cuts is empty")
-        cands = []
-        for k in raw:
-            if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= num_layers - 1:
-                raise ValueError(f"candidate_cuts: cut {k!r} is outside 1..{num_layers - 1}")
-            if int(k) not in cands:
-                cands.append(int(k))
-        cands.sort()
+    cands = candidate_cut_list(len(profile.blocks), candidate_cuts)
     cut_profiles = [profile.cut(k) for k in cands]
 
     server = scenario.server

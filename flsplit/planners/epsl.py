@@ -96,7 +96,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import numpy as np
 
 from flsplit.costmodel import Scenario, client_flops, round_cost, server_flops
-from flsplit.planners.checks import int_arg, real_arg
+from flsplit.planners.checks import candidate_cut_list, int_arg, real_arg
 from flsplit.planners.plan import Plan
 
 if TYPE_CHECKING:  # the planner must not import torch
@@ -131,24 +131,6 @@ def _client_ids(num_clients, client_ids) -> list[int]:
     if num_clients is not None and int_arg("num_clients", num_clients, minimum=1) != len(ids):
         raise ValueError(f"num_clients={num_clients} but client_ids has {len(ids)} entries")
     return ids
-
-
-def _candidate_cuts(profile: "ModelProfile", candidate_cuts) -> list[int]:
-    num_layers = len(profile.blocks)
-    if num_layers < 2:
-        raise ValueError(f"the model has {num_layers} block(s): no cut is possible")
-    if candidate_cuts is None:
-        return list(range(1, num_layers))
-    raw = list(candidate_cuts)
-    if not raw:
-        raise ValueError("candidate_cuts is empty")
-    cands: list[int] = []
-    for k in raw:
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= num_layers - 1:
-            raise ValueError(f"candidate_cuts: cut {k!r} is outside 1..{num_layers - 1}")
-        if int(k) not in cands:
-            cands.append(int(k))
-    return sorted(cands)
 
 
 def _budgets(energy_budget_j, n: int) -> Optional[np.ndarray]:
@@ -501,7 +483,7 @@ def plan_epsl(
             f"EPSL gives every client at least one subchannel: {channel.num_subchannels} subchannels "
             f"for {n} clients"
         )
-    cands = _candidate_cuts(profile, candidate_cuts)
+    cands = candidate_cut_list(len(profile.blocks), candidate_cuts)
     budgets = _budgets(energy_budget_j, n)
 
     # -- constants --
