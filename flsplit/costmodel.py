@@ -519,6 +519,9 @@ class ClientCost:
     compute_energy_j: float
     transmit_energy_j: float
     energy_j: float
+    server_latency_s: float = 0.0
+    cpu_hz: float = 0.0
+    tx_power_w: float = 0.0
 
     def as_dict(self) -> dict:
         """Plain dict for JSON."""
@@ -544,6 +547,7 @@ class RoundCost:
     broadcast_latency_s: float
     round_latency_s: float
     total_energy_j: float
+    server_timing: str = "after-clients"
 
     def as_dict(self) -> dict:
         """Plain dict for JSON (clients as a list of dicts)."""
@@ -622,75 +626,35 @@ def round_cost(
     broadcast_bytes = _number("broadcast_bytes", broadcast_bytes, nonnegative=True)
     receivers = _broadcast_receivers(broadcast_receivers, n, broadcast_bytes)
 
-    devices = [scenario.device(c) for c in ids]
-    powers = (
-        np.array([d.tx_power_w for d in devices])
-        if tx_power_w is None
-        else np.array([_number(f"tx_power_w[{i}]", p, positive=True) for i, p in enumerate(tx_power_w)])
-    )
-    _check_length("tx_power_w", powers, n)
-    channel = scenario.channel
-    bandwidth = channel.client_bandwidths_hz(
+    powers = None if tx_power_w is None else [
+        _number(f"tx_power_w[{i}]", p, positive=True) for i, p in enumerate(tx_power_w)
+    ]
+    if powers is not None:
+        _check_length("tx_power_w", np.array(powers), n)
+    bandwidth = scenario.channel.client_bandwidths_hz(
         n, shares=bandwidth_shares, subchannels=subchannels, exclusive=timing == "sequential"
     )
-    gains = scenario.channel_gains(ids, server_round)
-    n0 = channel.noise_psd_w_per_hz
-    up_rate = shannon_rate_bps(bandwidth, powers, gains, n0)
-    down_rate = shannon_rate_bps(bandwidth, scenario.server.tx_power_w, gains, n0)
-    for i in range(n):
-        if bandwidth[i] == 0 and (up_bytes[i] > 0 or down_bytes[i] > 0):
-            raise ValueError(f"client {ids[i]} has bytes to transfer but no bandwidth")
-    up_time = transfer_time_s(up_bytes, up_rate)
-    down_time = transfer_time_s(down_bytes, down_rate)
-
-    # One transmission over the whole band, heard by every receiver: the weakest sets the pace.
-    broadcast_rates = shannon_rate_bps(channel.total_bandwidth_hz, scenario.server.tx_power_w, gains[receivers], n0)
-    broadcast = broadcast_time_s(broadcast_bytes, broadcast_rates)
     gets_broadcast = np.zeros(n, dtype=bool)
     gets_broadcast[receivers] = True
+    # One price for every round (flsplit.sim.pricing): this front only checks and translates.
+    from flsplit.sim.pricing import Allocation, price
+    from flsplit.sim.workload import ClientWork, RoundWorkload
 
-    clients = []
-    for i, (cid, dev) in enumerate(zip(ids, devices)):
-        compute = dev.compute_time_s(flops[i])
-        down = float(down_time[i]) + (broadcast if gets_broadcast[i] else 0.0)
-        compute_energy = dev.compute_energy_j(flops[i])
-        transmit_energy = float(powers[i] * up_time[i])
-        clients.append(
-            ClientCost(
-                client_id=cid,
-                flops=flops[i],
-                uplink_bytes=float(up_bytes[i]),
-                downlink_bytes=float(down_bytes[i]),
-                bandwidth_hz=float(bandwidth[i]),
-                channel_gain=float(gains[i]),
-                uplink_rate_bps=float(up_rate[i]),
-                downlink_rate_bps=float(down_rate[i]),
-                compute_latency_s=compute,
-                uplink_latency_s=float(up_time[i]),
-                downlink_latency_s=down,
-                latency_s=compute + float(up_time[i]) + down,
-                compute_energy_j=compute_energy,
-                transmit_energy_j=transmit_energy,
-                energy_j=compute_energy + transmit_energy,
-            )
-        )
-
-    server_time = scenario.server.compute_time_s(server_flops)
-    if timing == "parallel":
-        clients_time = max((c.latency_s for c in clients), default=0.0)
-    else:
-        # Clients take turns, but a broadcast reaches all receivers at once: count it once.
-        clients_time = sum(c.latency_s for c in clients) - broadcast * max(len(receivers) - 1, 0)
-    return RoundCost(
-        server_round=server_round,
+    work = RoundWorkload(
+        clients=tuple(
+            ClientWork(ids[i], 1, flops[i], float(up_bytes[i]), float(down_bytes[i]),
+                       receives_broadcast=bool(gets_broadcast[i]))
+            for i in range(n)
+        ),
         timing=timing,
-        clients=tuple(clients),
-        server_flops=float(server_flops),
-        server_latency_s=server_time,
-        broadcast_bytes=broadcast_bytes,
-        broadcast_latency_s=broadcast,
-        round_latency_s=clients_time + server_time,
-        total_energy_j=float(sum(c.energy_j for c in clients)),
+        server_flops=_number("server_flops", server_flops, nonnegative=True),
+        broadcast_bytes=broadcast_bytes if n else 0.0,
+    )
+    return price(
+        work,
+        scenario,
+        Allocation(bandwidth_hz=tuple(bandwidth), tx_power_w=powers, cpu_hz=None),
+        server_round=server_round,
     )
 
 

@@ -32,8 +32,10 @@ import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Optional
 
-from flsplit.costmodel import RoundCost, Scenario, client_flops, round_cost, server_flops, smashed_bytes
+from flsplit.costmodel import RoundCost, Scenario
 from flsplit.planners.plan import Plan
+from flsplit.sim.pricing import Allocation, ServerTiming, price
+from flsplit.sim.workload import ElementWire, predict_workload
 
 if TYPE_CHECKING:  # pure: the profile is only read
     from flsplit.profile import ModelProfile
@@ -89,6 +91,7 @@ def scheme_round_cost(
     bandwidth_shares: Optional[Sequence[float]] = None,
     subchannels: Optional[Sequence[int]] = None,
     tx_power_w: Optional[Sequence[float]] = None,
+    server_timing: ServerTiming = ServerTiming.AFTER_CLIENTS,
 ) -> RoundCost:
     """The cost model's price of one round of ``scheme`` with the given cuts and allocation.
 
@@ -115,6 +118,13 @@ def scheme_round_cost(
     bandwidth_shares, subchannels, tx_power_w : sequence, optional
         The allocation, as ``costmodel.round_cost`` takes it (default: even split, maximum
         power).
+    server_timing : ServerTiming
+        Where the server's time goes (``flsplit.sim.pricing``).
+
+    Notes
+    -----
+    This is ``flsplit.sim.predict_workload`` (the scheme's traffic model with
+    ``ElementWire``) priced by ``flsplit.sim.price``: the one price, kept under its old name.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
@@ -133,35 +143,19 @@ def scheme_round_cost(
             raise ValueError(f"epsl steps need one batch size for all clients, got samples {samples}")
     elif phi != 0.0:
         raise ValueError(f"phi applies to scheme 'epsl' only, not {scheme!r}")
-    profiles = [profile.cut(k) for k in cuts]
-    up = [smashed_bytes(cp, s, bytes_per_element=bytes_per_element) for cp, s in zip(profiles, samples)]
-    flops = [client_flops(cp, s) for cp, s in zip(profiles, samples)]
-    broadcast = 0.0
-    if scheme in ("psl", "sl"):
-        down = up
-        work = sum(server_flops(cp, s) for cp, s in zip(profiles, samples))
-    elif scheme == "epsl":
-        down = [(1.0 - phi) * u for u in up]
-        broadcast = phi * up[0]
-        b = samples[0]
-        work = server_flops(profiles[0], n * b, backward_samples=(1.0 - phi) * n * b + phi * b)
-    else:  # sflga
-        down = [0.0] * n
-        broadcast = max(up)
-        work = server_flops(profiles[0], sum(samples))
-    return round_cost(
+    work = predict_workload(
+        scheme, profile, cuts=cuts, samples=samples, client_ids=ids, phi=phi,
+        wire=ElementWire(profile, float(bytes_per_element)),
+    )
+    bandwidth = None
+    if bandwidth_shares is not None or subchannels is None:
+        bandwidth = scenario.channel.client_bandwidths_hz(n, shares=bandwidth_shares, exclusive=scheme == "sl")
+    return price(
+        work,
         scenario,
-        client_ids=ids,
-        client_flops=flops,
-        uplink_bytes=up,
-        downlink_bytes=down,
-        server_flops=work,
+        Allocation(bandwidth_hz=bandwidth, subchannels=subchannels, tx_power_w=tx_power_w),
         server_round=server_round,
-        timing="sequential" if scheme == "sl" else "parallel",
-        broadcast_bytes=broadcast,
-        bandwidth_shares=bandwidth_shares,
-        subchannels=subchannels,
-        tx_power_w=tx_power_w,
+        server_timing=server_timing,
     )
 
 

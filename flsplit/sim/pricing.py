@@ -1,0 +1,280 @@
+"""The one price of a round: a ``RoundWorkload`` plus an allocation -> latency and energy.
+
+Every number flsplit reports for a round goes through ``price``: the training runtime's
+``sim`` record (a measured workload, priced with the round's plan), every planner's reported
+``latency_s`` / ``energy_j`` (a predicted workload), ``flsplit plan`` and the reports.
+Planners may search with private objectives; what they report and what is compared is this.
+
+The model (DESIGN.md 3.6), per client ``i``:
+
+* compute ``F_i / (f_i c_i)`` seconds and ``kappa_i f_i^2 F_i / c_i`` joules, at the device's
+  clock ``f_i`` or the allocation's ``cpu_hz`` (DVFS, at most the device's clock);
+* uplink ``8 U_i / r_up`` with ``r_up = B_i log2(1 + p_i g_i / (B_i N0))`` at the device's power
+  ``p_i`` (or the allocation's), downlink ``8 D_i / r_down`` at the
+  server's power over the same ``B_i``; ``B_i``: the allocation's bandwidth or subchannels,
+  else an equal split (the whole band per turn for sequential timing);
+* a broadcast of ``X`` bytes: ``8 X / min_i r_i`` over the whole band (the weakest receiver);
+* energy: compute energy plus ``p_i x uplink time`` (receiving is not counted).
+
+The clients' chains (compute + uplink + downlink + broadcast) combine by the workload's
+timing rule (``parallel``: the slowest; ``sequential``: the sum, the broadcast counted once),
+and the server's time is placed by the **server timing** option:
+
+``ServerTiming.AFTER_CLIENTS`` (default, "the common model")
+    the server computes all its FLOPs at full speed after the clients' chains.
+``ServerTiming.PER_CLIENT`` (the model of EdgeSplit and ASL/OPEN)
+    each client's share of the server work (``ClientWork.server_flops``) runs as soon as its
+    data arrive, at its share ``s_i`` of the server CPU (``server_cpu_share``; default 1, i.e.
+    a server worker at full speed per client, EdgeSplit's assumption), inside that client's
+    chain; work not attributed to a client comes after.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+
+from flsplit.sim import kernels as k
+from flsplit.sim.workload import RoundWorkload, Timing
+
+if TYPE_CHECKING:
+    from flsplit.costmodel import RoundCost, Scenario
+
+__all__ = ["ServerTiming", "Allocation", "price"]
+
+
+class ServerTiming(str, Enum):
+    """Where the server's compute time goes in the round (see the module docstring)."""
+
+    AFTER_CLIENTS = "after-clients"
+    PER_CLIENT = "per-client"
+
+
+def _floats(name: str, values, n: int, *, positive: bool = False) -> np.ndarray:
+    arr = np.asarray(list(values), dtype=float) if not isinstance(values, np.ndarray) else values.astype(float)
+    if arr.shape != (n,):
+        raise ValueError(f"{name} has {arr.size} entries for {n} clients")
+    bad = ~np.isfinite(arr) | ((arr <= 0) if positive else (arr < 0))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"{name}[{i}] must be finite and {'> 0' if positive else '>= 0'}, got {arr[i]}")
+    return arr
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Radio and compute resources of a round, per client (client order of the workload).
+
+    All fields are optional; a missing one takes the default (an equal split of the band,
+    each device at its maximum power and clock, the server's whole CPU per client).
+
+    Attributes
+    ----------
+    bandwidth_hz : sequence of float, optional
+        Bandwidth per client in Hz (summing to at most the band).
+    subchannels : sequence of int, optional
+        OFDMA subchannels per client (instead of ``bandwidth_hz``).
+    tx_power_w : sequence of float, optional
+        Uplink power per client (default the device's ``tx_power_w``).
+    cpu_hz : sequence of float, optional
+        Device clock per client (DVFS; at most the device's ``cpu_hz``).
+    server_cpu_share : sequence of float, optional
+        Share of the server CPU per client (summing to at most 1), for
+        ``ServerTiming.PER_CLIENT``.
+    """
+
+    bandwidth_hz: Optional[tuple[float, ...]] = None
+    subchannels: Optional[tuple[int, ...]] = None
+    tx_power_w: Optional[tuple[float, ...]] = None
+    cpu_hz: Optional[tuple[float, ...]] = None
+    server_cpu_share: Optional[tuple[float, ...]] = None
+
+    def __post_init__(self) -> None:
+        if self.bandwidth_hz is not None and self.subchannels is not None:
+            raise ValueError("give bandwidth_hz or subchannels, not both")
+        for name in ("bandwidth_hz", "subchannels", "tx_power_w", "cpu_hz", "server_cpu_share"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(float(v) if name != "subchannels" else v for v in value))
+
+    @classmethod
+    def from_plan(cls, plan: Any) -> "Allocation":
+        """The allocation a ``flsplit.planners.Plan`` carries (its CPU clocks from ``details``)."""
+        cpu = (plan.details or {}).get("cpu_hz")
+        return cls(
+            bandwidth_hz=plan.bandwidth_hz,
+            subchannels=plan.subchannels,
+            tx_power_w=plan.tx_power_w,
+            cpu_hz=cpu,
+            server_cpu_share=plan.server_cpu_share,
+        )
+
+    def as_dict(self) -> dict:
+        return {k_: (list(v) if v is not None else None) for k_, v in asdict(self).items()}
+
+
+def price(
+    workload: RoundWorkload,
+    scenario: "Scenario",
+    allocation: Optional[Allocation] = None,
+    *,
+    server_round: int = 0,
+    server_timing: ServerTiming = ServerTiming.AFTER_CLIENTS,
+) -> "RoundCost":
+    """Latency and energy of ``workload`` on ``scenario`` with ``allocation``.
+
+    Parameters
+    ----------
+    workload : RoundWorkload
+        The round's work (predicted or measured).
+    scenario : Scenario
+        Devices, server and channel.
+    allocation : Allocation, optional
+        Per-client resources; default an equal split at maximum power and clock.
+    server_round : int
+        Round number (keys the fading).
+    server_timing : ServerTiming
+        Where the server's time goes (module docstring).
+
+    Returns
+    -------
+    RoundCost
+        Per-client costs, the server's time, the round latency and the devices' energy.
+
+    Raises
+    ------
+    ValueError
+        An allocation of the wrong length, over the band, above a device's clock,
+        a client with bytes to send and no bandwidth, or a bad server timing.
+
+    Examples
+    --------
+    >>> work = predict_workload("psl", profile, cuts=[2, 2], samples=[64, 64])  # doctest: +SKIP
+    >>> price(work, scenario, Allocation(bandwidth_hz=[5e6, 15e6])).round_latency_s  # doctest: +SKIP
+    """
+    from flsplit.costmodel import ClientCost, RoundCost  # the result types live with the profiles
+
+    try:
+        server_timing = ServerTiming(server_timing)
+    except ValueError:
+        raise ValueError(f"server_timing must be one of {[t.value for t in ServerTiming]}, got {server_timing!r}") from None
+    if isinstance(server_round, bool) or not isinstance(server_round, (int, np.integer)) or server_round < 0:
+        raise ValueError(f"server_round must be a non-negative integer, got {server_round!r}")
+    alloc = allocation or Allocation()
+    clients = workload.clients
+    n = len(clients)
+    ids = [c.client_id for c in clients]
+    devices = [scenario.device(c) for c in ids]
+    channel = scenario.channel
+    sequential = workload.timing == Timing.SEQUENTIAL
+
+    # -- the allocation, checked once --
+    pmax = np.array([d.tx_power_w for d in devices], dtype=float)
+    fmax = np.array([d.cpu_hz for d in devices], dtype=float)
+    power = pmax if alloc.tx_power_w is None else _floats("tx_power_w", alloc.tx_power_w, n, positive=True)
+    cpu = fmax if alloc.cpu_hz is None else _floats("cpu_hz", alloc.cpu_hz, n, positive=True)
+    over = cpu > fmax * (1.0 + 1e-9)  # DVFS lowers a clock; no device runs above its own
+    if over.any():
+        i = int(np.argmax(over))
+        raise ValueError(f"cpu_hz[{i}] = {cpu[i]} is above client {ids[i]}'s clock {fmax[i]}")
+    if alloc.bandwidth_hz is not None:
+        bandwidth = _floats("bandwidth_hz", alloc.bandwidth_hz, n)
+        # Clients in parallel share the band; clients taking turns may each use all of it.
+        used = bandwidth.max(initial=0.0) if sequential else bandwidth.sum()
+        if used > channel.total_bandwidth_hz * (1.0 + 1e-9):
+            raise ValueError(f"bandwidth_hz uses {used} Hz, more than the band ({channel.total_bandwidth_hz} Hz)")
+    else:
+        bandwidth = channel.client_bandwidths_hz(n, subchannels=alloc.subchannels, exclusive=sequential)
+    shares = np.ones(n) if alloc.server_cpu_share is None else _floats("server_cpu_share", alloc.server_cpu_share, n)
+    if alloc.server_cpu_share is not None and shares.sum() > 1.0 + 1e-9:
+        raise ValueError(f"server_cpu_share sums to {shares.sum()}, more than 1")
+
+    # -- the kernels, vectorised --
+    flops = np.array([c.flops for c in clients], dtype=float)
+    up_bytes = np.array([c.uplink_bytes for c in clients], dtype=float)
+    down_bytes = np.array([c.downlink_bytes for c in clients], dtype=float)
+    for i in range(n):
+        if bandwidth[i] == 0 and (up_bytes[i] > 0 or down_bytes[i] > 0):
+            raise ValueError(f"client {ids[i]} has bytes to transfer but no bandwidth")
+    gains = scenario.channel_gains(ids, int(server_round))
+    n0 = channel.noise_psd_w_per_hz
+    p_server = scenario.server.tx_power_w
+    up_rate = k.rate_bps(bandwidth, k.snr_per_hz(power, gains, n0))
+    down_rate = k.rate_bps(bandwidth, k.snr_per_hz(p_server, gains, n0))
+    up_time = k.transfer_s(up_bytes, up_rate)
+    down_time = k.transfer_s(down_bytes, down_rate)
+    if not (np.all(np.isfinite(up_time)) and np.all(np.isfinite(down_time))):
+        raise ValueError("a payload cannot be sent at rate 0 (no bandwidth or no power on the link)")
+    fpc = np.array([d.flops_per_cycle for d in devices], dtype=float)
+    kappa = np.array([d.kappa for d in devices], dtype=float)
+    compute = k.compute_s(flops, cpu, fpc)
+    compute_energy = k.compute_energy_j(flops, cpu, fpc, kappa)
+    transmit_energy = power * up_time
+
+    receivers = np.array([c.receives_broadcast for c in clients], dtype=bool)
+    broadcast = 0.0
+    if workload.broadcast_bytes > 0:
+        weakest = float(k.rate_bps(channel.total_bandwidth_hz, k.snr_per_hz(p_server, gains[receivers], n0)).min())
+        broadcast = float(k.transfer_s(workload.broadcast_bytes, weakest))
+        if not math.isfinite(broadcast):
+            raise ValueError("the broadcast cannot be sent at rate 0")
+    down_total = down_time + np.where(receivers, broadcast, 0.0)
+
+    speed = scenario.server.flops_per_s
+    own_server = np.zeros(n)
+    rest_flops = workload.server_flops
+    if server_timing == ServerTiming.PER_CLIENT:
+        work = np.array([c.server_flops for c in clients], dtype=float)
+        if np.any((work > 0) & (shares <= 0)):
+            i = int(np.argmax((work > 0) & (shares <= 0)))
+            raise ValueError(f"client {ids[i]} has server work but a server CPU share of 0")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            own_server = np.where(work > 0, work / speed / shares, 0.0)
+        rest_flops = max(workload.server_flops - float(work.sum()), 0.0)
+    chains = compute + up_time + own_server + down_total
+    server_time = rest_flops / speed
+    if sequential:
+        clients_time = float(chains.sum()) - broadcast * max(int(receivers.sum()) - 1, 0)
+    else:
+        clients_time = float(chains.max()) if n else 0.0
+
+    costs = tuple(
+        ClientCost(
+            client_id=ids[i],
+            flops=float(flops[i]),
+            uplink_bytes=float(up_bytes[i]),
+            downlink_bytes=float(down_bytes[i]),
+            bandwidth_hz=float(bandwidth[i]),
+            channel_gain=float(gains[i]),
+            uplink_rate_bps=float(up_rate[i]),
+            downlink_rate_bps=float(down_rate[i]),
+            compute_latency_s=float(compute[i]),
+            uplink_latency_s=float(up_time[i]),
+            downlink_latency_s=float(down_total[i]),
+            latency_s=float(chains[i]),
+            compute_energy_j=float(compute_energy[i]),
+            transmit_energy_j=float(transmit_energy[i]),
+            energy_j=float(compute_energy[i] + transmit_energy[i]),
+            server_latency_s=float(own_server[i]),
+            cpu_hz=float(cpu[i]),
+            tx_power_w=float(power[i]),
+        )
+        for i in range(n)
+    )
+    return RoundCost(
+        server_round=int(server_round),
+        timing=workload.timing.value,
+        clients=costs,
+        server_flops=float(workload.server_flops),
+        server_latency_s=server_time,
+        broadcast_bytes=float(workload.broadcast_bytes),
+        broadcast_latency_s=broadcast,
+        round_latency_s=clients_time + server_time,
+        total_energy_j=float(sum(c.energy_j for c in costs)),
+        server_timing=server_timing.value,
+    )
