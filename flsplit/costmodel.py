@@ -35,6 +35,7 @@ inner loops. Scenarios are loaded from TOML or run-config keys by ``flsplit.scen
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Optional, Union
@@ -134,8 +135,14 @@ def rayleigh_power(seed: int, server_round: int, client_id: int) -> float:
     """
     for name, v in (("seed", seed), ("server_round", server_round), ("client_id", client_id)):
         _integer(name, v, minimum=0)  # SeedSequence entropy must be non-negative integers
-    rng = np.random.default_rng([int(seed), int(server_round), int(client_id)])
-    return float(rng.exponential(1.0))
+    return _rayleigh(int(seed), int(server_round), int(client_id))
+
+
+@lru_cache(maxsize=1 << 17)
+def _rayleigh(seed: int, server_round: int, client_id: int) -> float:
+    # A pure function of its key whose generator costs ~0.1 ms to seed: planners price
+    # the same round many times, so the draws are memoised (about 10 MB when full).
+    return float(np.random.default_rng([seed, server_round, client_id]).exponential(1.0))
 
 
 def shannon_rate_bps(
@@ -479,8 +486,16 @@ class Scenario:
         return 10.0 ** (-pl / 10.0) * self.fading_power(client_id, server_round)
 
     def channel_gains(self, client_ids: Sequence[int], server_round: int) -> np.ndarray:
-        """Channel gains of several clients in one round."""
-        return np.array([self.channel_gain(c, server_round) for c in client_ids], dtype=float)
+        """Channel gains of several clients in one round (``channel_gain`` of each)."""
+        ids = [_integer("client_id", c, minimum=0) for c in client_ids]
+        _integer("server_round", server_round, minimum=0)
+        distances = np.array([self.devices[c % len(self.devices)].distance_m for c in ids], dtype=float)
+        pl = np.asarray(self.channel.path_loss_db(distances), dtype=float) if ids else np.zeros(0)
+        if self.channel.fading == "none":
+            fading = np.ones(len(ids))
+        else:
+            fading = np.array([_rayleigh(self.seed, int(server_round), c) for c in ids], dtype=float)
+        return 10.0 ** (-pl / 10.0) * fading
 
     def as_dict(self) -> dict:
         """The scenario in the shape of a scenario file (``scenario_from_dict`` reads it back)."""
