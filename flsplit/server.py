@@ -70,6 +70,30 @@ class StepStats:
 
 
 @dataclass
+class ServerWork:
+    """Sample rows the server forwarded and back-propagated, per entry cut (the FLOPs it ran).
+
+    EPSL counts as its paper does: an aggregated position's ``N`` rows are forwarded (without
+    a graph) and its one mean row is back-propagated (its forward counted with it).
+    """
+
+    rows: dict[int, list[int]] = field(default_factory=dict)  # cut -> [forward, backward]
+
+    def add(self, cut: int, forward: int, backward: int) -> None:
+        entry = self.rows.setdefault(int(cut), [0, 0])
+        entry[0] += int(forward)
+        entry[1] += int(backward)
+
+    def flops(self, profile) -> float:
+        """FLOPs of these rows under ``profile`` (a ``flsplit.profile.ModelProfile``)."""
+        total = 0.0
+        for cut, (fwd, bwd) in sorted(self.rows.items()):
+            cp = profile.cut(cut)
+            total += fwd * cp.server_forward_flops + bwd * cp.server_backward_flops
+        return total
+
+
+@dataclass
 class StepGrads:
     """What one lockstep server step sends back.
 
@@ -95,6 +119,8 @@ class ServerPart:
         ``entry`` are never touched here).
     entry : int
         Shallowest cut served: clients with cut ``c >= entry`` enter at block ``c``.
+    work : ServerWork, optional
+        Where the rows this part runs are counted (shared by a round's server copies).
     learning_rate, momentum, weight_decay : float
         SGD settings.
     """
@@ -106,8 +132,10 @@ class ServerPart:
         learning_rate: float,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
+        work: Optional[ServerWork] = None,
     ) -> None:
         self.model = model
+        self.work = work if work is not None else ServerWork()
         self.entry = model.check_cut(entry)
         self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
         self.optimizer = torch.optim.SGD(
@@ -137,6 +165,7 @@ class ServerPart:
             (loss_sum / batch.y.shape[0]).backward()
             self.optimizer.step()
             self.stats.add(float(loss_sum.detach()), logits.detach(), batch.y, cut)
+            self.work.add(cut, batch.y.shape[0], batch.y.shape[0])
             grads.append(x.grad)
         return grads
 
@@ -160,6 +189,7 @@ class ServerPart:
         self.optimizer.step()
         for (cut, b), lg in zip(batches, logits):
             self.stats.add(float(self.loss_fn(lg.detach(), b.y)), lg.detach(), b.y, cut)
+            self.work.add(cut, b.y.shape[0], b.y.shape[0])
         return [x.grad * (total / b.y.shape[0]) for x, (_, b) in zip(xs, batches)]
 
     def step_epsl(self, batches: list[tuple[int, SmashedBatch]], positions: list[int]) -> StepGrads:
@@ -221,6 +251,8 @@ class ServerPart:
             lg[k] = logits.detach().split([int(kk.sum()) for kk in keep])[i]
             lg[agg] = agg_logits.unflatten(0, (n, len(positions)))[i]
             self.stats.add(float(self.loss_fn(lg, b.y)), lg, b.y, c)
+        # Rows run: every sample forwarded once; the kept rows and the m mean rows backward.
+        self.work.add(cut, total, total - n * len(positions) + len(positions))
         return StepGrads(
             unicast=[x.grad * (total / s) for x, s in zip(xs, sizes)],
             broadcast=mean_x.grad / n,

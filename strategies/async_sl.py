@@ -69,6 +69,8 @@ class AsyncSL(SplitStrategy):
         See ``SplitStrategy``. All clients start in A.
     """
 
+    scheme = "async"
+
     def __init__(
         self,
         *args,

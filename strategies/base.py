@@ -39,12 +39,13 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flsplit import protocol as p
 from flsplit.codecs import get_codec
 from flsplit.aggregation import average_states, block_of
-from flsplit.costmodel import DeviceProfile, client_flops, round_cost, server_flops
+from flsplit.costmodel import DeviceProfile, client_flops
 from flsplit.dataplane import DataPlane, MessageDataPlane, Reply, Traffic
 from flsplit.history import RunHistory
 from flsplit.profile import CutProfile, profile_model
 from flsplit.scenario import Scenario, device_from_node_config
-from flsplit.server import ServerPart, StepGrads, StepStats, evaluate_smashed
+from flsplit.server import ServerPart, ServerWork, StepGrads, StepStats, evaluate_smashed
+from flsplit.sim import ServerTiming, measured_workload, price
 from flsplit.splitting import SplitModel, block_output_shapes
 
 __all__ = ["SplitStrategy", "CutAssignment"]
@@ -176,7 +177,11 @@ class SplitStrategy(Strategy):
         self.cuts: dict[int, int] = {}
         self.errors: list[dict] = []
         self.server_steps = 0
+        self.server_work = ServerWork()
+        self.round_planner = None  # set by strategies.adaptive.Adaptive: plans cuts + resources
+        self.round_plan = None  # this round's plan (a strategies.adaptive.RoundPlan) if planned
 
+    scheme = ""  # the scheme's name in STRATEGIES and in the traffic model (flsplit.sim.workload)
     timing = "parallel"  # how clients' chains combine in the simulated round latency
 
     # ------------------------------------------------------------------ pieces
@@ -286,27 +291,44 @@ class SplitStrategy(Strategy):
         return client_flops(cut, samples)
 
     def extra_server_flops(self) -> float:
-        """Server FLOPs on data no client sent this round (none here)."""
+        """Of the server's FLOPs this round, those on data no client sent this round (none here)."""
         return 0.0
 
-    def simulate_round(self, server_round: int, traffic: Traffic, examples: dict[int, int]) -> dict:
-        """Simulated latency and energy of the round (``flsplit.costmodel.round_cost``)."""
+    def measured_workload(self, traffic: Traffic, examples: dict[int, int]):
+        """The round's ``RoundWorkload`` from what was measured: bytes serialized, FLOPs run."""
         nodes = sorted(examples)
         ids = [self.devices.get(n, (i, None))[0] for i, n in enumerate(nodes)]
-        own = {pid: prof for n, (pid, prof) in self.devices.items() if prof is not None and n in examples}
-        scenario = self.scenario.with_devices(own) if own else self.scenario
-        cuts = [self.profile.cut(self.cuts[n]) for n in nodes]
-        cost = round_cost(
-            scenario,
+        cuts = [self.cuts[n] for n in nodes]
+        return measured_workload(
+            self.scheme or type(self).__name__.lower(),
+            self.profile,
             client_ids=ids,
-            client_flops=[self.client_flops_executed(n, c, examples[n]) for c, n in zip(cuts, nodes)],
+            cuts=cuts,
+            client_flops=[self.client_flops_executed(n, self.profile.cut(c), examples[n]) for n, c in zip(nodes, cuts)],
             uplink_bytes=[traffic.up.get(n, 0) for n in nodes],
             downlink_bytes=[traffic.down.get(n, 0) for n in nodes],
-            server_flops=sum(server_flops(c, examples[n]) for c, n in zip(cuts, nodes)) + self.extra_server_flops(),
-            server_round=server_round,
-            timing=self.timing,
+            samples=[examples[n] for n in nodes],
+            server_flops=self.server_work.flops(self.profile),
+            unattributed_server_flops=self.extra_server_flops(),
             broadcast_bytes=traffic.broadcast,
+            timing=self.timing,
         )
+
+    def simulate_round(self, server_round: int, traffic: Traffic, examples: dict[int, int]) -> dict:
+        """Simulated latency and energy of the round: its measured workload, priced once
+        (``flsplit.sim.price``) with the round plan's allocation if the round was planned."""
+        nodes = sorted(examples)
+        own = {pid: prof for n, (pid, prof) in self.devices.items() if prof is not None and n in examples}
+        scenario = self.scenario.with_devices(own) if own else self.scenario
+        plan = self.round_plan
+        cost = price(
+            self.measured_workload(traffic, examples),
+            scenario,
+            plan.allocation(nodes) if plan is not None else None,
+            server_round=server_round,
+            server_timing=plan.server_timing if plan is not None else ServerTiming.AFTER_CLIENTS,
+        )
+        self.round_cost = cost
         record = cost.as_dict()
         record["energy_j"] = record.pop("total_energy_j")
         record["clients"] = {str(n): c for n, c in zip(nodes, record["clients"])}
@@ -330,6 +352,7 @@ class SplitStrategy(Strategy):
             s["learning_rate"],
             momentum=s["momentum"],
             weight_decay=s["weight_decay"],
+            work=self.server_work,
         )
 
     @staticmethod
@@ -343,7 +366,12 @@ class SplitStrategy(Strategy):
     ) -> Iterable[Message]:
         """Sample nodes, assign cuts, and build each node's first request of the round."""
         nodes = self._sample(grid, server_round, self.fraction_train, self.min_train_nodes)
-        self.cuts = self.assign_cuts(server_round, nodes)
+        self.round_plan = None
+        if self.round_planner is not None:  # cuts (and resources) from the planner in the loop
+            self.round_plan = self.round_planner.plan_round(self, server_round, nodes)
+            self.cuts = {n: self.model.check_cut(int(self.round_plan.cuts[n])) for n in nodes}
+        else:
+            self.cuts = self.assign_cuts(server_round, nodes)
         self._configs = {n: self.config_record(server_round, c) for n, c in self.cuts.items()}
         messages = []
         for node_id in nodes:
@@ -527,7 +555,7 @@ class SplitStrategy(Strategy):
         for server_round in range(1, num_rounds + 1):
             t0 = time.perf_counter()
             self.data_plane.traffic = Traffic()
-            self.errors, self.server_steps = [], 0
+            self.errors, self.server_steps, self.server_work = [], 0, ServerWork()
             self._done, self._total, self._last_progress = {}, {}, time.perf_counter()
             messages = list(self.configure_train(server_round, result.arrays, ConfigRecord(), grid))
             requests = {m.metadata.dst_node_id: m.content for m in messages}
@@ -553,6 +581,9 @@ class SplitStrategy(Strategy):
             entry["examples_per_node"] = {str(n): k for n, k in sorted(examples.items())}
             if self.scenario is not None:
                 entry["sim"] = self.simulate_round(server_round, self.data_plane.traffic, examples)
+            if self.round_plan is not None:
+                entry["plan"] = self.round_plan.as_record()
+                self.round_planner.observe(self, server_round, entry)
             self.history.add_round(entry, num_rounds)
         return result
 

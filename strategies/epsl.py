@@ -34,6 +34,8 @@ class EPSL(PSL):
         See ``PSL`` and ``SplitStrategy``. ``b`` is the smallest batch of the step.
     """
 
+    scheme = "epsl"
+
     def __init__(self, *args, phi: float = 0.5, positions: str = "first", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if not 0.0 <= phi <= 1.0 or math.isnan(phi):

@@ -32,6 +32,8 @@ class PSL(SplitStrategy):
         See ``SplitStrategy``.
     """
 
+    scheme = "psl"
+
     def __init__(self, *args, sync_clients: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.sync_clients = sync_clients

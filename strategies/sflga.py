@@ -22,6 +22,8 @@ class SFLGA(SplitStrategy):
     the round) but is the same for all clients within a round.
     """
 
+    scheme = "sflga"
+
     def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
         self.server = self.new_server_part()
         return self.drive_lockstep(server_round, requests, self.server.step_gradient_average)

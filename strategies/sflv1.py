@@ -24,6 +24,8 @@ class SFLV1(SplitStrategy):
     samples); a block is averaged over every copy that trained it.
     """
 
+    scheme = "sflv1"
+
     def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
         self.copies: dict[int, ServerPart] = {
             node_id: self.new_server_part(copy.deepcopy(self.model)) for node_id in requests

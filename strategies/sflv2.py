@@ -18,6 +18,8 @@ class SFLV2(SplitStrategy):
     parts are averaged at round end, weighted by samples.
     """
 
+    scheme = "sflv2"
+
     def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
         self.server = self.new_server_part()
         return self.drive_streaming(server_round, requests, lambda node: self.server)

@@ -19,6 +19,7 @@ class SL(SplitStrategy):
     after the round the global model is the last client's part plus the server part.
     """
 
+    scheme = "sl"
     timing = "sequential"
 
     def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
