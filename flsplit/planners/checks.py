@@ -47,7 +47,7 @@ def candidate_cut_list(num_blocks: int, candidate_cuts) -> list[int]:
     cands: list[int] = []
     for k in raw:
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= num_blocks - 1:
-            raise ValueError(f"candidate_cuts: cut {k!r} is outside 1..{num_blocks - 1}")
+            raise ValueError(f"candidate_cuts: cut {k!r} is outside 1..{num_blocks - 1} (outside the model)")
         if int(k) not in cands:
             cands.append(int(k))
     return sorted(cands)

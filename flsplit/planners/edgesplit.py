@@ -40,7 +40,9 @@ optimal: if some plan had makespan ``T* < T``, the bandwidths of both plans sum 
 some client ``j`` would have ``B*_j <= B_j`` and hence ``T_j(k*_j, B_j) <= T* < T``, and step (b)
 would have moved it.
 
-Pure: numpy and plain Python floats, no torch import (the profile is only read).
+Pure: numpy and plain Python floats, no torch import (the profile is only read). The arguments are
+checked once by ``flsplit.planners.problem.PlanningProblem``; the reported latency and energy are
+the one price of the plan (``flsplit.sim.price``, PSL traffic, ``ServerTiming.PER_CLIENT``).
 """
 
 from __future__ import annotations
@@ -52,8 +54,11 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from flsplit.costmodel import Scenario
-from flsplit.planners.checks import candidate_cut_list, int_arg
+from flsplit.planners.checks import int_arg
 from flsplit.planners.plan import Plan
+from flsplit.planners.problem import PlanningProblem
+from flsplit.sim import kernels as k
+from flsplit.sim.pricing import ServerTiming
 
 if TYPE_CHECKING:  # the planner must not import torch
     from flsplit.profile import ModelProfile
@@ -115,56 +120,116 @@ class _Client:
         return hi
 
 
-def _min_bandwidths(clients: list[_Client], cuts: list[int], deadline: float, total: float) -> np.ndarray:
-    """``_Client.min_bandwidth`` of every client at once (numpy; the same bisection per client)."""
-    compute = np.array([c.compute[j] for c, j in zip(clients, cuts)])
-    bits = np.array([c.bits[j] for c, j in zip(clients, cuts)])
-    a_up = np.array([c.a_up for c in clients])
-    a_down = np.array([c.a_down for c in clients])
+def _min_bandwidths(
+    compute: np.ndarray, bits: np.ndarray, a_up: np.ndarray, a_down: np.ndarray, deadline: float, total: float
+) -> np.ndarray:
+    """``_Client.min_bandwidth`` of every client at once (numpy), by safeguarded Newton steps.
+
+    ``comm(B) = D / r_up(B) + D / r_down(B)`` is convex and decreasing in ``B`` (``1 / r`` of a
+    concave positive rate), so Newton's method on ``comm(B) - slack`` converges to the root
+    from either side (from the right it lands left of the root, from the left it climbs
+    monotonically); a step that leaves the bracket ``(lo, hi)`` is replaced by bisection. It
+    meets the bisection's answer to rounding, in about ten steps instead of ~60.
+    """
+    n = compute.shape[0]
     slack = deadline - compute
-
-    def comm(bandwidth: np.ndarray) -> np.ndarray:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ru = bandwidth * np.log1p(a_up / bandwidth) / _LN2
-            rd = bandwidth * np.log1p(a_down / bandwidth) / _LN2
-            out = bits / ru + bits / rd
-        out = np.where((ru > 0) & (rd > 0), out, np.inf)
-        return np.where(bits == 0.0, 0.0, out)
-
-    need = np.full(len(clients), math.inf)
-    feasible = (slack >= 0.0) & (comm(np.full(len(clients), total)) <= slack)
+    need = np.full(n, math.inf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        comm_total = bits / k.rate_bps(total, a_up) + bits / k.rate_bps(total, a_down)
+    comm_total = np.where(bits == 0.0, 0.0, comm_total)
+    feasible = (slack >= 0.0) & (comm_total <= slack)
     need[feasible & (bits == 0.0)] = 0.0
-    active = feasible & (bits > 0.0)
-    lo = np.zeros(len(clients))
-    hi = np.full(len(clients), total)
-    for _ in range(_MAX_BISECT):
-        mid = 0.5 * (lo + hi)
-        active &= (mid > lo) & (mid < hi)  # a client stops when its interval stops shrinking
-        if not active.any():
-            break
-        ok = comm(mid) <= slack
-        hi = np.where(active & ok, mid, hi)
-        lo = np.where(active & ~ok, mid, lo)
-    fit = feasible & (bits > 0.0)
-    need[fit] = hi[fit]
+    idx = np.flatnonzero(feasible & (bits > 0.0))
+    if idx.size == 0:
+        return need
+    d, au, ad, sl = bits[idx], a_up[idx], a_down[idx], slack[idx]
+    lo = np.zeros(idx.size)
+    hi = np.full(idx.size, total)
+    b = np.full(idx.size, total / n)
+    active = np.ones(idx.size, dtype=bool)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for _ in range(_MAX_BISECT):
+            xu, xd = au / b, ad / b
+            lu, ld = np.log1p(xu), np.log1p(xd)
+            ru, rd = b * lu / _LN2, b * ld / _LN2
+            f = d / ru + d / rd - sl
+            df = -d * (lu - xu / (1.0 + xu)) / (_LN2 * ru * ru) - d * (ld - xd / (1.0 + xd)) / (_LN2 * rd * rd)
+            ok = f <= 0.0
+            hi = np.where(active & ok, b, hi)
+            lo = np.where(active & ~ok, b, lo)
+            new = b - f / df
+            new = np.where((new > lo) & (new < hi), new, 0.5 * (lo + hi))
+            step = np.abs(new - b)
+            active &= ~((step <= 4e-16 * b) | (hi - lo <= 4e-16 * hi) | (f == 0.0))
+            b = np.where(active, new, b)
+            if not active.any():
+                break
+    need[idx] = b
     return need
 
 
-def _allocate(clients: list[_Client], cuts: list[int], total: float) -> tuple[float, list[float]]:
+class _Terms:
+    """The latency model's constants as arrays: ``compute``, ``bits`` ``(N, K)``; ``a_up``, ``a_down`` ``(N,)``."""
+
+    def __init__(self, problem: PlanningProblem):
+        s = problem.samples_array[:, None]
+        self.compute = (
+            s * problem.client_flops[None, :] / problem.device_flops_per_s[:, None]
+            + s * problem.server_flops[None, :] / problem.server_flops_per_s
+        )
+        self.bits = s * problem.smashed_elements[None, :] * problem.bytes_per_element * 8.0
+        self.a_up = np.asarray(k.snr_per_hz(problem.tx_power_w, problem.gains, problem.noise_psd_w_per_hz))
+        self.a_down = np.asarray(k.snr_per_hz(problem.server_tx_power_w, problem.gains, problem.noise_psd_w_per_hz))
+        self.rows = np.arange(s.shape[0])
+        self._clients: Optional[list[_Client]] = None
+
+    @property
+    def clients(self) -> list[_Client]:
+        """Per-client objects of the small-instance (pure Python) path."""
+        if self._clients is None:
+            self._clients = [
+                _Client(c, b, au, ad)
+                for c, b, au, ad in zip(self.compute.tolist(), self.bits.tolist(), self.a_up.tolist(), self.a_down.tolist())
+            ]
+        return self._clients
+
+    def times(self, bandwidth: np.ndarray) -> np.ndarray:
+        """``T_i`` at every candidate cut, ``(N, K)``, for per-client bandwidths."""
+        ru = k.rate_bps(bandwidth, self.a_up)[:, None]
+        rd = k.rate_bps(bandwidth, self.a_down)[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            comm = self.bits / ru + self.bits / rd
+        comm = np.where((ru > 0) & (rd > 0), comm, math.inf)
+        return self.compute + np.where(self.bits == 0.0, 0.0, comm)
+
+
+def _allocate(terms: _Terms, cuts: list[int], total: float) -> tuple[float, list[float]]:
     """Step (a): equal-finish-time bandwidth split for fixed (candidate-index) cuts.
 
     Returns the makespan and the bandwidths (summing to ``total``).
     """
-    n = len(clients)
+    n = len(cuts)
+    if n <= _VECTORISE_FROM:  # numpy's per-call overhead outweighs a short Python loop
+        clients = terms.clients
 
-    def need(deadline: float) -> np.ndarray:
-        if n <= _VECTORISE_FROM:  # numpy's per-call overhead outweighs a short Python loop
+        def need(deadline: float) -> np.ndarray:
             return np.array([c.min_bandwidth(j, deadline, total) for c, j in zip(clients, cuts)])
-        return _min_bandwidths(clients, cuts, deadline, total)
+
+        def time_at(bandwidths) -> float:
+            return max(c.time(j, b) for c, j, b in zip(clients, cuts, bandwidths))
+    else:
+        sel = np.asarray(cuts)
+        compute, bits = terms.compute[terms.rows, sel], terms.bits[terms.rows, sel]
+
+        def need(deadline: float) -> np.ndarray:
+            return _min_bandwidths(compute, bits, terms.a_up, terms.a_down, deadline, total)
+
+        def time_at(bandwidths) -> float:
+            return float(terms.times(np.broadcast_to(np.asarray(bandwidths, dtype=float), (n,)))[terms.rows, sel].max())
 
     # No client can beat its time over the whole band; the equal split is feasible.
-    lo = max(c.time(j, total) for c, j in zip(clients, cuts))
-    hi = max(c.time(j, total / n) for c, j in zip(clients, cuts))
+    lo = time_at([total] * n)
+    hi = time_at([total / n] * n)
     if need(lo).sum() <= total:
         hi = lo
     else:
@@ -183,32 +248,31 @@ def _allocate(clients: list[_Client], cuts: list[int], total: float) -> tuple[fl
         bandwidth = [float(b) * total / used for b in bandwidth]
     else:  # nothing to transfer: any split will do
         bandwidth = [total / n] * n
-    makespan = max(c.time(j, b) for c, j, b in zip(clients, cuts, bandwidth))
-    return makespan, bandwidth
+    return time_at(bandwidth), bandwidth
 
 
-def _best_cuts(clients: list[_Client], bandwidth: list[float], current: Optional[list[int]]) -> list[int]:
+def _best_cuts(terms: _Terms, bandwidth: list[float], current: Optional[list[int]]) -> list[int]:
     """Step (b): each client's fastest candidate cut at its bandwidth (keeps ties)."""
-    out = []
-    for i, (c, b) in enumerate(zip(clients, bandwidth)):
-        times = [c.time(j, b) for j in range(len(c.compute))]
-        best = min(range(len(times)), key=times.__getitem__)
-        if current is not None and times[best] >= times[current[i]] * (1.0 - _REL_IMPROVE):
-            best = current[i]
-        out.append(best)
-    return out
+    times = terms.times(np.asarray(bandwidth, dtype=float))
+    best = np.argmin(times, axis=1)  # the first of equal times, as min() over the cuts
+    if current is not None:
+        cur = np.asarray(current)
+        keep = times[terms.rows, best] >= times[terms.rows, cur] * (1.0 - _REL_IMPROVE)
+        best = np.where(keep, cur, best)
+    return [int(j) for j in best]
 
 
 def plan_edgesplit(
-    profile: "ModelProfile",
-    scenario: Scenario,
+    profile: Optional["ModelProfile"] = None,
+    scenario: Optional[Scenario] = None,
     *,
-    samples: Sequence[int],
+    samples: Optional[Sequence[int]] = None,
     client_ids: Optional[Sequence[int]] = None,
     server_round: int = 0,
     bytes_per_element: float = 4.0,
     candidate_cuts: Optional[Sequence[int]] = None,
     max_iter: int = 50,
+    problem: Optional[PlanningProblem] = None,
 ) -> Plan:
     """Cut and bandwidth share per client minimising the round's makespan (EdgeSplit).
 
@@ -231,74 +295,64 @@ def plan_edgesplit(
         Cuts to choose from (each in ``1 .. L-1``); default all of them.
     max_iter : int
         Maximum number of alternations (bandwidth step + cut step).
+    problem : PlanningProblem, optional
+        The round, already checked (``PlanningProblem.build``): give it *instead of* the
+        arguments above (all but ``max_iter``).
 
     Returns
     -------
     Plan
-        ``method="edgesplit"``, ``cuts`` (layer per client), ``bandwidth_hz`` (summing to the
-        band), ``latency_s`` (the makespan ``max_i T_i``), ``energy_j`` (devices' compute
-        energy ``kappa f^2 cycles`` plus ``tx_power * uplink time``) and ``details``
-        (``iterations``, ``converged``, ``makespan_history``, per-client ``client_latency_s``,
-        ``compute_s``, ``uplink_s``, ``downlink_s``, ``energy_j``, ``client_ids`` and the model
-        assumptions).
+        ``method="edgesplit"``, ``scheme="psl"``, ``server_timing="per-client"``, ``cuts``
+        (layer per client), ``bandwidth_hz`` (summing to the band), ``latency_s`` and
+        ``energy_j`` (the one price, ``flsplit.sim.price``, of a PSL round with this plan and
+        a full-speed server worker per client: equal to the makespan ``max_i T_i`` of the
+        model above, to rounding) and ``details`` (``iterations``, ``converged``,
+        ``makespan_history``, per-client ``client_latency_s``, ``compute_s``, ``uplink_s``,
+        ``downlink_s``, ``energy_j``, ``client_ids`` and the model assumptions).
 
     Raises
     ------
     ValueError
         On a non-positive bandwidth, empty or out-of-range candidate cuts, ``samples`` and
         ``client_ids`` of different lengths, or other malformed arguments.
+
+    Examples
+    --------
+    >>> plan = plan_edgesplit(profile, scenario, samples=[32] * 8)  # doctest: +SKIP
+    >>> plan.cuts, plan.bandwidth_hz, plan.latency_s  # doctest: +SKIP
     """
-    samples = [int_arg(f"samples[{i}]", s, minimum=0) for i, s in enumerate(samples)]
-    n = len(samples)
-    if n == 0:
-        raise ValueError("samples: at least one client is needed")
-    ids = list(range(n)) if client_ids is None else list(client_ids)
-    if len(ids) != n:
-        raise ValueError(f"samples has {n} entries but client_ids has {len(ids)}")
-    ids = [int_arg(f"client_ids[{i}]", c, minimum=0) for i, c in enumerate(ids)]
-    if len(set(ids)) != n:
-        raise ValueError(f"client_ids must be distinct, got {ids}")
-    server_round = int_arg("server_round", server_round, minimum=0)
     max_iter = int_arg("max_iter", max_iter, minimum=1)
-    if isinstance(bytes_per_element, bool) or not isinstance(bytes_per_element, (int, float)):
-        raise ValueError(f"bytes_per_element must be a number, got {bytes_per_element!r}")
-    if not (math.isfinite(bytes_per_element) and bytes_per_element > 0):
-        raise ValueError(f"bytes_per_element must be > 0, got {bytes_per_element}")
-    total = scenario.channel.total_bandwidth_hz
-    if total is None or not math.isfinite(total) or total <= 0:
-        raise ValueError(f"bandwidth: the channel's total bandwidth must be > 0 Hz, got {total}")
+    if problem is None:
+        if profile is None or scenario is None or samples is None:
+            raise ValueError("give profile, scenario and samples, or problem")
+        problem = PlanningProblem.build(
+            profile, scenario, samples=samples, client_ids=client_ids, server_round=server_round,
+            bytes_per_element=bytes_per_element, candidate_cuts=candidate_cuts, min_samples=0,
+        )
+    elif not isinstance(problem, PlanningProblem):
+        raise ValueError(f"problem must be a PlanningProblem, got {type(problem).__name__}")
+    elif profile is not None or scenario is not None or samples is not None:
+        raise ValueError("give problem or profile, scenario and samples, not both")
 
-    cands = candidate_cut_list(len(profile.blocks), candidate_cuts)
-    cut_profiles = [profile.cut(k) for k in cands]
-
-    server = scenario.server
-    n0 = scenario.channel.noise_psd_w_per_hz
-    clients: list[_Client] = []
-    devices = [scenario.device(c) for c in ids]
-    gains = [scenario.channel_gain(c, server_round) for c in ids]
-    for s, dev, g in zip(samples, devices, gains):
-        compute = [
-            s * (cp.client_forward_flops + cp.client_backward_flops) / dev.flops_per_s
-            + s * (cp.server_forward_flops + cp.server_backward_flops) / server.flops_per_s
-            for cp in cut_profiles
-        ]
-        bits = [s * cp.smashed_elements * bytes_per_element * 8.0 for cp in cut_profiles]
-        clients.append(_Client(compute, bits, dev.tx_power_w * g / n0, server.tx_power_w * g / n0))
+    n = problem.num_clients
+    total = problem.total_bandwidth_hz
+    cands = list(problem.candidate_cuts)
+    terms = _Terms(problem)
 
     # Start: each client's best cut with an equal split of the band.
-    cuts = _best_cuts(clients, [total / n] * n, None)
+    cuts = _best_cuts(terms, [total / n] * n, None)
     best: Optional[tuple[float, list[int], list[float]]] = None
     history: list[float] = []
     converged = False
     iterations = 0
     for iterations in range(1, max_iter + 1):
-        makespan, bandwidth = _allocate(clients, cuts, total)
+        makespan, bandwidth = _allocate(terms, cuts, total)
         history.append(makespan)
         if best is not None and makespan >= best[0] * (1.0 - _REL_IMPROVE):
             converged = True
             break
         best = (makespan, cuts, bandwidth)
-        new_cuts = _best_cuts(clients, bandwidth, cuts)
+        new_cuts = _best_cuts(terms, bandwidth, cuts)
         if new_cuts == cuts:
             converged = True
             break
@@ -306,38 +360,41 @@ def plan_edgesplit(
     assert best is not None
     makespan, cuts, bandwidth = best
 
-    latency, compute_s, up_s, down_s, energy = [], [], [], [], []
-    for c, j, b, dev, s in zip(clients, cuts, bandwidth, devices, samples):
-        d = c.bits[j]
-        up = d / _rate(b, c.a_up) if d > 0 else 0.0
-        down = d / _rate(b, c.a_down) if d > 0 else 0.0
-        cp = cut_profiles[j]
-        e = dev.compute_energy_j(s * (cp.client_forward_flops + cp.client_backward_flops)) + dev.tx_power_w * up
-        compute_s.append(c.compute[j])
-        up_s.append(up)
-        down_s.append(down)
-        latency.append(c.compute[j] + up + down)
-        energy.append(e)
-
-    return Plan(
+    plan = Plan(
         method="edgesplit",
         cuts=[cands[j] for j in cuts],
-        latency_s=max(latency),
-        energy_j=float(sum(energy)),
+        latency_s=makespan,
+        energy_j=0.0,
         bandwidth_hz=[float(b) for b in bandwidth],
-        details={
-            "iterations": iterations,
-            "converged": converged,
-            "makespan_history": history,
-            "client_ids": ids,
-            "client_latency_s": latency,
-            "compute_s": compute_s,
-            "uplink_s": up_s,
-            "downlink_s": down_s,
-            "energy_j": energy,
-            "candidate_cuts": cands,
-            "model": "server parallel at full speed per client; up and down each carry "
-            "samples*smashed_elements*bytes_per_element*8 bits; uplink at device power, "
-            "downlink at server power over the same share",
-        },
+    )
+    # The reported numbers: the one price (PSL traffic, a full-speed server worker per client,
+    # which is this planner's model exactly).
+    cost = problem.price_plan(plan, scheme="psl", server_timing=ServerTiming.PER_CLIENT)
+    clients = cost.clients
+    details = {
+        "iterations": iterations,
+        "converged": converged,
+        "makespan_history": history,
+        "client_ids": list(problem.client_ids),
+        "client_latency_s": [c.latency_s for c in clients],
+        "compute_s": [c.compute_latency_s + c.server_latency_s for c in clients],
+        "uplink_s": [c.uplink_latency_s for c in clients],
+        "downlink_s": [c.downlink_latency_s for c in clients],
+        "energy_j": [c.energy_j for c in clients],
+        "candidate_cuts": cands,
+        "model": "server parallel at full speed per client; up and down each carry "
+        "samples*smashed_elements*bytes_per_element*8 bits; uplink at device power, "
+        "downlink at server power over the same share",
+    }
+    if not math.isclose(makespan, cost.round_latency_s, rel_tol=1e-9):
+        details["objective_latency_s"] = makespan
+    return Plan(
+        method="edgesplit",
+        cuts=plan.cuts,
+        latency_s=float(cost.round_latency_s),
+        energy_j=float(cost.total_energy_j),
+        bandwidth_hz=plan.bandwidth_hz,
+        details=details,
+        server_timing=ServerTiming.PER_CLIENT.value,
+        scheme="psl",
     )

@@ -29,7 +29,15 @@ class Plan:
     energy_j : float
         Predicted device energy of the round (all clients).
     details : dict
-        Planner-specific diagnostics (iterations, per-client latency, queues, ...).
+        Planner-specific diagnostics (iterations, per-client latency, queues, ...); where a
+        planner's private search objective differs from the price, its value is
+        ``details["objective_latency_s"]``.
+    server_timing : str
+        Where the server's time goes when the plan is priced (``flsplit.sim.ServerTiming``
+        value: ``"after-clients"`` or ``"per-client"``).
+    scheme : str
+        The scheme whose traffic model priced the plan (``psl``, ``epsl``, ``sflga``, ...;
+        empty if not priced by ``flsplit.sim.price``).
     """
 
     method: str
@@ -41,6 +49,8 @@ class Plan:
     tx_power_w: Optional[list[float]] = None
     server_cpu_share: Optional[list[float]] = None
     details: dict = field(default_factory=dict)
+    server_timing: str = "after-clients"
+    scheme: str = ""
 
     def as_dict(self) -> dict:
         """Plain dict for JSON."""
