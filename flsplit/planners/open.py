@@ -55,9 +55,12 @@ from typing import Optional
 
 import numpy as np
 
-from flsplit.costmodel import Scenario, shannon_rate_bps
+from flsplit.costmodel import Scenario
 from flsplit.planners.plan import Plan
+from flsplit.planners.problem import PlanningProblem
 from flsplit.profile import ModelProfile
+from flsplit.sim import kernels as kern
+from flsplit.sim.pricing import ServerTiming
 
 __all__ = ["OpenPlanner", "min_makespan_shares"]
 
@@ -168,6 +171,10 @@ class OpenPlanner:
         Initial energy-deficit queues (>= 0); default zeros.
     max_enumeration : int
         Enumerate all cut combinations up to this many; beyond, coordinate descent.
+    problem : PlanningProblem, optional
+        The problem, already checked (``PlanningProblem.build``), *instead of* ``profile``,
+        ``scenario``, ``samples``, ``client_ids``, ``bytes_per_element`` and
+        ``candidate_cuts`` (its ``server_round`` is ignored: ``plan`` takes the round).
 
     Notes
     -----
@@ -177,29 +184,37 @@ class OpenPlanner:
 
     def __init__(
         self,
-        profile: ModelProfile,
-        scenario: Scenario,
+        profile: Optional[ModelProfile] = None,
+        scenario: Optional[Scenario] = None,
         *,
         energy_budget_j: Sequence[float],
         V: float,
-        samples: Sequence[int],
+        samples: Optional[Sequence[int]] = None,
         client_ids: Optional[Sequence[int]] = None,
         bytes_per_element: float = 4.0,
         candidate_cuts: Optional[Sequence[int]] = None,
         initial_queues: Optional[Sequence[float]] = None,
         max_enumeration: int = 4096,
+        problem: Optional[PlanningProblem] = None,
     ) -> None:
-        if not isinstance(profile, ModelProfile):
-            raise ValueError(f"profile must be a ModelProfile, got {type(profile).__name__}")
-        if not isinstance(scenario, Scenario):
-            raise ValueError(f"scenario must be a Scenario, got {type(scenario).__name__}")
-        samples = list(samples)
-        if not samples:
-            raise ValueError("samples must name at least one client")
-        for i, s in enumerate(samples):
-            if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s <= 0:
-                raise ValueError(f"samples[{i}] must be a positive integer, got {s!r}")
-        n = len(samples)
+        if problem is None:
+            if not isinstance(profile, ModelProfile):
+                raise ValueError(f"profile must be a ModelProfile, got {type(profile).__name__}")
+            if samples is None:
+                raise ValueError("samples must name at least one client (or give problem)")
+            if candidate_cuts is not None:
+                raw = list(candidate_cuts)
+                if len(set(raw)) != len(raw):
+                    raise ValueError(f"candidate_cuts must be distinct, got {raw}")
+            problem = PlanningProblem.build(
+                profile, scenario, samples=samples, client_ids=client_ids, bytes_per_element=bytes_per_element,
+                candidate_cuts=candidate_cuts,
+            )
+        elif not isinstance(problem, PlanningProblem):
+            raise ValueError(f"problem must be a PlanningProblem, got {type(problem).__name__}")
+        elif profile is not None or scenario is not None or samples is not None:
+            raise ValueError("give problem or profile, scenario and samples, not both")
+        n = problem.num_clients
         budgets = list(energy_budget_j)
         if len(budgets) != n:
             raise ValueError(f"energy_budget_j has {len(budgets)} entries for {n} clients")
@@ -209,27 +224,6 @@ class OpenPlanner:
         if not math.isfinite(float(V)) or float(V) < 0:
             raise ValueError(f"V must be finite and >= 0, got {V!r}")
         self.V = float(V)
-        ids = list(range(n)) if client_ids is None else list(client_ids)
-        if len(ids) != n:
-            raise ValueError(f"client_ids has {len(ids)} entries for {n} clients")
-        for i, c in enumerate(ids):
-            if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0:
-                raise ValueError(f"client_ids[{i}] must be a non-negative integer, got {c!r}")
-        if len(set(ids)) != n:
-            raise ValueError(f"client_ids must be distinct, got {ids}")
-        self.client_ids = [int(c) for c in ids]
-        self.samples = [int(s) for s in samples]
-        self.bytes_per_element = _positive("bytes_per_element", bytes_per_element)
-        num_blocks = len(profile.blocks)
-        cuts = list(range(1, num_blocks)) if candidate_cuts is None else list(candidate_cuts)
-        if not cuts:
-            raise ValueError("candidate_cuts must not be empty (the model needs at least 2 blocks)")
-        for k in cuts:
-            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= num_blocks - 1:
-                raise ValueError(f"candidate_cuts: cut {k!r} is outside the model (valid cuts are 1..{num_blocks - 1})")
-        if len(set(cuts)) != len(cuts):
-            raise ValueError(f"candidate_cuts must be distinct, got {cuts}")
-        self.candidate_cuts = [int(k) for k in cuts]
         if isinstance(max_enumeration, bool) or not isinstance(max_enumeration, int) or max_enumeration < 1:
             raise ValueError(f"max_enumeration must be a positive integer, got {max_enumeration!r}")
         self.max_enumeration = max_enumeration
@@ -243,14 +237,17 @@ class OpenPlanner:
             if np.any(~np.isfinite(q_arr)) or np.any(q_arr < 0):
                 raise ValueError(f"initial_queues must be finite and >= 0, got {q}")
             self._queues = q_arr
-        self.profile = profile
-        self.scenario = scenario
-
+        self.problem = problem
+        self.profile = problem.profile
+        self.scenario = problem.scenario
+        self.client_ids = list(problem.client_ids)
+        self.samples = list(problem.samples)
+        self.bytes_per_element = problem.bytes_per_element
+        self.candidate_cuts = list(problem.candidate_cuts)
         # Per-sample, per-cut quantities (rows: candidate cuts).
-        cut_profiles = [profile.cut(k) for k in self.candidate_cuts]
-        self._client_flops = np.array([c.client_forward_flops + c.client_backward_flops for c in cut_profiles])
-        self._server_flops = np.array([c.server_forward_flops + c.server_backward_flops for c in cut_profiles])
-        self._smashed = np.array([float(c.smashed_elements) for c in cut_profiles])
+        self._client_flops = problem.client_flops
+        self._server_flops = problem.server_flops
+        self._smashed = problem.smashed_elements
 
     @property
     def num_clients(self) -> int:
@@ -273,25 +270,23 @@ class OpenPlanner:
         """
         if isinstance(server_round, bool) or not isinstance(server_round, (int, np.integer)) or server_round < 0:
             raise ValueError(f"server_round must be a non-negative integer, got {server_round!r}")
-        sc = self.scenario
+        problem = self.problem.at_round(int(server_round))
         n = self.num_clients
-        gains = sc.channel_gains(self.client_ids, int(server_round))
-        bandwidth = sc.channel.client_bandwidths_hz(n)
-        samples = np.array(self.samples, dtype=float)[:, None]
-        compute_s = np.empty((n, len(self.candidate_cuts)))
-        uplink_s = np.empty_like(compute_s)
-        energy = np.empty_like(compute_s)
-        for i, cid in enumerate(self.client_ids):
-            dev = sc.device(cid)
-            flops = samples[i] * self._client_flops
-            rate = float(shannon_rate_bps(bandwidth[i], dev.tx_power_w, gains[i], sc.channel.noise_psd_w_per_hz))
-            if rate <= 0:
-                raise ValueError(f"client {cid} has no uplink rate in round {server_round}")
-            bits = samples[i] * self._smashed * self.bytes_per_element * 8.0
-            compute_s[i] = flops / dev.flops_per_s
-            uplink_s[i] = bits / rate
-            energy[i] = dev.kappa * dev.cpu_hz**2 * flops / dev.flops_per_cycle + dev.tx_power_w * uplink_s[i]
-        server_s = samples * self._server_flops[None, :] / sc.server.flops_per_s
+        bandwidth = self.scenario.channel.client_bandwidths_hz(n)
+        samples = problem.samples_array[:, None]
+        flops = samples * self._client_flops[None, :]
+        rate = kern.rate_bps(bandwidth, kern.snr_per_hz(problem.tx_power_w, problem.gains, problem.noise_psd_w_per_hz))
+        if np.any(~(rate > 0)):
+            cid = self.client_ids[int(np.argmax(~(rate > 0)))]
+            raise ValueError(f"client {cid} has no uplink rate in round {server_round}")
+        bits = samples * self._smashed[None, :] * self.bytes_per_element * 8.0
+        compute_s = flops / problem.device_flops_per_s[:, None]
+        uplink_s = bits / rate[:, None]
+        energy = (
+            kern.compute_energy_j(flops, problem.cpu_hz[:, None], problem.flops_per_cycle[:, None], problem.kappa[:, None])
+            + problem.tx_power_w[:, None] * uplink_s
+        )
+        server_s = samples * self._server_flops[None, :] / problem.server_flops_per_s
         return {
             "compute_s": compute_s,
             "uplink_s": uplink_s,
@@ -305,6 +300,65 @@ class OpenPlanner:
         rows = np.arange(self.num_clients)[None, :]
         t = _min_makespan(a[rows, choice], w[rows, choice])
         return self.V * t + (self._queues[None, :] * e[rows, choice]).sum(axis=-1)
+
+    def _descent(self, a: np.ndarray, w: np.ndarray, e: np.ndarray, choice: np.ndarray) -> tuple[np.ndarray, int]:
+        """Per-client coordinate descent: each client in turn takes its best cut, until none moves.
+
+        Only trials that might improve are solved exactly. With every server load ``w > 0`` the
+        makespan ``T`` of a trial (client ``i`` at cut ``j``) is the root of the convex,
+        decreasing ``f(T) = sum_{l != i} w_l / (T - a_l) + w_ij / (T - a_ij) - 1``; the current
+        root ``T0`` and ``F'(T0)`` give, in O(1) per trial, a lower bound on it (``T0`` if
+        ``f(T0) >= 0``; else the Newton step from ``T0``, which lands left of the root; ``a_ij``
+        if ``T0 <= a_ij``). A trial whose objective bound ``V T_lb + sum Q E`` cannot beat the
+        incumbent by the acceptance margin is skipped: the accepted moves are those of the
+        exhaustive sweep (which solved all ``K`` trials of every client).
+        """
+        n, k_ = a.shape
+        rows = np.arange(n)
+        q = self._queues
+        best = float(self._objective(a, w, e, choice[None, :])[0])
+        all_work = bool(np.all(w > 0))
+        sweeps = 0
+        improved = True
+
+        def state(choice: np.ndarray) -> tuple:
+            a_c, w_c, e_c = a[rows, choice], w[rows, choice], e[rows, choice]
+            t0 = float(_min_makespan(a_c, w_c))
+            slope = float((w_c / (t0 - a_c) ** 2).sum())
+            return a_c, w_c, e_c, t0, slope, float(q @ e_c)
+
+        current = state(choice) if all_work else None
+        while improved and sweeps < 100:
+            improved = False
+            sweeps += 1
+            for i in range(n):
+                threshold = best * (1 - 1e-12) - 1e-300
+                cand = np.arange(k_)
+                if current is not None:
+                    a_c, w_c, e_c, t0, slope, qe = current
+                    ai, wi = a[i], w[i]
+                    gap_cur = t0 - a_c[i]
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        gap = t0 - ai
+                        f0 = wi / gap - w_c[i] / gap_cur
+                        df = -slope + w_c[i] / gap_cur**2 - wi / gap**2
+                        t_lb = np.where(gap <= 0, ai, np.where(f0 >= 0, t0, t0 - f0 / df))
+                    bound = qe + q[i] * (e[i] - e_c[i])
+                    if self.V > 0:
+                        bound = bound + self.V * t_lb
+                    cand = np.flatnonzero(~(bound * (1 - 1e-13) >= threshold))  # NaN bounds are kept
+                    if cand.size == 0:
+                        continue
+                trial = np.repeat(choice[None, :], cand.size, axis=0)
+                trial[:, i] = cand
+                values = self._objective(a, w, e, trial)
+                jj = int(np.argmin(values))
+                j = int(cand[jj])
+                if values[jj] < threshold and j != choice[i]:
+                    choice, best, improved = trial[jj], float(values[jj]), True
+                    if current is not None:
+                        current = state(choice)
+        return choice, sweeps
 
     def plan(self, server_round: int) -> Plan:
         """Plan one round and update the energy-deficit queues.
@@ -333,19 +387,7 @@ class OpenPlanner:
         else:
             search = "coordinate-descent"
             choice = np.argmin(e, axis=1) if self.V == 0 else np.argmin(a + w, axis=1)
-            best = float(self._objective(a, w, e, choice[None, :])[0])
-            sweeps = 0
-            improved = True
-            while improved and sweeps < 100:
-                improved = False
-                sweeps += 1
-                for i in range(n):
-                    trial = np.repeat(choice[None, :], k, axis=0)
-                    trial[:, i] = np.arange(k)
-                    values = self._objective(a, w, e, trial)
-                    j = int(np.argmin(values))
-                    if values[j] < best * (1 - 1e-12) - 1e-300 and j != choice[i]:
-                        choice, best, improved = trial[j], float(values[j]), True
+            choice, sweeps = self._descent(a, w, e, choice)
 
         rows = np.arange(n)
         a_c, w_c, e_c = a[rows, choice], w[rows, choice], e[rows, choice]
@@ -355,7 +397,7 @@ class OpenPlanner:
         objective = self.V * latency + float(self._queues @ e_c)
         before = self._queues.copy()
         self._queues = np.maximum(before + e_c - self.energy_budget_j, 0.0)
-        return Plan(
+        plan = Plan(
             method="asl",
             cuts=[self.candidate_cuts[j] for j in choice],
             latency_s=float(latency),
@@ -377,4 +419,11 @@ class OpenPlanner:
                 "search": search,
                 "sweeps": sweeps,
             },
+        )
+        # The one price of the plan (PSL traffic, each client's server work at its CPU share):
+        # it adds the gradients' downlink, which OPEN's own model leaves out. The plan keeps
+        # OPEN's own latency (its objective and the tests of it are written in it); the price
+        # is in details["priced_latency_s"] / ["priced_energy_j"] (the energies agree).
+        return self.problem.at_round(int(server_round)).with_price(
+            plan, scheme="psl", server_timing=ServerTiming.PER_CLIENT, report=False
         )
