@@ -49,6 +49,12 @@ def split_eval(msg: Message, context: Context) -> Message:
     return client_for(context).evaluate(msg, context)
 
 
+@app.query("split_device")
+def split_device(msg: Message, context: Context) -> Message:
+    """Who this node is (partition, device profile, samples), for a planner in the loop."""
+    return client_for(context).describe(msg, context)
+
+
 @app.query("noop")
 def noop(msg: Message, context: Context) -> Message:
     """Empty reply: the exchange floor for benchmarks."""

@@ -18,7 +18,9 @@ from flsplit.dataplane import MessageDataPlane, time_noop_exchanges
 from flsplit.history import RunHistory
 from flsplit.protocol import NOOP
 from flsplit.scenario import scenario_from_run_config
+from flsplit.planners.online import make_online_planner
 from strategies import STRATEGIES
+from strategies.adaptive import Adaptive
 
 app = ServerApp()
 
@@ -42,7 +44,7 @@ def build_strategy(settings: RunSettings, history: RunHistory):
     for key, arg in (("codec-up", "codec_up"), ("codec-down", "codec_down")):
         if settings[key]:  # empty: the scheme's default (FP8 for async, lossless otherwise)
             extra[arg] = str(settings[key])
-    return STRATEGIES[name](
+    strategy = STRATEGIES[name](
         **extra,
         model_fn=make_model_fn(settings),
         input_shape=(info.in_channels, info.image_size, info.image_size),
@@ -61,6 +63,32 @@ def build_strategy(settings: RunSettings, history: RunHistory):
         history=history,
         scenario=scenario_from_run_config(settings),
     )
+    return with_planner(strategy, settings)
+
+
+def with_planner(strategy, settings: RunSettings):
+    """The strategy itself, or wrapped in ``Adaptive`` with the planner the run config names."""
+    name = str(settings["planner"])
+    if name == "none":
+        return strategy
+    if strategy.scenario is None:
+        raise ValueError(f"planner '{name}' needs a wireless scenario: cost-scenario must not be 'none'")
+    cuts = [c.strip() for c in str(settings["planner-candidate-cuts"]).split(",") if c.strip()]
+    try:
+        candidate_cuts = [int(c) for c in cuts] or None
+    except ValueError:
+        raise ValueError(f"planner-candidate-cuts must be a comma list of cut layers, got {settings['planner-candidate-cuts']!r}") from None
+    knobs: dict = {"bytes_per_element": strategy.codec_up.bytes_per_element(strategy.server_dtype),
+                   "candidate_cuts": candidate_cuts}
+    if name in ("asl", "epsl", "ccc"):
+        knobs["energy_budget_j"] = str(settings["planner-energy-budget"])
+    if name == "asl":
+        knobs["V"] = float(settings["planner-v"])
+    if name == "epsl":
+        knobs["phi"] = float(settings["phi"])
+    if name == "ccc":
+        knobs["agent_path"] = str(settings["planner-agent"])
+    return Adaptive(strategy, make_online_planner(name, strategy.profile, strategy.scenario, **knobs))
 
 
 @app.main()

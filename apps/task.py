@@ -43,6 +43,11 @@ DEFAULTS: dict[str, Any] = {
     "noop-exchanges": 0,
     "output-dir": "flsplit-runs",
     "cost-scenario": "homogeneous",
+    "planner": "none",
+    "planner-v": 0.01,
+    "planner-energy-budget": "",
+    "planner-agent": "",
+    "planner-candidate-cuts": "",
 }
 
 

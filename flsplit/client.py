@@ -233,6 +233,14 @@ class SplitClient:
                 record[key] = float(context.node_config[key])
         return ConfigRecord(record)
 
+    def describe(self, message: Message, context: Context) -> Message:
+        """Who this node is, for a planner (``query.split_device``): partition id, the device
+        profile of its node config, and its numbers of training and evaluation samples."""
+        record = self._device_record(context)
+        record["num-train-examples"] = len(self.train_data)
+        record["num-eval-examples"] = len(self.eval_data) if self.eval_data is not None else 0
+        return Message(RecordDict({p.DEVICE: record}), reply_to=message)
+
     # ------------------------------------------------------------------ upload
     def upload(self, message: Message, context: Context) -> Message:
         """One-way upload (async SL, state B): smashed data of a whole window, frozen client part.

@@ -87,6 +87,10 @@ class Codec:
             x = x.view(self.view_dtype)
         record[key] = Array(x.contiguous())
 
+    def bytes_per_element(self, dtype: torch.dtype) -> int:
+        """Payload bytes per value on the wire for tensors of ``dtype`` (scales not counted)."""
+        return (self.view_dtype or self.wire_dtype or dtype).itemsize
+
     def decode_from(self, record: ArrayRecord, key: str, dtype: torch.dtype) -> torch.Tensor:
         """Read ``key`` from ``record`` and return it as a ``dtype`` tensor.
 

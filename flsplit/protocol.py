@@ -53,6 +53,7 @@ TRAIN_STEP = "train.split_step"
 UPLOAD = "train.split_upload"
 EVALUATE = "evaluate.split_eval"
 NOOP = "query.noop"
+DESCRIBE = "query.split_device"  # who a node is: partition, device profile, samples
 
 CONFIG = "split.config"
 CLIENT_PART = "client.part"

@@ -369,6 +369,7 @@ class SplitStrategy(Strategy):
         self.round_plan = None
         if self.round_planner is not None:  # cuts (and resources) from the planner in the loop
             self.round_plan = self.round_planner.plan_round(self, server_round, nodes)
+            nodes = list(self.round_plan.nodes)  # a node that could not be identified sits out
             self.cuts = {n: self.model.check_cut(int(self.round_plan.cuts[n])) for n in nodes}
         else:
             self.cuts = self.assign_cuts(server_round, nodes)

@@ -37,6 +37,10 @@ def client_app_for(partitions: list[TensorData]) -> ClientApp:
     def _upload(msg, ctx):
         return clients[int(ctx.node_config["partition-id"])].upload(msg, ctx)
 
+    @app.query("split_device")
+    def _describe(msg, ctx):
+        return clients[int(ctx.node_config["partition-id"])].describe(msg, ctx)
+
     @app.evaluate("split_eval")
     def _eval(msg, ctx):
         return clients[int(ctx.node_config["partition-id"])].evaluate(msg, ctx)

@@ -201,12 +201,16 @@ class WireModel(Protocol):
 class ElementWire:
     """The planners' wire model: ``rows x smashed elements x bytes_per_element`` each way.
 
-    Headers, labels, scales and client-part weights are left out (a planning approximation;
-    ``flsplit.wire_bytes.SerializedWire`` counts them).
+    Headers, labels and scales are left out (a planning approximation;
+    ``flsplit.wire_bytes.SerializedWire`` counts them). The client part's weights, sent down
+    at round start and back at round end, count only with ``include_weights`` (the
+    profile's ``client_param_bytes``): the classic planners' models leave them out, a
+    training run pays them.
     """
 
     profile: "ModelProfile"
     bytes_per_element: float = 4.0
+    include_weights: bool = False
 
     def _bytes(self, cut: int, rows: float) -> float:
         return rows * self.profile.cut(cut).smashed_elements * self.bytes_per_element
@@ -221,7 +225,7 @@ class ElementWire:
         return self._bytes(cut, rows)
 
     def part(self, cut: int) -> float:
-        return 0.0
+        return float(self.profile.cut(cut).client_param_bytes) if self.include_weights else 0.0
 
 
 def split_batches(samples: int, batch_size: Optional[int]) -> list[int]:
