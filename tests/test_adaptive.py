@@ -1,0 +1,135 @@
+"""Planners in the training loop, through the real ServerApp and ClientApps on an in-process grid."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from flsplit.planners import CCCAgent, OpenPlanner, plan_edgesplit, plan_epsl, train_ccc_agent
+from flsplit.profile import profile_model
+from flsplit.scenario import load_scenario
+from flsplit.zoo import build_model
+from tests.test_learning import run_app
+
+STEPS, BATCH = 3, 32  # max-steps x batch-size: the samples every node trains per round
+COMMON = {"cost-scenario": "edge-diverse", "max-steps": STEPS, "num-server-rounds": 3}
+
+
+def _profile():
+    return profile_model(build_model("digits-cnn", 10, 1, 8), (1, 8, 8))
+
+
+def _round_state(entry):
+    """Nodes, their scenario client ids (in-process: partition id = node - 1000), as recorded."""
+    nodes = sorted(entry["plan"]["nodes"], key=int)
+    ids = [entry["plan"]["nodes"][n]["client_id"] for n in nodes]
+    assert ids == [int(n) - 1000 for n in nodes]  # identified before planning, as the grid configured them
+    return nodes, ids
+
+
+def test_edgesplit_in_the_loop_plans_each_round_as_the_planner_does(tmp_path):
+    history = run_app(tmp_path, num_nodes=8, strategy="psl", planner="edgesplit", **COMMON, **{"fraction-train": 0.5})
+    profile, scenario = _profile(), load_scenario("edge-diverse")
+    all_cuts = []
+    for r, entry in enumerate(history["rounds"], start=1):
+        nodes, ids = _round_state(entry)
+        expected = plan_edgesplit(profile, scenario, samples=[STEPS * BATCH] * len(ids), client_ids=ids, server_round=r)
+        recorded = entry["plan"]["nodes"]
+        assert [recorded[n]["cut"] for n in nodes] == expected.cuts
+        assert [recorded[n]["bandwidth_hz"] for n in nodes] == pytest.approx(expected.bandwidth_hz, rel=1e-12)
+        assert [entry["cuts"][n] for n in nodes] == expected.cuts  # the cuts the clients trained with
+        assert entry["plan"]["server_timing"] == "per-client" and entry["plan"]["planning_s"] >= 0
+        # the round is priced with the plan's bandwidths
+        assert [entry["sim"]["clients"][n]["bandwidth_hz"] for n in nodes] == pytest.approx(expected.bandwidth_hz, rel=1e-12)
+        assert entry["sim"]["server_timing"] == "per-client"
+        assert len(set(expected.cuts)) > 1  # different cuts for different clients in one round
+        all_cuts.append(tuple((n, recorded[n]["cut"]) for n in nodes))
+        assert not entry["errors"]
+    assert len(set(all_cuts)) > 1  # and the plan changes between rounds
+    assert max(r["test_accuracy"] for r in history["rounds"]) > 0.15  # it trains
+
+
+def test_open_queues_advance_with_the_measured_energy(tmp_path):
+    history = run_app(tmp_path, num_nodes=4, strategy="psl", planner="asl", **COMMON, **{"planner-v": 0.01})
+    profile, scenario = _profile(), load_scenario("edge-diverse")
+    queues: dict[str, float] = {}
+    for r, entry in enumerate(history["rounds"], start=1):
+        plan = entry["plan"]
+        nodes, ids = _round_state(entry)
+        before = [queues.get(n, 0.0) for n in nodes]
+        assert plan["queues_before"] == pytest.approx(before, rel=1e-12, abs=0)
+        # the planner's plan for this round's state, recomputed independently
+        expected = OpenPlanner(profile, scenario, energy_budget_j=plan["energy_budget_j"], V=0.01,
+                               samples=[STEPS * BATCH] * len(ids), client_ids=ids, initial_queues=before).plan(r)
+        assert [plan["nodes"][n]["cut"] for n in nodes] == expected.cuts
+        assert [plan["nodes"][n]["server_cpu_share"] for n in nodes] == pytest.approx(expected.server_cpu_share, rel=1e-9)
+        for n, budget in zip(nodes, plan["energy_budget_j"]):
+            spent = entry["sim"]["clients"][n]["energy_j"]
+            queues[n] = max(queues.get(n, 0.0) + spent - budget, 0.0)
+        assert plan["queues_after"] == pytest.approx([queues[n] for n in nodes], rel=1e-12, abs=0)
+    assert any(q > 0 for q in queues.values()) or all(
+        e["sim"]["clients"][n]["energy_j"] <= b
+        for e in history["rounds"] for n, b in zip(sorted(e["plan"]["nodes"], key=int), e["plan"]["energy_budget_j"])
+    )
+
+
+def test_epsl_resource_management_in_the_loop(tmp_path):
+    history = run_app(tmp_path, num_nodes=4, strategy="epsl", planner="epsl", **{**COMMON, "phi": 0.5, "num-server-rounds": 2})
+    profile, scenario = _profile(), load_scenario("edge-diverse")
+    width = scenario.channel.subchannel_bandwidth_hz
+    for r, entry in enumerate(history["rounds"], start=1):
+        nodes, ids = _round_state(entry)
+        expected = plan_epsl(profile, scenario, samples=STEPS * BATCH, client_ids=ids, server_round=r, phi=0.5)
+        recorded = entry["plan"]["nodes"]
+        assert [recorded[n]["subchannels"] for n in nodes] == expected.subchannels
+        assert [entry["cuts"][n] for n in nodes] == expected.cuts
+        assert [entry["sim"]["clients"][n]["bandwidth_hz"] for n in nodes] == [m * width for m in expected.subchannels]
+        assert entry["sim"]["broadcast_bytes"] > 0
+
+
+@pytest.fixture(scope="module")
+def agent_path(tmp_path_factory):
+    """A small CCC agent for 4 clients of the edge-diverse scenario (trained before the run)."""
+    agent = train_ccc_agent(_profile(), load_scenario("edge-diverse"), num_clients=4, samples=STEPS * BATCH,
+                            episodes=15, rounds_per_episode=5, seed=0, client_ids=[0, 1, 2, 3])
+    path = tmp_path_factory.mktemp("agent") / "ccc.pt"
+    agent.save(path)
+    return path
+
+
+def test_ccc_in_the_loop_feeds_the_measured_loss_back(tmp_path, agent_path):
+    history = run_app(tmp_path, num_nodes=4, strategy="sflga", planner="ccc", **COMMON,
+                      **{"planner-agent": str(agent_path)})
+    agent = CCCAgent.load(agent_path)
+    rounds = history["rounds"]
+    assert rounds[0]["plan"]["recent_loss"] is None
+    for prev, entry in zip(rounds, rounds[1:]):
+        assert entry["plan"]["recent_loss"] == prev["train_loss"]  # the measured loss, one round late
+    for entry in rounds:
+        cuts = set(entry["cuts"].values())
+        assert len(cuts) == 1 and cuts <= set(agent.candidate_cuts)  # SFL-GA: one cut per round
+
+
+def test_an_agent_for_another_number_of_clients_is_refused_at_start(tmp_path, agent_path):
+    with pytest.raises(ValueError, match="trained for 4 clients per round, but this run samples 3"):
+        run_app(tmp_path, num_nodes=3, strategy="sflga", planner="ccc", **COMMON, **{"planner-agent": str(agent_path)})
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"strategy": "psl", "planner": "epsl"}, "planner 'epsl' plans epsl rounds, not 'psl'"),
+        ({"strategy": "sflga", "planner": "ccc"}, "needs a trained agent"),
+        ({"strategy": "psl", "planner": "fastest"}, "unknown planner 'fastest'"),
+        ({"strategy": "psl", "planner": "edgesplit", "cost-scenario": "none"}, "needs a wireless scenario"),
+        ({"strategy": "epsl", "planner": "epsl", "cost-scenario": "homogeneous"}, "OFDMA"),
+        ({"strategy": "psl", "planner": "asl", "planner-energy-budget": "0.1,-2"}, "energy budgets must be finite and > 0"),
+        ({"strategy": "psl", "planner": "edgesplit", "planner-candidate-cuts": "2,x"}, "planner-candidate-cuts"),
+        ({"strategy": "psl", "planner": "edgesplit", "planner-candidate-cuts": "2,40"}, "outside 1..8"),
+    ],
+)
+def test_bad_planner_settings_are_refused_before_training(tmp_path, config, message):
+    with pytest.raises(ValueError, match=message):
+        run_app(tmp_path, num_nodes=2, **{**COMMON, **config})
+    assert not list(tmp_path.glob("runs/*/history.json"))
