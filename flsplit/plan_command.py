@@ -160,36 +160,30 @@ def _planner(setup: PlanSetup, baseline: list) -> Callable[[int], Any]:
     raise ValueError(f"unknown method {setup.method!r}; choose one of {METHODS}")
 
 
-def cost_model_price(setup: PlanSetup, plan, server_round: int):
-    """The plan priced by the common cost model (``scheme_round_cost``) with its allocation.
+def cost_model_price(setup: PlanSetup, plan, server_round: int, server_timing: str = "after-clients"):
+    """The one price (``flsplit.sim.price``) of the plan's predicted workload with its allocation.
 
-    Every method is compared with the baseline under this one model: the server computes after
-    the slowest client's chain. EdgeSplit's and OPEN's own predictions differ from it (the
-    former serves each client at the server's full speed, the latter shares the server's CPU
-    among clients that arrive at different times); EPSL's and CCC's equal it.
+    Every method is compared with the baseline at the same server timing: by default the
+    common one, the server computing after the slowest client's chain. EdgeSplit's and OPEN's
+    own models place the server per client instead (a full-speed worker per client; shares of
+    the server CPU): that is the ``per-client`` option of the same price, shown beside.
     """
-    from flsplit.planners.fixed import scheme_round_cost
+    from flsplit.sim import Allocation, ElementWire, predict_workload, price
 
-    scenario = setup.scenario
     n = len(plan.cuts)
-    cpu = plan.details.get("cpu_hz")
-    if cpu is not None:  # DVFS: the devices run at the planned clocks
-        from dataclasses import replace
-
-        ids = plan.details.get("client_ids") or list(range(n))
-        scenario = scenario.with_devices(
-            {c: replace(scenario.device(c), cpu_hz=float(f)) for c, f in zip(ids, cpu)}, num_clients=n)
-    shares = None
-    if plan.bandwidth_hz is not None and plan.subchannels is None and setup.method != "fixed":
-        shares = [b / scenario.channel.total_bandwidth_hz for b in plan.bandwidth_hz]
     scheme = SCHEME_OF_METHOD[setup.method]
-    return scheme_round_cost(
-        setup.profile, scenario, cuts=plan.cuts, samples=[setup.samples] * n,
-        client_ids=plan.details.get("client_ids"), server_round=server_round,
-        bytes_per_element=setup.bytes_per_element, scheme=scheme, phi=setup.phi if scheme == "epsl" else 0.0,
-        bandwidth_shares=shares, subchannels=plan.subchannels,
-        tx_power_w=plan.tx_power_w if setup.method in ("epsl", "ccc") else None,
+    ids = plan.details.get("client_ids") or list(range(n))
+    work = predict_workload(
+        scheme, setup.profile, cuts=plan.cuts, samples=[setup.samples] * n, client_ids=ids,
+        phi=setup.phi if scheme == "epsl" else 0.0, wire=ElementWire(setup.profile, setup.bytes_per_element),
     )
+    alloc = Allocation.from_plan(plan)
+    if setup.method == "fixed" or scheme == "sl":  # the baseline: an even split at full power
+        alloc = Allocation()
+    elif setup.method not in ("epsl", "ccc"):  # only EPSL and CCC control the transmit power
+        alloc = Allocation(bandwidth_hz=alloc.bandwidth_hz, subchannels=alloc.subchannels,
+                           server_cpu_share=alloc.server_cpu_share)
+    return price(work, setup.scenario, alloc, server_round=server_round, server_timing=server_timing)
 
 
 def run_plans(setup: PlanSetup) -> dict:
