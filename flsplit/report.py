@@ -24,7 +24,9 @@ single run, ``./flsplit-report`` for several):
 - ``summary.csv``: the same rows as raw numbers (empty cell = not available);
 - ``accuracy_vs_round.png``, ``accuracy_vs_sim_time.png`` (only if some run has simulated
   latency), ``accuracy_vs_bytes.png`` (cumulative bytes up + down); several runs share the
-  axes, with a legend.
+  axes, with a legend;
+- ``cuts_vs_round.png``: accuracy per round beside the cuts the clients trained with (every
+  client a dot, the mean a line; adaptive runs name their planner).
 
 What is missing (no ``sim``, no accuracy, no byte counts) is skipped and listed under
 "Notes". Exit status 0 on success, 1 when a RUN is missing, is not a flsplit history or has
@@ -61,6 +63,7 @@ PLOT_FILES = {
     "sim": "accuracy_vs_sim_time.png",
     "bytes": "accuracy_vs_bytes.png",
 }
+CUTS_PLOT = "cuts_vs_round.png"
 
 
 class ReportError(Exception):
@@ -250,6 +253,8 @@ class Summary:
     accuracy: list[Optional[float]] = field(default_factory=list)
     cum_sim_s: Optional[list[float]] = None
     cum_mb: Optional[list[float]] = None
+    cuts: list[list[int]] = field(default_factory=list)  # per round, the clients' cuts
+    planner: Optional[str] = None  # the planner in the loop, if any
 
 
 def _total(rounds: Sequence[dict[str, Any]], key: str) -> Optional[float]:
@@ -302,7 +307,17 @@ def summarize(run: Run, target: float = DEFAULT_TARGET, metric: str = "test_accu
         accuracy=accuracy,
         cum_sim_s=cum_sim,
         cum_mb=cum_bytes,
+        cuts=[_cuts_of(r) for r in rounds],
+        planner=next((r["plan"].get("method") for r in rounds if isinstance(r.get("plan"), dict)), None),
     )
+
+
+def _cuts_of(entry: dict[str, Any]) -> list[int]:
+    """The clients' cuts of a round (empty if the record has none or they are malformed)."""
+    cuts = entry.get("cuts")
+    if not isinstance(cuts, dict):
+        return []
+    return [int(c) for c in cuts.values() if isinstance(c, (int, float)) and not isinstance(c, bool)]
 
 
 def missing_notes(summaries: Sequence[Summary], metric: str = "test_accuracy") -> list[str]:
@@ -496,6 +511,49 @@ def plot_accuracy(path: Path, summaries: Sequence[Summary], x: str, *, metric: s
     return True
 
 
+def plot_cuts(path: Path, summaries: Sequence[Summary], *, metric: str, target: float) -> bool:
+    """Accuracy per round beside the cuts the clients trained with per round (every client a
+    dot, the mean a line), for every run with cuts; False (nothing written) if none has."""
+    runs = [s for s in summaries if any(s.cuts)]
+    if not runs:
+        return False
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(11, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    acc_ax, cut_ax = fig.subplots(1, 2)
+    acc_ax.set_title(f"{metric.split('_')[0].capitalize()} accuracy vs round")
+    acc_ax.set_xlabel("round")
+    acc_ax.set_ylabel(metric.replace("_", " "))
+    acc_ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
+    cut_ax.set_title("cuts chosen per round (dots: clients, line: mean)")
+    cut_ax.set_xlabel("round")
+    cut_ax.set_ylabel("cut layer")
+    for i, s in enumerate(runs):
+        color = f"C{i}"
+        label = s.label + (f" ({s.planner})" if s.planner else "")
+        points = [(n, a) for n, a in zip(s.round_numbers, s.accuracy) if a is not None]
+        if points:
+            acc_ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, color=color, label=label)
+        offset = (i - (len(runs) - 1) / 2) * 0.08  # runs side by side at each round
+        xs = [n + offset for n, cuts in zip(s.round_numbers, s.cuts) for _ in cuts]
+        ys = [c for cuts in s.cuts for c in cuts]
+        cut_ax.scatter(xs, ys, s=12, alpha=0.5, color=color)
+        means = [(n, sum(c) / len(c)) for n, c in zip(s.round_numbers, s.cuts) if c]
+        cut_ax.plot([m[0] for m in means], [m[1] for m in means], color=color, label=label)
+    for ax in (acc_ax, cut_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+    cut_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    acc_ax.set_ylim(bottom=0.0, top=max(1.0, target) + 0.02)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
 def write_plots(out: Path, summaries: Sequence[Summary], *, metric: str, target: float) -> list[Path]:
     """Write the PNGs that have data; return their paths."""
     written = []
@@ -503,6 +561,8 @@ def write_plots(out: Path, summaries: Sequence[Summary], *, metric: str, target:
         path = out / name
         if plot_accuracy(path, summaries, x, metric=metric, target=target):
             written.append(path)
+    if plot_cuts(out / CUTS_PLOT, summaries, metric=metric, target=target):
+        written.append(out / CUTS_PLOT)
     return written
 
 

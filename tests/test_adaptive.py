@@ -49,6 +49,16 @@ def test_edgesplit_in_the_loop_plans_each_round_as_the_planner_does(tmp_path):
     assert len(set(all_cuts)) > 1  # and the plan changes between rounds
     assert max(r["test_accuracy"] for r in history["rounds"]) > 0.15  # it trains
 
+    # flsplit report plots the cuts chosen over rounds beside accuracy
+    from flsplit.report import load_run, summarize, write_plots
+
+    (path,) = (tmp_path / "runs").glob("*/history.json")
+    summary = summarize(load_run(path))
+    assert summary.planner == "edgesplit"
+    assert summary.cuts == [list(r["cuts"].values()) for r in history["rounds"]]
+    written = write_plots(tmp_path, [summary], metric="test_accuracy", target=0.9)
+    assert tmp_path / "cuts_vs_round.png" in written and (tmp_path / "cuts_vs_round.png").stat().st_size > 10_000
+
 
 def test_open_queues_advance_with_the_measured_energy(tmp_path):
     history = run_app(tmp_path, num_nodes=4, strategy="psl", planner="asl", **COMMON, **{"planner-v": 0.01})

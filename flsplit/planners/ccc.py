@@ -69,6 +69,7 @@ import numpy as np
 from flsplit.costmodel import Scenario
 from flsplit.planners.checks import int_arg, real_arg
 from flsplit.planners.plan import Plan
+from flsplit.planners.problem import PlanningProblem
 from flsplit.planners.sflga_allocation import (  # the allocation for a cut and its argument checks
     allocate_sflga,
     BudgetArg,
@@ -824,6 +825,11 @@ class CCCPlanner:
         self.budgets = _budget_arg(energy_budget_j, n)
         self.loss_scale = None if loss_scale is None else real_arg("loss_scale", loss_scale, positive=True)
         _total_band(scenario)
+        # The round's constants, checked once (the agent's cuts are the candidates).
+        self.problem = PlanningProblem.build(
+            profile, scenario, samples=self.samples, client_ids=self.client_ids,
+            bytes_per_element=self.bytes_per_element, candidate_cuts=agent.candidate_cuts,
+        )
         self.agent = agent
         self.profile = profile
         self.scenario = scenario
@@ -861,7 +867,8 @@ class CCCPlanner:
             fraction = loss / self.loss_scale
         else:
             fraction = self._proxy_loss
-        gains = self.scenario.channel_gains(self.client_ids, server_round)
+        problem = self.problem.at_round(server_round)
+        gains = np.array(problem.gains)
         a = self.agent
         state = _state_vector(gains, server_round, fraction, a.log_gain_mean, a.log_gain_scale, a.num_rounds)
         q = a.q_values(state)
@@ -881,6 +888,7 @@ class CCCPlanner:
                         "fallback": rank > 0,
                         "server_round": server_round,
                     },
+                    problem=problem,
                 )
             except _Infeasible as err:
                 error = err

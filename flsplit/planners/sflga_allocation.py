@@ -91,6 +91,8 @@ from scipy.special import lambertw
 from flsplit.costmodel import Scenario
 from flsplit.planners.checks import int_arg, real_arg
 from flsplit.planners.plan import Plan
+from flsplit.planners.problem import PlanningProblem, client_id_list, sample_list
+from flsplit.sim.pricing import ServerTiming
 
 if TYPE_CHECKING:
     from flsplit.profile import ModelProfile
@@ -120,25 +122,14 @@ def _samples_arg(samples, num_clients: Optional[int] = None) -> list[int]:
         if num_clients is None:
             raise ValueError("samples must be one positive integer per client")
         samples = [samples] * num_clients
-    values = _sequence("samples", samples)
-    if not values:
-        raise ValueError("samples: at least one client is needed")
-    out = [int_arg(f"samples[{i}]", s, minimum=1) for i, s in enumerate(values)]
+    out = sample_list(samples, minimum=1)
     if num_clients is not None and len(out) != num_clients:
         raise ValueError(f"samples has {len(out)} entries for num_clients={num_clients}")
     return out
 
 
 def _ids_arg(client_ids, n: int) -> list[int]:
-    if client_ids is None:
-        return list(range(n))
-    ids = _sequence("client_ids", client_ids)
-    if len(ids) != n:
-        raise ValueError(f"client_ids has {len(ids)} entries for {n} clients (samples)")
-    ids = [int_arg(f"client_ids[{i}]", c, minimum=0) for i, c in enumerate(ids)]
-    if len(set(ids)) != n:
-        raise ValueError(f"client_ids must be distinct, got {ids}")
-    return ids
+    return client_id_list(client_ids, n)
 
 
 def _budget_arg(energy_budget_j: BudgetArg, n: int) -> Optional[np.ndarray]:
@@ -740,20 +731,19 @@ def allocate_sflga(
     if solver not in ("exact", "cvxpy"):
         raise ValueError(f"solver must be 'exact' or 'cvxpy', got {solver!r}")
     cut = _cut_arg("cut", cut, len(profile.blocks))
-    samples = _samples_arg(samples)
-    n = len(samples)
-    ids = _ids_arg(client_ids, n)
-    server_round = int_arg("server_round", server_round, minimum=0)
-    bpe = real_arg("bytes_per_element", bytes_per_element, positive=True)
-    budgets = _budget_arg(energy_budget_j, n)
-    _total_band(scenario)  # a clear error for a zero or missing band before any work
-    terms = _cut_terms(profile, scenario, cut, samples, ids, bpe, budgets)
-    gains = scenario.channel_gains(ids, server_round)
-    return _plan_from(terms, gains, scenario, ids, solver)
+    problem = PlanningProblem.build(
+        profile, scenario, samples=samples, client_ids=client_ids, server_round=server_round,
+        bytes_per_element=bytes_per_element, candidate_cuts=[cut],
+    )
+    samples, ids = list(problem.samples), list(problem.client_ids)
+    budgets = _budget_arg(energy_budget_j, len(samples))
+    terms = _cut_terms(profile, scenario, cut, samples, ids, problem.bytes_per_element, budgets)
+    return _plan_from(terms, np.array(problem.gains), scenario, ids, solver, problem=problem)
 
 
 def _plan_from(terms: _CutTerms, gains: np.ndarray, scenario: Scenario, ids: list[int], solver: str,
-               extra: Optional[dict] = None) -> Plan:
+               extra: Optional[dict] = None, *, problem: PlanningProblem) -> Plan:
+    """The allocation at ``terms.cut``, as a plan priced by the one price (``problem``'s round)."""
     total = _total_band(scenario)
     n0 = scenario.channel.noise_psd_w_per_hz
     if not np.all(gains > 0):
@@ -788,7 +778,7 @@ def _plan_from(terms: _CutTerms, gains: np.ndarray, scenario: Scenario, ids: lis
     }
     if extra:
         details.update(extra)
-    return Plan(
+    plan = Plan(
         method="ccc",
         cuts=[terms.cut] * len(ids),
         latency_s=values[0],
@@ -797,6 +787,9 @@ def _plan_from(terms: _CutTerms, gains: np.ndarray, scenario: Scenario, ids: lis
         tx_power_w=alloc.power.tolist(),
         details=details,
     )
+    # The reported numbers: the one price (SFL-GA traffic, server after the clients; the
+    # device clocks from details["cpu_hz"]), equal to the model above to rounding.
+    return problem.with_price(plan, scheme="sflga", server_timing=ServerTiming.AFTER_CLIENTS)
 
 
 # --- the simulator ---------------------------------------------------------------------------
