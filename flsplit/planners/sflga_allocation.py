@@ -76,6 +76,11 @@ form, and the budget ``kappa C f^2 + pmax D inv_pos(r(B)) <= E`` is convex) with
 normalised units (bandwidth / W, time / a no-budget bound, energy / budget). It is exact
 without budgets and a feasible upper bound with them (lowering the power can only help); it
 is kept as the DCP cross-check of the exact solver.
+
+The arguments shared with the other planners (samples, client ids, round, bytes per element,
+band) are checked by ``flsplit.planners.problem.PlanningProblem``; the plan's ``latency_s`` and
+``energy_j`` are the one price (``flsplit.sim.price`` of ``predict_workload("sflga")`` with the
+plan's bandwidths, powers and clocks, ``ServerTiming.AFTER_CLIENTS``), equal to the model above.
 """
 from __future__ import annotations
 
