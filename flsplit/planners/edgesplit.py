@@ -327,7 +327,7 @@ def plan_edgesplit(
             raise ValueError("give profile, scenario and samples, or problem")
         problem = PlanningProblem.build(
             profile, scenario, samples=samples, client_ids=client_ids, server_round=server_round,
-            bytes_per_element=bytes_per_element, candidate_cuts=candidate_cuts, min_samples=0,
+            bytes_per_element=bytes_per_element, candidate_cuts=candidate_cuts,
         )
     elif not isinstance(problem, PlanningProblem):
         raise ValueError(f"problem must be a PlanningProblem, got {type(problem).__name__}")

@@ -43,7 +43,18 @@ Solution method:
 * **Outer problem** (cuts): full enumeration of the candidate cut combinations when there
   are at most ``max_enumeration`` of them (vectorised: all combinations are solved in one
   batched Newton solve), otherwise per-client coordinate descent (each client in turn takes its
-  best cut with the others fixed, until no client changes; a local optimum).
+  best cut with the others fixed, until no client changes; a local optimum). Only trials whose
+  O(1) lower bound on the objective can beat the incumbent are solved (``OpenPlanner._descent``):
+  the moves are those of the exhaustive sweep.
+
+Checks and constants: ``flsplit.planners.problem.PlanningProblem`` (built once per planner;
+``plan(r)`` takes round ``r``'s channel gains from it).
+
+Reported numbers. ``Plan.latency_s`` stays OPEN's own makespan above (its objective, queues and
+tests are written in it); the one price of the plan (``flsplit.sim.price`` of a PSL round with
+each client's server work at its CPU share, ``ServerTiming.PER_CLIENT``), which adds the
+gradients' downlink that this model leaves out, is ``details["priced_latency_s"]`` and
+``details["priced_energy_j"]`` (the energies agree: reception is not counted).
 """
 
 from __future__ import annotations
