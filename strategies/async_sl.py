@@ -37,6 +37,7 @@ from flwr.common.logger import log
 
 from flsplit import protocol as p
 from flsplit.dataplane import Reply, payload_bytes
+from flsplit.schedules import PerNode, UploadOnly
 from flsplit.server import StepStats
 from strategies.base import SplitStrategy
 
@@ -126,22 +127,12 @@ class AsyncSL(SplitStrategy):
             if state == "C" and (n not in self.cache or self.cache[n][0] != self.cuts[n]):
                 window[n] = "B"  # nothing (usable) cached: upload again
         self.window = window
-        group = str(server_round)
         # Taken now: this round's uploads may evict caches, which then count from next round.
         cached = {n: self.cache[n] for n, s in window.items() if s == "C"}
 
         uploads = {n: RecordDict({p.CONFIG: self._configs[n]}) for n, s in window.items() if s == "B"}
-        for node, reply in self.data_plane.exchange(uploads, p.UPLOAD, group).items():
-            if reply.error is not None:
-                self.reject(node, f"upload failed: {reply.error}")
-            elif (batches := self.decode(node, reply)) is not None:
-                self.upload_examples[node] = sum(int(b.y.shape[0]) for b in batches)
-                self._store(node, self.cuts[node], reply.content.array_records[p.SMASHED])
-                self._train_server_only(node, batches)
-
-        done = self.drive_streaming(
-            server_round, {n: c for n, c in requests.items() if window[n] == "A"}, self._server_for
-        )
+        UploadOnly(self._on_upload).run(self, server_round, uploads)
+        done = PerNode(self._server_for).run(self, server_round, {n: c for n, c in requests.items() if window[n] == "A"})
 
         for node, (cut, record) in cached.items():
             if node in self.cache:
@@ -151,6 +142,12 @@ class AsyncSL(SplitStrategy):
 
         self._update_states(window)
         return done
+
+    def _on_upload(self, node: int, batches: list[p.SmashedBatch], record: ArrayRecord) -> None:
+        """A B upload: the server trains on it and caches it as received."""
+        self.upload_examples[node] = sum(int(b.y.shape[0]) for b in batches)
+        self._store(node, self.cuts[node], record)
+        self._train_server_only(node, batches)
 
     def _update_states(self, window: dict[int, str]) -> None:
         self.transitions = {}

@@ -21,7 +21,6 @@ Subclasses choose the schedule and the server-step rule; see ``sl.py``, ``sflv1.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from abc import abstractmethod
@@ -44,32 +43,13 @@ from flsplit.dataplane import DataPlane, MessageDataPlane, Reply, Traffic
 from flsplit.history import RunHistory
 from flsplit.profile import CutProfile, profile_model
 from flsplit.scenario import Scenario, device_from_node_config
-from flsplit.server import ServerPart, ServerWork, StepGrads, StepStats, evaluate_smashed
+from flsplit.server import ServerPart, ServerWork, StepStats, evaluate_smashed
 from flsplit.sim import ServerTiming, measured_workload, price
 from flsplit.splitting import SplitModel, block_output_shapes
 
 __all__ = ["SplitStrategy", "CutAssignment"]
 
 CutAssignment = Union[int, list[int], Callable[[int, list[int]], Mapping[int, int]]]
-
-
-class _Outgoing:
-    """One node's share of a lockstep exchange's step results, batch by batch."""
-
-    def __init__(self) -> None:
-        self.unicast: list[torch.Tensor] = []
-        self.broadcast: Optional[ArrayRecord] = None
-        self.broadcast_config = ConfigRecord()
-
-    def add(self, result: StepGrads, i: int, shared: ArrayRecord) -> None:
-        k = len(self.unicast)
-        self.unicast.append(result.unicast[i])
-        if result.broadcast is not None:
-            self.broadcast = self.broadcast if self.broadcast is not None else ArrayRecord()
-            for key, array in shared.items():  # the same Array objects for every receiver
-                self.broadcast[key.replace("b", f"b.{k}", 1)] = array
-            self.broadcast_config[f"positions.{k}"] = result.positions[i]
-            self.broadcast_config[f"scale.{k}"] = float(result.scales[i])
 
 
 class SplitStrategy(Strategy):
@@ -355,10 +335,6 @@ class SplitStrategy(Strategy):
             work=self.server_work,
         )
 
-    @staticmethod
-    def is_done(reply: Reply) -> bool:
-        status = reply.content.config_records.get(p.STATUS) if reply.content else None
-        return bool(status and status.get("done", False))
 
     # ------------------------------------------------------------------ Flower Strategy API
     def configure_train(
@@ -453,77 +429,6 @@ class SplitStrategy(Strategy):
     @abstractmethod
     def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
         """Run the round's split exchanges; return the final (``done``) reply of each node."""
-
-    def drive_streaming(
-        self, server_round: int, requests: dict[int, RecordDict], server_for: Callable[[int], ServerPart]
-    ) -> list[Reply]:
-        """Clients run independently: each reply is trained on at once and answered at once.
-
-        Used by SL (one node at a time), SFL-V1 (``server_for`` gives each node its copy) and
-        SFL-V2 (one shared part, batches in arrival order).
-        """
-        dp, group, done = self.data_plane, str(server_round), []
-        for node_id, content in requests.items():
-            dp.push(node_id, content, p.TRAIN_STEP, group)
-        while dp.in_flight:
-            for reply in dp.pull():
-                node = reply.node_id
-                if reply.error is not None:
-                    self.reject(node, f"node dropped for this round: {reply.error}")
-                    continue
-                if self.is_done(reply):
-                    done.append(reply)
-                    continue
-                batches = self.decode(node, reply)
-                self.track_progress(server_round, node, reply, len(batches or ()))
-                grads = None
-                if batches is not None:
-                    grads = server_for(node).step_each([(self.cuts[node], b) for b in batches])
-                    self.server_steps += len(batches)
-                dp.push(node, self.request(node, grads), p.TRAIN_STEP, group)
-        return done
-
-    def drive_lockstep(
-        self,
-        server_round: int,
-        requests: dict[int, RecordDict],
-        step: Callable[[list[tuple[int, p.SmashedBatch]]], StepGrads],
-    ) -> list[Reply]:
-        """All nodes step together: the k-th batches of every node form one server step.
-
-        A step's broadcast rows (EPSL, SFL-GA) are encoded once, put into every receiver's
-        request, and counted once in the traffic.
-        """
-        dp, group, done = self.data_plane, str(server_round), []
-        while requests:
-            replies = dp.exchange(requests, p.TRAIN_STEP, group)
-            requests = {}
-            received: dict[int, list[p.SmashedBatch]] = {}
-            for node, reply in sorted(replies.items()):
-                if reply.error is not None:
-                    self.reject(node, f"node dropped for this round: {reply.error}")
-                elif self.is_done(reply):
-                    done.append(reply)
-                elif (batches := self.decode(node, reply)) is None:
-                    self.track_progress(server_round, node, reply, 0)
-                    requests[node] = self.request(node)  # skipped this step, goes on
-                else:
-                    received[node] = batches
-                    self.track_progress(server_round, node, reply, len(batches))
-            outgoing = {n: _Outgoing() for n in received}
-            for k in range(max((len(b) for b in received.values()), default=0)):
-                nodes = [n for n in received if k < len(received[n])]
-                result = step([(self.cuts[n], received[n][k]) for n in nodes])
-                shared = ArrayRecord()
-                if result.broadcast is not None:
-                    self.codec_down.encode_into(shared, "b", result.broadcast)
-                    self.data_plane.traffic.record_broadcast(sum(len(a.data) for a in shared.values()))
-                for i, n in enumerate(nodes):
-                    outgoing[n].add(result, i, shared)
-                self.server_steps += 1
-            for n, out in outgoing.items():
-                requests[n] = self.request(n, out.unicast, out.broadcast, out.broadcast_config)
-        return done
 
     # ------------------------------------------------------------------ the run
     def start(

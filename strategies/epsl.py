@@ -8,6 +8,7 @@ import random
 from flwr.app import RecordDict
 
 from flsplit.dataplane import Reply
+from flsplit.schedules import Lockstep
 from strategies.psl import PSL
 
 __all__ = ["EPSL"]
@@ -59,4 +60,4 @@ class EPSL(PSL):
 
     def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
         self.server = self.new_server_part()
-        return self.drive_lockstep(server_round, requests, self._step)
+        return Lockstep(self._step).run(self, server_round, requests)

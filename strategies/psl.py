@@ -7,6 +7,7 @@ from flwr.app import ArrayRecord, RecordDict
 from flsplit import protocol as p
 
 from flsplit.dataplane import Reply
+from flsplit.schedules import Lockstep
 from flsplit.server import StepGrads
 from strategies.base import SplitStrategy
 
@@ -54,4 +55,4 @@ class PSL(SplitStrategy):
 
     def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
         self.server = self.new_server_part()
-        return self.drive_lockstep(server_round, requests, lambda batches: StepGrads(self.server.step_union(batches)))
+        return Lockstep(lambda batches: StepGrads(self.server.step_union(batches))).run(self, server_round, requests)

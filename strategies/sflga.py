@@ -5,6 +5,7 @@ from __future__ import annotations
 from flwr.app import RecordDict
 
 from flsplit.dataplane import Reply
+from flsplit.schedules import Lockstep
 from strategies.base import SplitStrategy
 
 __all__ = ["SFLGA"]
@@ -26,4 +27,4 @@ class SFLGA(SplitStrategy):
 
     def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
         self.server = self.new_server_part()
-        return self.drive_lockstep(server_round, requests, self.server.step_gradient_average)
+        return Lockstep(self.server.step_gradient_average).run(self, server_round, requests)

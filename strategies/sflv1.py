@@ -9,6 +9,7 @@ from flwr.app import RecordDict
 
 from flsplit.aggregation import block_of
 from flsplit.dataplane import Reply
+from flsplit.schedules import PerNode
 from flsplit.server import ServerPart, StepStats
 from strategies.base import SplitStrategy
 
@@ -30,7 +31,7 @@ class SFLV1(SplitStrategy):
         self.copies: dict[int, ServerPart] = {
             node_id: self.new_server_part(copy.deepcopy(self.model)) for node_id in requests
         }
-        return self.drive_streaming(server_round, requests, lambda node: self.copies[node])
+        return PerNode(lambda node: self.copies[node]).run(self, server_round, requests)
 
     def server_contributions(self) -> list[tuple[dict[str, torch.Tensor], float]]:
         """Each copy's blocks from its client's cut on, weighted by the samples it trained on."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flwr.app import RecordDict
 
 from flsplit.dataplane import Reply
+from flsplit.schedules import PerNode
 from strategies.base import SplitStrategy
 
 __all__ = ["SFLV2"]
@@ -22,4 +23,4 @@ class SFLV2(SplitStrategy):
 
     def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
         self.server = self.new_server_part()
-        return self.drive_streaming(server_round, requests, lambda node: self.server)
+        return PerNode(lambda node: self.server).run(self, server_round, requests)

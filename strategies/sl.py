@@ -6,6 +6,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from flsplit import protocol as p
 from flsplit.dataplane import Reply
+from flsplit.schedules import Relay
 from strategies.base import SplitStrategy
 
 __all__ = ["SL"]
@@ -20,20 +21,19 @@ class SL(SplitStrategy):
     """
 
     scheme = "sl"
-    timing = "sequential"
+    timing = Relay.timing.value
 
     def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
         self.server = self.new_server_part()
-        done = []
-        for node_id, content in requests.items():
-            # The relay: this client starts from the blocks the previous client trained.
-            content[p.CLIENT_PART] = self.client_part_record(self.cuts[node_id])
-            finished = self.drive_streaming(server_round, {node_id: content}, lambda node: self.server)
-            for reply in finished:
-                part = reply.content.array_records[p.CLIENT_PART].to_torch_state_dict()
-                self.model.blocks.load_state_dict(part, strict=False)
-            done += finished
-        return done
+        return Relay(lambda node: self.server, self._hand_over, self._take_back).run(self, server_round, requests)
+
+    def _hand_over(self, node_id: int, content: RecordDict) -> None:
+        """The relay: this client starts from the blocks the previous client trained."""
+        content[p.CLIENT_PART] = self.client_part_record(self.cuts[node_id])
+
+    def _take_back(self, reply: Reply) -> None:
+        part = reply.content.array_records[p.CLIENT_PART].to_torch_state_dict()
+        self.model.blocks.load_state_dict(part, strict=False)
 
     def aggregate_train(self, server_round, replies):
         """Nothing to average: the relay already left the last client's part in the model."""
