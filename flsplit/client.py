@@ -1,25 +1,20 @@
-"""Client runtime: the ClientApp side of the split exchange.
+"""The ClientApp side of the split exchange over Flower messages: an adapter over the trainer.
 
-Nothing survives in memory between messages (deployment starts a fresh process per message,
-simulation routes a node's messages to different workers), so everything lives in
-``context.state``: the client part's weights, the optimizer state, the data cursor. The
-autograd graph cannot survive either: when a gradient arrives, the client recomputes the
-forward pass of that batch (same weights, same data, same dropout seed) and back-propagates
-the gradient through it.
-
-Batch order is reproducible from the seed: local data is a stream of epochs, epoch ``e``
-being a permutation of the local samples drawn from ``SeedSequence([seed, salt, e])``
-(``salt`` tells clients apart, e.g. the partition id); batch ``j`` of epoch ``e`` is at stream
-*position* ``e * batches_per_epoch + j``. The state keeps positions, never data.
+``SplitClient`` turns Flower messages into calls on a ``flsplit.trainer.ClientTrainer`` (the
+client part, its optimizer and the data cursor; no Flower types) and back. Nothing survives
+in memory between messages (deployment starts a fresh process per message, simulation routes
+a node's messages to different workers), so the trainer's state lives in ``context.state``:
+the client part's weights, the optimizer's momentum, the data cursor. The autograd graph
+cannot survive either: the trainer recomputes a batch's forward pass (same weights, data and
+dropout seed) when its gradient arrives. ``context.state`` is written only once a request
+has been handled without error.
 """
 
 from __future__ import annotations
 
 import threading
-from functools import lru_cache
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
@@ -29,6 +24,7 @@ from flsplit.codecs import get_codec
 from flsplit.data import TensorData
 from flsplit.scenario import DEVICE_KEYS
 from flsplit.splitting import SplitModel
+from flsplit.trainer import ClientTrainer, Cursor, module_dtype, round_steps
 
 __all__ = ["SplitClient"]
 
@@ -37,37 +33,20 @@ _OPTIM = "flsplit.client.optim"
 _CURSOR = "flsplit.client.cursor"
 
 
-def _seed(*entropy: int) -> int:
-    """A 32-bit seed derived from integers (numpy's ``SeedSequence``)."""
-    return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
+def _momentum_record(momentum: dict[int, torch.Tensor]) -> ArrayRecord:
+    """Momentum buffers as arrays keyed by parameter index."""
+    return ArrayRecord({str(i): Array(buf) for i, buf in momentum.items()})
 
 
-@lru_cache(maxsize=64)
-def _epoch_order(seed: int, salt: int, epoch: int, n: int) -> torch.Tensor:
-    """The sample order of one epoch (read-only cache: a pure function of its arguments)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, salt, epoch)))
+def _momentum_of(record: Optional[ArrayRecord]) -> dict[int, torch.Tensor]:
+    if record is None:
+        return {}
+    return {int(k): torch.from_numpy(a.numpy().copy()) for k, a in record.items()}
 
 
-def _momentum_record(optimizer: Optional[torch.optim.SGD]) -> ArrayRecord:
-    """SGD's only state, the momentum buffers, as arrays keyed by parameter index."""
-    record = ArrayRecord()
-    if optimizer is not None:
-        for i, param in enumerate(optimizer.param_groups[0]["params"]):
-            buf = optimizer.state.get(param, {}).get("momentum_buffer")
-            if buf is not None:
-                record[str(i)] = Array(buf)
-    return record
-
-
-def _load_momentum(optimizer: torch.optim.SGD, record: ArrayRecord) -> None:
-    params = optimizer.param_groups[0]["params"]
-    for key, array in record.items():
-        optimizer.state[params[int(key)]]["momentum_buffer"] = torch.from_numpy(array.numpy().copy())
-
-
-def _dtype(module: nn.Module) -> torch.dtype:
-    """Floating dtype of a module's parameters (float32 if it has none)."""
-    return next((t.dtype for t in module.parameters()), torch.float32)
+def _cursor_of(record: ConfigRecord) -> Cursor:
+    return Cursor(int(record["position"]), int(record["round_end"]), [int(v) for v in record["pending"]],
+                  int(record["num_examples"]))
 
 
 class SplitClient:
@@ -107,19 +86,6 @@ class SplitClient:
             cache[cut] = self.model_fn().client_part(cut)
         return cache[cut]
 
-    def _batches_per_epoch(self, batch_size: int) -> int:
-        return -(-len(self.train_data) // batch_size)
-
-    def _batch(self, cfg: p.SplitConfig, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        nb = self._batches_per_epoch(cfg.batch_size)
-        epoch, j = divmod(position, nb)
-        if cfg.shuffle:
-            order = _epoch_order(cfg.seed, self.salt, epoch, len(self.train_data))
-            index = order[j * cfg.batch_size : (j + 1) * cfg.batch_size]
-        else:
-            index = slice(j * cfg.batch_size, (j + 1) * cfg.batch_size)
-        return self.train_data.x[index], self.train_data.y[index]
-
     def _config_and_part(self, content: RecordDict) -> tuple[p.SplitConfig, nn.Sequential]:
         """The request's ``SplitConfig`` and the client-part module for its cut."""
         if p.CONFIG not in content.config_records:
@@ -127,102 +93,54 @@ class SplitClient:
         cfg = p.SplitConfig.from_record(content.config_records[p.CONFIG])
         return cfg, self._client_part(cfg.cut)
 
-    def _forward(self, part: nn.Module, x: torch.Tensor, cfg: p.SplitConfig, position: int) -> torch.Tensor:
-        """Forward with a dropout seed fixed by client and position, so a recompute is identical."""
-        dtype = _dtype(part)
-        with torch.random.fork_rng(devices=[]):
-            # Only the CPU generator: torch.manual_seed would also queue lazy CUDA seeding.
-            torch.default_generator.manual_seed(_seed(cfg.seed, self.salt, position))
-            return part(x.to(dtype))
-
     # ------------------------------------------------------------------ train
     def train_step(self, message: Message, context: Context) -> Message:
         """One fused exchange: apply the gradients of the pending batches, send the next ones."""
         content = message.content
         cfg, part = self._config_and_part(content)
-        part.train()
         state = context.state
-
-        if p.CLIENT_PART in content.array_records:  # a new round starts
-            weights = content.array_records[p.CLIENT_PART]
+        new_round = p.CLIENT_PART in content.array_records
+        if new_round:  # a new round starts from the server's client part
             cursor = state.config_records.get(_CURSOR, ConfigRecord({"position": 0}))
-            steps = cfg.max_steps or cfg.local_epochs * self._batches_per_epoch(cfg.batch_size)
-            position = int(cursor["position"])
-            cursor = ConfigRecord(
-                {"position": position, "round_end": position + steps, "pending": [], "num_examples": 0}
-            )
-            optim_state = None
+            trainer = ClientTrainer.start_round(part, self.train_data, cfg, self.salt,
+                                                content.array_records[p.CLIENT_PART].to_torch_state_dict(),
+                                                int(cursor["position"]))
         else:
             if _WEIGHTS not in state.array_records or _CURSOR not in state.config_records:
                 raise p.ProtocolError(f"no round in progress: the first request must carry '{p.CLIENT_PART}'")
-            weights = state.array_records[_WEIGHTS]
-            cursor = state.config_records[_CURSOR]
-            optim_state = state.array_records.get(_OPTIM)
-        try:
-            part.load_state_dict(weights.to_torch_state_dict())
-        except RuntimeError as err:
-            raise p.ProtocolError(f"'{p.CLIENT_PART}' does not fit cut {cfg.cut}: {err}") from err
-        # A client part without parameters (e.g. a cut after a parameter-free first block)
-        # has nothing to train but still recomputes and sends its activations.
-        params = list(part.parameters())
-        optimizer = (
-            torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-            if params
-            else None
-        )
-        if optim_state is not None and optimizer is not None:
-            _load_momentum(optimizer, optim_state)
+            trainer = ClientTrainer(part, self.train_data, cfg, self.salt, state.array_records[_WEIGHTS].to_torch_state_dict(),
+                                    _cursor_of(state.config_records[_CURSOR]), _momentum_of(state.array_records.get(_OPTIM)))
 
-        pending = list(cursor["pending"])
-        num_examples = int(cursor["num_examples"])
         if p.GRAD in content.array_records or p.BCAST in content.array_records:
             grads = p.assemble_grads(
                 content.array_records.get(p.GRAD),
                 content.array_records.get(p.BCAST),
                 content.config_records.get(p.BCAST_CONFIG),
                 get_codec(cfg.codec_down),
-                _dtype(part),
+                module_dtype(part),
             )
-            if len(grads) != len(pending):
-                raise p.ProtocolError(f"got {len(grads)} gradients for {len(pending)} pending batches")
-            for position, grad in zip(pending, grads):
-                x, _ = self._batch(cfg, position)
-                out = self._forward(part, x, cfg, position)  # recompute: the graph did not survive
-                p.check_tensor(f"{p.GRAD} for position {position}", grad, tuple(out.shape), out.dtype)
-                if optimizer is not None:
-                    optimizer.zero_grad(set_to_none=True)
-                    out.backward(grad)
-                    optimizer.step()
-                num_examples += x.shape[0]
-        # Without gradients the pending batches were dropped by the server: skip them.
+            trainer.apply_gradients(grads)
+        else:  # without gradients the pending batches were dropped by the server: skip them
+            trainer.skip_pending()
 
-        position, round_end = int(cursor["position"]), int(cursor["round_end"])
-        state.array_records[_WEIGHTS] = ArrayRecord(part.state_dict())
-        state.array_records[_OPTIM] = _momentum_record(optimizer)
-
+        cursor = trainer.cursor
+        weights = ArrayRecord(trainer.weights())
         reply = RecordDict()
-        if p.CLIENT_PART in content.array_records:  # tell the server who this device is
+        if new_round:  # tell the server who this device is
             reply[p.DEVICE] = self._device_record(context)
-        if position >= round_end:
-            reply[p.CLIENT_PART] = state.array_records[_WEIGHTS]
-            reply[p.METRICS] = MetricRecord({"num-examples": num_examples})
-            reply[p.STATUS] = ConfigRecord({"done": True, "position": position})
-            pending = []
+        if cursor.position >= cursor.round_end:
+            reply[p.CLIENT_PART] = weights
+            reply[p.METRICS] = MetricRecord({"num-examples": cursor.num_examples})
+            reply[p.STATUS] = ConfigRecord({"done": True, "position": cursor.position})
         else:
-            pending = list(range(position, min(position + cfg.steps_per_exchange, round_end)))
-            batches = []
-            with torch.no_grad():  # buffers changed here are not saved: the recompute updates them
-                for pos in pending:
-                    x, y = self._batch(cfg, pos)
-                    batches.append(p.SmashedBatch(self._forward(part, x, cfg, pos), y))
+            position = cursor.position
+            batches = trainer.next_batches()
             reply[p.SMASHED] = p.encode_batches(batches, get_codec(cfg.codec_up))
-            reply[p.STATUS] = ConfigRecord(
-                {"done": False, "position": position, "remaining": round_end - position}
-            )
-            position = pending[-1] + 1
-        state.config_records[_CURSOR] = ConfigRecord(
-            {"position": position, "round_end": round_end, "pending": pending, "num_examples": num_examples}
-        )
+            reply[p.STATUS] = ConfigRecord({"done": False, "position": position, "remaining": cursor.round_end - position})
+        # The request was handled: only now does the node's state change.
+        state.array_records[_WEIGHTS] = weights
+        state.array_records[_OPTIM] = _momentum_record(trainer.momentum())
+        state.config_records[_CURSOR] = ConfigRecord(cursor.as_dict())
         return Message(reply, reply_to=message)
 
     def _device_record(self, context: Context) -> ConfigRecord:
@@ -253,24 +171,16 @@ class SplitClient:
         state = context.state
         if _WEIGHTS not in state.array_records or _CURSOR not in state.config_records:
             raise p.ProtocolError("no client part to upload with: the client has not trained yet")
-        part.load_state_dict(state.array_records[_WEIGHTS].to_torch_state_dict())
-        part.train()
-        position = int(state.config_records[_CURSOR]["position"])
-        steps = cfg.max_steps or cfg.local_epochs * self._batches_per_epoch(cfg.batch_size)
-        batches = []
-        with torch.no_grad():
-            for pos in range(position, position + steps):
-                x, y = self._batch(cfg, pos)
-                batches.append(p.SmashedBatch(self._forward(part, x, cfg, pos), y))
-        state.config_records[_CURSOR] = ConfigRecord(
-            {"position": position + steps, "round_end": position + steps, "pending": [], "num_examples": 0}
-        )
+        trainer = ClientTrainer(part, self.train_data, cfg, self.salt, state.array_records[_WEIGHTS].to_torch_state_dict(),
+                                _cursor_of(state.config_records[_CURSOR]))
+        batches = trainer.window(round_steps(cfg, len(self.train_data)))
         reply = RecordDict(
             {
                 p.SMASHED: p.encode_batches(batches, get_codec(cfg.codec_up)),
                 p.METRICS: MetricRecord({"num-examples": sum(int(b.y.shape[0]) for b in batches)}),
             }
         )
+        state.config_records[_CURSOR] = ConfigRecord(trainer.cursor.as_dict())
         return Message(reply, reply_to=message)
 
     # ------------------------------------------------------------------ evaluate
@@ -289,7 +199,7 @@ class SplitClient:
         data = self.eval_data if self.eval_data is not None else TensorData(torch.empty(0), torch.empty(0))
         batches = []
         with torch.no_grad():
-            dtype = _dtype(part)
+            dtype = module_dtype(part)
             for start in range(0, len(data), cfg.batch_size):
                 chunk = data.subset(slice(start, start + cfg.batch_size))
                 batches.append(p.SmashedBatch(part(chunk.x.to(dtype)), chunk.y))
