@@ -15,8 +15,10 @@ In Flower's vocabulary a round is:
     optional federated split evaluation (clients send smashed evaluation data, the server
     finishes the forward pass); ``evaluate_fn`` gives centralized evaluation.
 
-Subclasses choose the schedule and the server-step rule; see ``sl.py``, ``sflv1.py``,
-``sflv2.py``, ``psl.py``.
+Subclasses choose the schedule (``flsplit.schedules``) and the server-step rule
+(``flsplit.server``); see ``sl.py``, ``sflv1.py``, ``sflv2.py``, ``psl.py``. The per-node duties
+of the schedule's host are in ``exchange.py``, the round's pricing and history record in
+``accounting.py``; a planner in the loop wraps the strategy (``adaptive.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import random
 import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping
-from logging import INFO, WARNING
+from logging import INFO
 from typing import Optional, Union
 
 import torch
@@ -38,21 +40,23 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flsplit import protocol as p
 from flsplit.codecs import get_codec
 from flsplit.aggregation import average_states, block_of
-from flsplit.costmodel import DeviceProfile, client_flops
+from flsplit.costmodel import DeviceProfile
 from flsplit.dataplane import DataPlane, MessageDataPlane, Reply, Traffic
 from flsplit.history import RunHistory
-from flsplit.profile import CutProfile, profile_model
-from flsplit.scenario import Scenario, device_from_node_config
+from flsplit.profile import profile_model
+from flsplit.scenario import Scenario
 from flsplit.server import ServerPart, ServerWork, StepStats, evaluate_smashed
-from flsplit.sim import ServerTiming, measured_workload, price
 from flsplit.splitting import SplitModel, block_output_shapes
+
+from strategies.accounting import RoundAccounting
+from strategies.exchange import ExchangeHost
 
 __all__ = ["SplitStrategy", "CutAssignment"]
 
 CutAssignment = Union[int, list[int], Callable[[int, list[int]], Mapping[int, int]]]
 
 
-class SplitStrategy(Strategy):
+class SplitStrategy(ExchangeHost, RoundAccounting, Strategy):
     """Base class: round loop, node sampling, cut assignment, round-end averaging.
 
     Parameters
@@ -206,118 +210,6 @@ class SplitStrategy(Strategy):
     def train_stats(self) -> StepStats:
         """Training loss/accuracy the server saw this round."""
         return self.server.stats
-
-    def request(
-        self,
-        node_id: int,
-        grads: Optional[list[torch.Tensor]] = None,
-        broadcast: Optional[ArrayRecord] = None,
-        broadcast_config: Optional[ConfigRecord] = None,
-    ) -> RecordDict:
-        """A step request: the node's config, the gradients of its pending batches, and the
-        broadcast rows (already encoded, shared by every receiver) if the scheme has them."""
-        content = RecordDict({p.CONFIG: self._configs[node_id]})
-        if grads:
-            content[p.GRAD] = p.encode_grads(grads, self.codec_down)
-        if broadcast is not None:
-            content[p.BCAST] = broadcast
-            content[p.BCAST_CONFIG] = broadcast_config
-        return content
-
-    def decode(self, node_id: int, reply: Reply) -> Optional[list[p.SmashedBatch]]:
-        """Checked smashed batches of a reply, or ``None`` (logged) if the reply is bad."""
-        try:
-            record = reply.content.array_records.get(p.SMASHED) if reply.content else None
-            if record is None:
-                raise p.ProtocolError(f"reply has no '{p.SMASHED}' record")
-            cut = self.cuts[node_id]
-            return p.decode_smashed(record, self._shapes[cut - 1], self.server_dtype, self.num_classes, self.codec_up)
-        except p.ProtocolError as err:
-            self.reject(node_id, str(err))
-            return None
-
-    def track_progress(self, server_round: int, node_id: int, reply: Reply, batches: int) -> None:
-        """Count a node's batches and log the round's progress at most every 10 seconds."""
-        status = reply.content.config_records.get(p.STATUS) or ConfigRecord()
-        if node_id not in self._total:  # the first reply tells how many batches the round has
-            self._total[node_id] = int(status.get("remaining", 0))
-            self.note_device(node_id, reply)
-        self._done[node_id] = self._done.get(node_id, 0) + batches
-        now = time.perf_counter()
-        if now - self._last_progress >= self.progress_interval:
-            self._last_progress = now
-            done, total = sum(self._done.values()), sum(self._total.values())
-            log(INFO, "[flsplit] round %d: %d/%d client batches (%.0f%%)", server_round, done, total, 100 * done / max(total, 1))
-
-    def note_device(self, node_id: int, reply: Reply) -> None:
-        """Remember which partition/device a node is (its first reply of a round says)."""
-        record = reply.content.config_records.get(p.DEVICE)
-        if record is None or self.scenario is None:
-            return
-        pid = int(record.get("partition-id", len(self.devices)))
-        try:
-            own = device_from_node_config({k: v for k, v in record.items() if k != "partition-id"}, self.scenario.device(pid))
-        except ValueError as err:
-            self.reject(node_id, f"device profile ignored: {err}")
-            own = None
-        self.devices[node_id] = (pid, own)
-
-    def round_examples(self, done: list[Reply]) -> dict[int, int]:
-        """Samples each client processed this round (from the replies that ended its round)."""
-        return {r.node_id: int(r.content.metric_records[p.METRICS]["num-examples"]) for r in done}
-
-    def client_flops_executed(self, node_id: int, cut: CutProfile, samples: int) -> float:
-        """Simulated client FLOPs of a node this round (forward and backward per sample)."""
-        return client_flops(cut, samples)
-
-    def extra_server_flops(self) -> float:
-        """Of the server's FLOPs this round, those on data no client sent this round (none here)."""
-        return 0.0
-
-    def measured_workload(self, traffic: Traffic, examples: dict[int, int]):
-        """The round's ``RoundWorkload`` from what was measured: bytes serialized, FLOPs run."""
-        nodes = sorted(examples)
-        ids = [self.devices.get(n, (i, None))[0] for i, n in enumerate(nodes)]
-        cuts = [self.cuts[n] for n in nodes]
-        return measured_workload(
-            self.scheme or type(self).__name__.lower(),
-            self.profile,
-            client_ids=ids,
-            cuts=cuts,
-            client_flops=[self.client_flops_executed(n, self.profile.cut(c), examples[n]) for n, c in zip(nodes, cuts)],
-            uplink_bytes=[traffic.up.get(n, 0) for n in nodes],
-            downlink_bytes=[traffic.down.get(n, 0) for n in nodes],
-            samples=[examples[n] for n in nodes],
-            server_flops=self.server_work.flops(self.profile),
-            unattributed_server_flops=self.extra_server_flops(),
-            broadcast_bytes=traffic.broadcast,
-            timing=self.timing,
-        )
-
-    def simulate_round(self, server_round: int, traffic: Traffic, examples: dict[int, int]) -> dict:
-        """Simulated latency and energy of the round: its measured workload, priced once
-        (``flsplit.sim.price``) with the round plan's allocation if the round was planned."""
-        nodes = sorted(examples)
-        own = {pid: prof for n, (pid, prof) in self.devices.items() if prof is not None and n in examples}
-        scenario = self.scenario.with_devices(own) if own else self.scenario
-        plan = self.round_plan
-        cost = price(
-            self.measured_workload(traffic, examples),
-            scenario,
-            plan.allocation(nodes) if plan is not None else None,
-            server_round=server_round,
-            server_timing=plan.server_timing if plan is not None else ServerTiming.AFTER_CLIENTS,
-        )
-        self.round_cost = cost
-        record = cost.as_dict()
-        record["energy_j"] = record.pop("total_energy_j")
-        record["clients"] = {str(n): c for n, c in zip(nodes, record["clients"])}
-        return record
-
-    def reject(self, node_id: int, reason: str) -> None:
-        """Record a bad reply: the node sits out this step, nothing is trained on it."""
-        log(WARNING, "[flsplit] node %s: bad reply skipped: %s", node_id, reason)
-        self.errors.append({"node": node_id, "error": reason})
 
     @property
     def server_dtype(self) -> torch.dtype:
@@ -492,39 +384,3 @@ class SplitStrategy(Strategy):
                 self.round_planner.observe(self, server_round, entry)
             self.history.add_round(entry, num_rounds)
         return result
-
-    def round_extras(self) -> dict:
-        """Scheme-specific fields of the round's history entry (none here)."""
-        return {}
-
-    def round_record(self, server_round, t0, traffic: Traffic, train_metrics, central, federated) -> dict:
-        """The history entry of a round."""
-        up, down = traffic.totals()
-        stats = self.train_stats()
-        entry = {
-            "round": server_round,
-            "scheme": type(self).__name__,
-            "nodes": sorted(self.cuts),
-            "cuts": {str(n): c for n, c in sorted(self.cuts.items())},
-            "num_examples": int(train_metrics["num-examples"]),
-            "server_steps": self.server_steps,
-            "train_loss": stats.loss if stats.samples else None,
-            "train_accuracy": stats.accuracy if stats.samples else None,
-            "bytes_up": up,
-            "bytes_down": down,
-            "split_bytes_up": sum(traffic.split_up.values()),
-            "split_bytes_down": sum(traffic.split_down.values()),
-            "broadcast_bytes_down": traffic.broadcast,
-            "bytes_per_node": {str(n): traffic.per_node(n) for n in sorted(self.cuts)},
-            "messages": traffic.messages,
-            "errors": list(self.errors),
-            "wall_seconds": time.perf_counter() - t0,
-            **self.round_extras(),
-        }
-        if central is not None:
-            entry["test_loss"] = central.get("loss")
-            entry["test_accuracy"] = central.get("accuracy")
-        if federated is not None:
-            entry["eval_loss"] = federated["eval-loss"]
-            entry["eval_accuracy"] = federated["eval-accuracy"]
-        return entry

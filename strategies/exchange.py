@@ -1,0 +1,87 @@
+"""The server's end of the split exchange, per node: requests, reply checks, progress, devices.
+
+``ExchangeHost`` gives a ``SplitStrategy`` what a schedule (``flsplit.schedules``) calls on
+its host: building a node's step request, decoding and checking a reply's smashed data,
+rejecting a bad reply or a dropped node, counting progress and noting which device a node is.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+from typing import Optional
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.common.logger import log
+
+from flsplit import protocol as p
+from flsplit.dataplane import Reply
+from flsplit.scenario import device_from_node_config
+
+__all__ = ["ExchangeHost"]
+
+
+class ExchangeHost:
+    """Mixin of ``SplitStrategy``: the per-node duties of the schedule's host."""
+
+    def request(
+        self,
+        node_id: int,
+        grads: Optional[list[torch.Tensor]] = None,
+        broadcast: Optional[ArrayRecord] = None,
+        broadcast_config: Optional[ConfigRecord] = None,
+    ) -> RecordDict:
+        """A step request: the node's config, the gradients of its pending batches, and the
+        broadcast rows (already encoded, shared by every receiver) if the scheme has them."""
+        content = RecordDict({p.CONFIG: self._configs[node_id]})
+        if grads:
+            content[p.GRAD] = p.encode_grads(grads, self.codec_down)
+        if broadcast is not None:
+            content[p.BCAST] = broadcast
+            content[p.BCAST_CONFIG] = broadcast_config
+        return content
+
+    def decode(self, node_id: int, reply: Reply) -> Optional[list[p.SmashedBatch]]:
+        """Checked smashed batches of a reply, or ``None`` (logged) if the reply is bad."""
+        try:
+            record = reply.content.array_records.get(p.SMASHED) if reply.content else None
+            if record is None:
+                raise p.ProtocolError(f"reply has no '{p.SMASHED}' record")
+            cut = self.cuts[node_id]
+            return p.decode_smashed(record, self._shapes[cut - 1], self.server_dtype, self.num_classes, self.codec_up)
+        except p.ProtocolError as err:
+            self.reject(node_id, str(err))
+            return None
+
+    def track_progress(self, server_round: int, node_id: int, reply: Reply, batches: int) -> None:
+        """Count a node's batches and log the round's progress at most every 10 seconds."""
+        status = reply.content.config_records.get(p.STATUS) or ConfigRecord()
+        if node_id not in self._total:  # the first reply tells how many batches the round has
+            self._total[node_id] = int(status.get("remaining", 0))
+            self.note_device(node_id, reply)
+        self._done[node_id] = self._done.get(node_id, 0) + batches
+        now = time.perf_counter()
+        if now - self._last_progress >= self.progress_interval:
+            self._last_progress = now
+            done, total = sum(self._done.values()), sum(self._total.values())
+            log(INFO, "[flsplit] round %d: %d/%d client batches (%.0f%%)", server_round, done, total, 100 * done / max(total, 1))
+
+    def note_device(self, node_id: int, reply: Reply) -> None:
+        """Remember which partition/device a node is (its first reply of a round says)."""
+        record = reply.content.config_records.get(p.DEVICE)
+        if record is None or self.scenario is None:
+            return
+        pid = int(record.get("partition-id", len(self.devices)))
+        try:
+            own = device_from_node_config({k: v for k, v in record.items() if k != "partition-id"}, self.scenario.device(pid))
+        except ValueError as err:
+            self.reject(node_id, f"device profile ignored: {err}")
+            own = None
+        self.devices[node_id] = (pid, own)
+
+    def reject(self, node_id: int, reason: str) -> None:
+        """Record a bad reply: the node sits out this step, nothing is trained on it."""
+        log(WARNING, "[flsplit] node %s: bad reply skipped: %s", node_id, reason)
+        self.errors.append({"node": node_id, "error": reason})
+
