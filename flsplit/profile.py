@@ -15,7 +15,7 @@ mode and torch's random number streams.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -54,13 +54,18 @@ class ModelProfile:
     """Per-block measurements and the derived per-cut profiles (cuts ``1 .. L-1``)."""
 
     blocks: list[BlockProfile]
+    # Derived per-cut profiles, memoised: planners ask for the same cuts thousands of times.
+    _cuts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def cut(self, k: int) -> CutProfile:
         """Profile of cut ``k``: client blocks ``[0, k)``, server blocks ``[k, L)``."""
+        cached = self._cuts.get(k) if type(k) is int else None
+        if cached is not None:
+            return cached
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(self.blocks) - 1:
             raise ValueError(f"cut layer {k} is outside the model: valid cuts are 1..{len(self.blocks) - 1}")
         client, server = self.blocks[:k], self.blocks[k:]
-        return CutProfile(
+        self._cuts[k] = CutProfile(
             cut=k,
             client_forward_flops=sum(b.forward_flops for b in client),
             client_backward_flops=sum(b.backward_flops for b in client),
@@ -70,6 +75,7 @@ class ModelProfile:
             client_param_bytes=sum(b.param_bytes for b in client),
             server_param_bytes=sum(b.param_bytes for b in server),
         )
+        return self._cuts[k]
 
     @property
     def cuts(self) -> list[CutProfile]:

@@ -24,11 +24,9 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Union
-
-import numpy as np
 
 from flsplit.costmodel import RoundCost, Scenario
 from flsplit.planners.checks import candidate_cut_list, real_arg

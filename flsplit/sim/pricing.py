@@ -32,7 +32,6 @@ and the server's time is placed by the **server timing** option:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Optional
