@@ -456,6 +456,16 @@ class Scenario:
         """Profile of client ``client_id`` (the device list is cycled)."""
         return self.devices[_integer("client_id", client_id, minimum=0) % len(self.devices)]
 
+    def device_columns(self, client_ids: Sequence[int]) -> dict[str, np.ndarray]:
+        """The devices of these client ids as columns: ``cpu_hz``, ``flops_per_cycle``,
+        ``kappa``, ``tx_power_w``, ``distance_m`` (the device list is cycled)."""
+        table = self.__dict__.get("_columns")
+        if table is None:  # built once per scenario (a frozen value)
+            table = {f.name: np.array([getattr(d, f.name) for d in self.devices], dtype=float) for f in fields(DeviceProfile)}
+            object.__setattr__(self, "_columns", table)
+        idx = np.asarray(client_ids, dtype=np.int64) % len(self.devices)
+        return {name: col[idx] for name, col in table.items()}
+
     def with_devices(self, overrides: Mapping[int, DeviceProfile], num_clients: int = 0) -> "Scenario":
         """A copy in which the given client ids have the given profiles (e.g. from node configs).
 
@@ -487,7 +497,11 @@ class Scenario:
 
     def channel_gains(self, client_ids: Sequence[int], server_round: int) -> np.ndarray:
         """Channel gains of several clients in one round (``channel_gain`` of each)."""
-        ids = [_integer("client_id", c, minimum=0) for c in client_ids]
+        raw = np.asarray(client_ids)
+        if raw.size and (raw.dtype.kind not in "iu" or raw.min() < 0):  # checked as a column
+            ids = [_integer("client_id", c, minimum=0) for c in client_ids]
+        else:
+            ids = raw.astype(np.int64).tolist()
         _integer("server_round", server_round, minimum=0)
         distances = np.array([self.devices[c % len(self.devices)].distance_m for c in ids], dtype=float)
         pl = np.asarray(self.channel.path_loss_db(distances), dtype=float) if ids else np.zeros(0)
@@ -653,14 +667,15 @@ def round_cost(
     gets_broadcast[receivers] = True
     # One price for every round (flsplit.sim.pricing): this front only checks and translates.
     from flsplit.sim.pricing import Allocation, price
-    from flsplit.sim.workload import ClientWork, RoundWorkload
+    from flsplit.sim.workload import RoundWorkload
 
     work = RoundWorkload(
-        clients=tuple(
-            ClientWork(ids[i], 1, flops[i], float(up_bytes[i]), float(down_bytes[i]),
-                       receives_broadcast=bool(gets_broadcast[i]))
-            for i in range(n)
-        ),
+        client_ids=ids,
+        cuts=np.ones(n),  # the cost model needs no cut: the FLOPs and bytes are given
+        flops=flops,
+        uplink_bytes=up_bytes,
+        downlink_bytes=down_bytes,
+        receives_broadcast=gets_broadcast,
         timing=timing,
         server_flops=_number("server_flops", server_flops, nonnegative=True),
         broadcast_bytes=broadcast_bytes if n else 0.0,

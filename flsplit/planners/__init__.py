@@ -1,7 +1,9 @@
 """Resource planners: pure functions (or small stateful objects) from a problem to a plan.
 
 A plan holds a cut per client and the resource allocations, plus the round latency and
-energy the cost model predicts for it (``flsplit.costmodel``).
+energy of its one price (``flsplit.sim.price`` of the scheme's predicted workload). Every
+planner checks its arguments once, in a ``PlanningProblem``; ``flsplit.planners.online``
+puts a planner in the loop of a training run.
 
 - ``plan_edgesplit``: a cut and a bandwidth share per client, minimising the makespan.
 - ``plan_fixed`` / ``best_fixed_cut``: the baseline, one cut for everyone and an even split.
@@ -18,10 +20,12 @@ from flsplit.planners.epsl import plan_epsl
 from flsplit.planners.fixed import best_fixed_cut, plan_fixed
 from flsplit.planners.open import OpenPlanner
 from flsplit.planners.plan import Plan
+from flsplit.planners.problem import PlanningProblem
 from flsplit.planners.sflga_allocation import allocate_sflga
 
 __all__ = [
     "Plan",
+    "PlanningProblem",
     "plan_fixed",
     "best_fixed_cut",
     "plan_edgesplit",

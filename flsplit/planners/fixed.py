@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Optional
 
 from flsplit.costmodel import RoundCost, Scenario
 from flsplit.planners.plan import Plan
-from flsplit.sim.pricing import Allocation, ServerTiming, price
+from flsplit.sim.pricing import Allocation, ServerTiming, price, price_totals
 from flsplit.sim.workload import ElementWire, predict_workload
 
 if TYPE_CHECKING:  # pure: the profile is only read
@@ -244,9 +244,23 @@ def best_fixed_cut(
     cuts = list(range(1, num_blocks)) if candidate_cuts is None else list(candidate_cuts)
     if not cuts:
         raise ValueError("candidate_cuts is empty")
-    plans = {k: plan_fixed(profile, scenario, cut=k, samples=samples, **kwargs) for k in cuts}
-    best = min(plans, key=lambda k: (plans[k].latency_s, k))
-    plan = plans[best]
-    plan.details["latency_by_cut"] = {k: p.latency_s for k, p in plans.items()}
-    plan.details["energy_by_cut"] = {k: p.energy_j for k, p in plans.items()}
+    unknown = set(kwargs) - {"client_ids", "server_round", "bytes_per_element", "scheme", "phi"}
+    if unknown:
+        raise TypeError(f"best_fixed_cut() got unexpected keyword arguments {sorted(unknown)}")
+    # Check once (plan_fixed's checks, on the first cut), then price every cut's totals with
+    # the same arithmetic and build the full plan for the best one only.
+    first = plan_fixed(profile, scenario, cut=cuts[0], samples=samples, **kwargs)
+    samples, ids = _client_list(samples, kwargs.get("client_ids"))
+    scheme, phi = kwargs.get("scheme", "psl"), kwargs.get("phi", 0.0)
+    wire = ElementWire(profile, float(kwargs.get("bytes_per_element", 4.0)))
+    alloc = Allocation(bandwidth_hz=scenario.channel.client_bandwidths_hz(len(ids), exclusive=scheme == "sl"))
+    totals = {cuts[0]: (first.latency_s, first.energy_j)}
+    for k in cuts[1:]:
+        _cut_list([k], 1, num_blocks)
+        work = predict_workload(scheme, profile, cuts=[k] * len(ids), samples=samples, client_ids=ids, phi=phi, wire=wire)
+        totals[k] = price_totals(work, scenario, alloc, server_round=kwargs.get("server_round", 0))
+    best = min(totals, key=lambda k: (totals[k][0], k))
+    plan = first if best == cuts[0] else plan_fixed(profile, scenario, cut=best, samples=samples, **kwargs)
+    plan.details["latency_by_cut"] = {k: t[0] for k, t in totals.items()}
+    plan.details["energy_by_cut"] = {k: t[1] for k, t in totals.items()}
     return plan

@@ -44,7 +44,7 @@ from flsplit.sim.workload import RoundWorkload, Timing
 if TYPE_CHECKING:
     from flsplit.costmodel import RoundCost, Scenario
 
-__all__ = ["ServerTiming", "Allocation", "price"]
+__all__ = ["ServerTiming", "Allocation", "price", "price_totals"]
 
 
 class ServerTiming(str, Enum):
@@ -158,6 +158,62 @@ def price(
     """
     from flsplit.costmodel import ClientCost, RoundCost  # the result types live with the profiles
 
+    cols = _price_columns(workload, scenario, allocation, server_round, server_timing)
+    ids, n = cols["client_ids"], len(cols["client_ids"])
+    costs = tuple(
+        ClientCost(
+            client_id=int(ids[i]),
+            flops=float(cols["flops"][i]),
+            uplink_bytes=float(cols["up_bytes"][i]),
+            downlink_bytes=float(cols["down_bytes"][i]),
+            bandwidth_hz=float(cols["bandwidth"][i]),
+            channel_gain=float(cols["gains"][i]),
+            uplink_rate_bps=float(cols["up_rate"][i]),
+            downlink_rate_bps=float(cols["down_rate"][i]),
+            compute_latency_s=float(cols["compute"][i]),
+            uplink_latency_s=float(cols["up_time"][i]),
+            downlink_latency_s=float(cols["down_total"][i]),
+            latency_s=float(cols["chains"][i]),
+            compute_energy_j=float(cols["compute_energy"][i]),
+            transmit_energy_j=float(cols["transmit_energy"][i]),
+            energy_j=float(cols["energy"][i]),
+            server_latency_s=float(cols["own_server"][i]),
+            cpu_hz=float(cols["cpu"][i]),
+            tx_power_w=float(cols["power"][i]),
+        )
+        for i in range(n)
+    )
+    return RoundCost(
+        server_round=int(server_round),
+        timing=workload.timing.value,
+        clients=costs,
+        server_flops=float(workload.server_flops),
+        server_latency_s=cols["server_time"],
+        broadcast_bytes=float(workload.broadcast_bytes),
+        broadcast_latency_s=cols["broadcast"],
+        round_latency_s=cols["round_latency_s"],
+        total_energy_j=cols["total_energy_j"],
+        server_timing=ServerTiming(server_timing).value,
+    )
+
+
+def price_totals(
+    workload: RoundWorkload,
+    scenario: "Scenario",
+    allocation: Optional[Allocation] = None,
+    *,
+    server_round: int = 0,
+    server_timing: ServerTiming = ServerTiming.AFTER_CLIENTS,
+) -> tuple[float, float]:
+    """``price``'s round latency and total device energy alone (no per-client records):
+    the same arithmetic, for searches that price many candidates."""
+    cols = _price_columns(workload, scenario, allocation, server_round, server_timing)
+    return cols["round_latency_s"], cols["total_energy_j"]
+
+
+def _price_columns(workload: RoundWorkload, scenario: "Scenario", allocation: Optional[Allocation],
+                   server_round: int, server_timing) -> dict:
+    """The price's arithmetic on columns: arguments checked once, then the kernels."""
     try:
         server_timing = ServerTiming(server_timing)
     except ValueError:
@@ -165,16 +221,14 @@ def price(
     if isinstance(server_round, bool) or not isinstance(server_round, (int, np.integer)) or server_round < 0:
         raise ValueError(f"server_round must be a non-negative integer, got {server_round!r}")
     alloc = allocation or Allocation()
-    clients = workload.clients
-    n = len(clients)
-    ids = [c.client_id for c in clients]
-    devices = [scenario.device(c) for c in ids]
+    ids = workload.client_ids
+    n = len(ids)
+    dev = scenario.device_columns(ids)
     channel = scenario.channel
     sequential = workload.timing == Timing.SEQUENTIAL
 
     # -- the allocation, checked once --
-    pmax = np.array([d.tx_power_w for d in devices], dtype=float)
-    fmax = np.array([d.cpu_hz for d in devices], dtype=float)
+    pmax, fmax = dev["tx_power_w"], dev["cpu_hz"]
     power = pmax if alloc.tx_power_w is None else _floats("tx_power_w", alloc.tx_power_w, n, positive=True)
     cpu = fmax if alloc.cpu_hz is None else _floats("cpu_hz", alloc.cpu_hz, n, positive=True)
     over = cpu > fmax * (1.0 + 1e-9)  # DVFS lowers a clock; no device runs above its own
@@ -194,13 +248,11 @@ def price(
         raise ValueError(f"server_cpu_share sums to {shares.sum()}, more than 1")
 
     # -- the kernels, vectorised --
-    flops = np.array([c.flops for c in clients], dtype=float)
-    up_bytes = np.array([c.uplink_bytes for c in clients], dtype=float)
-    down_bytes = np.array([c.downlink_bytes for c in clients], dtype=float)
-    for i in range(n):
-        if bandwidth[i] == 0 and (up_bytes[i] > 0 or down_bytes[i] > 0):
-            raise ValueError(f"client {ids[i]} has bytes to transfer but no bandwidth")
-    gains = scenario.channel_gains(ids, int(server_round))
+    flops, up_bytes, down_bytes = workload.flops, workload.uplink_bytes, workload.downlink_bytes
+    starved = (bandwidth == 0) & ((up_bytes > 0) | (down_bytes > 0))
+    if starved.any():
+        raise ValueError(f"client {ids[int(np.argmax(starved))]} has bytes to transfer but no bandwidth")
+    gains = scenario.channel_gains(ids.tolist(), int(server_round))
     n0 = channel.noise_psd_w_per_hz
     p_server = scenario.server.tx_power_w
     up_rate = k.rate_bps(bandwidth, k.snr_per_hz(power, gains, n0))
@@ -209,13 +261,11 @@ def price(
     down_time = k.transfer_s(down_bytes, down_rate)
     if not (np.all(np.isfinite(up_time)) and np.all(np.isfinite(down_time))):
         raise ValueError("a payload cannot be sent at rate 0 (no bandwidth or no power on the link)")
-    fpc = np.array([d.flops_per_cycle for d in devices], dtype=float)
-    kappa = np.array([d.kappa for d in devices], dtype=float)
-    compute = k.compute_s(flops, cpu, fpc)
-    compute_energy = k.compute_energy_j(flops, cpu, fpc, kappa)
+    compute = k.compute_s(flops, cpu, dev["flops_per_cycle"])
+    compute_energy = k.compute_energy_j(flops, cpu, dev["flops_per_cycle"], dev["kappa"])
     transmit_energy = power * up_time
 
-    receivers = np.array([c.receives_broadcast for c in clients], dtype=bool)
+    receivers = workload.receives_broadcast
     broadcast = 0.0
     if workload.broadcast_bytes > 0:
         weakest = float(k.rate_bps(channel.total_bandwidth_hz, k.snr_per_hz(p_server, gains[receivers], n0)).min())
@@ -228,10 +278,10 @@ def price(
     own_server = np.zeros(n)
     rest_flops = workload.server_flops
     if server_timing == ServerTiming.PER_CLIENT:
-        work = np.array([c.server_flops for c in clients], dtype=float)
-        if np.any((work > 0) & (shares <= 0)):
-            i = int(np.argmax((work > 0) & (shares <= 0)))
-            raise ValueError(f"client {ids[i]} has server work but a server CPU share of 0")
+        work = workload.client_server_flops
+        idle = (work > 0) & (shares <= 0)
+        if idle.any():
+            raise ValueError(f"client {ids[int(np.argmax(idle))]} has server work but a server CPU share of 0")
         with np.errstate(divide="ignore", invalid="ignore"):
             own_server = np.where(work > 0, work / speed / shares, 0.0)
         rest_flops = max(workload.server_flops - float(work.sum()), 0.0)
@@ -241,39 +291,12 @@ def price(
         clients_time = float(chains.sum()) - broadcast * max(int(receivers.sum()) - 1, 0)
     else:
         clients_time = float(chains.max()) if n else 0.0
-
-    costs = tuple(
-        ClientCost(
-            client_id=ids[i],
-            flops=float(flops[i]),
-            uplink_bytes=float(up_bytes[i]),
-            downlink_bytes=float(down_bytes[i]),
-            bandwidth_hz=float(bandwidth[i]),
-            channel_gain=float(gains[i]),
-            uplink_rate_bps=float(up_rate[i]),
-            downlink_rate_bps=float(down_rate[i]),
-            compute_latency_s=float(compute[i]),
-            uplink_latency_s=float(up_time[i]),
-            downlink_latency_s=float(down_total[i]),
-            latency_s=float(chains[i]),
-            compute_energy_j=float(compute_energy[i]),
-            transmit_energy_j=float(transmit_energy[i]),
-            energy_j=float(compute_energy[i] + transmit_energy[i]),
-            server_latency_s=float(own_server[i]),
-            cpu_hz=float(cpu[i]),
-            tx_power_w=float(power[i]),
-        )
-        for i in range(n)
-    )
-    return RoundCost(
-        server_round=int(server_round),
-        timing=workload.timing.value,
-        clients=costs,
-        server_flops=float(workload.server_flops),
-        server_latency_s=server_time,
-        broadcast_bytes=float(workload.broadcast_bytes),
-        broadcast_latency_s=broadcast,
-        round_latency_s=clients_time + server_time,
-        total_energy_j=float(sum(c.energy_j for c in costs)),
-        server_timing=server_timing.value,
-    )
+    energy = compute_energy + transmit_energy
+    return {
+        "client_ids": ids, "flops": flops, "up_bytes": up_bytes, "down_bytes": down_bytes, "bandwidth": bandwidth,
+        "gains": gains, "up_rate": up_rate, "down_rate": down_rate, "compute": compute, "up_time": up_time,
+        "down_total": down_total, "chains": chains, "compute_energy": compute_energy,
+        "transmit_energy": transmit_energy, "energy": energy, "own_server": own_server, "cpu": cpu, "power": power,
+        "server_time": server_time, "broadcast": broadcast, "round_latency_s": clients_time + server_time,
+        "total_energy_j": float(sum(energy.tolist())),
+    }

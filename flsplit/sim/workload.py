@@ -28,9 +28,11 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Optional, Protocol
+
+import numpy as np
 
 if TYPE_CHECKING:  # pure: the profile is only read, torch is never imported here
     from flsplit.profile import CutProfile, ModelProfile
@@ -124,16 +126,47 @@ class ClientWork:
             object.__setattr__(self, name, _nonneg(f"client {self.client_id}: {name}", getattr(self, name)))
 
 
-@dataclass(frozen=True)
+def _column(name: str, values, n: int, dtype, *, minimum: float = 0.0) -> np.ndarray:
+    """One per-client column as a read-only array, checked once (finite, >= minimum)."""
+    try:
+        arr = np.array(values, dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be numbers, got {values!r}") from None
+    if arr.shape != (n,):
+        raise ValueError(f"{name} has {arr.size} entries for {n} clients")
+    bad = ~np.isfinite(arr) | (arr < minimum)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"{name}[{i}] must be finite and >= {minimum:g}, got {arr[i]!r}")
+    if dtype is int:
+        if np.any(arr != np.floor(arr)):
+            i = int(np.argmax(arr != np.floor(arr)))
+            raise ValueError(f"{name}[{i}] must be an integer, got {arr[i]!r}")
+        arr = arr.astype(np.int64)
+    arr.setflags(write=False)
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
 class RoundWorkload:
-    """The work of one round: per client, the broadcast, the server, and the timing rule.
+    """The work of one round: per client (columns), the broadcast, the server, the timing rule.
+
+    Per-client values are numpy columns in one client order, checked once at construction
+    (the pricing function then calls unchecked kernels). ``from_clients`` builds one from
+    ``ClientWork`` rows and ``clients`` gives the rows back.
 
     Attributes
     ----------
-    clients : tuple of ClientWork
-        The clients that did work this round (distinct ids).
+    client_ids, cuts, samples : array of int
+        Scenario client id (distinct), cut layer and samples of each client that did work.
+    flops, uplink_bytes, downlink_bytes : array of float
+        Device FLOPs executed, bytes sent, bytes received by unicast.
+    client_server_flops : array of float
+        Server FLOPs attributed to each client's data (see the module docstring).
+    receives_broadcast : array of bool
+        Whether each client hears the round's broadcast.
     timing : Timing
-        How their chains combine (``parallel`` or ``sequential``).
+        How the clients' chains combine (``parallel`` or ``sequential``).
     server_flops : float
         FLOPs the server executes in the round (all of them: also work on data no client
         sent this round, e.g. async SL's caches).
@@ -145,7 +178,14 @@ class RoundWorkload:
         ``"predicted"`` or ``"measured"``.
     """
 
-    clients: tuple[ClientWork, ...]
+    client_ids: np.ndarray
+    cuts: np.ndarray
+    flops: np.ndarray
+    uplink_bytes: np.ndarray
+    downlink_bytes: np.ndarray
+    client_server_flops: Optional[np.ndarray] = None
+    receives_broadcast: Optional[np.ndarray] = None
+    samples: Optional[np.ndarray] = None
     timing: Timing = Timing.PARALLEL
     server_flops: float = 0.0
     broadcast_bytes: float = 0.0
@@ -153,30 +193,62 @@ class RoundWorkload:
     source: str = "predicted"
 
     def __post_init__(self) -> None:
-        clients = tuple(self.clients)
+        n = len(self.client_ids)
+        set_ = object.__setattr__
+        set_(self, "client_ids", _column("client_ids", self.client_ids, n, int))
+        if len(np.unique(self.client_ids)) != n:
+            raise ValueError(f"client ids must be distinct, got {self.client_ids.tolist()}")
+        set_(self, "cuts", _column("cuts", self.cuts, n, int, minimum=1))
+        for name in ("flops", "uplink_bytes", "downlink_bytes"):
+            set_(self, name, _column(name, getattr(self, name), n, float))
+        set_(self, "client_server_flops", _column("client_server_flops", np.zeros(n) if self.client_server_flops is None
+                                                  else self.client_server_flops, n, float))
+        set_(self, "samples", _column("samples", np.zeros(n) if self.samples is None else self.samples, n, int))
+        receives = np.ones(n, dtype=bool) if self.receives_broadcast is None else np.array(self.receives_broadcast, dtype=bool)
+        if receives.shape != (n,):
+            raise ValueError(f"receives_broadcast has {receives.size} entries for {n} clients")
+        receives.setflags(write=False)
+        set_(self, "receives_broadcast", receives)
+        try:
+            set_(self, "timing", Timing(self.timing))
+        except ValueError:
+            raise ValueError(f"timing must be one of {[t.value for t in Timing]}, got {self.timing!r}") from None
+        set_(self, "server_flops", _nonneg("server_flops", self.server_flops))
+        set_(self, "broadcast_bytes", _nonneg("broadcast_bytes", self.broadcast_bytes))
+        if self.broadcast_bytes > 0 and not receives.any():
+            raise ValueError("broadcast_bytes > 0 needs at least one receiver")
+
+    @classmethod
+    def from_clients(cls, clients: Sequence[ClientWork], **kwargs) -> "RoundWorkload":
+        """A workload from per-client rows (each a ``ClientWork``) and the round's scalars."""
+        clients = list(clients)
         for i, c in enumerate(clients):
             if not isinstance(c, ClientWork):
                 raise ValueError(f"clients[{i}] must be a ClientWork, got {type(c).__name__}")
-        ids = [c.client_id for c in clients]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"client ids must be distinct, got {ids}")
-        object.__setattr__(self, "clients", clients)
-        try:
-            object.__setattr__(self, "timing", Timing(self.timing))
-        except ValueError:
-            raise ValueError(f"timing must be one of {[t.value for t in Timing]}, got {self.timing!r}") from None
-        object.__setattr__(self, "server_flops", _nonneg("server_flops", self.server_flops))
-        object.__setattr__(self, "broadcast_bytes", _nonneg("broadcast_bytes", self.broadcast_bytes))
-        if self.broadcast_bytes > 0 and not any(c.receives_broadcast for c in clients):
-            raise ValueError("broadcast_bytes > 0 needs at least one receiver")
+        return cls(
+            client_ids=[c.client_id for c in clients], cuts=[c.cut for c in clients], flops=[c.flops for c in clients],
+            uplink_bytes=[c.uplink_bytes for c in clients], downlink_bytes=[c.downlink_bytes for c in clients],
+            client_server_flops=[c.server_flops for c in clients],
+            receives_broadcast=[c.receives_broadcast for c in clients], samples=[c.samples for c in clients], **kwargs,
+        )
 
     @property
-    def client_ids(self) -> list[int]:
-        return [c.client_id for c in self.clients]
+    def num_clients(self) -> int:
+        return len(self.client_ids)
+
+    @property
+    def clients(self) -> tuple[ClientWork, ...]:
+        """The per-client rows."""
+        return tuple(
+            ClientWork(int(c), int(k), float(f), float(u), float(d), float(w), bool(r), int(m))
+            for c, k, f, u, d, w, r, m in zip(self.client_ids, self.cuts, self.flops, self.uplink_bytes,
+                                              self.downlink_bytes, self.client_server_flops,
+                                              self.receives_broadcast, self.samples)
+        )
 
     def as_dict(self) -> dict:
-        """Plain dict for JSON."""
-        d = asdict(self)
+        """Plain dict for JSON (columns as lists)."""
+        d = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
         d["timing"] = self.timing.value
         return d
 
@@ -299,7 +371,7 @@ def predict_workload(
     n = len(samples)
     if n == 0:
         raise ValueError("samples: at least one client is needed")
-    samples = [_int(f"samples[{i}]", s, 1) for i, s in enumerate(samples)]
+    samples = _column("samples", samples, n, int, minimum=1).tolist()
     cuts = list(cuts)
     if len(cuts) != n:
         raise ValueError(f"cuts has {len(cuts)} entries for {n} clients")
@@ -308,7 +380,7 @@ def predict_workload(
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= num_blocks - 1:
             raise ValueError(f"cut {k!r} is outside the model: valid cuts are 1..{num_blocks - 1}")
     cuts = [int(k) for k in cuts]
-    ids = list(range(n)) if client_ids is None else [_int("client_ids", c, 0) for c in client_ids]
+    ids = list(range(n)) if client_ids is None else _column("client_ids", list(client_ids), len(client_ids), int).tolist()
     if len(ids) != n:
         raise ValueError(f"samples has {n} entries but client_ids has {len(ids)}")
     if batch_size is not None:
@@ -325,6 +397,9 @@ def predict_workload(
     if any(s not in ("A", "B", "C") for s in states.values()):
         raise ValueError(f"states must be 'A', 'B' or 'C', got {sorted(set(states.values()))}")
     wire = wire or ElementWire(profile)
+    if (type(wire) is ElementWire and batch_size is None and scheme not in ("epsl", "sflga")
+            and all(v == "A" for v in states.values())):
+        return _predict_elementwise(scheme, profile, wire, cuts, samples, ids)
     cps = [profile.cut(k) for k in cuts]
     batches = [split_batches(s, batch_size) for s in samples]
     up = [0.0] * n
@@ -371,45 +446,61 @@ def predict_workload(
                 up[i] = sum(wire.up(cuts[i], r) for r in batches[i])
             server_fwd_rows[i] = server_bwd_rows[i] = samples[i]
 
-    clients_work: list[ClientWork] = []
-    nominal, executed = [], 0.0
-    for i in range(n):
-        state = states.get(i, "A")
+    working = [i for i in range(n) if states.get(i, "A") != "C"]  # C clients do no work
+    executed = sum(server_fwd_rows[i] * cps[i].server_forward_flops + server_bwd_rows[i] * cps[i].server_backward_flops
+                   for i in range(n))
+    unattributed = sum(server_fwd_rows[i] * cps[i].server_forward_flops + server_bwd_rows[i] * cps[i].server_backward_flops
+                       for i in range(n) if states.get(i, "A") == "C")
+    if extra_fwd or extra_bwd:
+        cp = cps[0]
+        executed += extra_fwd * cp.server_forward_flops + extra_bwd * cp.server_backward_flops
+    for i in working:
         cp = cps[i]
-        executed += server_fwd_rows[i] * cp.server_forward_flops + server_bwd_rows[i] * cp.server_backward_flops
-        if state == "C":
-            continue
-        if state == "A":
+        if states.get(i, "A") == "A":
             part = wire.part(cuts[i])
             up[i] += part
             down[i] += part
             flops[i] = samples[i] * (cp.client_forward_flops + cp.client_backward_flops)
         else:  # B: the frozen client only runs its forward pass
             flops[i] = samples[i] * cp.client_forward_flops
-        nominal.append(_nominal_server(cp, samples[i]))
-        clients_work.append(
-            ClientWork(ids[i], cuts[i], flops[i], up[i], down[i], receives_broadcast=True, samples=samples[i])
-        )
-    attributable = executed - sum(
-        server_fwd_rows[i] * cps[i].server_forward_flops + server_bwd_rows[i] * cps[i].server_backward_flops
-        for i in range(n)
-        if states.get(i, "A") == "C"
-    )
-    if extra_fwd or extra_bwd:
-        cp = cps[0]
-        mean_rows = extra_fwd * cp.server_forward_flops + extra_bwd * cp.server_backward_flops
-        executed += mean_rows
-        attributable += mean_rows
-    shares = _attributed(nominal, attributable)
-    clients_work = [
-        ClientWork(c.client_id, c.cut, c.flops, c.uplink_bytes, c.downlink_bytes, s, c.receives_broadcast, c.samples)
-        for c, s in zip(clients_work, shares)
-    ]
+    nominal = [_nominal_server(cps[i], samples[i]) for i in working]
     return RoundWorkload(
-        clients=tuple(clients_work),
+        client_ids=[ids[i] for i in working],
+        cuts=[cuts[i] for i in working],
+        flops=[flops[i] for i in working],
+        uplink_bytes=[up[i] for i in working],
+        downlink_bytes=[down[i] for i in working],
+        client_server_flops=_attributed(nominal, executed - unattributed),
+        samples=[samples[i] for i in working],
         timing=TIMING_OF[scheme],
         server_flops=executed,
         broadcast_bytes=broadcast,
+        scheme=scheme,
+        source="predicted",
+    )
+
+
+def _predict_elementwise(scheme: str, profile: "ModelProfile", wire: ElementWire, cuts: list[int],
+                         samples: list[int], ids: list[int]) -> RoundWorkload:
+    """``predict_workload``'s columns for the per-sample schemes with ``ElementWire`` and whole
+    rounds as one batch, computed as arrays (the same sums: planners price thousands of clients)."""
+    table = {k: profile.cut(k) for k in set(cuts)}
+    col = lambda f: np.array([f(table[k]) for k in cuts], dtype=float)  # noqa: E731
+    n = np.array(samples, dtype=float)
+    smashed = n * col(lambda c: c.smashed_elements) * wire.bytes_per_element
+    part = col(lambda c: c.client_param_bytes) if wire.include_weights else 0.0
+    server_fwd, server_bwd = col(lambda c: c.server_forward_flops), col(lambda c: c.server_backward_flops)
+    executed = n * server_fwd + n * server_bwd
+    return RoundWorkload(
+        client_ids=ids,
+        cuts=cuts,
+        flops=n * (col(lambda c: c.client_forward_flops) + col(lambda c: c.client_backward_flops)),
+        uplink_bytes=smashed + part,
+        downlink_bytes=smashed + part,
+        client_server_flops=executed,
+        samples=samples,
+        timing=TIMING_OF[scheme],
+        server_flops=float(sum(executed.tolist())),
         scheme=scheme,
         source="predicted",
     )
@@ -456,13 +547,14 @@ def measured_workload(
             raise ValueError(f"{name} has {len(seq)} entries for {n} clients")
     nominal = [_nominal_server(profile.cut(int(k)), s) for k, s in zip(cuts, samples)]
     attributable = max(_nonneg("server_flops", server_flops) - _nonneg("unattributed_server_flops", unattributed_server_flops), 0.0)
-    shares = _attributed(nominal, attributable)
-    clients = tuple(
-        ClientWork(int(c), int(k), float(f), float(u), float(d), s, True, int(m))
-        for c, k, f, u, d, s, m in zip(client_ids, cuts, client_flops, uplink_bytes, downlink_bytes, shares, samples)
-    )
     return RoundWorkload(
-        clients=clients,
+        client_ids=list(client_ids),
+        cuts=list(cuts),
+        flops=list(client_flops),
+        uplink_bytes=list(uplink_bytes),
+        downlink_bytes=list(downlink_bytes),
+        client_server_flops=_attributed(nominal, attributable),
+        samples=list(samples),
         timing=timing if timing is not None else TIMING_OF.get(scheme, Timing.PARALLEL),
         server_flops=float(server_flops),
         broadcast_bytes=float(broadcast_bytes),
