@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
-from flsplit.planners import CCCAgent, OpenPlanner, plan_edgesplit, plan_epsl, train_ccc_agent
+from flsplit.planners import CCCAgent, OpenPlanner, PlanningProblem, plan_edgesplit, plan_epsl, train_ccc_agent
 from flsplit.profile import profile_model
 from flsplit.scenario import load_scenario
 from flsplit.zoo import build_model
@@ -34,7 +32,10 @@ def test_edgesplit_in_the_loop_plans_each_round_as_the_planner_does(tmp_path):
     all_cuts = []
     for r, entry in enumerate(history["rounds"], start=1):
         nodes, ids = _round_state(entry)
-        expected = plan_edgesplit(profile, scenario, samples=[STEPS * BATCH] * len(ids), client_ids=ids, server_round=r)
+        # a training round sends the client parts down and back: the planner counts them
+        problem = PlanningProblem.build(profile, scenario, samples=[STEPS * BATCH] * len(ids), client_ids=ids,
+                                        server_round=r, include_weights=True)
+        expected = plan_edgesplit(problem=problem)
         recorded = entry["plan"]["nodes"]
         assert [recorded[n]["cut"] for n in nodes] == expected.cuts
         assert [recorded[n]["bandwidth_hz"] for n in nodes] == pytest.approx(expected.bandwidth_hz, rel=1e-12)
@@ -70,8 +71,10 @@ def test_open_queues_advance_with_the_measured_energy(tmp_path):
         before = [queues.get(n, 0.0) for n in nodes]
         assert plan["queues_before"] == pytest.approx(before, rel=1e-12, abs=0)
         # the planner's plan for this round's state, recomputed independently
-        expected = OpenPlanner(profile, scenario, energy_budget_j=plan["energy_budget_j"], V=0.01,
-                               samples=[STEPS * BATCH] * len(ids), client_ids=ids, initial_queues=before).plan(r)
+        problem = PlanningProblem.build(profile, scenario, samples=[STEPS * BATCH] * len(ids), client_ids=ids,
+                                        server_round=r, include_weights=True)
+        expected = OpenPlanner(energy_budget_j=plan["energy_budget_j"], V=0.01, initial_queues=before,
+                               problem=problem).plan(r)
         assert [plan["nodes"][n]["cut"] for n in nodes] == expected.cuts
         assert [plan["nodes"][n]["server_cpu_share"] for n in nodes] == pytest.approx(expected.server_cpu_share, rel=1e-9)
         for n, budget in zip(nodes, plan["energy_budget_j"]):
@@ -90,7 +93,8 @@ def test_epsl_resource_management_in_the_loop(tmp_path):
     width = scenario.channel.subchannel_bandwidth_hz
     for r, entry in enumerate(history["rounds"], start=1):
         nodes, ids = _round_state(entry)
-        expected = plan_epsl(profile, scenario, samples=STEPS * BATCH, client_ids=ids, server_round=r, phi=0.5)
+        expected = plan_epsl(profile, scenario, samples=STEPS * BATCH, client_ids=ids, server_round=r, phi=0.5,
+                             include_weights=True)
         recorded = entry["plan"]["nodes"]
         assert [recorded[n]["subchannels"] for n in nodes] == expected.subchannels
         assert [entry["cuts"][n] for n in nodes] == expected.cuts
@@ -143,3 +147,25 @@ def test_bad_planner_settings_are_refused_before_training(tmp_path, config, mess
     with pytest.raises(ValueError, match=message):
         run_app(tmp_path, num_nodes=2, **{**COMMON, **config})
     assert not list(tmp_path.glob("runs/*/history.json"))
+
+
+def test_planners_in_the_loop_count_the_client_part_weights():
+    """With ``include_weights`` a planner's model is the one price of a training round's traffic
+    (client parts down and back), and it plans differently from the weight-free model."""
+    from flsplit.sim import Allocation, ElementWire, ServerTiming, predict_workload, price
+
+    profile, scenario = _profile(), load_scenario("edge-diverse")
+    ids, samples = list(range(8)), [96] * 8
+    with_weights = plan_edgesplit(problem=PlanningProblem.build(profile, scenario, samples=samples, client_ids=ids,
+                                                                 include_weights=True))
+    without = plan_edgesplit(profile, scenario, samples=samples, client_ids=ids)
+    work = predict_workload("psl", profile, cuts=with_weights.cuts, samples=samples, client_ids=ids,
+                            wire=ElementWire(profile, 4.0, include_weights=True))
+    priced = price(work, scenario, Allocation(bandwidth_hz=with_weights.bandwidth_hz), server_timing=ServerTiming.PER_CLIENT)
+    assert with_weights.latency_s == pytest.approx(priced.round_latency_s, rel=1e-9)
+    assert with_weights.energy_j == pytest.approx(priced.total_energy_j, rel=1e-9)
+    # the weight-free plan, priced as a training round, is slower than the weight-aware one
+    work_without = predict_workload("psl", profile, cuts=without.cuts, samples=samples, client_ids=ids,
+                                    wire=ElementWire(profile, 4.0, include_weights=True))
+    slower = price(work_without, scenario, Allocation(bandwidth_hz=without.bandwidth_hz), server_timing=ServerTiming.PER_CLIENT)
+    assert slower.round_latency_s > priced.round_latency_s

@@ -177,7 +177,9 @@ class _Terms:
             s * problem.client_flops[None, :] / problem.device_flops_per_s[:, None]
             + s * problem.server_flops[None, :] / problem.server_flops_per_s
         )
-        self.bits = s * problem.smashed_elements[None, :] * problem.bytes_per_element * 8.0
+        # Each way: the smashed data (or its gradient), plus the client part's weights when the
+        # problem counts them (down at round start, back at round end).
+        self.bits = (s * problem.smashed_elements[None, :] * problem.bytes_per_element + problem.weight_bytes[None, :]) * 8.0
         self.a_up = np.asarray(k.snr_per_hz(problem.tx_power_w, problem.gains, problem.noise_psd_w_per_hz))
         self.a_down = np.asarray(k.snr_per_hz(problem.server_tx_power_w, problem.gains, problem.noise_psd_w_per_hz))
         self.rows = np.arange(s.shape[0])

@@ -192,9 +192,11 @@ class _CutData:
         self.server_flops = server_flops(
             cut, n_clients * samples, backward_samples=(1.0 - phi) * n_clients * samples + phi * samples
         )
-        self.up_bytes = samples * cut.smashed_elements * bpe
-        self.down_bytes = (1.0 - phi) * self.up_bytes
-        self.broadcast_bytes = phi * self.up_bytes
+        smashed = samples * cut.smashed_elements * bpe
+        weights = float(cut.client_param_bytes) if devices.include_weights else 0.0  # each way, once a round
+        self.up_bytes = smashed + weights
+        self.down_bytes = (1.0 - phi) * smashed + weights
+        self.broadcast_bytes = phi * smashed
         self.bits = self.up_bytes * 8.0
         self.down_bits = self.down_bytes * 8.0
         self.compute_s = kern.compute_s(self.client_flops, devices.cpu_hz, devices.flops_per_cycle)
@@ -417,6 +419,7 @@ def plan_epsl(
     candidate_cuts: Optional[Sequence[int]] = None,
     energy_budget_j: Union[None, float, Sequence[float]] = None,
     max_iter: int = 20,
+    include_weights: bool = False,
 ) -> Plan:
     """Subchannels, uplink powers and one cut minimising EPSL's round latency.
 
@@ -447,6 +450,9 @@ def plan_epsl(
         for every client or one per client. Default: no budget (maximum power).
     max_iter : int
         Maximum number of block-coordinate passes.
+    include_weights : bool
+        Count the client part's weights in each client's traffic (down at round start, up at
+        round end), as a training round sends them.
 
     Returns
     -------
@@ -499,7 +505,7 @@ def plan_epsl(
         )
     problem = PlanningProblem.build(
         profile, scenario, samples=[samples] * n, client_ids=ids, server_round=server_round,
-        bytes_per_element=bpe, candidate_cuts=candidate_cuts,
+        bytes_per_element=bpe, candidate_cuts=candidate_cuts, include_weights=include_weights,
     )
     cands = list(problem.candidate_cuts)
     budgets = _budgets(energy_budget_j, n)

@@ -17,6 +17,12 @@ ccc         ``CCCPlanner`` (Double DQN)      sflga (one cut)        after-client
 Feedback: OPEN's energy-deficit queues advance with the energy the devices actually spent
 (priced from the measured workload), not the planned energy; CCC's loss feature is the
 measured training loss of the previous round.
+
+Traffic: a training round sends each client part down at its start and back at its end. The
+EdgeSplit, OPEN and EPSL planners here count those weights in their models
+(``PlanningProblem(include_weights=True)``), as the price of the prediction does; CCC's convex
+allocation has no unicast downlink term and plans without them (its prediction is still
+priced with them).
 """
 
 from __future__ import annotations
@@ -151,6 +157,15 @@ class OnlinePlanner(ABC):
     def phi(self) -> float:
         return 0.0
 
+    def problem(self, scenario: Scenario, server_round: int, client_ids: list[int], samples: list[int]):
+        """This round's checked ``PlanningProblem``, counting the client parts' weights, which
+        a training round sends down and back (the planners' classic models leave them out)."""
+        from flsplit.planners.problem import PlanningProblem
+
+        return PlanningProblem.build(self.profile, scenario, samples=samples, client_ids=client_ids,
+                                     server_round=server_round, bytes_per_element=self.bytes_per_element,
+                                     candidate_cuts=self.candidate_cuts, include_weights=True)
+
     def plan(self, server_round: int, client_ids: Sequence[int], samples: Sequence[int], *,
              nodes: Optional[Sequence[int]] = None, scenario: Optional[Scenario] = None) -> RoundPlan:
         """Plan round ``server_round`` for these clients and price the prediction once."""
@@ -191,8 +206,7 @@ class EdgeSplitOnline(OnlinePlanner):
     def _plan(self, scenario, server_round, client_ids, samples):
         from flsplit.planners.edgesplit import plan_edgesplit
 
-        return plan_edgesplit(self.profile, scenario, samples=samples, client_ids=client_ids, server_round=server_round,
-                              bytes_per_element=self.bytes_per_element, candidate_cuts=self.candidate_cuts)
+        return plan_edgesplit(problem=self.problem(scenario, server_round, client_ids, samples))
 
 
 def parse_budget(value: Union[None, str, float, Sequence[float]]) -> Union[None, float, list[float]]:
@@ -271,9 +285,8 @@ class OpenOnline(OnlinePlanner):
 
         budgets = self._budgets_for(scenario, server_round, client_ids, samples)
         planner = OpenPlanner(
-            self.profile, scenario, energy_budget_j=budgets, V=self.V, samples=samples, client_ids=client_ids,
-            bytes_per_element=self.bytes_per_element, candidate_cuts=self.candidate_cuts,
-            initial_queues=[self.queues.get(c, 0.0) for c in client_ids],
+            energy_budget_j=budgets, V=self.V, initial_queues=[self.queues.get(c, 0.0) for c in client_ids],
+            problem=self.problem(scenario, server_round, client_ids, samples),
         )
         return planner.plan(server_round)
 
@@ -316,7 +329,7 @@ class EPSLOnline(OnlinePlanner):
 
         return plan_epsl(self.profile, scenario, samples=max(samples), client_ids=client_ids, server_round=server_round,
                          phi=self._phi, bytes_per_element=self.bytes_per_element, candidate_cuts=self.candidate_cuts,
-                         energy_budget_j=_per_client_budget(self.energy_budget, client_ids))
+                         energy_budget_j=_per_client_budget(self.energy_budget, client_ids), include_weights=True)
 
 
 class CCCOnline(OnlinePlanner):

@@ -290,7 +290,7 @@ class OpenPlanner:
         if np.any(~(rate > 0)):
             cid = self.client_ids[int(np.argmax(~(rate > 0)))]
             raise ValueError(f"client {cid} has no uplink rate in round {server_round}")
-        bits = samples * self._smashed[None, :] * self.bytes_per_element * 8.0
+        bits = (samples * self._smashed[None, :] * self.bytes_per_element + problem.weight_bytes[None, :]) * 8.0
         compute_s = flops / problem.device_flops_per_s[:, None]
         uplink_s = bits / rate[:, None]
         energy = (

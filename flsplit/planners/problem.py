@@ -123,6 +123,8 @@ class PlanningProblem:
     server_flops_per_s: float
     server_tx_power_w: float
     total_bandwidth_hz: float
+    weight_bytes: np.ndarray = None  # (K,) client-part bytes each way per round (0 unless include_weights)
+    include_weights: bool = False
 
     @classmethod
     def build(
@@ -136,10 +138,14 @@ class PlanningProblem:
         bytes_per_element: float = 4.0,
         candidate_cuts: Optional[Sequence[int]] = None,
         min_samples: int = 1,
+        include_weights: bool = False,
     ) -> "PlanningProblem":
         """Check the arguments (``ValueError`` naming the argument) and precompute the arrays.
 
         ``min_samples`` is the least sample count of a client (EdgeSplit accepts 0).
+        ``include_weights``: the client part's weights travel down at round start and back
+        at round end (as in a training run); the planners then count them in every client's
+        traffic (``weight_bytes``), and the plan is priced with them.
         """
         if not isinstance(scenario, Scenario):
             raise ValueError(f"scenario must be a Scenario, got {type(scenario).__name__}")
@@ -180,6 +186,8 @@ class PlanningProblem:
             server_flops_per_s=float(scenario.server.flops_per_s),
             server_tx_power_w=float(scenario.server.tx_power_w),
             total_bandwidth_hz=float(total),
+            weight_bytes=_readonly([float(c.client_param_bytes) if include_weights else 0.0 for c in cps]),
+            include_weights=bool(include_weights),
         )
 
     # -- derived views --
@@ -250,7 +258,7 @@ class PlanningProblem:
         """``price(predict_workload(scheme, ...), scenario, Allocation.from_plan(plan), ...)``."""
         work = predict_workload(
             scheme, self.profile, cuts=plan.cuts, samples=list(self.samples), client_ids=list(self.client_ids),
-            phi=phi, wire=ElementWire(self.profile, self.bytes_per_element),
+            phi=phi, wire=ElementWire(self.profile, self.bytes_per_element, self.include_weights),
         )
         return price(work, self.scenario, Allocation.from_plan(plan), server_round=self.server_round,
                      server_timing=server_timing)

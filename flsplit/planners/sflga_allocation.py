@@ -94,7 +94,6 @@ import numpy as np
 from scipy.special import lambertw
 
 from flsplit.costmodel import Scenario
-from flsplit.planners.checks import int_arg, real_arg
 from flsplit.planners.plan import Plan
 from flsplit.planners.problem import PlanningProblem, client_id_list, sample_list
 from flsplit.sim.pricing import ServerTiming
