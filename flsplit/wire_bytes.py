@@ -1,6 +1,6 @@
 """The wire's own traffic model: bytes of each piece of a round as the data plane serializes it.
 
-``SerializedWire`` implements ``flsplit.sim.workload.WireModel`` by encoding tensors of the
+``SerializedWire`` implements ``flsplit.sim.traffic.WireModel`` by encoding tensors of the
 right shapes through the run's codecs and Flower's records, exactly as the runtime does, and
 counting ``Array.data`` (payload, ``.npy`` header, per-tensor scale, labels). A workload
 predicted with it equals the one measured from a finished round, so the two prices agree to

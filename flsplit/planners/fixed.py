@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Optional
 from flsplit.costmodel import RoundCost, Scenario
 from flsplit.planners.plan import Plan
 from flsplit.sim.pricing import Allocation, ServerTiming, price, price_totals
-from flsplit.sim.workload import ElementWire, predict_workload
+from flsplit.sim.traffic import ElementWire, predict_workload
 
 if TYPE_CHECKING:  # pure: the profile is only read
     from flsplit.profile import ModelProfile

@@ -38,7 +38,7 @@ from flsplit.costmodel import RoundCost, Scenario
 from flsplit.planners.checks import candidate_cut_list, real_arg
 from flsplit.planners.plan import Plan
 from flsplit.sim import Allocation, ServerTiming, predict_workload, price
-from flsplit.sim.workload import ElementWire
+from flsplit.sim.traffic import ElementWire
 
 if TYPE_CHECKING:
     from flsplit.profile import ModelProfile

@@ -33,7 +33,7 @@ from flsplit.costmodel import Scenario
 from flsplit.planners.checks import candidate_cut_list, int_arg, real_arg
 from flsplit.planners.plan import Plan
 from flsplit.sim.pricing import Allocation, ServerTiming, price
-from flsplit.sim.workload import ElementWire, predict_workload
+from flsplit.sim.traffic import ElementWire, predict_workload
 
 if TYPE_CHECKING:  # pure: the profile is only read, torch is never imported here
     from flsplit.costmodel import RoundCost

@@ -1,7 +1,9 @@
 """The wireless edge simulator: a round's workload, its one price, and the physics kernels.
 
 - ``workload``: ``RoundWorkload`` (per client: cut, FLOPs, bytes; broadcast; server FLOPs;
-  timing rule), predicted from a scheme's traffic model or measured from a finished round;
+  timing rule);
+- ``traffic``: each scheme's traffic model (``predict_workload`` with a ``WireModel``) and the
+  workload of a finished round (``measured_workload``);
 - ``pricing``: ``price(workload, scenario, allocation)``, the one pricing function;
 - ``kernels``: the vectorised, unchecked physics the pricing and the planners call.
 
@@ -9,22 +11,18 @@ Scenarios (devices, server, channel) are ``flsplit.costmodel.Scenario``, loaded 
 ``flsplit.scenario``.
 """
 
-from flsplit.sim.pricing import Allocation, ServerTiming, price
-from flsplit.sim.workload import (
-    ClientWork,
-    ElementWire,
-    RoundWorkload,
-    Timing,
-    measured_workload,
-    predict_workload,
-)
+from flsplit.sim.pricing import Allocation, ServerTiming, price, price_totals
+from flsplit.sim.traffic import ElementWire, WireModel, measured_workload, predict_workload
+from flsplit.sim.workload import ClientWork, RoundWorkload, Timing
 
 __all__ = [
     "Allocation",
     "ServerTiming",
     "price",
+    "price_totals",
     "ClientWork",
     "ElementWire",
+    "WireModel",
     "RoundWorkload",
     "Timing",
     "measured_workload",

@@ -1,0 +1,352 @@
+"""Traffic models: the workload a round of a scheme does, predicted or measured.
+
+``predict_workload`` is each scheme's traffic model (which batches go up, which gradients
+come down, what is broadcast, which rows the server runs) with a ``WireModel`` giving the
+bytes of each piece; ``measured_workload`` builds the same ``RoundWorkload`` from what a
+finished round measured. EPSL's server work follows the paper's count: ``N b`` rows
+forwarded and ``(1 - phi) N b + phi b`` back-propagated per step (``ServerPart`` counts what it
+runs the same way). Per-client server FLOPs are the nominal ``samples x (forward +
+backward)`` at the client's cut, scaled to sum to what the server executed on the clients'
+data.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Protocol
+
+import numpy as np
+
+from flsplit.sim.workload import RoundWorkload, Timing, _column, _int, _nonneg
+
+if TYPE_CHECKING:  # pure: the profile is only read, torch is never imported here
+    from flsplit.profile import CutProfile, ModelProfile
+
+__all__ = ["TIMING_OF", "SCHEMES", "WireModel", "ElementWire", "split_batches", "predict_workload",
+           "measured_workload"]
+
+# The schedule of each scheme and hence its timing rule.
+TIMING_OF: dict[str, Timing] = {
+    "sl": Timing.SEQUENTIAL,
+    "sflv1": Timing.PARALLEL,
+    "sflv2": Timing.PARALLEL,
+    "psl": Timing.PARALLEL,
+    "epsl": Timing.PARALLEL,
+    "sflga": Timing.PARALLEL,
+    "async": Timing.PARALLEL,
+}
+SCHEMES = tuple(TIMING_OF)
+
+
+
+class WireModel(Protocol):
+    """Bytes on the wire of the pieces of a round (a traffic model's unit costs)."""
+
+    def up(self, cut: int, rows: float) -> float:
+        """Bytes of one batch of ``rows`` smashed samples sent up (with its labels)."""
+
+    def down(self, cut: int, rows: float) -> float:
+        """Bytes of one unicast gradient of ``rows`` samples."""
+
+    def broadcast(self, cut: int, rows: float) -> float:
+        """Bytes of one broadcast gradient of ``rows`` samples."""
+
+    def part(self, cut: int) -> float:
+        """Bytes of the client part's weights (sent down at round start and back at the end)."""
+
+
+@dataclass(frozen=True)
+class ElementWire:
+    """The planners' wire model: ``rows x smashed elements x bytes_per_element`` each way.
+
+    Headers, labels and scales are left out (a planning approximation;
+    ``flsplit.wire_bytes.SerializedWire`` counts them). The client part's weights, sent down
+    at round start and back at round end, count only with ``include_weights`` (the
+    profile's ``client_param_bytes``): the classic planners' models leave them out, a
+    training run pays them.
+    """
+
+    profile: "ModelProfile"
+    bytes_per_element: float = 4.0
+    include_weights: bool = False
+
+    def _bytes(self, cut: int, rows: float) -> float:
+        return rows * self.profile.cut(cut).smashed_elements * self.bytes_per_element
+
+    def up(self, cut: int, rows: float) -> float:
+        return self._bytes(cut, rows)
+
+    def down(self, cut: int, rows: float) -> float:
+        return self._bytes(cut, rows)
+
+    def broadcast(self, cut: int, rows: float) -> float:
+        return self._bytes(cut, rows)
+
+    def part(self, cut: int) -> float:
+        return float(self.profile.cut(cut).client_param_bytes) if self.include_weights else 0.0
+
+
+def split_batches(samples: int, batch_size: Optional[int]) -> list[int]:
+    """Rows of each batch of ``samples`` samples (one batch of all when ``batch_size`` is None)."""
+    if batch_size is None:
+        return [samples] if samples > 0 else []
+    full, rest = divmod(samples, batch_size)
+    return [batch_size] * full + ([rest] if rest else [])
+
+
+def _nominal_server(cut: "CutProfile", samples: float) -> float:
+    return samples * (cut.server_forward_flops + cut.server_backward_flops)
+
+
+def _attributed(nominal: Sequence[float], executed: float) -> list[float]:
+    """Per-client server FLOPs: the nominal ones scaled to sum to what was executed."""
+    total = sum(nominal)
+    if total <= 0:
+        return [0.0] * len(nominal)
+    return [v * executed / total for v in nominal]
+
+
+def predict_workload(
+    scheme: str,
+    profile: "ModelProfile",
+    *,
+    cuts: Sequence[int],
+    samples: Sequence[int],
+    client_ids: Optional[Sequence[int]] = None,
+    batch_size: Optional[int] = None,
+    phi: float = 0.0,
+    wire: Optional[WireModel] = None,
+    states: Optional[Mapping[int, str]] = None,
+) -> RoundWorkload:
+    """The workload a round of ``scheme`` will do (its traffic model).
+
+    Parameters
+    ----------
+    scheme : {"sl", "sflv1", "sflv2", "psl", "epsl", "sflga", "async"}
+        The scheme (its traffic, its server work, its schedule's timing rule).
+    profile : ModelProfile
+        Per-block FLOPs and sizes of the model.
+    cuts, samples : sequence of int
+        Per client: cut layer, and samples trained this round.
+    client_ids : sequence of int, optional
+        Scenario client ids; default ``0 .. N-1``.
+    batch_size : int, optional
+        Batch size of the split steps; ``None`` treats each client's round as one batch (the
+        planners' continuous approximation: EPSL aggregates ``phi x samples`` positions).
+    phi : float
+        EPSL's aggregated fraction (``epsl`` only).
+    wire : WireModel, optional
+        Bytes of each piece; default ``ElementWire(profile)`` (fp32 payloads only).
+    states : mapping of client position to {"A", "B", "C"}, optional
+        Async SL: each client's state this round (default all ``A``). ``B`` uploads one way
+        with a frozen client part; ``C`` sends nothing and the server trains on its cache.
+
+    Returns
+    -------
+    RoundWorkload
+        ``source="predicted"``. Clients in state ``C`` are not in ``clients`` (they do no
+        work); their samples are still trained on by the server.
+
+    Examples
+    --------
+    >>> w = predict_workload("psl", profile, cuts=[2, 3], samples=[64, 64])  # doctest: +SKIP
+    >>> price(w, scenario).round_latency_s  # doctest: +SKIP
+    """
+    if scheme not in TIMING_OF:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    n = len(samples)
+    if n == 0:
+        raise ValueError("samples: at least one client is needed")
+    samples = _column("samples", samples, n, int, minimum=1).tolist()
+    cuts = list(cuts)
+    if len(cuts) != n:
+        raise ValueError(f"cuts has {len(cuts)} entries for {n} clients")
+    num_blocks = len(profile.blocks)
+    for k in cuts:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= num_blocks - 1:
+            raise ValueError(f"cut {k!r} is outside the model: valid cuts are 1..{num_blocks - 1}")
+    cuts = [int(k) for k in cuts]
+    ids = list(range(n)) if client_ids is None else _column("client_ids", list(client_ids), len(client_ids), int).tolist()
+    if len(ids) != n:
+        raise ValueError(f"samples has {n} entries but client_ids has {len(ids)}")
+    if batch_size is not None:
+        batch_size = _int("batch_size", batch_size, 1)
+    if isinstance(phi, bool) or not isinstance(phi, numbers.Real) or not 0.0 <= phi <= 1.0:
+        raise ValueError(f"phi must be in [0, 1], got {phi!r}")
+    if scheme != "epsl" and phi != 0.0:
+        raise ValueError(f"phi applies to scheme 'epsl' only, not {scheme!r}")
+    if scheme in ("epsl", "sflga") and len(set(cuts)) > 1:
+        raise ValueError(f"{scheme} uses one cut for every client, got {cuts}")
+    states = {i: "A" for i in range(n)} if states is None else {int(i): str(s) for i, s in states.items()}
+    if scheme != "async" and any(s != "A" for s in states.values()):
+        raise ValueError("states apply to scheme 'async' only")
+    if any(s not in ("A", "B", "C") for s in states.values()):
+        raise ValueError(f"states must be 'A', 'B' or 'C', got {sorted(set(states.values()))}")
+    wire = wire or ElementWire(profile)
+    if (type(wire) is ElementWire and batch_size is None and scheme not in ("epsl", "sflga")
+            and all(v == "A" for v in states.values())):
+        return _predict_elementwise(scheme, profile, wire, cuts, samples, ids)
+    cps = [profile.cut(k) for k in cuts]
+    batches = [split_batches(s, batch_size) for s in samples]
+    up = [0.0] * n
+    down = [0.0] * n
+    flops = [0.0] * n
+    broadcast = 0.0
+    server_fwd_rows = [0.0] * n  # per client, rows forwarded / back-propagated on the server
+    server_bwd_rows = [0.0] * n
+    extra_fwd = extra_bwd = 0.0  # rows not attributable to one client (EPSL's mean rows)
+
+    if scheme in ("epsl", "sflga"):
+        steps = max(len(b) for b in batches)
+        for t in range(steps):
+            who = [i for i in range(n) if t < len(batches[i])]
+            rows = [batches[i][t] for i in who]
+            for i, r in zip(who, rows):
+                up[i] += wire.up(cuts[i], r)
+                server_fwd_rows[i] += r
+                server_bwd_rows[i] += r
+            if scheme == "sflga":  # unicast rows are empty, the average is broadcast
+                for i in who:
+                    down[i] += wire.down(cuts[i], 0)
+                broadcast += wire.broadcast(cuts[who[0]], max(rows))
+                continue
+            b = min(rows)
+            m = (phi * b if batch_size is None else math.ceil(phi * b)) if len(who) > 1 else 0
+            for i, r in zip(who, rows):
+                down[i] += wire.down(cuts[i], r - m)
+                server_bwd_rows[i] -= m  # aggregated rows are forwarded without a graph ...
+            if m:
+                broadcast += wire.broadcast(cuts[who[0]], m)
+                # ... and the m mean rows are back-propagated once. Their forward pass is
+                # counted with that backward, as the EPSL paper counts it (m / (N b) more
+                # forward FLOPs, under phi / N): server backward (1 - phi) N b + phi b.
+                extra_bwd += m
+    else:
+        for i in range(n):
+            state = states.get(i, "A")
+            if state == "A":
+                for r in batches[i]:
+                    up[i] += wire.up(cuts[i], r)
+                    down[i] += wire.down(cuts[i], r)
+            elif state == "B":
+                up[i] = sum(wire.up(cuts[i], r) for r in batches[i])
+            server_fwd_rows[i] = server_bwd_rows[i] = samples[i]
+
+    working = [i for i in range(n) if states.get(i, "A") != "C"]  # C clients do no work
+    executed = sum(server_fwd_rows[i] * cps[i].server_forward_flops + server_bwd_rows[i] * cps[i].server_backward_flops
+                   for i in range(n))
+    unattributed = sum(server_fwd_rows[i] * cps[i].server_forward_flops + server_bwd_rows[i] * cps[i].server_backward_flops
+                       for i in range(n) if states.get(i, "A") == "C")
+    if extra_fwd or extra_bwd:
+        cp = cps[0]
+        executed += extra_fwd * cp.server_forward_flops + extra_bwd * cp.server_backward_flops
+    for i in working:
+        cp = cps[i]
+        if states.get(i, "A") == "A":
+            part = wire.part(cuts[i])
+            up[i] += part
+            down[i] += part
+            flops[i] = samples[i] * (cp.client_forward_flops + cp.client_backward_flops)
+        else:  # B: the frozen client only runs its forward pass
+            flops[i] = samples[i] * cp.client_forward_flops
+    nominal = [_nominal_server(cps[i], samples[i]) for i in working]
+    return RoundWorkload(
+        client_ids=[ids[i] for i in working],
+        cuts=[cuts[i] for i in working],
+        flops=[flops[i] for i in working],
+        uplink_bytes=[up[i] for i in working],
+        downlink_bytes=[down[i] for i in working],
+        client_server_flops=_attributed(nominal, executed - unattributed),
+        samples=[samples[i] for i in working],
+        timing=TIMING_OF[scheme],
+        server_flops=executed,
+        broadcast_bytes=broadcast,
+        scheme=scheme,
+        source="predicted",
+    )
+
+
+def _predict_elementwise(scheme: str, profile: "ModelProfile", wire: ElementWire, cuts: list[int],
+                         samples: list[int], ids: list[int]) -> RoundWorkload:
+    """``predict_workload``'s columns for the per-sample schemes with ``ElementWire`` and whole
+    rounds as one batch, computed as arrays (the same sums: planners price thousands of clients)."""
+    table = {k: profile.cut(k) for k in set(cuts)}
+    col = lambda f: np.array([f(table[k]) for k in cuts], dtype=float)  # noqa: E731
+    n = np.array(samples, dtype=float)
+    smashed = n * col(lambda c: c.smashed_elements) * wire.bytes_per_element
+    part = col(lambda c: c.client_param_bytes) if wire.include_weights else 0.0
+    server_fwd, server_bwd = col(lambda c: c.server_forward_flops), col(lambda c: c.server_backward_flops)
+    executed = n * server_fwd + n * server_bwd
+    return RoundWorkload(
+        client_ids=ids,
+        cuts=cuts,
+        flops=n * (col(lambda c: c.client_forward_flops) + col(lambda c: c.client_backward_flops)),
+        uplink_bytes=smashed + part,
+        downlink_bytes=smashed + part,
+        client_server_flops=executed,
+        samples=samples,
+        timing=TIMING_OF[scheme],
+        server_flops=float(sum(executed.tolist())),
+        scheme=scheme,
+        source="predicted",
+    )
+
+
+def measured_workload(
+    scheme: str,
+    profile: "ModelProfile",
+    *,
+    client_ids: Sequence[int],
+    cuts: Sequence[int],
+    client_flops: Sequence[float],
+    uplink_bytes: Sequence[float],
+    downlink_bytes: Sequence[float],
+    samples: Sequence[int],
+    server_flops: float,
+    unattributed_server_flops: float = 0.0,
+    broadcast_bytes: float = 0.0,
+    timing: Optional[Timing] = None,
+) -> RoundWorkload:
+    """The workload of a finished round, from what the runtime measured.
+
+    Parameters
+    ----------
+    scheme : str
+        The scheme (label; also gives the timing rule unless ``timing`` is given).
+    profile : ModelProfile
+        For the nominal per-client server FLOPs (attribution only).
+    client_ids, cuts, client_flops, uplink_bytes, downlink_bytes, samples : sequences
+        Per client that did work this round.
+    server_flops : float
+        FLOPs the server executed in the round (all of them).
+    unattributed_server_flops : float
+        Of those, FLOPs on data no client sent this round (async SL's caches).
+    broadcast_bytes : float
+        Bytes broadcast this round, each broadcast counted once.
+    timing : Timing, optional
+        The schedule's timing rule; default the scheme's.
+    """
+    n = len(client_ids)
+    for name, seq in (("cuts", cuts), ("client_flops", client_flops), ("uplink_bytes", uplink_bytes),
+                      ("downlink_bytes", downlink_bytes), ("samples", samples)):
+        if len(seq) != n:
+            raise ValueError(f"{name} has {len(seq)} entries for {n} clients")
+    nominal = [_nominal_server(profile.cut(int(k)), s) for k, s in zip(cuts, samples)]
+    attributable = max(_nonneg("server_flops", server_flops) - _nonneg("unattributed_server_flops", unattributed_server_flops), 0.0)
+    return RoundWorkload(
+        client_ids=list(client_ids),
+        cuts=list(cuts),
+        flops=list(client_flops),
+        uplink_bytes=list(uplink_bytes),
+        downlink_bytes=list(downlink_bytes),
+        client_server_flops=_attributed(nominal, attributable),
+        samples=list(samples),
+        timing=timing if timing is not None else TIMING_OF.get(scheme, Timing.PARALLEL),
+        server_flops=float(server_flops),
+        broadcast_bytes=float(broadcast_bytes),
+        scheme=scheme,
+        source="measured",
+    )
