@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # pure: the profile is only read
 
 __all__ = ["plan_fixed", "best_fixed_cut", "scheme_round_cost", "SCHEMES"]
 
-SCHEMES = ("psl", "sl", "epsl", "sflga")
+SCHEMES = ("psl", "sl", "epsl", "sflga", "sflv1", "sflv2")  # async needs per-client states: predict_workload
 
 
 def _client_list(samples: Sequence[int], client_ids: Optional[Sequence[int]]) -> tuple[list[int], list[int]]:
@@ -111,7 +111,7 @@ def scheme_round_cost(
         Round number (keys the fading).
     bytes_per_element : float
         Wire bytes per smashed element (4 for fp32, 1 for fp8).
-    scheme : {"psl", "sl", "epsl", "sflga"}
+    scheme : {"psl", "sl", "epsl", "sflga", "sflv1", "sflv2"}
         The traffic and timing rule (module docstring).
     phi : float
         EPSL's aggregated fraction (``epsl`` only).
@@ -189,7 +189,7 @@ def plan_fixed(
         Round number (keys the fading).
     bytes_per_element : float
         Wire bytes per smashed element (4 for fp32, 1 for fp8).
-    scheme : {"psl", "sl", "epsl", "sflga"}
+    scheme : {"psl", "sl", "epsl", "sflga", "sflv1", "sflv2"}
         Traffic and timing of the scheme (``scheme_round_cost``).
     phi : float
         EPSL's aggregated fraction (``scheme="epsl"`` only).
