@@ -533,7 +533,7 @@ def plot_cuts(path: Path, summaries: Sequence[Summary], *, metric: str, target: 
     cut_ax.set_ylabel("cut layer")
     for i, s in enumerate(runs):
         color = f"C{i}"
-        label = s.label + (f" ({s.planner})" if s.planner else "")
+        label = s.label + (f" ({s.planner})" if s.planner and s.planner not in s.label else "")
         points = [(n, a) for n, a in zip(s.round_numbers, s.accuracy) if a is not None]
         if points:
             acc_ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, color=color, label=label)
