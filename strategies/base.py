@@ -165,7 +165,7 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Strategy):
         self.round_planner = None  # set by strategies.adaptive.Adaptive: plans cuts + resources
         self.round_plan = None  # this round's plan (a strategies.adaptive.RoundPlan) if planned
 
-    scheme = ""  # the scheme's name in STRATEGIES and in the traffic model (flsplit.sim.workload)
+    scheme = ""  # the scheme's name in STRATEGIES and in the traffic model (flsplit.sim.traffic)
     timing = "parallel"  # how clients' chains combine in the simulated round latency
 
     # ------------------------------------------------------------------ pieces
