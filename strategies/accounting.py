@@ -55,7 +55,8 @@ class RoundAccounting:
 
     def simulate_round(self, server_round: int, traffic: Traffic, examples: dict[int, int]) -> dict:
         """Simulated latency and energy of the round: its measured workload, priced once
-        (``flsplit.sim.price``) with the round plan's allocation if the round was planned."""
+        (``flsplit.sim.price``) with the round plan's allocation if the round was planned; the
+        ``RoundCost`` is also kept as ``self.round_cost``."""
         nodes = sorted(examples)
         own = {pid: prof for n, (pid, prof) in self.devices.items() if prof is not None and n in examples}
         scenario = self.scenario.with_devices(own) if own else self.scenario
