@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 
+from flsplit.sim import kernels
+
 if TYPE_CHECKING:  # only for type hints: the cost model must not import torch
     from flsplit.profile import CutProfile
 
@@ -156,9 +158,7 @@ def shannon_rate_bps(
     b, p, g = (np.asarray(x, dtype=float) for x in (bandwidth_hz, tx_power_w, gain))
     if np.any(b < 0) or np.any(p < 0) or np.any(g < 0) or noise_psd_w_per_hz <= 0:
         raise ValueError("bandwidth, power and gain must be >= 0 and the noise PSD > 0")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rate = b * np.log2(1.0 + p * g / (b * noise_psd_w_per_hz))
-    return np.where(b > 0, rate, 0.0)
+    return kernels.rate_bps(b, kernels.snr_per_hz(p, g, noise_psd_w_per_hz))  # checked front, one kernel
 
 
 def transfer_time_s(num_bytes: ArrayLike, rate_bps: ArrayLike) -> ArrayLike:
@@ -172,8 +172,7 @@ def transfer_time_s(num_bytes: ArrayLike, rate_bps: ArrayLike) -> ArrayLike:
         raise ValueError(f"bytes must be >= 0, got {num_bytes}")
     if np.any((n > 0) & (r <= 0)):
         raise ValueError("a payload cannot be sent at rate 0 (no bandwidth or no power on the link)")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(n > 0, n * 8.0 / r, 0.0)
+    return kernels.transfer_s(n, r)
 
 
 def broadcast_time_s(num_bytes: float, rates_bps: ArrayLike) -> float:
