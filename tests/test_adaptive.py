@@ -130,6 +130,12 @@ def test_an_agent_for_another_number_of_clients_is_refused_at_start(tmp_path, ag
         run_app(tmp_path, num_nodes=3, strategy="sflga", planner="ccc", **COMMON, **{"planner-agent": str(agent_path)})
 
 
+def test_an_agent_for_other_candidate_cuts_is_refused_at_start(tmp_path, agent_path):
+    with pytest.raises(ValueError, match="chooses among cuts .* not the run's candidate cuts"):
+        run_app(tmp_path, num_nodes=4, strategy="sflga", planner="ccc", **COMMON,
+                **{"planner-agent": str(agent_path), "planner-candidate-cuts": "2,3"})
+
+
 @pytest.mark.parametrize(
     "config, message",
     [

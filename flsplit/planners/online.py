@@ -149,6 +149,7 @@ class OnlinePlanner(ABC):
         self.scenario = scenario
         self.bytes_per_element = real_arg("bytes_per_element", bytes_per_element, positive=True)
         self.candidate_cuts = candidate_cut_list(len(profile.blocks), candidate_cuts)
+        self.cuts_given = candidate_cuts is not None
 
     @abstractmethod
     def _plan(self, scenario: Scenario, server_round: int, client_ids: list[int], samples: list[int]) -> Plan:
@@ -356,6 +357,9 @@ class CCCOnline(OnlinePlanner):
         if bad:
             raise ValueError(f"the CCC agent at {agent_path} was trained for cuts {list(self.agent.candidate_cuts)}; "
                              f"cuts {bad} are outside this model (1..{len(profile.blocks) - 1})")
+        if self.cuts_given and sorted(self.agent.candidate_cuts) != self.candidate_cuts:
+            raise ValueError(f"the CCC agent at {agent_path} chooses among cuts {sorted(self.agent.candidate_cuts)}, "
+                             f"not the run's candidate cuts {self.candidate_cuts}: retrain it with those cuts")
         self.energy_budget = parse_budget(energy_budget_j)
         self._planner = None
         self._key: Optional[tuple] = None
