@@ -175,3 +175,13 @@ def test_planners_in_the_loop_count_the_client_part_weights():
                                     wire=ElementWire(profile, 4.0, include_weights=True))
     slower = price(work_without, scenario, Allocation(bandwidth_hz=without.bandwidth_hz), server_timing=ServerTiming.PER_CLIENT)
     assert slower.round_latency_s > priced.round_latency_s
+
+
+def test_open_names_budgets_no_cut_can_meet():
+    """A budget below a device's cheapest cut is reported (once per device), not silently chased."""
+    from flsplit.planners.online import make_online_planner
+
+    planner = make_online_planner("asl", _profile(), load_scenario("edge-diverse"), energy_budget_j="1e-4,1")
+    planner.plan(1, [0, 1], [96, 96])
+    planner.plan(2, [0, 1], [96, 96])
+    assert planner.warned == {0}  # client 0 cannot meet 0.1 mJ; client 1 has 1 J

@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import math
 import time
+from logging import WARNING
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Union
+
+from flwr.common.logger import log
 
 from flsplit.costmodel import RoundCost, Scenario
 from flsplit.planners.checks import candidate_cut_list, real_arg
@@ -260,6 +263,7 @@ class OpenOnline(OnlinePlanner):
         self.energy_budget = parse_budget(energy_budget_j)
         self.budgets: dict[int, float] = {}
         self.queues: dict[int, float] = {}
+        self.warned: set[int] = set()
 
     def _budgets_for(self, scenario, server_round, client_ids, samples) -> list[float]:
         explicit = _per_client_budget(self.energy_budget, client_ids)
@@ -289,6 +293,13 @@ class OpenOnline(OnlinePlanner):
             energy_budget_j=budgets, V=self.V, initial_queues=[self.queues.get(c, 0.0) for c in client_ids],
             problem=self.problem(scenario, server_round, client_ids, samples),
         )
+        # A budget below every cut's energy can only be exceeded: say so (once per device).
+        least = planner.round_terms(server_round)["energy_j"].min(axis=1)
+        for c, e, b in zip(client_ids, least, budgets):
+            if e > b and c not in self.warned:
+                self.warned.add(c)
+                log(WARNING, "[flsplit] OPEN: client %d's energy budget %.4g J is below its cheapest cut's "
+                    "%.4g J in round %d: its queue can only grow", c, b, e, server_round)
         return planner.plan(server_round)
 
     def record_extra(self, plan: Plan) -> dict:
