@@ -101,8 +101,7 @@ class Adaptive(Strategy):
                     pid = int(record["partition-id"])
                     if examples < 0 or pid < 0:
                         raise ValueError("negative partition id or sample count")
-                    profile = {k: v for k, v in record.items() if k not in ("partition-id", "num-train-examples")}
-                    own = device_from_node_config(profile, strategy.scenario.device(pid)) if profile else None
+                    own = device_from_node_config(record, strategy.scenario.device(pid))  # reads the device keys only
                 except (KeyError, TypeError, ValueError) as err:
                     strategy.reject(node, f"device record refused, node sits out: {err}")
                     continue

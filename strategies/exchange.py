@@ -74,7 +74,7 @@ class ExchangeHost:
             return
         pid = int(record.get("partition-id", len(self.devices)))
         try:
-            own = device_from_node_config({k: v for k, v in record.items() if k != "partition-id"}, self.scenario.device(pid))
+            own = device_from_node_config(record, self.scenario.device(pid))  # reads the device keys only
         except ValueError as err:
             self.reject(node_id, f"device profile ignored: {err}")
             own = None
