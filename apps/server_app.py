@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from logging import INFO
+from typing import Callable, Optional
 from pathlib import Path
 
 import torch
@@ -14,7 +15,10 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from apps.task import RunSettings, make_evaluate_fn, make_model_fn
 from flsplit.data import dataset_info
-from flsplit.dataplane import MessageDataPlane, time_noop_exchanges
+from flsplit.dataplane import DataPlane, MessageDataPlane, time_noop_exchanges
+from flsplit.stream import MODES, StreamDataPlane
+from flsplit.stream.simulation import simulation_concurrency
+from flsplit.stream.tls import load_credentials
 from flsplit.history import RunHistory
 from flsplit.protocol import NOOP
 from flsplit.scenario import scenario_from_run_config
@@ -62,8 +66,33 @@ def build_strategy(settings: RunSettings, history: RunHistory):
         min_available_nodes=int(settings["min-available-nodes"]),
         history=history,
         scenario=scenario_from_run_config(settings),
+        data_plane_factory=data_plane_factory(settings),
     )
     return with_planner(strategy, settings)
+
+
+def data_plane_factory(settings: RunSettings) -> Optional[Callable[[Grid, float], DataPlane]]:
+    """The data plane the run config names (``None``: Flower messages only)."""
+    mode = str(settings["data-plane"])
+    if mode not in MODES:
+        raise ValueError(f"data-plane must be one of {list(MODES)}, got {mode!r}")
+    if mode == "message":
+        return None
+    certfile, keyfile = str(settings["stream-certfile"]), str(settings["stream-keyfile"])
+    if bool(certfile) != bool(keyfile):
+        raise ValueError("stream-certfile and stream-keyfile go together (both, or neither for an ephemeral certificate)")
+    credentials = load_credentials(certfile, keyfile) if certfile else None
+    max_frame_mb, handshake = float(settings["stream-max-frame-mb"]), float(settings["stream-handshake-timeout"])
+    if not max_frame_mb > 0 or not handshake > 0:
+        raise ValueError("stream-max-frame-mb and stream-handshake-timeout must be positive")
+
+    def factory(grid: Grid, timeout: float) -> DataPlane:
+        return StreamDataPlane(grid, timeout, mode=mode, listen=str(settings["stream-listen"]),
+                               advertise=str(settings["stream-advertise"]), credentials=credentials,
+                               handshake_timeout=handshake, max_frame=int(max_frame_mb * 2**20),
+                               concurrency=simulation_concurrency)
+
+    return factory
 
 
 def with_planner(strategy, settings: RunSettings):

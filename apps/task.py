@@ -48,6 +48,13 @@ DEFAULTS: dict[str, Any] = {
     "planner-energy-budget": "",
     "planner-agent": "",
     "planner-candidate-cuts": "",
+    "data-plane": "auto",
+    "stream-listen": "127.0.0.1:0",
+    "stream-advertise": "",
+    "stream-certfile": "",
+    "stream-keyfile": "",
+    "stream-max-frame-mb": 256,
+    "stream-handshake-timeout": 10.0,
 }
 
 

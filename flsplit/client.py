@@ -24,6 +24,8 @@ from flsplit.codecs import get_codec
 from flsplit.data import TensorData
 from flsplit.scenario import DEVICE_KEYS
 from flsplit.splitting import SplitModel
+from flsplit.stream.client_session import ClientSession, SessionError
+from flsplit.stream.offer import FALLBACK, SessionOffer
 from flsplit.trainer import ClientTrainer, Cursor, module_dtype, round_steps
 
 __all__ = ["SplitClient"]
@@ -95,53 +97,123 @@ class SplitClient:
 
     # ------------------------------------------------------------------ train
     def train_step(self, message: Message, context: Context) -> Message:
-        """One fused exchange: apply the gradients of the pending batches, send the next ones."""
+        """One fused exchange: apply the gradients of the pending batches, send the next ones.
+
+        A request that carries a session offer (``flsplit.stream``) runs the node's whole
+        round over that session instead (``train_session``).
+        """
+        try:
+            offer = SessionOffer.from_content(message.content)
+        except ValueError as err:
+            raise p.ProtocolError(str(err)) from None
+        if offer is not None:
+            return self.train_session(message, context, offer)
+        cfg, part = self._config_and_part(message.content)
+        trainer, new_round = self._trainer_for(message.content, cfg, part, context)
+        reply = self._advance(trainer, message.content, new_round, context, keep_graph=False)
+        self._save(trainer, context)  # the request was handled: only now does the node's state change
+        return Message(reply, reply_to=message)
+
+    def train_session(self, message: Message, context: Context, offer: SessionOffer) -> Message:
+        """The node's round over a stream session: the trainer stays in memory (with the
+        autograd graph of the pending batch when there is one per exchange) from the
+        carrier's request to the server's ``END``; then ``context.state`` is written once and
+        the carrier answered with an empty acknowledgement. If the session does not open and
+        the offer allows it, this request is answered over messages, saying why."""
         content = message.content
         cfg, part = self._config_and_part(content)
+        trainer, new_round = self._trainer_for(content, cfg, part, context)
+        if not new_round:
+            raise p.ProtocolError(f"a session offer must come with the round's '{p.CLIENT_PART}'")
+        try:
+            session = ClientSession.open(offer)
+        except SessionError as err:
+            if offer.required:
+                raise
+            reply = self._advance(trainer, content, new_round, context, keep_graph=False)
+            reply[FALLBACK] = ConfigRecord({"reason": str(err)[:500]})
+            self._save(trainer, context)
+            return Message(reply, reply_to=message)
+        keep_graph = cfg.steps_per_exchange == 1  # with K > 1 each batch is recomputed after the previous step
+        with session:
+            request: Optional[RecordDict] = content
+            try:
+                while request is not None:
+                    session.reply(self._advance(trainer, request, new_round, context, keep_graph=keep_graph))
+                    new_round = False
+                    request = session.next_request()
+                    if request is not None:
+                        self._check_same_round(request, cfg)
+            except SessionError:
+                raise
+            except Exception as err:  # tell the server why, then fail the carrier: no state written
+                session.fail(f"{type(err).__name__}: {err}")
+                raise
+        self._save(trainer, context)
+        return Message(RecordDict(), reply_to=message)
+
+    @staticmethod
+    def _check_same_round(request: RecordDict, cfg: p.SplitConfig) -> None:
+        if p.CONFIG not in request.config_records:
+            raise p.ProtocolError(f"request has no '{p.CONFIG}' record")
+        if p.SplitConfig.from_record(request.config_records[p.CONFIG]) != cfg:
+            raise p.ProtocolError("a request of the session changed the round's settings")
+
+    def _trainer_for(self, content: RecordDict, cfg: p.SplitConfig, part: nn.Module,
+                     context: Context) -> tuple[ClientTrainer, bool]:
+        """The trainer a request continues: a new round's from its client part, else the one
+        saved in ``context.state``."""
         state = context.state
-        new_round = p.CLIENT_PART in content.array_records
-        if new_round:  # a new round starts from the server's client part
+        if p.CLIENT_PART in content.array_records:  # a new round starts from the server's client part
             cursor = state.config_records.get(_CURSOR, ConfigRecord({"position": 0}))
             trainer = ClientTrainer.start_round(part, self.train_data, cfg, self.salt,
                                                 content.array_records[p.CLIENT_PART].to_torch_state_dict(),
                                                 int(cursor["position"]))
-        else:
-            if _WEIGHTS not in state.array_records or _CURSOR not in state.config_records:
-                raise p.ProtocolError(f"no round in progress: the first request must carry '{p.CLIENT_PART}'")
-            trainer = ClientTrainer(part, self.train_data, cfg, self.salt, state.array_records[_WEIGHTS].to_torch_state_dict(),
-                                    _cursor_of(state.config_records[_CURSOR]), _momentum_of(state.array_records.get(_OPTIM)))
+            return trainer, True
+        if _WEIGHTS not in state.array_records or _CURSOR not in state.config_records:
+            raise p.ProtocolError(f"no round in progress: the first request must carry '{p.CLIENT_PART}'")
+        trainer = ClientTrainer(part, self.train_data, cfg, self.salt, state.array_records[_WEIGHTS].to_torch_state_dict(),
+                                _cursor_of(state.config_records[_CURSOR]), _momentum_of(state.array_records.get(_OPTIM)))
+        return trainer, False
 
+    def _advance(self, trainer: ClientTrainer, content: RecordDict, new_round: bool, context: Context,
+                 keep_graph: bool) -> RecordDict:
+        """Apply a request's gradients (or skip the pending batches) and build the reply: the
+        next batches' smashed data, or the trained client part at the round's end."""
+        cfg = trainer.cfg
         if p.GRAD in content.array_records or p.BCAST in content.array_records:
             grads = p.assemble_grads(
                 content.array_records.get(p.GRAD),
                 content.array_records.get(p.BCAST),
                 content.config_records.get(p.BCAST_CONFIG),
                 get_codec(cfg.codec_down),
-                module_dtype(part),
+                module_dtype(trainer.part),
             )
             trainer.apply_gradients(grads)
         else:  # without gradients the pending batches were dropped by the server: skip them
             trainer.skip_pending()
-
         cursor = trainer.cursor
-        weights = ArrayRecord(trainer.weights())
         reply = RecordDict()
         if new_round:  # tell the server who this device is
             reply[p.DEVICE] = self._device_record(context)
         if cursor.position >= cursor.round_end:
-            reply[p.CLIENT_PART] = weights
+            reply[p.CLIENT_PART] = ArrayRecord(trainer.weights())
             reply[p.METRICS] = MetricRecord({"num-examples": cursor.num_examples})
             reply[p.STATUS] = ConfigRecord({"done": True, "position": cursor.position})
         else:
             position = cursor.position
-            batches = trainer.next_batches()
+            batches = trainer.next_batches(keep_graph=keep_graph)
             reply[p.SMASHED] = p.encode_batches(batches, get_codec(cfg.codec_up))
             reply[p.STATUS] = ConfigRecord({"done": False, "position": position, "remaining": cursor.round_end - position})
-        # The request was handled: only now does the node's state change.
-        state.array_records[_WEIGHTS] = weights
+        return reply
+
+    @staticmethod
+    def _save(trainer: ClientTrainer, context: Context) -> None:
+        """The trainer's state into ``context.state`` (weights, momentum, data cursor)."""
+        state = context.state
+        state.array_records[_WEIGHTS] = ArrayRecord(trainer.weights())
         state.array_records[_OPTIM] = _momentum_record(trainer.momentum())
-        state.config_records[_CURSOR] = ConfigRecord(cursor.as_dict())
-        return Message(reply, reply_to=message)
+        state.config_records[_CURSOR] = ConfigRecord(trainer.cursor.as_dict())
 
     def _device_record(self, context: Context) -> ConfigRecord:
         """Partition id and the numeric device-profile keys of the node config."""

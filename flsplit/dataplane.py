@@ -17,7 +17,7 @@ from typing import Mapping, Optional
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from flsplit.protocol import BCAST
+from flsplit.protocol import BCAST, TRAIN_STEP
 
 __all__ = ["DataPlane", "MessageDataPlane", "Reply", "Traffic", "payload_bytes", "time_noop_exchanges"]
 
@@ -110,6 +110,13 @@ class DataPlane(ABC):
     def in_flight(self) -> set[int]:
         """Nodes with a request in flight."""
 
+    def end_round(self) -> dict[int, str]:
+        """Close the round's per-node state (sessions); return which plane each node used."""
+        return {}
+
+    def close(self) -> None:
+        """Release what the plane holds (listeners, sockets, threads) at the end of a run."""
+
     def exchange(self, requests: Mapping[int, RecordDict], message_type: str, group_id: str) -> dict[int, Reply]:
         """Send one request to each node and wait for all replies (a barrier)."""
         for node_id, content in requests.items():
@@ -141,6 +148,7 @@ class MessageDataPlane(DataPlane):
         self.grid = grid
         self.timeout = timeout
         self._pending: dict[str, tuple[int, float]] = {}  # message id -> (node, deadline)
+        self._trained: set[int] = set()  # nodes sent train steps this round
 
     @property
     def in_flight(self) -> set[int]:
@@ -151,30 +159,44 @@ class MessageDataPlane(DataPlane):
             raise RuntimeError(f"node {node_id} already has a request in flight")
         message = Message(content, node_id, message_type, group_id=group_id)
         (msg_id,) = list(self.grid.push_messages([message]))
+        if message_type == TRAIN_STEP:
+            self._trained.add(node_id)
         self.traffic.record(node_id, content, upstream=False)
         self._pending[msg_id] = (node_id, time.monotonic() + self.timeout)
+
+    def poll(self) -> list[Reply]:
+        """Replies that have arrived, and the requests past their deadline (no waiting)."""
+        replies = []
+        if self._pending:
+            for message in self.grid.pull_messages(list(self._pending)):
+                node_id, _ = self._pending.pop(message.metadata.reply_to_message_id)
+                replies.append(self.reply_of(node_id, message))
+        now = time.monotonic()
+        for msg_id, (node_id, deadline) in list(self._pending.items()):
+            if now > deadline:
+                del self._pending[msg_id]
+                replies.append(Reply(node_id, error=f"no reply within {self.timeout:.0f} s"))
+        return replies
+
+    def reply_of(self, node_id: int, message: Message) -> Reply:
+        """A Flower reply as a ``Reply`` (its bytes counted)."""
+        if message.has_error():
+            return Reply(node_id, error=message.error.reason or f"error code {message.error.code}")
+        self.traffic.record(node_id, message.content, upstream=True)
+        return Reply(node_id, content=message.content)
 
     def pull(self) -> list[Reply]:
         sleep = 0.002
         while self._pending:
-            replies = []
-            for message in self.grid.pull_messages(list(self._pending)):
-                node_id, _ = self._pending.pop(message.metadata.reply_to_message_id)
-                if message.has_error():
-                    replies.append(Reply(node_id, error=message.error.reason or f"error code {message.error.code}"))
-                else:
-                    self.traffic.record(node_id, message.content, upstream=True)
-                    replies.append(Reply(node_id, content=message.content))
-            now = time.monotonic()
-            for msg_id, (node_id, deadline) in list(self._pending.items()):
-                if now > deadline:
-                    del self._pending[msg_id]
-                    replies.append(Reply(node_id, error=f"no reply within {self.timeout:.0f} s"))
-            if replies:
+            if replies := self.poll():
                 return replies
             time.sleep(sleep)
             sleep = min(sleep * 1.5, 0.05)
         return []
+
+    def end_round(self) -> dict[int, str]:
+        used, self._trained = self._trained, set()
+        return {n: "message" for n in sorted(used)}
 
 
 def time_noop_exchanges(data_plane: DataPlane, node_ids: list[int], repeats: int, message_type: str) -> float:

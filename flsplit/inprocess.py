@@ -1,14 +1,18 @@
 """An in-process ``Grid``: runs a ServerApp against ClientApps without Ray, in milliseconds.
 
-Each pushed message is handled at once by calling the node's ``ClientApp`` with that node's
+Each pushed message is handled by calling the node's ``ClientApp`` with that node's
 ``Context`` (kept across messages like a SuperNode keeps it), and an exception becomes an
-error reply as in Flower's engine. Meant for tests, benchmarks and debugging strategies;
+error reply as in Flower's engine. By default a message is handled at once, inside
+``push_messages``; with ``threaded=True`` each one runs on a worker thread (at most
+``max_workers`` at a time, like the engine's pool) and its reply is pulled when it is ready,
+which a ClientApp that holds its message for a whole stream session needs. Meant for tests, benchmarks and debugging strategies;
 ``flwr run`` uses Flower's own grids.
 """
 
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Optional
 from uuid import uuid4
 
@@ -37,6 +41,10 @@ class InProcessGrid(Grid):
         The run config every ``Context`` carries.
     intercept : callable, optional
         ``intercept(node_id, reply) -> reply``: lets a test tamper with replies on the wire.
+    threaded : bool
+        Handle each message on a worker thread instead of inside ``push_messages``.
+    max_workers : int, optional
+        Worker threads (default: one per node).
     """
 
     def __init__(
@@ -46,6 +54,8 @@ class InProcessGrid(Grid):
         run_config: Optional[dict] = None,
         intercept: Optional[Callable[[int, Message], Message]] = None,
         run_id: int = 1,
+        threaded: bool = False,
+        max_workers: Optional[int] = None,
     ) -> None:
         self.client_app = client_app
         self.intercept = intercept
@@ -62,12 +72,19 @@ class InProcessGrid(Grid):
             for i, node_id in enumerate(self.node_ids)
         }
         self._replies: dict[str, Message] = {}
+        self._futures: dict[str, Future] = {}
+        self._executor = ThreadPoolExecutor(max_workers or num_nodes, "inprocess-node") if threaded else None
         self.messages_by_type: dict[str, int] = {}
         self._task_ids = itertools.count(1)
         # Messages built by a ServerApp take their run/node/task ids from TaskIdentity.
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = SERVER_NODE_ID
         TaskIdentity.task_id = next(self._task_ids)
+
+    @property
+    def concurrency(self) -> int:
+        """ClientApps that can run while the ServerApp waits (0: each runs inside the push)."""
+        return self._executor._max_workers if self._executor is not None else 0
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -90,19 +107,33 @@ class InProcessGrid(Grid):
             node_id = message.metadata.dst_node_id
             kind = message.metadata.message_type
             self.messages_by_type[kind] = self.messages_by_type.get(kind, 0) + 1
-            try:
-                reply = self.client_app(message, self.contexts[node_id])
-            except Exception as ex:  # reported as an error reply, like Flower's engine does
-                reason = str(type(ex)) + ":<'" + str(ex) + "'>"
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
-            if self.intercept is not None:
-                reply = self.intercept(node_id, reply)
-            self._replies[msg_id] = reply
+            if self._executor is not None:
+                self._futures[msg_id] = self._executor.submit(self._handle, node_id, message)
+            else:
+                self._replies[msg_id] = self._handle(node_id, message)
             ids.append(msg_id)
         return ids
 
+    def _handle(self, node_id: int, message: Message) -> Message:
+        try:
+            reply = self.client_app(message, self.contexts[node_id])
+        except Exception as ex:  # reported as an error reply, like Flower's engine does
+            reason = str(type(ex)) + ":<'" + str(ex) + "'>"
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+        if self.intercept is not None:
+            reply = self.intercept(node_id, reply)
+        return reply
+
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        for i in list(message_ids):
+            if i in self._futures and self._futures[i].done():
+                self._replies[i] = self._futures.pop(i).result()
         return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def shutdown(self) -> None:
+        """Wait for the worker threads (threaded grids)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))

@@ -193,6 +193,10 @@ class ClientTrainer:
         c = self.cursor
         c.pending = list(range(c.position, min(c.position + self.cfg.steps_per_exchange, c.round_end)))
         batches = []
+        # Without the graph, the recompute in apply_gradients is the forward that counts: the
+        # buffers (batch-norm statistics) this one changes are put back, so every batch
+        # updates them once, in the same order, whether the graph is kept or not.
+        buffers = None if keep_graph else [b.clone() for b in self.part.buffers()]
         for pos in c.pending:
             _, y = self.batch(pos)
             if keep_graph:
@@ -200,8 +204,12 @@ class ClientTrainer:
                 self._graphs[pos] = out
                 batches.append(SmashedBatch(out.detach(), y))
             else:
-                with torch.no_grad():  # buffers changed here are not saved: the recompute updates them
+                with torch.no_grad():
                     batches.append(SmashedBatch(self.forward(pos), y))
+        if buffers:
+            with torch.no_grad():
+                for buf, saved in zip(self.part.buffers(), buffers):
+                    buf.copy_(saved)
         if c.pending:
             c.position = c.pending[-1] + 1
         return batches

@@ -347,6 +347,13 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Strategy):
         except RuntimeError as err:
             raise ValueError(f"initial_arrays do not fit the model: {err}") from err
         self.data_plane = self.data_plane_factory(grid, timeout)
+        try:
+            return self._run(grid, num_rounds, evaluate_fn)
+        finally:
+            self.data_plane.close()  # no listener, socket or thread outlives the run
+
+    def _run(self, grid: Grid, num_rounds: int,
+             evaluate_fn: Optional[Callable[[int, ArrayRecord], Optional[MetricRecord]]]) -> Result:
         result = Result()
         if evaluate_fn and (res := evaluate_fn(0, ArrayRecord(self.model.blocks.state_dict()))) is not None:
             result.evaluate_metrics_serverapp[0] = res
@@ -357,7 +364,8 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Strategy):
             self._done, self._total, self._last_progress = {}, {}, time.perf_counter()
             messages = list(self.configure_train(server_round, result.arrays, ConfigRecord(), grid))
             requests = {m.metadata.dst_node_id: m.content for m in messages}
-            done = self._train_round(server_round, requests)
+            done = sorted(self._train_round(server_round, requests), key=lambda r: r.node_id)  # arrival order must not matter
+            planes = self.data_plane.end_round()  # sessions closed, every node's state committed
             examples = self.round_examples(done)
             arrays, train_metrics = self.aggregate_train(server_round, done)
             result.arrays = arrays
@@ -377,6 +385,7 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Strategy):
                 result.evaluate_metrics_clientapp.get(server_round),
             )
             entry["examples_per_node"] = {str(n): k for n, k in sorted(examples.items())}
+            entry["data_plane"] = {str(n): kind for n, kind in planes.items()}
             if self.scenario is not None:
                 entry["sim"] = self.simulate_round(server_round, self.data_plane.traffic, examples)
             if self.round_plan is not None:

@@ -1,0 +1,13 @@
+"""The streaming data plane: a round's split exchanges as frames over one TLS session per node.
+
+``plane.StreamDataPlane`` (the ServerApp's side, a ``flsplit.dataplane.DataPlane``),
+``listener`` (TLS listener, admission of offered sessions, one thread per session),
+``client_session`` (the ClientApp's side), ``offer`` (what the round's first Flower message
+carries), ``frames`` (the wire format), ``tls`` (certificates and pinning), ``simulation``
+(how many sessions Flower's simulation engine can hold at once).
+"""
+
+from flsplit.stream.offer import SessionOffer
+from flsplit.stream.plane import MODES, StreamDataPlane
+
+__all__ = ["StreamDataPlane", "SessionOffer", "MODES"]

@@ -1,0 +1,128 @@
+"""Frames of the stream plane: a 13-byte header, then a payload of at most a capped size.
+
+Header: ``b"FLS1"`` (magic and version), one byte of frame kind, the payload's length as an
+unsigned 64-bit big-endian integer. The length is checked against the cap *before* a byte of
+the payload is read, so an oversized frame costs nothing but its header. Request and reply
+payloads are Flower ``RecordDict`` values serialized with Flower's own serde (protobuf);
+control payloads (hello, errors) are small UTF-8 JSON objects.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import select
+import socket
+import struct
+from typing import Any
+
+from flwr.app import RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: disable=E0611
+
+__all__ = [
+    "FrameError",
+    "Kind",
+    "HEADER",
+    "MAGIC",
+    "send_frame",
+    "recv_frame",
+    "readable",
+    "encode_content",
+    "decode_content",
+    "encode_json",
+    "decode_json",
+]
+
+MAGIC = b"FLS1"
+HEADER = struct.Struct("!4sBQ")
+
+
+class FrameError(ConnectionError):
+    """A frame could not be read or is malformed; the text names what was wrong."""
+
+
+class Kind(enum.IntEnum):
+    """What a frame is. Client -> server: HELLO, REPLY, ERROR. Server -> client: WELCOME,
+    REQUEST, END (commit the round), ABORT (forget it), ERROR."""
+
+    HELLO = 1
+    WELCOME = 2
+    REQUEST = 3
+    REPLY = 4
+    END = 5
+    ABORT = 6
+    ERROR = 7
+
+
+def send_frame(sock: socket.socket, kind: Kind, payload: bytes = b"") -> None:
+    """Write one frame (header and payload)."""
+    sock.sendall(HEADER.pack(MAGIC, int(kind), len(payload)) + payload)
+
+
+def _read_exact(sock: socket.socket, n: int, what: str) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            if got == 0 and what == "header":
+                raise FrameError("connection closed")
+            raise FrameError(f"truncated frame: {what} ended after {got} of {n} bytes")
+        got += k
+    return buf
+
+
+def recv_frame(sock: socket.socket, max_payload: int, expect: tuple[Kind, ...] = ()) -> tuple[Kind, bytearray]:
+    """Read one frame; refuse a bad magic, an unknown kind, a payload over ``max_payload``
+    bytes (before reading it) and, if ``expect`` is given, any other kind."""
+    magic, kind, length = HEADER.unpack(bytes(_read_exact(sock, HEADER.size, "header")))
+    if magic != MAGIC:
+        raise FrameError(f"not a flsplit frame (magic {magic!r})")
+    try:
+        kind = Kind(kind)
+    except ValueError:
+        raise FrameError(f"unknown frame kind {kind}") from None
+    if length > max_payload:
+        raise FrameError(f"frame of {length} bytes exceeds the cap of {max_payload} bytes")
+    if expect and kind not in expect:
+        raise FrameError(f"unexpected {kind.name} frame (expected {' or '.join(k.name for k in expect)})")
+    return kind, _read_exact(sock, length, "payload") if length else bytearray()
+
+
+def readable(sock: socket.socket) -> bool:
+    """Whether bytes (or EOF) wait on the socket now, decrypted or not."""
+    pending = getattr(sock, "pending", None)
+    if pending is not None and pending() > 0:
+        return True
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def encode_content(content: RecordDict) -> bytes:
+    """A ``RecordDict`` as bytes (Flower's protobuf serde)."""
+    return recorddict_to_proto(content).SerializeToString()
+
+
+def decode_content(payload: bytes | bytearray) -> RecordDict:
+    """The ``RecordDict`` of a payload; ``FrameError`` if it is not one."""
+    try:
+        proto = ProtoRecordDict.FromString(bytes(payload))
+        return recorddict_from_proto(proto)
+    except Exception as err:  # protobuf's DecodeError, or a record Flower refuses
+        raise FrameError(f"payload is not a serialized RecordDict: {type(err).__name__}: {err}") from None
+
+
+def encode_json(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def decode_json(payload: bytes | bytearray) -> dict[str, Any]:
+    """A small JSON object of a control frame; ``FrameError`` if it is not one."""
+    try:
+        obj = json.loads(bytes(payload).decode())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise FrameError(f"control frame is not JSON: {err}") from None
+    if not isinstance(obj, dict):
+        raise FrameError("control frame is not a JSON object")
+    return obj

@@ -1,0 +1,36 @@
+"""How many stream sessions Flower's simulation engine can hold open at once.
+
+In a ``flwr run`` simulation the ServerApp runs in the same process as Flower's engine,
+which runs a ClientApp on one of its Ray actors, with at most ``min(32, cpu_count + 4)``
+worker threads (Flower's hard-coded thread pool). A session holds its ClientApp for the whole
+round, so a lockstep step over ``N`` sessions needs ``N`` ClientApps running at once.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import time
+from typing import Optional
+
+__all__ = ["simulation_concurrency"]
+
+_POOL_MODULE = "flwr.simulation.ray_transport.ray_actor"
+
+
+def simulation_concurrency(wait: float = 2.0) -> Optional[int]:
+    """``None`` outside Flower's simulation engine (no limit: a deployment); else the number
+    of ClientApps it runs at once (0 if its actor pool cannot be found within ``wait`` s)."""
+    module = sys.modules.get(_POOL_MODULE)
+    if module is None:
+        return None
+    threads = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default in vce_api
+    deadline = time.monotonic() + wait
+    while True:
+        pools = [o for o in gc.get_objects() if isinstance(o, module.BasicActorPool)]
+        if pools:
+            return min(threads, max(int(getattr(pool, "num_actors", 0)) for pool in pools))
+        if time.monotonic() > deadline:
+            return 0
+        time.sleep(0.1)
