@@ -1,4 +1,8 @@
-"""A real deployment on localhost: SuperLink + 2 SuperNodes as separate processes."""
+"""A real deployment on localhost: SuperLink + 2 SuperNodes as separate processes.
+
+One round of PSL over the stream plane (one TLS session per node) and one over Flower
+messages, in the same deployment: both train, and they train the same model bit for bit.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,19 +68,27 @@ def test_deployment_superlink_and_two_supernodes(tmp_path):
                 f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
                 "--port", str(port), "--node-config", f"partition-id={i} num-partitions=2",
             )
-        runs = tmp_path / "runs"
-        config = f'num-server-rounds=1 max-steps=2 strategy="psl" output-dir="{runs}"'
-        proc = subprocess.run(
-            [str(bindir / "flwr"), "run", ".", "deploy", "--stream", "--run-config", config],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-        )
-        output = proc.stdout + proc.stderr
-        assert proc.returncode == 0, output[-3000:]
-        assert "round 1/1 | test acc" in output, output[-3000:]
-        (history_file,) = runs.glob("*/history.json")
-        (entry,) = json.loads(history_file.read_text())["rounds"]
-        assert len(entry["nodes"]) == 2 and entry["server_steps"] == 2 and not entry["errors"]
-        assert entry["num_examples"] == 2 * 2 * 32  # two nodes, two batches of 32 each
+        finals = {}
+        for plane in ("stream", "message"):
+            runs = tmp_path / f"runs-{plane}"
+            config = f'num-server-rounds=1 max-steps=3 strategy="psl" data-plane="{plane}" output-dir="{runs}"'
+            proc = subprocess.run(
+                [str(bindir / "flwr"), "run", ".", "deploy", "--stream", "--run-config", config],
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+            )
+            output = proc.stdout + proc.stderr
+            assert proc.returncode == 0, output[-3000:]
+            assert "round 1/1 | test acc" in output, output[-3000:]
+            (history_file,) = runs.glob("*/history.json")
+            history = json.loads(history_file.read_text())
+            (entry,) = history["rounds"]
+            assert len(entry["nodes"]) == 2 and entry["server_steps"] == 3 and not entry["errors"]
+            assert entry["num_examples"] == 2 * 3 * 32  # two nodes, three batches of 32 each
+            assert set(entry["data_plane"].values()) == {plane} and len(entry["data_plane"]) == 2
+            finals[plane] = torch.load(history["final_model"])
+        # the round over TLS sessions trains exactly the model the round over Flower messages does
+        assert finals["stream"].keys() == finals["message"].keys()
+        assert all(torch.equal(finals["stream"][k], finals["message"][k]) for k in finals["stream"])
     finally:
         for p in procs:  # stop exactly the processes this test started, by PID
             p.send_signal(signal.SIGTERM)
