@@ -27,6 +27,7 @@ __all__ = [
     "MAGIC",
     "send_frame",
     "recv_frame",
+    "recv_header",
     "readable",
     "encode_content",
     "decode_content",
@@ -74,16 +75,21 @@ def _read_exact(sock: socket.socket, n: int, what: str) -> bytearray:
     return buf
 
 
-def recv_frame(sock: socket.socket, max_payload: int, expect: tuple[Kind, ...] = ()) -> tuple[Kind, bytearray]:
-    """Read one frame; refuse a bad magic, an unknown kind, a payload over ``max_payload``
-    bytes (before reading it) and, if ``expect`` is given, any other kind."""
+def recv_header(sock: socket.socket) -> tuple[Kind, int]:
+    """Read a frame's header: its kind and payload length (bad magic or kind refused)."""
     magic, kind, length = HEADER.unpack(bytes(_read_exact(sock, HEADER.size, "header")))
     if magic != MAGIC:
         raise FrameError(f"not a flsplit frame (magic {magic!r})")
     try:
-        kind = Kind(kind)
+        return Kind(kind), length
     except ValueError:
         raise FrameError(f"unknown frame kind {kind}") from None
+
+
+def recv_frame(sock: socket.socket, max_payload: int, expect: tuple[Kind, ...] = ()) -> tuple[Kind, bytearray]:
+    """Read one frame; refuse a bad magic, an unknown kind, a payload over ``max_payload``
+    bytes (before reading it) and, if ``expect`` is given, any other kind."""
+    kind, length = recv_header(sock)
     if length > max_payload:
         raise FrameError(f"frame of {length} bytes exceeds the cap of {max_payload} bytes")
     if expect and kind not in expect:

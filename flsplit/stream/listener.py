@@ -26,7 +26,7 @@ from typing import Callable, Optional, Union
 
 from flwr.common.logger import log
 
-from flsplit.stream.frames import FrameError, Kind, decode_json, encode_json, readable, recv_frame, send_frame
+from flsplit.stream.frames import FrameError, Kind, decode_json, encode_json, readable, recv_frame, recv_header, send_frame
 from flsplit.stream.offer import SessionOffer
 from flsplit.stream.tls import ServerCredentials, ephemeral_credentials, server_context
 
@@ -115,7 +115,7 @@ class ServerSession:
                 kind, payload = item
                 if readable(self.sock):  # the client spoke out of turn (or hung up)
                     try:
-                        got, _ = recv_frame(self.sock, 0)
+                        got, _ = recv_header(self.sock)
                         reason = f"client spoke out of turn ({got.name} frame while no request was pending)"
                     except (FrameError, OSError) as err:
                         reason = f"stream: {err}"
@@ -191,6 +191,9 @@ class SessionListener:
         self._server.listen(128)
         self._server.settimeout(0.2)  # the accept loop checks for close() this often
         bound_port = self._server.getsockname()[1]
+        if host in ("0.0.0.0", "::") and not advertise:
+            log(WARNING, "[flsplit] stream: listening on all interfaces but no stream-advertise is set: clients "
+                "are offered %s, which only works on this host", f"{host}:{bound_port}")
         self.address = advertise or (f"[{host}]:{bound_port}" if family == socket.AF_INET6 else f"{host}:{bound_port}")
         self.credentials = credentials or ephemeral_credentials(host if host not in ("0.0.0.0", "::") else "127.0.0.1")
         self._context = server_context(self.credentials)
@@ -294,7 +297,7 @@ class SessionListener:
             if self._stop.is_set():
                 sock.close()
                 return
-            self._sessions.append(session)
+            self._sessions = [s for s in self._sessions if not s.closed.is_set()] + [session]
         self.on_session(session)
         session.serve()
 

@@ -57,6 +57,7 @@ class _Link:
     waiting: bool = True  # a reply is due (the carrier's request is the first)
     deadline: float = 0.0
     held: Optional[RecordDict] = None  # the done reply, until the client has committed
+    offered_at: float = 0.0
     failed: Optional[str] = None  # why the session ended, for the node's next request
 
 
@@ -112,6 +113,7 @@ class StreamDataPlane(MessageDataPlane):
         self._ready: list[Reply] = []
         self._planes: dict[int, str] = {}  # node -> plane used this round
         self._reasons: dict[int, str] = {}  # node -> why it stayed on messages
+        self._open_s: dict[int, float] = {}  # node -> seconds from its offer to its first reply
         self._concurrency_fn = concurrency
         self._concurrency: Union[int, None, str] = "unknown"
         self._round_on_messages: Optional[str] = None
@@ -138,8 +140,7 @@ class StreamDataPlane(MessageDataPlane):
             if message_type != p.TRAIN_STEP:
                 raise RuntimeError(f"node {node_id} holds an open session: only train steps travel on it")
             link.session.send(Kind.REQUEST, encode_content(content))
-            self.traffic.record(node_id, content, upstream=False)
-            self.traffic.messages  # frames are counted like messages (record() above)
+            self.traffic.record(node_id, content, upstream=False)  # a frame counts as a message
             link.waiting, link.deadline = True, time.monotonic() + self.timeout
             return
         if link is not None and link.failed is not None:  # the session broke between two steps
@@ -196,13 +197,15 @@ class StreamDataPlane(MessageDataPlane):
         self._links.clear()
         planes, self._planes = dict(sorted(self._planes.items())), {}
         reasons, self._reasons = self._reasons, {}
+        opened, self._open_s = self._open_s, {}
         self._round_on_messages = None
         super().end_round()
         stream = [n for n, kind in planes.items() if kind == "stream"]
         message = [n for n, kind in planes.items() if kind == "message"]
         if planes and self.mode != "message":
             why = sorted(set(reasons.values()))
-            log(INFO, "[flsplit] data plane: stream for %d node(s) %s, messages for %d %s%s", len(stream), stream,
+            log(INFO, "[flsplit] data plane: stream for %d node(s) %s%s, messages for %d %s%s", len(stream), stream,
+                f" (sessions open and first replies in {max(opened.values()):.2f} s)" if opened else "",
                 len(message), message, f" ({'; '.join(why)})" if why else "")
         return planes
 
@@ -257,7 +260,8 @@ class StreamDataPlane(MessageDataPlane):
         (msg_id,) = list(self.grid.push_messages([message]))
         self.traffic.record(node_id, content, upstream=False)
         self._carriers[msg_id] = node_id
-        self._links[node_id] = _Link(node_id, offer, msg_id, deadline=time.monotonic() + self.timeout)
+        now = time.monotonic()
+        self._links[node_id] = _Link(node_id, offer, msg_id, deadline=now + self.timeout, offered_at=now)
 
     def _on_session(self, session: ServerSession) -> None:
         """Called by the listener (its thread) when a node's session is admitted."""
@@ -269,14 +273,15 @@ class StreamDataPlane(MessageDataPlane):
             link.session = session
 
     def _close(self, link: _Link, reason: str, abort: bool = False) -> None:
-        if link.phase == "offered" and self.listener is not None:
-            self.listener.revoke(link.offer.session_id)
-        if link.session is not None:
-            if abort:
-                link.session.send(Kind.ABORT)
-            else:
-                link.session.close()
-        link.phase, link.waiting = "closed", False
+        with self._lock:  # against _on_session attaching a session at this moment
+            if link.phase == "offered" and self.listener is not None:
+                self.listener.revoke(link.offer.session_id)
+            if link.session is not None:
+                if abort:
+                    link.session.send(Kind.ABORT)
+                else:
+                    link.session.close()
+            link.phase, link.waiting = "closed", False
         log(INFO if abort else WARNING, "[flsplit] node %s: stream session closed: %s", link.node_id, reason)
 
     def _on_event(self, event: SessionEvent) -> list[Reply]:
@@ -301,6 +306,7 @@ class StreamDataPlane(MessageDataPlane):
         if link.phase == "offered":
             link.phase = "open"
             self._planes[node] = "stream"
+            self._open_s[node] = time.monotonic() - link.offered_at
         status = content.config_records.get(p.STATUS)
         if status is not None and status.get("done", False):  # the node's round is over: commit
             link.held, link.phase = content, "committing"
@@ -327,7 +333,7 @@ class StreamDataPlane(MessageDataPlane):
         carriers are out (nothing else to wait for), the grid is polled once a second."""
         now = time.monotonic()
         urgent = bool(self._pending) or any(
-            self._links[n].phase in ("offered", "committing", "closed") for n in self._carriers.values() if n in self._links
+            self._links[n].phase in ("offered", "committing") for n in self._carriers.values() if n in self._links
         )
         if not (force or urgent or now - self._last_grid_poll >= _GRID_POLL_IDLE):
             return []
