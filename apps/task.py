@@ -8,6 +8,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 
+from flsplit import rng
 from flsplit.data import TensorData, dataset_info, load_centralized, load_partition
 from flsplit.splitting import SplitModel
 from flsplit.zoo import build_model
@@ -83,8 +84,10 @@ def make_model_fn(settings: RunSettings) -> Callable[[], SplitModel]:
     info = dataset_info(settings["dataset"])
 
     def model_fn() -> SplitModel:
-        torch.manual_seed(int(settings["seed"]))
-        return build_model(settings["model"], info.num_classes, info.in_channels, info.image_size)
+        # Seeded on a fork of the generator: building a model does not reset the stream the
+        # server's dropout draws from.
+        with rng.seeded(int(settings["seed"])):
+            return build_model(settings["model"], info.num_classes, info.in_channels, info.image_size)
 
     return model_fn
 

@@ -27,6 +27,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from flsplit import rng
 from flsplit.protocol import SmashedBatch
 from flsplit.splitting import SplitModel
 
@@ -150,7 +151,8 @@ class ServerPart:
     def _forward(self, cut: int, x: torch.Tensor) -> torch.Tensor:
         if cut < self.entry:
             raise ValueError(f"cut {cut} is shallower than this server part's entry {self.entry}")
-        return self.model.blocks[cut:](x)
+        with rng.shared():  # dropout masks not interleaved with a client thread's (flsplit.rng)
+            return self.model.blocks[cut:](x)
 
     def step_each(self, batches: list[tuple[int, SmashedBatch]], input_grad: bool = True) -> list[torch.Tensor]:
         """Train on each ``(cut, batch)`` in turn; return each batch's smashed-data gradient

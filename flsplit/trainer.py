@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flsplit import rng
 from flsplit.data import TensorData
 from flsplit.protocol import ProtocolError, SmashedBatch, SplitConfig, check_tensor
 
@@ -147,9 +148,7 @@ class ClientTrainer:
         """The client part's output on a batch, with a dropout seed fixed by client and
         position so that a recompute is identical."""
         x, _ = self.batch(position)
-        with torch.random.fork_rng(devices=[]):
-            # Only the CPU generator: torch.manual_seed would also queue lazy CUDA seeding.
-            torch.default_generator.manual_seed(_seed(self.cfg.seed, self.salt, position))
+        with rng.seeded(_seed(self.cfg.seed, self.salt, position)):
             return self.part(x.to(module_dtype(self.part)))
 
     @property

@@ -145,3 +145,76 @@ def test_no_thread_outlives_the_run():
     _run("psl", PARTS, stream=True, num_rounds=1)
     left = [t.name for t in threading.enumerate() if t.ident not in before and t.is_alive()]
     assert not [n for n in left if n.startswith("flsplit-stream")], left
+
+
+def _run_app(tmp_path, threaded: bool, num_nodes: int, **run_config) -> dict:
+    """The project's ServerApp and ClientApp on an in-process grid (threaded: sessions can run)."""
+    import json
+
+    from flwr.app import Context, RecordDict
+
+    from apps.client_app import app as client_app
+    from apps.server_app import main as server_app
+
+    run_config = {"output-dir": str(tmp_path / "runs"), **run_config}
+    grid = InProcessGrid(client_app, num_nodes, run_config=run_config, threaded=threaded)
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    grid.shutdown()
+    (history_file,) = (tmp_path / "runs").glob("*/history.json")
+    return json.loads(history_file.read_text())
+
+
+def test_adaptive_strategy_over_the_stream_from_the_run_config(tmp_path):
+    """EdgeSplit in the loop, different cuts per client, through the project's apps: the
+    run config's ``data-plane="stream"`` trains the model ``"message"`` does."""
+    config = {"strategy": "psl", "planner": "edgesplit", "cost-scenario": "edge-diverse", "max-steps": 3,
+              "num-server-rounds": 2}
+    msg = _run_app(tmp_path / "m", False, 4, **config, **{"data-plane": "message"})
+    st = _run_app(tmp_path / "s", True, 4, **config, **{"data-plane": "stream"})
+    assert [r["cuts"] for r in st["rounds"]] == [r["cuts"] for r in msg["rounds"]]
+    assert len(set(st["rounds"][0]["cuts"].values())) > 1
+    assert all(set(r["data_plane"].values()) == {"stream"} for r in st["rounds"])
+    assert all(set(r["data_plane"].values()) == {"message"} for r in msg["rounds"])
+    final_m, final_s = torch.load(msg["final_model"]), torch.load(st["final_model"])
+    assert all(torch.equal(final_m[k], final_s[k]) for k in final_m)
+    assert [r["sim"]["round_latency_s"] for r in st["rounds"]] == [r["sim"]["round_latency_s"] for r in msg["rounds"]]
+
+
+def _bn_model():
+    from torch import nn
+
+    from flsplit.splitting import SplitModel
+
+    from flsplit import rng
+
+    with rng.seeded(7):  # the same weights every time, without resetting the global generator
+        return SplitModel(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2),
+                                        nn.Flatten(1), nn.Dropout(0.1), nn.Linear(8 * 8 * 8, 10)).double())
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_batch_norm_statistics_and_dropout_agree_on_both_planes(k):
+    """A client part with batch norm and dropout (cut 4), dropout on the server too: the
+    running statistics move once per batch on both planes, and the dropout masks are the same
+    (seeded per client batch; the server's not interleaved with client threads' draws)."""
+    from flwr.clientapp import ClientApp
+
+    from flsplit.client import SplitClient
+
+    clients = [SplitClient(_bn_model, d, d, salt=i) for i, d in enumerate(PARTS[:2])]
+    app = ClientApp()
+    app.train("split_step")(lambda msg, ctx: clients[int(ctx.node_config["partition-id"])].train_step(msg, ctx))
+    weights = {}
+    for stream in (False, True):
+        torch.manual_seed(99)  # the server's dropout draws from the global generator: same start
+        grid = InProcessGrid(app, 2, threaded=stream)
+        extra = {"data_plane_factory": lambda g, t: StreamDataPlane(g, 60.0, mode="stream")} if stream else {}
+        strategy = STRATEGIES["psl"](model_fn=_bn_model, input_shape=(1, 8, 8), num_classes=10, cut_layer=4,
+                                     batch_size=16, steps_per_exchange=k, momentum=0.9, **extra)
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(_bn_model().blocks.state_dict()), num_rounds=2)
+        grid.shutdown()
+        weights[stream] = result.arrays.to_torch_state_dict()
+        assert not any(r["errors"] for r in strategy.history.rounds)
+    assert int(weights[True]["1.num_batches_tracked"]) == 2 * 3  # once per batch of a round, averaged over nodes
+    for key in weights[False]:
+        assert torch.equal(weights[False][key], weights[True][key]), key
