@@ -113,7 +113,7 @@ def encode_content(content: RecordDict) -> bytes:
 def decode_content(payload: bytes | bytearray) -> RecordDict:
     """The ``RecordDict`` of a payload; ``FrameError`` if it is not one."""
     try:
-        proto = ProtoRecordDict.FromString(bytes(payload))
+        proto = ProtoRecordDict.FromString(payload)  # bytes-like: no copy of the frame
         return recorddict_from_proto(proto)
     except Exception as err:  # protobuf's DecodeError, or a record Flower refuses
         raise FrameError(f"payload is not a serialized RecordDict: {type(err).__name__}: {err}") from None
