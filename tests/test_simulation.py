@@ -29,14 +29,14 @@ def _pids_with(fragment: str) -> list[int]:
     return pids
 
 
-def test_flwr_run_simulation_two_nodes_two_rounds(tmp_path):
+def _flwr_run(tmp_path: Path, federation: str, run_config: str) -> tuple[dict, str]:
+    """``flwr run .`` in simulation; the history and the output."""
     flwr_home = Path(os.environ["FLWR_HOME"])
     runs = tmp_path / "runs"
     flwr = Path(sys.executable).with_name("flwr")
     cmd = [
-        str(flwr), "run", ".", "--stream",
-        "--federation-config", "num-supernodes=2",
-        "--run-config", f'num-server-rounds=2 strategy="sflv2" output-dir="{runs}"',
+        str(flwr), "run", ".", "--stream", "--federation-config", federation,
+        "--run-config", f'{run_config} output-dir="{runs}"',
     ]
     try:
         env = {**os.environ, "PATH": f"{flwr.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -47,7 +47,13 @@ def test_flwr_run_simulation_two_nodes_two_rounds(tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     (history_file,) = runs.glob("*/history.json")
-    history = json.loads(history_file.read_text())
+    return json.loads(history_file.read_text()), output
+
+
+def test_flwr_run_simulation_two_nodes_two_rounds(tmp_path):
+    """SFL-V2 (clients independent) on Flower's default resources, one ClientApp at a time:
+    ``auto`` opens each node's session as the engine gets to it."""
+    history, output = _flwr_run(tmp_path, "num-supernodes=2", 'num-server-rounds=2 strategy="sflv2"')
     rounds = history["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(len(r["nodes"]) == 2 and r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rounds)
@@ -57,3 +63,18 @@ def test_flwr_run_simulation_two_nodes_two_rounds(tmp_path):
     # the final model is one state dict that loads into the unsplit model
     torch.load(history["final_model"])
     digits_cnn().load_state_dict(torch.load(history["final_model"]), strict=True)
+    assert all(list(r["data_plane"].values()) == ["stream"] * 2 for r in rounds), [r["data_plane"] for r in rounds]
+
+
+def test_lockstep_in_simulation_streams_when_every_session_fits(tmp_path):
+    """PSL holds both sessions at once: with two Ray CPUs of one each it streams; on the
+    default resources (one ClientApp at a time) ``auto`` keeps it on messages and says why."""
+    config = 'num-server-rounds=1 max-steps=3 strategy="psl"'
+    fits, _ = _flwr_run(tmp_path / "fits", "num-supernodes=2 client-resources-num-cpus=1 init-args-num-cpus=2", config)
+    (entry,) = fits["rounds"]
+    assert list(entry["data_plane"].values()) == ["stream"] * 2 and not entry["errors"]
+    assert entry["server_steps"] == 3
+    tight, output = _flwr_run(tmp_path / "tight", "num-supernodes=2", config)
+    (entry,) = tight["rounds"]
+    assert list(entry["data_plane"].values()) == ["message"] * 2 and entry["server_steps"] == 3
+    assert "needs 2 sessions open at once, the simulation engine runs 1 ClientApps at a time" in output
