@@ -31,12 +31,17 @@ class SFLV1(SplitStrategy):
         self.copies: dict[int, ServerPart] = {
             node_id: self.new_server_part(copy.deepcopy(self.model)) for node_id in requests
         }
-        return PerNode(lambda node: self.copies[node]).run(self, server_round, requests)
+        done = PerNode(lambda node: self.copies[node]).run(self, server_round, requests)
+        self.finished = {reply.node_id for reply in done}
+        return done
 
     def server_contributions(self) -> list[tuple[dict[str, torch.Tensor], float]]:
-        """Each copy's blocks from its client's cut on, weighted by the samples it trained on."""
+        """Each finished node's copy: its blocks from the node's cut on, weighted by the samples
+        it trained on. The copy of a node dropped mid-round is left out with its client part."""
         out = []
         for node_id, part in self.copies.items():
+            if node_id not in self.finished:
+                continue
             cut = self.cuts[node_id]
             state = {k: v for k, v in part.model.blocks.state_dict().items() if block_of(k) >= cut}
             out.append((state, part.stats.samples))

@@ -35,6 +35,7 @@ class ClientSession:
         """Connect to the offer's address over TLS pinned to its certificate, send the secret,
         and wait to be welcomed; ``SessionError`` says what failed."""
         raw: Optional[socket.socket] = None
+        sock: Optional[ssl.SSLSocket] = None
         try:
             raw = socket.create_connection(offer.host_port(), timeout=offer.handshake_timeout)
             tune_socket(raw)
@@ -45,8 +46,9 @@ class ClientSession:
             if kind is Kind.ERROR:
                 raise SessionError(str(decode_json(payload).get("reason", "refused")))
         except (OSError, FrameError, ValueError) as err:
-            if raw is not None:
-                raw.close()
+            for opened in (sock, raw):  # the TLS wrapper owns the descriptor once it exists
+                if opened is not None:
+                    opened.close()
             raise SessionError(f"could not open the stream session to {offer.address}: {err}") from None
         sock.settimeout(offer.timeout)
         return cls(sock, offer)

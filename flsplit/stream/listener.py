@@ -277,6 +277,22 @@ class SessionListener:
 
     def _handshake(self, raw: socket.socket, peer: str) -> None:
         sock: Optional[socket.socket] = raw
+        # The deadline bounds the whole handshake, not each read: a peer trickling a byte at a
+        # time would otherwise hold its slot for ever. Past it the watchdog shuts the
+        # connection down under whatever read is blocked (through a duplicate descriptor:
+        # the TLS wrapper takes the original over).
+        expired, watched = threading.Event(), raw.dup()
+
+        def expire() -> None:
+            expired.set()
+            try:
+                watched.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+        watchdog = threading.Timer(self.handshake_timeout, expire)
+        watchdog.daemon = True
+        watchdog.start()
         try:
             try:
                 raw.settimeout(self.handshake_timeout)
@@ -286,10 +302,13 @@ class SessionListener:
                 node_id, session_id = self._admit(decode_json(payload))
                 send_frame(sock, Kind.WELCOME)
             except (OSError, FrameError, PermissionError) as err:  # ssl.SSLError and timeouts are OSErrors
-                reason = "handshake deadline passed" if isinstance(err, socket.timeout) else str(err)
-                self._refuse(peer, reason, sock)
+                late = isinstance(err, socket.timeout) or expired.is_set()
+                self._refuse(peer, "handshake deadline passed" if late else str(err), sock)
                 return
         finally:
+            watchdog.cancel()
+            watchdog.join()
+            watched.close()
             self._slots.release()
         sock.settimeout(None)  # from now on the plane's deadlines apply
         session = ServerSession(node_id, session_id, sock, self.events, self.max_frame)

@@ -253,15 +253,21 @@ class StreamDataPlane(MessageDataPlane):
         self._round_on_messages = reason
 
     def _offer(self, node_id: int, content: RecordDict, group_id: str) -> None:
-        offer = self.listener.offer(node_id, ttl=self.timeout, timeout=self.timeout, required=self.mode == "stream")
+        # The client waits for each request up to twice the exchange timeout: in lockstep the
+        # server may legitimately wait one timeout for the slowest node before asking again.
+        offer = self.listener.offer(node_id, ttl=self.timeout, timeout=2 * self.timeout + 10,
+                                    required=self.mode == "stream")
         carried = RecordDict(dict(content.items()))
         carried[OFFER] = offer.to_record()
         message = Message(carried, node_id, p.TRAIN_STEP, group_id=group_id)
+        now = time.monotonic()
+        link = _Link(node_id, offer, carrier="", deadline=now + self.timeout, offered_at=now)
+        with self._lock:  # registered before the push: the client may connect before it returns
+            self._links[node_id] = link
         (msg_id,) = list(self.grid.push_messages([message]))
+        link.carrier = msg_id
         self.traffic.record(node_id, content, upstream=False)
         self._carriers[msg_id] = node_id
-        now = time.monotonic()
-        self._links[node_id] = _Link(node_id, offer, msg_id, deadline=now + self.timeout, offered_at=now)
 
     def _on_session(self, session: ServerSession) -> None:
         """Called by the listener (its thread) when a node's session is admitted."""
@@ -350,14 +356,18 @@ class StreamDataPlane(MessageDataPlane):
         if link is None:
             return []
         error = (message.error.reason or f"error code {message.error.code}") if message.has_error() else None
-        if link.phase == "offered":  # the client answered over messages: no session this round
+        if link.phase == "offered":  # no session: the client failed, or answered over messages
+            if error is not None:
+                self._close(link, f"the client failed before its session opened: {error}")
+                return [Reply(node, error=error)]
+            why = message.content.config_records.get(FALLBACK)
+            reason = str(why.get("reason", "")) if why else "no reason given"
+            if self.mode == "stream":  # the offer required the session
+                self._close(link, "the client answered over messages")
+                return [Reply(node, error=f"data-plane 'stream': the node answered over messages ({reason})")]
             self._close(link, "the client answered over messages")
-            self._planes[node] = "message"
-            if error is None:
-                why = message.content.config_records.get(FALLBACK)
-                self._reasons[node] = str(why.get("reason", "")) if why else "no session"
-                log(WARNING, "[flsplit] node %s: stream session did not open, on messages this round: %s", node,
-                    self._reasons[node])
+            self._planes[node], self._reasons[node] = "message", reason
+            log(WARNING, "[flsplit] node %s: stream session did not open, on messages this round: %s", node, reason)
             return [self.reply_of(node, message)]
         if link.phase == "committing":
             link.phase = "closed"
