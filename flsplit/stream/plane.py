@@ -42,7 +42,7 @@ from flsplit.stream.tls import ServerCredentials
 __all__ = ["StreamDataPlane", "MODES"]
 
 MODES = ("auto", "stream", "message")
-_GRID_POLL_IDLE = 1.0  # seconds between grid polls while only open sessions' carriers are out
+_GRID_POLL_OPENING = 1.0  # seconds between grid polls for opening sessions while others step
 
 
 @dataclass
@@ -115,7 +115,7 @@ class StreamDataPlane(MessageDataPlane):
         self._reasons: dict[int, str] = {}  # node -> why it stayed on messages
         self._open_s: dict[int, float] = {}  # node -> seconds from its offer to its first reply
         self._concurrency_fn = concurrency
-        self._concurrency: Union[int, None, str] = "unknown"
+        self._concurrency: Union[int, None, str] = "unknown"  # or "unread": the engine's pool was not found
         self._round_on_messages: Optional[str] = None
         self._last_grid_poll = 0.0
 
@@ -199,6 +199,8 @@ class StreamDataPlane(MessageDataPlane):
         reasons, self._reasons = self._reasons, {}
         opened, self._open_s = self._open_s, {}
         self._round_on_messages = None
+        if self._concurrency == "unread":
+            self._concurrency = "unknown"
         super().end_round()
         stream = [n for n, kind in planes.items() if kind == "stream"]
         message = [n for n, kind in planes.items() if kind == "message"]
@@ -220,7 +222,7 @@ class StreamDataPlane(MessageDataPlane):
     def _may_offer(self, node_id: int) -> bool:
         if self.mode == "message":
             return False
-        if self._round_on_messages is None and self._limit() == 0:
+        if self._round_on_messages is None and getattr(self.grid, "concurrency", None) == 0:
             self._refuse_streams("the grid runs no ClientApp while the ServerApp waits")
         if self._round_on_messages is not None:
             self._reasons[node_id] = self._round_on_messages
@@ -229,27 +231,35 @@ class StreamDataPlane(MessageDataPlane):
 
     def _limit(self) -> Optional[int]:
         """How many sessions can be open at once (``None``: no limit). A grid may say itself
-        (``grid.concurrency``); else the ``concurrency`` callable is asked, once."""
+        (``grid.concurrency``); else the ``concurrency`` callable is asked until it knows
+        (a 0 from it means the engine could not be read yet, and is asked again next round)."""
         if self._concurrency == "unknown":
             hint = getattr(self.grid, "concurrency", None)
             if isinstance(hint, int):
                 self._concurrency = hint
             else:
-                self._concurrency = self._concurrency_fn() if self._concurrency_fn else None
-        return self._concurrency
+                limit = self._concurrency_fn() if self._concurrency_fn else None
+                if limit == 0:
+                    self._concurrency = "unread"  # asked again next round
+                    return 0
+                self._concurrency = limit
+        return 0 if self._concurrency == "unread" else self._concurrency
 
     def _check_concurrency(self, sessions: int) -> None:
         limit = self._limit()
         if limit is None or sessions <= limit:
             return
+        if self._concurrency == "unread":
+            self._refuse_streams("the simulation engine's actor pool could not be read")
+            return
         self._refuse_streams(f"a lockstep step needs {sessions} sessions open at once, the simulation engine "
-                             f"runs {limit} ClientApps at a time", sessions)
+                             f"runs {limit} ClientApps at a time", advice=f"raise init-args-num-cpus to {sessions} "
+                             f"with client-resources-num-cpus=1 in the federation config, or use data-plane 'auto'")
 
-    def _refuse_streams(self, reason: str, sessions: int = 1) -> None:
+    def _refuse_streams(self, reason: str, advice: str = "use data-plane 'auto'") -> None:
         """Keep this round on messages (``auto``), or refuse it (``stream``)."""
         if self.mode == "stream":
-            raise ValueError(f"data-plane 'stream': {reason}; in a simulation, raise init-args-num-cpus to {sessions} "
-                             f"with client-resources-num-cpus=1 in the federation config, or use data-plane 'auto'")
+            raise ValueError(f"data-plane 'stream': {reason}; {advice}")
         self._round_on_messages = reason
 
     def _offer(self, node_id: int, content: RecordDict, group_id: str) -> None:
@@ -334,14 +344,26 @@ class StreamDataPlane(MessageDataPlane):
         if self._links.get(node_id) is not None and self._links[node_id].phase == "closed":
             del self._links[node_id]
 
+    def _grid_due(self, now: float) -> bool:
+        """Whether to poll the grid now. A poll is a round trip to the SuperLink (tens of ms
+        in a loaded deployment), so it stays off the step path: only when something awaited
+        can come only through the grid (an ordinary reply, a commit while no session step
+        is out), and about once a second while sessions are still opening next to running
+        ones. An open session's carrier is not polled: its client hanging up shows as EOF."""
+        if self._pending:
+            return True
+        phases = {self._links[n].phase for n in self._carriers.values() if n in self._links}
+        stepping = any(link.waiting and link.phase == "open" for link in self._links.values())
+        if "committing" in phases and not stepping:
+            return True
+        if "offered" in phases:
+            return not stepping or now - self._last_grid_poll >= _GRID_POLL_OPENING
+        return False
+
     def _poll_grid(self, force: bool = False) -> list[Reply]:
-        """Flower replies: ordinary ones, and carriers' answers. While only open sessions'
-        carriers are out (nothing else to wait for), the grid is polled once a second."""
+        """Flower replies: ordinary ones, and carriers' answers (see ``_grid_due``)."""
         now = time.monotonic()
-        urgent = bool(self._pending) or any(
-            self._links[n].phase in ("offered", "committing") for n in self._carriers.values() if n in self._links
-        )
-        if not (force or urgent or now - self._last_grid_poll >= _GRID_POLL_IDLE):
+        if not (force or self._grid_due(now)):
             return []
         self._last_grid_poll = now
         replies = self.poll()

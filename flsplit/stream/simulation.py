@@ -19,18 +19,21 @@ __all__ = ["simulation_concurrency"]
 _POOL_MODULE = "flwr.simulation.ray_transport.ray_actor"
 
 
-def simulation_concurrency(wait: float = 2.0) -> Optional[int]:
+def simulation_concurrency(wait: float = 60.0) -> Optional[int]:
     """``None`` outside Flower's simulation engine (no limit: a deployment); else the number
-    of ClientApps it runs at once (0 if its actor pool cannot be found within ``wait`` s)."""
+    of ClientApps it runs at once, or 0 if its actor pool does not appear within ``wait``
+    seconds (the engine builds it in its own thread, while the ServerApp starts)."""
     module = sys.modules.get(_POOL_MODULE)
     if module is None:
         return None
     threads = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default in vce_api
     deadline = time.monotonic() + wait
     while True:
-        pools = [o for o in gc.get_objects() if isinstance(o, module.BasicActorPool)]
-        if pools:
-            return min(threads, max(int(getattr(pool, "num_actors", 0)) for pool in pools))
+        # type() rather than isinstance(): no attribute of any other object is touched.
+        pools = [o for o in gc.get_objects() if type(o) is module.BasicActorPool]
+        actors = max((int(getattr(pool, "num_actors", 0)) for pool in pools), default=0)
+        if actors > 0:
+            return min(threads, actors)
         if time.monotonic() > deadline:
             return 0
         time.sleep(0.1)
