@@ -158,6 +158,8 @@ class SplitClient:
             raise p.ProtocolError(f"request has no '{p.CONFIG}' record")
         if p.SplitConfig.from_record(request.config_records[p.CONFIG]) != cfg:
             raise p.ProtocolError("a request of the session changed the round's settings")
+        if p.CLIENT_PART in request.array_records:
+            raise p.ProtocolError(f"a request within a session carries '{p.CLIENT_PART}': a round starts once")
 
     def _trainer_for(self, content: RecordDict, cfg: p.SplitConfig, part: nn.Module,
                      context: Context) -> tuple[ClientTrainer, bool]:
