@@ -16,6 +16,16 @@ A codec turns a tensor into the arrays that go into a Flower message and back:
 
 An all-zero tensor gets scale 1 (no division by zero). NaN or infinite inputs are refused:
 encoding them would silently turn them into garbage or saturated values.
+
+Float edges. The scale travels as float32 when float32 holds it as a normal number (every
+tensor whose amax is a normal float32 times the codec's maximum); otherwise (amax in float32's
+subnormal range, float64 tensors with amax far below or above float32's range) it travels as
+float64 and the division and the multiplication are done in float64, so the bound above holds
+there too. A scale float64 cannot hold as a normal number is refused at encoding. Unscaled
+casts (``fp32``, ``fp16``, ``bf16``) refuse values beyond the wire dtype's range instead of
+sending infinities; values below its smallest subnormal become zero (an absolute error of at
+most that subnormal). Decoding refuses a payload whose values come out NaN or infinite in the
+target dtype.
 """
 
 from __future__ import annotations
@@ -76,13 +86,18 @@ class Codec:
             raise CodecError(f"{key}: refusing to encode NaN or infinite values with codec '{self.name}'")
         if self.scaled:
             amax = float(x.abs().max()) if x.numel() else 0.0
-            scale = amax / self.max_value if amax > 0 else 1.0
-            record[f"{key}.scale"] = Array(torch.tensor(scale, dtype=torch.float32))
-            x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32) / scale
+            scale = _scale_tensor(key, self.name, amax / self.max_value if amax > 0 else 1.0)
+            record[f"{key}.scale"] = Array(scale)
+            work = torch.float64 if x.dtype == torch.float64 or scale.dtype == torch.float64 else torch.float32
+            x = x.to(work) / float(scale)
             if self.wire_dtype == torch.int8:
                 x = x.round().clamp_(-self.max_value, self.max_value)
         if self.wire_dtype is not None:
+            narrowing = not self.scaled and x.is_floating_point() and torch.finfo(self.wire_dtype).max < torch.finfo(x.dtype).max
             x = x.to(self.wire_dtype)
+            if narrowing and not all_finite(x):
+                raise CodecError(f"{key}: values beyond {self.wire_dtype}'s range "
+                                 f"(|x| > {torch.finfo(self.wire_dtype).max:.6g}) cannot be sent with codec '{self.name}'")
         if self.view_dtype is not None:
             x = x.view(self.view_dtype)
         record[key] = Array(x.contiguous())
@@ -113,11 +128,33 @@ class Codec:
             scale_key = f"{key}.scale"
             if scale_key not in record:
                 raise CodecError(f"missing key '{scale_key}' (codec '{self.name}')")
-            scale = torch.from_numpy(record[scale_key].numpy())
+            try:
+                scale = torch.from_numpy(record[scale_key].numpy())
+            except Exception as err:  # a corrupt numpy payload
+                raise CodecError(f"cannot decode '{scale_key}': {err}") from err
+            if scale.dtype not in (torch.float32, torch.float64):
+                raise CodecError(f"{scale_key}: wrong dtype {scale.dtype}, expected float32 or float64")
             if scale.numel() != 1 or not bool(torch.isfinite(scale).all()) or float(scale) <= 0:
                 raise CodecError(f"{scale_key}: scale must be one positive finite number")
-            x = x * scale.to(dtype)
+            if scale.dtype == torch.float64 and dtype != torch.float64:
+                x = (x.to(torch.float64) * scale).to(dtype)  # the scale may not fit the target dtype
+            else:
+                x = x * scale.to(dtype)
+            if not all_finite(x):
+                raise CodecError(f"{key}: decodes to values beyond {dtype}'s range (scale {float(scale):.6g})")
         return x
+
+
+def _scale_tensor(key: str, codec: str, scale: float) -> torch.Tensor:
+    """The scale as it travels: float32 when float32 holds it as a normal number, else float64;
+    refused (``CodecError``) if float64 cannot either."""
+    f32 = torch.finfo(torch.float32)
+    if f32.tiny <= scale <= f32.max:
+        return torch.tensor(scale, dtype=torch.float32)
+    f64 = torch.finfo(torch.float64)
+    if f64.tiny <= scale <= f64.max:
+        return torch.tensor(scale, dtype=torch.float64)
+    raise CodecError(f"{key}: amax too small or too large for codec '{codec}' (scale {scale:.3g} is not a normal float64)")
 
 
 CODECS: dict[str, Codec] = {

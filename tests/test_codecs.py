@@ -108,3 +108,71 @@ def test_history_bytes_are_what_the_messages_carried():
     ratio = entry["split_bytes_up"] / native.history.rounds[0]["split_bytes_up"]
     assert 0.125 < ratio < 0.14  # float64 model: one byte instead of eight, plus headers and labels
     assert entry["split_bytes_down"] < native.history.rounds[0]["split_bytes_down"] / 7
+
+
+# ---------------------------------------------------------------------------- float edges
+# (amax, dtype) pairs at the edges: float32's subnormal range, its smallest normal, tiny and
+# huge float64 beyond float32's range, and float32's maximum.
+EDGES = [
+    (1e-40, torch.float32), (2e-45, torch.float32), (1.2e-38, torch.float32), (3e38, torch.float32),
+    (1e-200, torch.float64), (1e-300, torch.float64), (1e300, torch.float64), (1e-320, torch.float64),
+]
+RELATIVE = {"fp8-e4m3": 1 / 28, "fp8-e5m2": 1 / 14, "int8": 1 / 254, "fp16": 2.0**-11, "bf16": 2.0**-8,
+            "fp32": 2.0**-24, "native": 0.0}
+
+
+def _edge_tensor(amax: float, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    x = (torch.rand(64, generator=g, dtype=torch.float64) * 2 - 1) * amax
+    x[0] = amax
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+@pytest.mark.parametrize("amax, dtype", EDGES)
+def test_float_edges_are_exact_within_the_bound_or_refused_at_encoding(name, amax, dtype):
+    """Never inf or NaN after decoding: either the round trip stays within the codec's
+    documented error (relative to amax, plus the target's smallest subnormal for values that
+    underflow), or encoding refuses with an error naming the codec or the range."""
+    x = _edge_tensor(amax, dtype)
+    record = ArrayRecord()
+    codec = get_codec(name)
+    try:
+        codec.encode_into(record, "t", x)
+    except CodecError as err:
+        assert name in str(err) or "range" in str(err)
+        # what is refused is only what cannot be represented: beyond the wire dtype's range,
+        # or a scale no float64 holds as a normal number
+        beyond = not codec.scaled and codec.wire_dtype is not None and float(x.abs().max()) > torch.finfo(codec.wire_dtype).max
+        assert beyond or amax / (codec.max_value or 1.0) < torch.finfo(torch.float64).tiny, str(err)
+        return
+    y = codec.decode_from(record, "t", dtype)
+    assert y.dtype == dtype and bool(torch.isfinite(y).all())
+    real_amax = float(x.abs().max())
+    floor = torch.finfo(codec.wire_dtype).smallest_normal * torch.finfo(codec.wire_dtype).eps if codec.wire_dtype is not None and not codec.scaled else 0.0
+    bound = real_amax * (RELATIVE[name] + 8 * torch.finfo(dtype).eps) + floor + 2 * float(torch.finfo(dtype).smallest_normal) * torch.finfo(dtype).eps
+    error = float((y.double() - x.double()).abs().max())
+    assert error <= bound, (error, bound)
+
+
+def test_the_issue_examples():
+    """``[1e-40, -5e-41]`` through fp8-e5m2 came back as ``[inf, ...]``; fp16 turned 7e4 into inf."""
+    x = torch.tensor([1e-40, -5e-41])
+    y = round_trip("fp8-e5m2", x)
+    assert bool(torch.isfinite(y).all()) and float((y - x).abs().max()) <= 1e-40 / 14
+    with pytest.raises(CodecError, match="beyond torch.float16's range"):
+        round_trip("fp16", torch.tensor([7e4, 1.0]))
+
+
+def test_a_scale_that_decodes_beyond_the_dtype_is_refused():
+    """A client's payload whose scale blows its values past the dtype's range is refused."""
+    record = ArrayRecord()
+    get_codec("fp8-e5m2").encode_into(record, "t", torch.tensor([1.0, -1.0]))
+    from flwr.app import Array
+
+    record["t.scale"] = Array(torch.tensor(3e38, dtype=torch.float32))  # 57344 x 3e38 = inf in float32
+    with pytest.raises(CodecError, match="beyond torch.float32's range"):
+        get_codec("fp8-e5m2").decode_from(record, "t", torch.float32)
+    record["t.scale"] = Array(torch.tensor(3, dtype=torch.int32))
+    with pytest.raises(CodecError, match="wrong dtype"):
+        get_codec("fp8-e5m2").decode_from(record, "t", torch.float32)
