@@ -9,6 +9,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 
 from flsplit import rng
+from flsplit.protocol import SplitConfig, check_int, check_number
 from flsplit.data import TensorData, dataset_info, load_centralized, load_partition
 from flsplit.splitting import SplitModel
 from flsplit.zoo import build_model
@@ -68,14 +69,42 @@ class RunSettings(dict):
         if unknown:
             raise ValueError(f"unknown run-config keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
         super().__init__({**DEFAULTS, **(run_config or {})})
+        self.check()
+
+    def check(self) -> None:
+        """Every key the ServerApp reads, checked here once: ``ValueError`` names the key and
+        the allowed values. The training settings are checked by ``SplitConfig``, the one
+        definition clients check too."""
+        for key, low in (("num-server-rounds", 1), ("min-available-nodes", 1), ("noop-exchanges", 0)):
+            check_int(key, self[key], low)
+        for key, low, high, low_open in (
+            ("fraction-train", 0.0, 1.0, True), ("fraction-evaluate", 0.0, 1.0, False), ("phi", 0.0, 1.0, False),
+        ):
+            check_number(key, self[key], low, high, low_open=low_open)
+        for key in ("exchange-timeout", "dirichlet-alpha", "cache-max-mb", "stream-max-frame-mb", "stream-handshake-timeout"):
+            check_number(key, self[key], 0.0, low_open=True)
+        for key in ("loss-threshold", "planner-v"):
+            check_number(key, self[key], 0.0)
+        if self["partitioning"] not in ("iid", "dirichlet"):
+            raise ValueError(f"partitioning must be 'iid' or 'dirichlet', got {self['partitioning']!r}")
+        _ = self.cuts  # parses cut-layer
+        SplitConfig(
+            server_round=1, cut=1, batch_size=self["batch-size"], local_epochs=self["local-epochs"],
+            max_steps=self["max-steps"], steps_per_exchange=self["steps-per-exchange"],
+            learning_rate=self["learning-rate"], momentum=self["momentum"], seed=self["seed"],
+            codec_up=self["codec-up"] or "native", codec_down=self["codec-down"] or "native",
+        )
 
     @property
     def cuts(self) -> int | list[int]:
         """``cut-layer`` as one cut (``2``) or a round-robin list (``"1,3"``)."""
         raw = self["cut-layer"]
-        values = [int(v) for v in str(raw).split(",") if v.strip()]
-        if not values:
-            raise ValueError(f"cut-layer {raw!r} names no cut")
+        try:
+            values = [int(v) for v in str(raw).split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"cut-layer must be a cut layer or a comma list of them (\"2\", \"1,3\"), got {raw!r}") from None
+        if not values or min(values) < 1:
+            raise ValueError(f"cut-layer must name cuts >= 1, got {raw!r}")
         return values[0] if len(values) == 1 else values
 
 
