@@ -44,11 +44,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -59,79 +57,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BENCH_APP = REPO / "benchmarks" / "stream_bench_app"
 BINDIR = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procs import alive, cmdline, code_version, descendants, free_ports, kill_pid, machine, wait_listening  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- processes
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def wait_listening(port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def _ppid(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("PPid:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
-
-
-def descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
-        children.setdefault(_ppid(pid), []).append(pid)
-    out, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith("State:"))
-    except (OSError, StopIteration):
-        return False
-    return "zombie" not in state
-
-
-def kill_pid(pid: int, grace: float = 10.0) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and alive(pid):
-        time.sleep(0.2)
-    if alive(pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 class Deployment:
@@ -199,7 +129,7 @@ class Deployment:
         for parent, pids in kids.items():
             for pid in pids:
                 if alive(pid):
-                    notes.append(f"leftover child PID {pid} of {parent} killed: {_cmdline(pid)[:120]}")
+                    notes.append(f"leftover child PID {pid} of {parent} killed: {cmdline(pid)[:120]}")
                     kill_pid(pid, grace=5.0)
         return notes
 
@@ -234,27 +164,6 @@ def pct(values: list[float], q: float) -> float:
 def summary(values: list[float]) -> dict:
     return {"n": len(values), "median": statistics.median(values), "p10": pct(values, 10), "p90": pct(values, 90),
             "p99": pct(values, 99), "max": max(values), "min": min(values), "mean": statistics.fmean(values)}
-
-
-def code_version() -> dict:
-    """The commit the run measures, and whether flsplit/ apps/ strategies/ differ from it."""
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return "?"
-    return {"head": git("rev-parse", "--short", "HEAD"),
-            "dirty": git("status", "--porcelain", "--", "flsplit", "apps", "strategies").splitlines()}
-
-
-def machine() -> dict:
-    import flwr
-    import torch
-
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), "unknown")
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "flwr": flwr.__version__, "platform": platform.platform()}
 
 
 # ---------------------------------------------------------------------------- main

@@ -44,10 +44,7 @@ import copy
 import json
 import logging
 import os
-import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -58,80 +55,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 BINDIR = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procs import alive, cmdline, code_version, descendants, free_ports, kill_pid, machine, pids  # noqa: E402
 FEDERATION = "num-supernodes=4 client-resources-num-cpus=1 init-args-num-cpus=4"
 
 
 # ---------------------------------------------------------------------------- processes
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _pids() -> list[int]:
-    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def _ppid(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("PPid:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
-
-
-def descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for pid in _pids():
-        children.setdefault(_ppid(pid), []).append(pid)
-    out, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith("State:"))
-    except (OSError, StopIteration):
-        return False
-    return "zombie" not in state
-
-
-def kill_pid(pid: int, grace: float = 10.0) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and alive(pid):
-        time.sleep(0.2)
-    if alive(pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def superlink_pids(flwr_home: Path) -> list[int]:
     """PIDs whose command line contains ``<FLWR_HOME>/local-superlink`` (ours only)."""
     needle = f"{flwr_home}/local-superlink"
-    return [pid for pid in _pids() if pid != os.getpid() and needle in _cmdline(pid)]
+    return [pid for pid in pids() if pid != os.getpid() and needle in cmdline(pid)]
 
 
 class Watch:
@@ -144,7 +79,7 @@ class Watch:
     def sample(self) -> None:
         for root in superlink_pids(self.flwr_home):
             for pid in [root, *descendants(root)]:
-                self.seen.setdefault(pid, _cmdline(pid)[:160])
+                self.seen.setdefault(pid, cmdline(pid)[:160])
 
     def stop(self) -> list[str]:
         self.sample()
@@ -155,7 +90,7 @@ class Watch:
             notes.append(f"stopped managed SuperLink PID {pid}")
         time.sleep(1.0)
         for pid, cmd in self.seen.items():
-            if pid not in roots and alive(pid) and _cmdline(pid)[:160] == cmd:  # same process, not a reused PID
+            if pid not in roots and alive(pid) and cmdline(pid)[:160] == cmd:  # same process, not a reused PID
                 notes.append(f"leftover PID {pid} killed: {cmd[:120]}")
                 kill_pid(pid, grace=5.0)
         return notes
@@ -249,27 +184,6 @@ def compute_only(threads: int, repeats: int = 200) -> dict:
     total, srv = zip(*(step() for _ in range(repeats)))
     return {"threads": threads, "step_s": statistics.median(total), "server_s": statistics.median(srv),
             "clients_s": statistics.median(t - s for t, s in zip(total, srv))}
-
-
-def code_version() -> dict:
-    """The commit the run measures, and whether flsplit/ apps/ strategies/ differ from it."""
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return "?"
-    return {"head": git("rev-parse", "--short", "HEAD"),
-            "dirty": git("status", "--porcelain", "--", "flsplit", "apps", "strategies").splitlines()}
-
-
-def machine() -> dict:
-    import flwr
-    import torch
-
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), "unknown")
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "flwr": flwr.__version__}
 
 
 def main(argv=None) -> int:

@@ -384,10 +384,9 @@ class StreamDataPlane(MessageDataPlane):
                 return [Reply(node, error=error)]
             why = message.content.config_records.get(FALLBACK)
             reason = str(why.get("reason", "")) if why else "no reason given"
-            if self.mode == "stream":  # the offer required the session
-                self._close(link, "the client answered over messages")
-                return [Reply(node, error=f"data-plane 'stream': the node answered over messages ({reason})")]
             self._close(link, "the client answered over messages")
+            if self.mode == "stream":  # the offer required the session
+                return [Reply(node, error=f"data-plane 'stream': the node answered over messages ({reason})")]
             self._planes[node], self._reasons[node] = "message", reason
             log(WARNING, "[flsplit] node %s: stream session did not open, on messages this round: %s", node, reason)
             return [self.reply_of(node, message)]
