@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from apps.task import RunSettings, make_evaluate_fn, make_model_fn
+from flsplit.checkpoint import load_checkpoint
 from flsplit.data import dataset_info
 from flsplit.dataplane import DataPlane, MessageDataPlane, time_noop_exchanges
 from flsplit.stream import MODES, StreamDataPlane
@@ -67,6 +68,7 @@ def build_strategy(settings: RunSettings, history: RunHistory):
         history=history,
         scenario=scenario_from_run_config(settings),
         data_plane_factory=data_plane_factory(settings),
+        checkpoint_dir=history.directory,  # a checkpoint after every round, beside history.json
     )
     return with_planner(strategy, settings)
 
@@ -124,8 +126,14 @@ def with_planner(strategy, settings: RunSettings):
 def main(grid: Grid, context: Context) -> None:
     """Train with the configured scheme, log a line per round, save history and final model."""
     settings = RunSettings(context.run_config)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(settings["output-dir"]).expanduser().resolve() / f"{stamp}-{settings['strategy']}-{context.run_id}"
+    checkpoint = None
+    if settings["resume-from"]:  # a corrupt checkpoint, or one of other settings, is refused before anything runs
+        checkpoint = load_checkpoint(settings["resume-from"])
+        settings.check_resume(checkpoint.history.get("run", {}))
+        run_dir = checkpoint.directory  # the run goes on in its own directory
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(settings["output-dir"]).expanduser().resolve() / f"{stamp}-{settings['strategy']}-{context.run_id}"
     history = RunHistory(run_dir, run={**settings, "run_id": context.run_id})
     log(INFO, "[flsplit] %s on %s, history: %s", settings["strategy"], settings["dataset"], history.path)
     strategy = build_strategy(settings, history)
@@ -143,6 +151,7 @@ def main(grid: Grid, context: Context) -> None:
         num_rounds=int(settings["num-server-rounds"]),
         timeout=float(settings["exchange-timeout"]),
         evaluate_fn=make_evaluate_fn(settings, model_fn),
+        resume_from=checkpoint,
     )
     model = model_fn()
     final = run_dir / "final_model.pt"

@@ -9,6 +9,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 
 from flsplit import rng
+from flsplit.checkpoint import CheckpointMismatch
 from flsplit.protocol import SplitConfig, check_int, check_number
 from flsplit.data import TensorData, dataset_info, load_centralized, load_partition
 from flsplit.splitting import SplitModel
@@ -57,7 +58,15 @@ DEFAULTS: dict[str, Any] = {
     "stream-keyfile": "",
     "stream-max-frame-mb": 256,
     "stream-handshake-timeout": 10.0,
+    "resume-from": "",
 }
+
+# What a resumed run may change: how long it runs and how it reaches its nodes, not what it trains.
+RESUME_MAY_CHANGE = frozenset({
+    "num-server-rounds", "resume-from", "output-dir", "exchange-timeout", "noop-exchanges", "min-available-nodes",
+    "data-plane", "stream-listen", "stream-advertise", "stream-certfile", "stream-keyfile", "stream-max-frame-mb",
+    "stream-handshake-timeout", "planner-agent",  # the agent may move; the strategy compares the agent itself
+})
 
 
 class RunSettings(dict):
@@ -85,6 +94,8 @@ class RunSettings(dict):
             check_number(key, self[key], 0.0, low_open=True)
         for key in ("loss-threshold", "planner-v"):
             check_number(key, self[key], 0.0)
+        if not isinstance(self["resume-from"], str):
+            raise ValueError(f"resume-from must be a run directory (a string, empty for a new run), got {self['resume-from']!r}")
         if self["partitioning"] not in ("iid", "dirichlet"):
             raise ValueError(f"partitioning must be 'iid' or 'dirichlet', got {self['partitioning']!r}")
         _ = self.cuts  # parses cut-layer
@@ -94,6 +105,15 @@ class RunSettings(dict):
             learning_rate=self["learning-rate"], momentum=self["momentum"], seed=self["seed"],
             codec_up=self["codec-up"] or "native", codec_down=self["codec-down"] or "native",
         )
+
+    def check_resume(self, saved: Mapping[str, Any]) -> None:
+        """Refuse to resume a run saved with ``saved`` settings (its history's ``run``) that
+        differ from these in a key that changes what is trained (not in ``RESUME_MAY_CHANGE``)."""
+        keys = {k for k in {*self, *saved} if k in DEFAULTS or k.startswith("cost-")} - RESUME_MAY_CHANGE
+        diffs = [f"{k}: checkpoint {saved.get(k, DEFAULTS.get(k))!r}, this run {self.get(k, DEFAULTS.get(k))!r}"
+                 for k in sorted(keys) if saved.get(k, DEFAULTS.get(k)) != self.get(k, DEFAULTS.get(k))]
+        if diffs:
+            raise CheckpointMismatch(f"resume-from {self['resume-from']!r}: the saved run had other settings: " + "; ".join(diffs))
 
     @property
     def cuts(self) -> int | list[int]:

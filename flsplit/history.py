@@ -5,6 +5,9 @@ its history. Layout::
 
     {"run": {...settings...}, "rounds": [{"round": 1, "test_accuracy": ..., ...}, ...],
      "final_model": "<path or null>"}
+
+A resumed run (``flsplit.checkpoint``) continues the history it was saved with and adds
+``"resumed": [{"after_round": r, "run": {...its settings...}}, ...]``.
 """
 
 from __future__ import annotations
@@ -73,6 +76,14 @@ class RunHistory:
         self.rounds.append(entry)
         log(INFO, "[flsplit] %s", format_round(entry, num_rounds))
         self.save()
+
+    def resume(self, saved: dict[str, Any], after_round: int) -> None:
+        """Continue a saved history (a checkpoint's): its ``run`` and rounds come back, new
+        rounds append to them, and this run's settings are noted under ``resumed`` (what this
+        run already recorded besides, e.g. ``noop_exchange_seconds``, is kept)."""
+        note = {"after_round": int(after_round), "run": self.data["run"]}
+        extras = {k: v for k, v in self.data.items() if k not in ("run", "rounds", "final_model")}
+        self.data = {**saved, **extras, "rounds": list(saved["rounds"]), "resumed": [*saved.get("resumed", []), note]}
 
     def save(self) -> None:
         """Write ``history.json`` atomically (no-op without a directory)."""

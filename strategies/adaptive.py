@@ -141,6 +141,19 @@ class Adaptive(Strategy):
         energies = [clients[str(n)]["energy_j"] if str(n) in clients else 0.0 for n in plan.nodes]
         entry["plan"].update(self.planner.observe(server_round, plan.client_ids, energies, entry.get("train_loss")))
 
+    # ------------------------------------------------------------------ checkpoint (strategies.checkpointing)
+    def planner_config(self) -> dict:
+        """The planner's settings a resumed run must share."""
+        return self.planner.checkpoint_config()
+
+    def planner_state(self) -> dict:
+        """What the loop carries across rounds: the nodes identified and the planner's own state."""
+        return {"samples": {str(n): k for n, k in self.samples.items()}, "planner": self.planner.checkpoint_state()}
+
+    def restore_planner(self, state: dict) -> None:
+        self.samples = {int(n): int(k) for n, k in state["samples"].items()}
+        self.planner.restore_state(state["planner"])
+
     # ------------------------------------------------------------------ Flower Strategy API: delegated
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return self.strategy.configure_train(server_round, arrays, config, grid)

@@ -93,6 +93,27 @@ class AsyncSL(SplitStrategy):
         self.cache: OrderedDict[int, tuple[int, ArrayRecord]] = OrderedDict()  # node -> (cut, encoded)
         self.transitions: dict[str, dict] = {}
 
+    # ------------------------------------------------------------------ checkpoint
+    def checkpoint_config(self) -> dict:
+        return {**super().checkpoint_config(), "loss_threshold": self.loss_threshold,
+                "cache_max_bytes": self.cache_max_bytes}
+
+    def checkpoint_state(self) -> dict:
+        return {
+            **super().checkpoint_state(),
+            "states": {str(n): s for n, s in self.states.items()},
+            "reference_loss": {str(n): loss for n, loss in self.reference_loss.items()},
+            "cache": [[n, cut, record] for n, (cut, record) in self.cache.items()],  # least recently used first
+        }
+
+    def restore_state(self, state: dict) -> None:
+        super().restore_state(state)
+        self.states = {int(n): str(s) for n, s in state["states"].items()}
+        if not set(self.states.values()) <= set(_DEMOTE):
+            raise ValueError(f"unknown async states {sorted(set(self.states.values()) - set(_DEMOTE))}")
+        self.reference_loss = {int(n): loss for n, loss in state["reference_loss"].items()}
+        self.cache = OrderedDict((int(n), (int(cut), record)) for n, cut, record in state["cache"])
+
     # ------------------------------------------------------------------ cache
     def cache_bytes(self) -> int:
         return sum(payload_bytes(RecordDict({p.SMASHED: rec})) for _, rec in self.cache.values())
@@ -153,7 +174,11 @@ class AsyncSL(SplitStrategy):
         self.transitions = {}
         for node, state in window.items():
             stats = self.node_stats[node]
-            if stats.samples == 0:  # nothing measured (errors): keep the state
+            if stats.samples == 0:  # nothing measured (errors): keep the state ...
+                if state == "B" and node not in self.upload_examples:
+                    # ... unless the upload failed: the client may have lost the frozen part it
+                    # uploads with (a restarted SuperNode, a resumed run's fresh clients)
+                    self.states[node] = "A"
                 continue
             reference = self.reference_loss.get(node)
             new = next_state(state, reference, stats.loss, self.loss_threshold)

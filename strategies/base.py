@@ -28,6 +28,7 @@ import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -40,6 +41,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flsplit import protocol as p
 from flsplit.codecs import get_codec
 from flsplit.aggregation import average_states, block_of
+from flsplit.checkpoint import Checkpoint
 from flsplit.costmodel import DeviceProfile
 from flsplit.dataplane import DataPlane, MessageDataPlane, Reply, Traffic
 from flsplit.history import RunHistory
@@ -49,6 +51,7 @@ from flsplit.server import ServerPart, ServerWork, StepStats, evaluate_smashed
 from flsplit.splitting import SplitModel, block_output_shapes
 
 from strategies.accounting import RoundAccounting
+from strategies.checkpointing import Checkpointing
 from strategies.exchange import ExchangeHost
 
 __all__ = ["SplitStrategy", "CutAssignment"]
@@ -56,7 +59,7 @@ __all__ = ["SplitStrategy", "CutAssignment"]
 CutAssignment = Union[int, list[int], Callable[[int, list[int]], Mapping[int, int]]]
 
 
-class SplitStrategy(ExchangeHost, RoundAccounting, Strategy):
+class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
     """Base class: round loop, node sampling, cut assignment, round-end averaging.
 
     Parameters
@@ -92,6 +95,9 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Strategy):
         go into the history under ``sim``.
     data_plane_factory : callable, optional
         ``fn(grid, timeout) -> DataPlane``; defaults to ``MessageDataPlane``.
+    checkpoint_dir : str or Path, optional
+        Save a checkpoint there after every round (``flsplit.checkpoint``); ``start(...,
+        resume_from=...)`` continues from one.
     """
 
     def __init__(
@@ -119,6 +125,7 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Strategy):
         history: Optional[RunHistory] = None,
         scenario: Optional[Scenario] = None,
         data_plane_factory: Optional[Callable[[Grid, float], DataPlane]] = None,
+        checkpoint_dir: Optional[Union[str, Path]] = None,
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction-train must be in (0, 1], got {fraction_train}")
@@ -164,6 +171,7 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Strategy):
         self.server_work = ServerWork()
         self.round_planner = None  # set by strategies.adaptive.Adaptive: plans cuts + resources
         self.round_plan = None  # this round's plan (a strategies.adaptive.RoundPlan) if planned
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
     scheme = ""  # the scheme's name in STRATEGIES and in the traffic model (flsplit.sim.traffic)
     timing = "parallel"  # how clients' chains combine in the simulated round latency
@@ -332,6 +340,7 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Strategy):
         train_config: Optional[ConfigRecord] = None,
         evaluate_config: Optional[ConfigRecord] = None,
         evaluate_fn: Optional[Callable[[int, ArrayRecord], Optional[MetricRecord]]] = None,
+        resume_from: Optional[Union[str, Path, Checkpoint]] = None,
     ) -> Result:
         """Run ``num_rounds`` rounds of split training and return Flower's ``Result``.
 
@@ -339,6 +348,12 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Strategy):
         (``ArrayRecord(split_model.blocks.state_dict())``). ``timeout`` bounds each exchange.
         ``train_config`` and ``evaluate_config`` are accepted for signature compatibility and
         not used: the split settings are the strategy's constructor arguments.
+
+        ``resume_from`` (a run directory with a checkpoint, or a ``Checkpoint``) continues a
+        run: the checkpoint's model and state replace ``initial_arrays`` (which must still fit
+        the model), rounds ``r + 1 .. num_rounds`` run after its round ``r``, the history goes
+        on from the saved one, and ``Result`` holds the rounds run here (no round-0
+        evaluation). A corrupt or mismatched checkpoint is refused before anything runs.
         """
         log(INFO, "Starting %s split strategy (%d rounds)", type(self).__name__, num_rounds)
         self.summary()
@@ -346,18 +361,20 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Strategy):
             self.model.blocks.load_state_dict(initial_arrays.to_torch_state_dict())
         except RuntimeError as err:
             raise ValueError(f"initial_arrays do not fit the model: {err}") from err
+        done = self.resume(resume_from, num_rounds) if resume_from is not None else 0
         self.data_plane = self.data_plane_factory(grid, timeout)
         try:
-            return self._run(grid, num_rounds, evaluate_fn)
+            return self._run(grid, num_rounds, evaluate_fn, done)
         finally:
             self.data_plane.close()  # no listener, socket or thread outlives the run
 
     def _run(self, grid: Grid, num_rounds: int,
-             evaluate_fn: Optional[Callable[[int, ArrayRecord], Optional[MetricRecord]]]) -> Result:
+             evaluate_fn: Optional[Callable[[int, ArrayRecord], Optional[MetricRecord]]], done_rounds: int = 0) -> Result:
         result = Result()
-        if evaluate_fn and (res := evaluate_fn(0, ArrayRecord(self.model.blocks.state_dict()))) is not None:
+        initial = evaluate_fn is not None and not done_rounds  # round 0 is the initial model: not a resumed run's
+        if initial and (res := evaluate_fn(0, ArrayRecord(self.model.blocks.state_dict()))) is not None:
             result.evaluate_metrics_serverapp[0] = res
-        for server_round in range(1, num_rounds + 1):
+        for server_round in range(done_rounds + 1, num_rounds + 1):
             t0 = time.perf_counter()
             self.data_plane.traffic = Traffic()
             self.errors, self.server_steps, self.server_work = [], 0, ServerWork()
@@ -392,4 +409,6 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Strategy):
                 entry["plan"] = self.round_plan.as_record()
                 self.round_planner.observe(self, server_round, entry)
             self.history.add_round(entry, num_rounds)
+            if self.checkpoint_dir is not None:  # after the round is complete: planner fed, history written
+                self.save_checkpoint(server_round)
         return result

@@ -47,6 +47,18 @@ class EPSL(PSL):
         self.positions = positions
         self._rng = random.Random(self.seed)
 
+    def checkpoint_config(self) -> dict:
+        return {**super().checkpoint_config(), "phi": self.phi, "positions": self.positions}
+
+    def checkpoint_state(self) -> dict:
+        version, internal, gauss = self._rng.getstate()  # random positions draw on across rounds
+        return {**super().checkpoint_state(), "positions_rng": [version, list(internal), gauss]}
+
+    def restore_state(self, state: dict) -> None:
+        super().restore_state(state)
+        version, internal, gauss = state["positions_rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+
     def aggregated_positions(self, batch_size: int) -> list[int]:
         """Sample positions aggregated in a step whose smallest batch has ``batch_size`` samples."""
         m = math.ceil(self.phi * batch_size)

@@ -40,6 +40,19 @@ class PSL(SplitStrategy):
         self.sync_clients = sync_clients
         self._own_parts: dict[int, tuple[int, ArrayRecord]] = {}
 
+    def checkpoint_config(self) -> dict:
+        return {**super().checkpoint_config(), "sync_clients": self.sync_clients}
+
+    def checkpoint_state(self) -> dict:
+        state = super().checkpoint_state()
+        if not self.sync_clients:  # where each client starts its next round
+            state["own_parts"] = {str(n): {"cut": cut, "part": part} for n, (cut, part) in self._own_parts.items()}
+        return state
+
+    def restore_state(self, state: dict) -> None:
+        super().restore_state(state)
+        self._own_parts = {int(n): (int(v["cut"]), v["part"]) for n, v in state.get("own_parts", {}).items()}
+
     def start_part(self, node_id: int, cut: int) -> ArrayRecord:
         own = self._own_parts.get(node_id)
         if self.sync_clients or own is None or own[0] != cut:

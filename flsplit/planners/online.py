@@ -191,6 +191,17 @@ class OnlinePlanner(ABC):
         """Planner-specific fields of the history's plan record."""
         return {}
 
+    def checkpoint_config(self) -> dict:
+        """The settings a run resumed from a checkpoint of this planner must share (JSON values)."""
+        return {"name": self.name, "candidate_cuts": list(self.candidate_cuts), "bytes_per_element": self.bytes_per_element}
+
+    def checkpoint_state(self) -> dict:
+        """What the planner carries from one round to the next (JSON values; none here)."""
+        return {}
+
+    def restore_state(self, state: dict) -> None:
+        """Take back what ``checkpoint_state`` returned."""
+
     def observe(self, server_round: int, client_ids: Sequence[int], energy_j: Sequence[float],
                 train_loss: Optional[float]) -> dict:
         """Feed back a finished round (per client the device energy spent; the training loss).
@@ -302,6 +313,19 @@ class OpenOnline(OnlinePlanner):
                     "%.4g J in round %d: its queue can only grow", c, b, e, server_round)
         return planner.plan(server_round)
 
+    def checkpoint_config(self) -> dict:
+        return {**super().checkpoint_config(), "V": self.V, "energy_budget": self.energy_budget}
+
+    def checkpoint_state(self) -> dict:
+        # budgets are fixed at a device's first round, queues advance every round
+        return {"budgets": {str(c): b for c, b in self.budgets.items()},
+                "queues": {str(c): q for c, q in self.queues.items()}, "warned": sorted(self.warned)}
+
+    def restore_state(self, state: dict) -> None:
+        self.budgets = {int(c): float(b) for c, b in state["budgets"].items()}
+        self.queues = {int(c): float(q) for c, q in state["queues"].items()}
+        self.warned = {int(c) for c in state["warned"]}
+
     def record_extra(self, plan: Plan) -> dict:
         ids = plan.details["client_ids"]
         return {"V": self.V, "energy_budget_j": [self.budgets[c] for c in ids],
@@ -335,6 +359,9 @@ class EPSLOnline(OnlinePlanner):
 
     def phi(self) -> float:
         return self._phi
+
+    def checkpoint_config(self) -> dict:
+        return {**super().checkpoint_config(), "phi": self._phi, "energy_budget": self.energy_budget}
 
     def _plan(self, scenario, server_round, client_ids, samples):
         from flsplit.planners.epsl import plan_epsl
@@ -375,6 +402,7 @@ class CCCOnline(OnlinePlanner):
         self._planner = None
         self._key: Optional[tuple] = None
         self._loss: Optional[float] = None
+        self._resumed: Optional[dict] = None  # a checkpoint's planner state, taken up by the next plan
 
     def check_clients(self, num_clients: int) -> None:
         if num_clients != self.agent.num_clients:
@@ -387,12 +415,36 @@ class CCCOnline(OnlinePlanner):
         self.check_clients(len(client_ids))
         key = (tuple(client_ids), tuple(samples), id(scenario))
         if self._planner is None or key != self._key:
-            scale = self._planner.loss_scale if self._planner is not None else None
+            resumed, self._resumed = self._resumed, None
+            scale = self._planner.loss_scale if self._planner is not None else (resumed or {}).get("loss_scale")
             self._planner = CCCPlanner(self.agent, self.profile, scenario, samples=samples, client_ids=client_ids,
                                        bytes_per_element=self.bytes_per_element, loss_scale=scale,
                                        energy_budget_j=_per_client_budget(self.energy_budget, client_ids))
+            if resumed is not None and resumed["clients"] == [list(client_ids), list(samples)]:
+                self._planner._proxy_loss = resumed["proxy_loss"]  # the saved planner would have been kept
             self._key = key
         return self._planner.plan(server_round, recent_loss=self._loss)
+
+    def checkpoint_config(self) -> dict:
+        import hashlib
+
+        # the agent itself, not its path: a retrained agent plans differently
+        weights = hashlib.sha256(b"".join(t.numpy().tobytes() for t in self.agent.online.state_dict().values()))
+        return {**super().checkpoint_config(), "energy_budget": self.energy_budget,
+                "agent": {**self.agent.config, "weights_sha256": weights.hexdigest()[:16]}}
+
+    def checkpoint_state(self) -> dict:
+        planner = self._planner
+        return {
+            "loss": self._loss,
+            "loss_scale": planner.loss_scale if planner is not None else None,
+            "proxy_loss": planner._proxy_loss if planner is not None else None,
+            "clients": [list(self._key[0]), list(self._key[1])] if self._key is not None else None,
+        }
+
+    def restore_state(self, state: dict) -> None:
+        self._loss = state["loss"]
+        self._resumed = state if state["clients"] is not None else None
 
     def record_extra(self, plan: Plan) -> dict:
         return {"recent_loss": self._loss, "q_values": plan.details.get("q_values")}
