@@ -18,9 +18,9 @@ What survives a round, and so what is saved:
 - the history so far.
 
 Server parts and their optimizers are rebuilt every round, so nothing of theirs is saved. A
-client's own cross-round state (its data cursor) lives in its node's ``context.state``, on
-the client: a resumed run on the same nodes (same grid) continues it, a new ``flwr run``
-starts clients afresh.
+client's own cross-round state (its data cursor, any optimizer state it carries) lives in
+its node's ``context.state``, on the client: a resumed run on the same nodes (same grid)
+continues it, a new ``flwr run`` starts clients afresh.
 """
 
 from __future__ import annotations
