@@ -23,7 +23,7 @@ from flsplit.planners.online import make_online_planner
 from flsplit.scenario import load_scenario
 from flsplit.splitting import SplitModel
 from flsplit.zoo import digits_cnn
-from strategies import EPSL, PSL, SFLV1, SL, AsyncSL
+from strategies import EPSL, PSL, SFLGA, SFLV1, SL, AsyncSL
 from strategies.adaptive import Adaptive
 from tests.helpers import client_app_for, model_fn, random_data
 
@@ -39,6 +39,31 @@ def _psl_with_open(**kwargs):
     return Adaptive(psl, make_online_planner("asl", psl.profile, scenario, V=0.01, bytes_per_element=8.0))
 
 
+_AGENT: dict[str, str] = {}  # the CCC agent's path, once the ccc_agent fixture trained it
+
+
+def _sflga_with_ccc(**kwargs):
+    """SFL-GA with CCC in the loop: the measured loss feeds the next round's plan."""
+    scenario = load_scenario("edge-diverse")
+    sflga = SFLGA(scenario=scenario, **kwargs)
+    return Adaptive(sflga, make_online_planner("ccc", sflga.profile, scenario, agent_path=_AGENT["path"],
+                                               bytes_per_element=8.0))
+
+
+@pytest.fixture(scope="module")
+def ccc_agent(tmp_path_factory):
+    """A small CCC agent for the 3 clients (how well it plans does not matter here)."""
+    from flsplit.planners import train_ccc_agent
+    from flsplit.profile import profile_model
+
+    agent = train_ccc_agent(profile_model(model_fn(), (1, 8, 8)), load_scenario("edge-diverse"), num_clients=3,
+                            samples=SETTINGS["max_steps"] * SETTINGS["batch_size"], episodes=3, rounds_per_episode=3,
+                            seed=0, client_ids=[0, 1, 2])
+    path = tmp_path_factory.mktemp("agent") / "ccc.pt"
+    agent.save(path)
+    _AGENT["path"] = str(path)
+
+
 # name -> (build(**kwargs), rounds in all, rounds before the checkpoint)
 CASES = {
     "psl": (lambda **kw: PSL(**kw), 4, 2),
@@ -49,6 +74,7 @@ CASES = {
     # a threshold no loss change reaches: A, A, B (upload, cached), C (cache) ...; resumed in C
     "async": (lambda **kw: AsyncSL(loss_threshold=100.0, **kw), 5, 3),
     "psl-open": (_psl_with_open, 4, 2),
+    "sflga-ccc": (_sflga_with_ccc, 4, 2),
 }
 
 
@@ -100,7 +126,9 @@ def _inner(strategy):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_resumed_run_equals_the_uninterrupted_one(tmp_path, name, one_torch_thread):
+def test_resumed_run_equals_the_uninterrupted_one(tmp_path, name, one_torch_thread, request):
+    if name == "sflga-ccc":
+        request.getfixturevalue("ccc_agent")
     _, total, first = CASES[name]
     straight = _build(name)
     straight_result = _start(straight, _grid(), total)
@@ -125,6 +153,9 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path, name, one_torch_thre
         assert {t["state"] for t in states[first].values()} == {"C"}
     if name == "psl-open":
         assert any(q > 0 for e in _inner(resumed).history.rounds for q in e["plan"]["queues_after"])
+    if name == "sflga-ccc":  # the first resumed plan saw the loss measured before the checkpoint
+        rounds = _inner(resumed).history.rounds
+        assert rounds[first]["plan"]["recent_loss"] == rounds[first - 1]["train_loss"] is not None
 
 
 def test_resumed_on_fresh_clients_async_b_clients_go_back_to_a(tmp_path):
