@@ -61,6 +61,7 @@ def build_strategy(settings: RunSettings, history: RunHistory):
         steps_per_exchange=int(settings["steps-per-exchange"]),
         learning_rate=float(settings["learning-rate"]),
         momentum=float(settings["momentum"]),
+        carry_momentum=settings["carry-momentum"],
         seed=int(settings["seed"]),
         fraction_train=float(settings["fraction-train"]),
         fraction_evaluate=float(settings["fraction-evaluate"]),

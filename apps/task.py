@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "batch-size": 32,
     "learning-rate": 0.1,
     "momentum": 0.9,
+    "carry-momentum": False,
     "cut-layer": "2",
     "steps-per-exchange": 1,
     "phi": 0.5,
@@ -103,6 +104,7 @@ class RunSettings(dict):
             server_round=1, cut=1, batch_size=self["batch-size"], local_epochs=self["local-epochs"],
             max_steps=self["max-steps"], steps_per_exchange=self["steps-per-exchange"],
             learning_rate=self["learning-rate"], momentum=self["momentum"], seed=self["seed"],
+            carry_momentum=self["carry-momentum"],
             codec_up=self["codec-up"] or "native", codec_down=self["codec-down"] or "native",
         )
 

@@ -25,10 +25,18 @@ from flsplit.data import TensorData
 from flsplit.scenario import DEVICE_KEYS
 from flsplit.splitting import SplitModel
 from flsplit.stream.client_session import ClientSession, SessionError
-from flsplit.stream.offer import FALLBACK, SessionOffer
+from flsplit.gate import check_records, check_state
+from flsplit.stream.offer import FALLBACK, OFFER, SessionOffer
 from flsplit.trainer import ClientTrainer, Cursor, module_dtype, round_steps
 
 __all__ = ["SplitClient"]
+
+# The records each kind of request may hold (ArrayRecords, ConfigRecords); nothing else.
+_REQUEST_RECORDS = {
+    "train": ({p.CLIENT_PART, p.GRAD, p.BCAST}, {p.CONFIG, p.BCAST_CONFIG, OFFER}),
+    "upload": (set(), {p.CONFIG}),
+    "evaluate": ({p.CLIENT_PART}, {p.CONFIG}),
+}
 
 _WEIGHTS = "flsplit.client.weights"
 _OPTIM = "flsplit.client.optim"
@@ -88,12 +96,18 @@ class SplitClient:
             cache[cut] = self.model_fn().client_part(cut)
         return cache[cut]
 
-    def _config_and_part(self, content: RecordDict) -> tuple[p.SplitConfig, nn.Sequential]:
-        """The request's ``SplitConfig`` and the client-part module for its cut."""
-        if p.CONFIG not in content.config_records:
-            raise p.ProtocolError(f"request has no '{p.CONFIG}' record")
+    def _config_and_part(self, content: RecordDict, kind: str) -> tuple[p.SplitConfig, nn.Sequential]:
+        """The request's ``SplitConfig`` and the client-part module for its cut, after checking
+        that the request holds only the records a ``kind`` request may hold."""
+        arrays, configs = _REQUEST_RECORDS[kind]
+        check_records(content, arrays, set(), configs, {p.CONFIG}, f"{kind} request")
         cfg = p.SplitConfig.from_record(content.config_records[p.CONFIG])
         return cfg, self._client_part(cfg.cut)
+
+    def _start_weights(self, content: RecordDict, part: nn.Module) -> dict[str, torch.Tensor]:
+        """The request's client part, checked against the module: exactly its keys, shapes and
+        dtypes, finite values (``load_state_dict`` alone would cast dtypes and take NaN)."""
+        return check_state(content.array_records[p.CLIENT_PART], part.state_dict(), f"'{p.CLIENT_PART}'")
 
     # ------------------------------------------------------------------ train
     def train_step(self, message: Message, context: Context) -> Message:
@@ -108,7 +122,7 @@ class SplitClient:
             raise p.ProtocolError(str(err)) from None
         if offer is not None:
             return self.train_session(message, context, offer)
-        cfg, part = self._config_and_part(message.content)
+        cfg, part = self._config_and_part(message.content, "train")
         trainer, new_round = self._trainer_for(message.content, cfg, part, context)
         reply = self._advance(trainer, message.content, new_round, context, keep_graph=False)
         self._save(trainer, context)  # the request was handled: only now does the node's state change
@@ -121,7 +135,7 @@ class SplitClient:
         the carrier answered with an empty acknowledgement. If the session does not open and
         the offer allows it, this request is answered over messages, saying why."""
         content = message.content
-        cfg, part = self._config_and_part(content)
+        cfg, part = self._config_and_part(content, "train")
         trainer, new_round = self._trainer_for(content, cfg, part, context)
         if not new_round:
             raise p.ProtocolError(f"a session offer must come with the round's '{p.CLIENT_PART}'")
@@ -154,8 +168,8 @@ class SplitClient:
 
     @staticmethod
     def _check_same_round(request: RecordDict, cfg: p.SplitConfig) -> None:
-        if p.CONFIG not in request.config_records:
-            raise p.ProtocolError(f"request has no '{p.CONFIG}' record")
+        arrays, configs = _REQUEST_RECORDS["train"]
+        check_records(request, arrays, set(), configs - {OFFER}, {p.CONFIG}, "train request")
         if p.SplitConfig.from_record(request.config_records[p.CONFIG]) != cfg:
             raise p.ProtocolError("a request of the session changed the round's settings")
         if p.CLIENT_PART in request.array_records:
@@ -168,9 +182,9 @@ class SplitClient:
         state = context.state
         if p.CLIENT_PART in content.array_records:  # a new round starts from the server's client part
             cursor = state.config_records.get(_CURSOR, ConfigRecord({"position": 0}))
+            momentum = _momentum_of(state.array_records.get(_OPTIM)) if cfg.carry_momentum else None
             trainer = ClientTrainer.start_round(part, self.train_data, cfg, self.salt,
-                                                content.array_records[p.CLIENT_PART].to_torch_state_dict(),
-                                                int(cursor["position"]))
+                                                self._start_weights(content, part), int(cursor["position"]), momentum)
             return trainer, True
         if _WEIGHTS not in state.array_records or _CURSOR not in state.config_records:
             raise p.ProtocolError(f"no round in progress: the first request must carry '{p.CLIENT_PART}'")
@@ -241,7 +255,7 @@ class SplitClient:
         the window's batches with the weights it holds in ``context.state`` and sends them
         all in this one reply; only the data cursor moves.
         """
-        cfg, part = self._config_and_part(message.content)
+        cfg, part = self._config_and_part(message.content, "upload")
         state = context.state
         if _WEIGHTS not in state.array_records or _CURSOR not in state.config_records:
             raise p.ProtocolError("no client part to upload with: the client has not trained yet")
@@ -261,14 +275,14 @@ class SplitClient:
     def evaluate(self, message: Message, context: Context) -> Message:
         """Send the smashed data of all local evaluation data (eval mode) with its labels."""
         content = message.content
-        cfg, part = self._config_and_part(content)
+        cfg, part = self._config_and_part(content, "evaluate")
         if p.CLIENT_PART in content.array_records:
-            weights = content.array_records[p.CLIENT_PART]
+            weights = self._start_weights(content, part)
         elif _WEIGHTS in context.state.array_records:
-            weights = context.state.array_records[_WEIGHTS]
+            weights = context.state.array_records[_WEIGHTS].to_torch_state_dict()
         else:
             raise p.ProtocolError(f"no client part to evaluate: send '{p.CLIENT_PART}'")
-        part.load_state_dict(weights.to_torch_state_dict())
+        part.load_state_dict(weights)
         part.eval()
         data = self.eval_data if self.eval_data is not None else TensorData(torch.empty(0), torch.empty(0))
         batches = []

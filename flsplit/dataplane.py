@@ -114,6 +114,10 @@ class DataPlane(ABC):
         """Close the round's per-node state (sessions); return which plane each node used."""
         return {}
 
+    def drop(self, node_id: int, reason: str) -> None:
+        """The schedule will not talk to ``node_id`` again this round (its reply was
+        refused): release what the plane holds for it. Nothing is in flight for it."""
+
     def close(self) -> None:
         """Release what the plane holds (listeners, sockets, threads) at the end of a run."""
 

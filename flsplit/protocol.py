@@ -129,6 +129,10 @@ class SplitConfig:
         gradients and heavy momentum do not mix well: with ``K > 1`` prefer plain SGD.
     learning_rate, momentum, weight_decay : float
         SGD settings of the client part.
+    carry_momentum : bool
+        Keep SGD momentum across rounds: the client starts a round with the momentum
+        buffers it ended its previous one with (same cut; else fresh), the server's shared
+        part likewise. Off: every round starts with fresh optimizers (FedAvg's usual way).
     seed : int
         Run seed; batch order and dropout masks derive from it.
     shuffle : bool
@@ -147,6 +151,7 @@ class SplitConfig:
     learning_rate: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
+    carry_momentum: bool = False
     seed: int = 0
     shuffle: bool = True
     codec_up: str = "native"
@@ -162,8 +167,9 @@ class SplitConfig:
         check_number("learning-rate", self.learning_rate, low=0.0, low_open=True)
         check_number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
         check_number("weight-decay", self.weight_decay, low=0.0)
-        if not isinstance(self.shuffle, bool):
-            raise ValueError(f"shuffle must be true or false, got {self.shuffle!r}")
+        for name in ("shuffle", "carry_momentum"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name.replace('_', '-')} must be true or false, got {getattr(self, name)!r}")
         for name in ("codec_up", "codec_down"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name.replace('_', '-')} must be a codec name, got {getattr(self, name)!r}")

@@ -19,14 +19,15 @@ round latency, ``flsplit.sim.workload.Timing``), in the spirit of
     (async SL's state B). Parallel.
 
 The host (a ``strategies.base.SplitStrategy``) provides the pieces a schedule calls: its data
-plane, request building, reply decoding and checking, rejection and progress logging.
+plane, request building, the reply gate (a refused reply's node sits out the rest of the
+round: no more requests, its client part not averaged), and progress logging.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Optional, Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -34,6 +35,9 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flsplit import protocol as p
 from flsplit.codecs import Codec
 from flsplit.dataplane import DataPlane, Reply
+
+if TYPE_CHECKING:
+    from strategies.exchange import Admitted
 from flsplit.server import ServerPart, StepGrads
 from flsplit.sim.workload import Timing
 
@@ -52,20 +56,18 @@ class ScheduleHost(Protocol):
                 broadcast: Optional[ArrayRecord] = None, broadcast_config: Optional[ConfigRecord] = None) -> RecordDict:
         """A step request for a node (config, gradients, broadcast rows)."""
 
-    def decode(self, node_id: int, reply: Reply) -> Optional[list[p.SmashedBatch]]:
-        """The checked smashed batches of a reply, or None (rejected and logged)."""
+    def admit(self, node_id: int, reply: Reply) -> Optional["Admitted"]:
+        """A train reply through the reply gate: the round's end or checked smashed
+        batches; None if refused (the node then sits out the rest of the round)."""
+
+    def admit_upload(self, node_id: int, reply: Reply, max_batches: Optional[int]) -> Optional[list[p.SmashedBatch]]:
+        """An upload's checked smashed batches, or None (refused, the node sits out)."""
 
     def reject(self, node_id: int, reason: str) -> None:
-        """Record a bad reply or a dropped node."""
+        """Record a dropped node."""
 
     def track_progress(self, server_round: int, node_id: int, reply: Reply, batches: int) -> None:
         """Count a node's batches (and log progress)."""
-
-
-def is_done(reply: Reply) -> bool:
-    """Whether a reply ends the node's round (it carries the trained client part)."""
-    status = reply.content.config_records.get(p.STATUS) if reply.content else None
-    return bool(status and status.get("done", False))
 
 
 class Schedule(ABC):
@@ -103,15 +105,16 @@ class PerNode(Schedule):
                 if reply.error is not None:
                     host.reject(node, f"node dropped for this round: {reply.error}")
                     continue
-                if is_done(reply):
+                admitted = host.admit(node, reply)
+                if admitted is None:  # refused: the node sits out the rest of the round
+                    continue
+                if admitted.final:
                     done.append(reply)
                     continue
-                batches = host.decode(node, reply)
-                host.track_progress(server_round, node, reply, len(batches or ()))
-                grads = None
-                if batches is not None:
-                    grads = self.server_for(node).step_each([(host.cuts[node], b) for b in batches])
-                    host.server_steps += len(batches)
+                batches = admitted.batches
+                host.track_progress(server_round, node, reply, len(batches))
+                grads = self.server_for(node).step_each([(host.cuts[node], b) for b in batches])
+                host.server_steps += len(batches)
                 dp.push(node, host.request(node, grads), p.TRAIN_STEP, group)
         return done
 
@@ -194,14 +197,13 @@ class Lockstep(Schedule):
             for node, reply in sorted(replies.items()):
                 if reply.error is not None:
                     host.reject(node, f"node dropped for this round: {reply.error}")
-                elif is_done(reply):
+                elif (admitted := host.admit(node, reply)) is None:
+                    continue  # refused: the node sits out the rest of the round
+                elif admitted.final:
                     done.append(reply)
-                elif (batches := host.decode(node, reply)) is None:
-                    host.track_progress(server_round, node, reply, 0)
-                    requests[node] = host.request(node)  # skipped this step, goes on
                 else:
-                    received[node] = batches
-                    host.track_progress(server_round, node, reply, len(batches))
+                    received[node] = admitted.batches
+                    host.track_progress(server_round, node, reply, len(admitted.batches))
             outgoing = {n: _Outgoing() for n in received}
             for k in range(max((len(b) for b in received.values()), default=0)):
                 nodes = [n for n in received if k < len(received[n])]
@@ -226,12 +228,16 @@ class UploadOnly(Schedule):
     on_upload : callable
         ``on_upload(node_id, batches, record)``: the checked batches of a node's upload and
         the record as received (async SL trains the server on them and caches the record).
+    max_batches : int, optional
+        Most batches an upload may carry (``max-steps`` when set; else unbounded).
     """
 
     timing = Timing.PARALLEL
 
-    def __init__(self, on_upload: Callable[[int, list[p.SmashedBatch], ArrayRecord], None]) -> None:
+    def __init__(self, on_upload: Callable[[int, list[p.SmashedBatch], ArrayRecord], None],
+                 max_batches: Optional[int] = None) -> None:
         self.on_upload = on_upload
+        self.max_batches = max_batches
 
     def run(self, host: ScheduleHost, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
         replies = host.data_plane.exchange(requests, p.UPLOAD, str(server_round))
@@ -239,7 +245,7 @@ class UploadOnly(Schedule):
         for node, reply in replies.items():
             if reply.error is not None:
                 host.reject(node, f"upload failed: {reply.error}")
-            elif (batches := host.decode(node, reply)) is not None:
+            elif (batches := host.admit_upload(node, reply, self.max_batches)) is not None:
                 self.on_upload(node, batches, reply.content.array_records[p.SMASHED])
                 done.append(reply)
         return done

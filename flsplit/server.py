@@ -148,6 +148,27 @@ class ServerPart:
     def dtype(self) -> torch.dtype:
         return next(self.model.blocks.parameters()).dtype
 
+    def _named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {name: param for name, param in self.model.blocks.named_parameters()
+                if int(name.split(".", 1)[0]) >= self.entry}
+
+    def momentum_state(self) -> dict[str, torch.Tensor]:
+        """SGD's momentum buffers by parameter name (those that exist)."""
+        out = {}
+        for name, param in self._named_parameters().items():
+            buf = self.optimizer.state.get(param, {}).get("momentum_buffer")
+            if buf is not None:
+                out[name] = buf.clone()
+        return out
+
+    def load_momentum(self, buffers: dict[str, torch.Tensor]) -> None:
+        """Start from these momentum buffers (``carry-momentum``); a parameter this part does
+        not train, or one whose shape changed, is left out."""
+        for name, param in self._named_parameters().items():
+            buf = buffers.get(name)
+            if buf is not None and buf.shape == param.shape and buf.dtype == param.dtype:
+                self.optimizer.state[param]["momentum_buffer"] = buf.clone()
+
     def _forward(self, cut: int, x: torch.Tensor) -> torch.Tensor:
         if cut < self.entry:
             raise ValueError(f"cut {cut} is shallower than this server part's entry {self.entry}")

@@ -128,10 +128,18 @@ class ClientTrainer:
 
     @classmethod
     def start_round(cls, part: nn.Module, data: TensorData, cfg: SplitConfig, salt: int,
-                    weights: Mapping[str, torch.Tensor], position: int = 0) -> "ClientTrainer":
-        """A trainer at the start of a round: fresh optimizer, cursor at ``position``."""
+                    weights: Mapping[str, torch.Tensor], position: int = 0,
+                    momentum: Optional[Mapping[int, torch.Tensor]] = None) -> "ClientTrainer":
+        """A trainer at the start of a round: cursor at ``position``; a fresh optimizer, or
+        with ``momentum`` (``carry_momentum``: last round's buffers, used only if they fit
+        this part's parameters one for one)."""
         cursor = Cursor(position, position + round_steps(cfg, len(data)), [], 0)
-        return cls(part, data, cfg, salt, weights, cursor)
+        params = list(part.parameters())
+        if momentum and not (set(momentum) <= set(range(len(params)))
+                             and all(buf.shape == params[i].shape and buf.dtype == params[i].dtype
+                                     for i, buf in momentum.items())):
+            momentum = None  # another cut's parameters: start fresh
+        return cls(part, data, cfg, salt, weights, cursor, momentum)
 
     # ------------------------------------------------------------------ data and forward
     def batch(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:

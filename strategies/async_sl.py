@@ -152,7 +152,8 @@ class AsyncSL(SplitStrategy):
         cached = {n: self.cache[n] for n, s in window.items() if s == "C"}
 
         uploads = {n: RecordDict({p.CONFIG: self._configs[n]}) for n, s in window.items() if s == "B"}
-        UploadOnly(self._on_upload).run(self, server_round, uploads)
+        max_steps = self.train_settings["max_steps"]  # a window is one round's batches
+        UploadOnly(self._on_upload, max_steps or None).run(self, server_round, uploads)
         done = PerNode(self._server_for).run(self, server_round, {n: c for n, c in requests.items() if window[n] == "A"})
 
         for node, (cut, record) in cached.items():

@@ -44,6 +44,7 @@ from flsplit.aggregation import average_states, block_of
 from flsplit.checkpoint import Checkpoint
 from flsplit.costmodel import DeviceProfile
 from flsplit.dataplane import DataPlane, MessageDataPlane, Reply, Traffic
+from flsplit.gate import ReplyGate
 from flsplit.history import RunHistory
 from flsplit.profile import profile_model
 from flsplit.scenario import Scenario
@@ -75,9 +76,11 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         by node id); or ``fn(server_round, node_ids) -> {node_id: cut}`` (may change every
         round).
     batch_size, local_epochs, max_steps, steps_per_exchange, learning_rate, momentum,
-    weight_decay, seed, shuffle :
+    weight_decay, carry_momentum, seed, shuffle :
         Training settings sent to the clients (``SplitConfig``); the server part uses the
-        same SGD settings.
+        same SGD settings. With ``carry_momentum`` the shared server part (every scheme but
+        SFL-V1, whose per-node copies are averaged) and each client keep their SGD momentum
+        from round to round instead of starting each round with a fresh optimizer.
     codec_up, codec_down : str
         Wire codecs for smashed data and gradients (``flsplit.codecs``): ``native`` (the
         model's dtype, lossless), ``fp32``, ``fp16``, ``bf16``, ``fp8-e4m3``, ``fp8-e5m2``, ``int8``.
@@ -113,6 +116,7 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         learning_rate: float = 0.05,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
+        carry_momentum: bool = False,
         seed: int = 0,
         shuffle: bool = True,
         codec_up: str = "native",
@@ -144,6 +148,7 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
             learning_rate=learning_rate,
             momentum=momentum,
             weight_decay=weight_decay,
+            carry_momentum=carry_momentum,
             seed=seed,
             shuffle=shuffle,
             codec_up=codec_up,
@@ -160,6 +165,8 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         self.data_plane_factory = data_plane_factory or (lambda grid, timeout: MessageDataPlane(grid, timeout))
         self._shapes = block_output_shapes(self.model, self.input_shape)
         self.codec_up, self.codec_down = get_codec(codec_up), get_codec(codec_down)
+        self.gate = ReplyGate(self.model.blocks.state_dict(), block_of, self._shapes, self.server_dtype, num_classes,
+                              batch_size, steps_per_exchange, self.codec_up)
         self.data_plane: Optional[DataPlane] = None
         self.progress_interval = 10.0  # seconds between progress lines within a round
         self.scenario = scenario
@@ -171,6 +178,7 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         self.server_work = ServerWork()
         self.round_planner = None  # set by strategies.adaptive.Adaptive: plans cuts + resources
         self.round_plan = None  # this round's plan (a strategies.adaptive.RoundPlan) if planned
+        self.server_momentum: dict[str, torch.Tensor] = {}  # by parameter name (carry_momentum)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
     scheme = ""  # the scheme's name in STRATEGIES and in the traffic model (flsplit.sim.traffic)
@@ -224,9 +232,10 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         return next(self.model.blocks.parameters()).dtype
 
     def new_server_part(self, model: Optional[SplitModel] = None) -> ServerPart:
-        """A server part over ``model`` (default: the global model) from the shallowest cut."""
+        """A server part over ``model`` (default: the global model) from the shallowest cut;
+        with ``carry_momentum`` the global model's part starts from last round's momentum."""
         s = self.train_settings
-        return ServerPart(
+        part = ServerPart(
             model or self.model,
             min(self.cuts.values()),
             s["learning_rate"],
@@ -234,6 +243,15 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
             weight_decay=s["weight_decay"],
             work=self.server_work,
         )
+        if model is None and s["carry_momentum"]:
+            part.load_momentum(self.server_momentum)
+        return part
+
+    def keep_server_momentum(self) -> None:
+        """After a round: keep the shared server part's momentum for the next (``carry_momentum``)."""
+        server = getattr(self, "server", None)
+        if self.train_settings["carry_momentum"] and isinstance(server, ServerPart) and server.model is self.model:
+            self.server_momentum = server.momentum_state()
 
 
     # ------------------------------------------------------------------ Flower Strategy API
@@ -310,13 +328,8 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
             node_id = reply.node_id if isinstance(reply, Reply) else reply.metadata.src_node_id
             cut = self._eval_cuts[node_id]
             try:
-                record = reply.content.array_records[p.SMASHED]
-                batches = (
-                    p.decode_smashed(record, self._shapes[cut - 1], self.server_dtype, self.num_classes, self.codec_up)
-                    if len(record)
-                    else []
-                )
-            except (KeyError, p.ProtocolError) as err:
+                batches = self.gate.evaluation(reply.content, cut)
+            except p.ProtocolError as err:
                 self.reject(node_id, f"evaluation: {err}")
                 continue
             ls, c, k = evaluate_smashed(self.model, cut, batches)
@@ -378,10 +391,11 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
             t0 = time.perf_counter()
             self.data_plane.traffic = Traffic()
             self.errors, self.server_steps, self.server_work = [], 0, ServerWork()
-            self._done, self._total, self._last_progress = {}, {}, time.perf_counter()
+            self._done, self._total, self._rows, self._last_progress = {}, {}, {}, time.perf_counter()
             messages = list(self.configure_train(server_round, result.arrays, ConfigRecord(), grid))
             requests = {m.metadata.dst_node_id: m.content for m in messages}
             done = sorted(self._train_round(server_round, requests), key=lambda r: r.node_id)  # arrival order must not matter
+            self.keep_server_momentum()
             planes = self.data_plane.end_round()  # sessions closed, every node's state committed
             examples = self.round_examples(done)
             arrays, train_metrics = self.aggregate_train(server_round, done)

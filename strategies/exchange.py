@@ -1,13 +1,15 @@
 """The server's end of the split exchange, per node: requests, reply checks, progress, devices.
 
 ``ExchangeHost`` gives a ``SplitStrategy`` what a schedule (``flsplit.schedules``) calls on
-its host: building a node's step request, decoding and checking a reply's smashed data,
-rejecting a bad reply or a dropped node, counting progress and noting which device a node is.
+its host: building a node's step request, admitting a reply through the reply gate
+(``flsplit.gate``), letting a node whose reply was refused sit out, recording a dropped
+node, counting progress and noting which device a node is.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Optional
 
@@ -19,7 +21,15 @@ from flsplit import protocol as p
 from flsplit.dataplane import Reply
 from flsplit.scenario import device_from_node_config
 
-__all__ = ["ExchangeHost"]
+__all__ = ["ExchangeHost", "Admitted"]
+
+
+@dataclass
+class Admitted:
+    """A train reply the gate let through: the round's end, or smashed batches to train on."""
+
+    final: bool
+    batches: list[p.SmashedBatch] = field(default_factory=list)
 
 
 class ExchangeHost:
@@ -42,17 +52,35 @@ class ExchangeHost:
             content[p.BCAST_CONFIG] = broadcast_config
         return content
 
-    def decode(self, node_id: int, reply: Reply) -> Optional[list[p.SmashedBatch]]:
-        """Checked smashed batches of a reply, or ``None`` (logged) if the reply is bad."""
+    def admit(self, node_id: int, reply: Reply) -> Optional[Admitted]:
+        """A train reply through the gate (``flsplit.gate``): its checked smashed batches, or
+        ``final`` for the reply that ends the node's round; ``None`` if it was refused, and
+        the node then sits out the rest of the round."""
+        cut = self.cuts[node_id]
         try:
-            record = reply.content.array_records.get(p.SMASHED) if reply.content else None
-            if record is None:
-                raise p.ProtocolError(f"reply has no '{p.SMASHED}' record")
-            cut = self.cuts[node_id]
-            return p.decode_smashed(record, self._shapes[cut - 1], self.server_dtype, self.num_classes, self.codec_up)
+            if self.gate.is_final(reply.content):
+                self.gate.final(reply.content, cut, self._rows.get(node_id, 0))
+                return Admitted(final=True)
+            batches = self.gate.step(reply.content, cut)
         except p.ProtocolError as err:
-            self.reject(node_id, str(err))
+            self.sit_out(node_id, str(err))
             return None
+        self._rows[node_id] = self._rows.get(node_id, 0) + sum(int(b.y.shape[0]) for b in batches)
+        return Admitted(final=False, batches=batches)
+
+    def admit_upload(self, node_id: int, reply: Reply, max_batches: Optional[int]) -> Optional[list[p.SmashedBatch]]:
+        """An upload's checked batches, or ``None`` (refused and logged)."""
+        try:
+            return self.gate.upload(reply.content, self.cuts[node_id], max_batches)
+        except p.ProtocolError as err:
+            self.sit_out(node_id, str(err))
+            return None
+
+    def sit_out(self, node_id: int, reason: str) -> None:
+        """Refuse a reply: nothing of it is trained on, the node gets no more requests this
+        round and its client part is not averaged."""
+        self.reject(node_id, f"node sits out the rest of the round: {reason}")
+        self.data_plane.drop(node_id, reason)
 
     def track_progress(self, server_round: int, node_id: int, reply: Reply, batches: int) -> None:
         """Count a node's batches and log the round's progress at most every 10 seconds."""

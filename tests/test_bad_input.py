@@ -69,7 +69,7 @@ def test_bad_smashed_data_leaves_the_server_part_unchanged(kind):
 
 
 @pytest.mark.parametrize("kind", sorted(EXPECTED))
-def test_run_goes_on_without_the_bad_client_for_that_step(kind):
+def test_a_node_whose_reply_is_refused_sits_out_the_rest_of_the_round(kind):
     parts = [random_data(12, seed=2), random_data(12, seed=3)]
     strategy, result, _ = run_strategy(
         PSL, parts, num_rounds=2, cut_layer=2, batch_size=4, intercept=intercept_nth(0, 2, corrupt(kind))
@@ -77,9 +77,11 @@ def test_run_goes_on_without_the_bad_client_for_that_step(kind):
     assert len(strategy.history.rounds) == 2
     first = strategy.history.rounds[0]
     assert len(first["errors"]) == 1 and EXPECTED[kind] in first["errors"][0]["error"]
-    # 6 batches of 4 were sent, one was skipped: the server trained on 20 samples, and
-    # the clients report only the batches whose gradient they applied
-    assert first["num_examples"] == 20
+    assert "sits out the rest of the round" in first["errors"][0]["error"]
+    # node 0 sent 1 good batch, then a bad one: it sits out; only node 1's part is averaged,
+    # and the server trained on node 0's first batch and node 1's three
+    assert first["num_examples"] == 12 and first["examples_per_node"] == {"1001": 12}
+    assert first["server_steps"] == 3
     assert not strategy.history.rounds[1]["errors"]
     assert strategy.history.rounds[1]["num_examples"] == 24
     assert all(torch.isfinite(v).all() for v in result.arrays.to_torch_state_dict().values())

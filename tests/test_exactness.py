@@ -106,3 +106,26 @@ def test_momentum_survives_between_messages():
         torch.nn.functional.cross_entropy(model(batch.x.double()), batch.y).backward()
         opt.step()
     assert max_abs_diff(result.arrays.to_torch_state_dict(), model.state_dict()) <= 1e-10
+
+
+@pytest.mark.parametrize("carry", [True, False])
+def test_carry_momentum_makes_rounds_one_optimizer_run(carry):
+    """``carry_momentum``: two rounds of SL (one client, 3 batches each, the data cursor
+    going on) equal one centralized run of 6 SGD-momentum steps; without it, equal two
+    runs of 3 steps whose optimizer is rebuilt in between (both sides restart momentum)."""
+    data = random_data(48, seed=7)
+    rounds, steps, b = 2, 3, 8
+    _, result, _ = run_strategy(
+        SL, [data], num_rounds=rounds, cut_layer=3, batch_size=b, max_steps=steps, learning_rate=LR, momentum=0.9,
+        weight_decay=1e-3, carry_momentum=carry,
+    )
+    model = model_fn().blocks
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-3)
+    for i in range(rounds * steps):
+        if i % steps == 0 and not carry:
+            opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-3)
+        batch = data.subset(slice(i * b, (i + 1) * b))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(batch.x.double()), batch.y).backward()
+        opt.step()
+    assert max_abs_diff(result.arrays.to_torch_state_dict(), model.state_dict()) <= 1e-10

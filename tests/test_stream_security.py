@@ -788,13 +788,13 @@ def test_clients_fail_fast_when_the_server_side_closes_mid_session(warm):
 class CrashingServer(SFLV1):
     """SFL-V1 whose ServerApp fails at its second batch (no node can have finished)."""
 
-    decoded = 0
+    admitted = 0
 
-    def decode(self, node_id, reply):
-        self.decoded += 1
-        if self.decoded == 2:
+    def admit(self, node_id, reply):
+        self.admitted += 1
+        if self.admitted == 2:
             raise RuntimeError("the ServerApp crashed mid-round")
-        return super().decode(node_id, reply)
+        return super().admit(node_id, reply)
 
 
 def test_serverapp_crash_mid_round_releases_everything_and_clients_write_nothing(warm):

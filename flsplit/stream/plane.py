@@ -211,6 +211,13 @@ class StreamDataPlane(MessageDataPlane):
                 len(message), message, f" ({'; '.join(why)})" if why else "")
         return planes
 
+    def drop(self, node_id: int, reason: str) -> None:
+        """Abort the node's session now: the client fails its round and writes nothing,
+        instead of waiting for a request that will not come."""
+        link = self._links.get(node_id)
+        if link is not None and link.phase in ("offered", "open"):
+            self._close(link, f"node sits out: {reason}", abort=True)
+
     def close(self) -> None:
         for link in self._links.values():
             if link.session is not None:
