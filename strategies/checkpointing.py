@@ -10,6 +10,7 @@ What survives a round, and so what is saved:
 
 - the global model (every block), and torch's CPU generator, which the server part's dropout
   draws from (sampling is seeded per round: nothing to save);
+- with ``carry_momentum``, the shared server part's SGD momentum;
 - which device each node is (``devices``);
 - the planner in the loop, if any (``strategies.adaptive.Adaptive``: nodes identified, the
   planner's own state);
@@ -17,10 +18,10 @@ What survives a round, and so what is saved:
   EPSL's position generator, async SL's states, reference losses and cache;
 - the history so far.
 
-Server parts and their optimizers are rebuilt every round, so nothing of theirs is saved. A
-client's own cross-round state (its data cursor, any optimizer state it carries) lives in
-its node's ``context.state``, on the client: a resumed run on the same nodes (same grid)
-continues it, a new ``flwr run`` starts clients afresh.
+Server parts and their optimizers are rebuilt every round, so nothing else of theirs is
+saved. A client's own cross-round state (its data cursor; with ``carry_momentum`` its
+momentum) lives in its node's ``context.state``, on the client: a resumed run on the same
+nodes (same grid) continues it, a new ``flwr run`` starts clients afresh.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class Checkpointing:
         return {
             "model": self.model.blocks.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "server_momentum": dict(self.server_momentum),  # empty without carry_momentum
             "devices": {
                 str(n): {"partition": pid, "profile": dataclasses.asdict(own) if own is not None else None}
                 for n, (pid, own) in sorted(self.devices.items())
@@ -93,6 +95,7 @@ class Checkpointing:
         """Take back what ``checkpoint_state`` returned (subclasses extend both)."""
         self.model.blocks.load_state_dict(state["model"])
         torch.set_rng_state(state["torch_rng"])
+        self.server_momentum = dict(state["server_momentum"])
         self.devices = {
             int(n): (int(d["partition"]), DeviceProfile(**d["profile"]) if d["profile"] is not None else None)
             for n, d in state["devices"].items()

@@ -23,7 +23,7 @@ from flsplit.planners.online import make_online_planner
 from flsplit.scenario import load_scenario
 from flsplit.splitting import SplitModel
 from flsplit.zoo import digits_cnn
-from strategies import EPSL, PSL, SFLGA, SFLV1, SL, AsyncSL
+from strategies import EPSL, PSL, SFLGA, SFLV1, SFLV2, SL, AsyncSL
 from strategies.adaptive import Adaptive
 from tests.helpers import client_app_for, model_fn, random_data
 
@@ -68,6 +68,7 @@ def ccc_agent(tmp_path_factory):
 CASES = {
     "psl": (lambda **kw: PSL(**kw), 4, 2),
     "psl-own-parts": (lambda **kw: PSL(sync_clients=False, **kw), 4, 2),
+    "sflv2-carry-momentum": (lambda **kw: SFLV2(carry_momentum=True, **kw), 4, 2),  # server and client momentum
     "sl": (lambda **kw: SL(**kw), 4, 2),
     "sflv1": (lambda **kw: SFLV1(**kw), 4, 2),
     "epsl-random": (lambda **kw: EPSL(phi=0.5, positions="random", **kw), 4, 2),
