@@ -1,4 +1,4 @@
-"""The ``flsplit`` command: ``flsplit report RUN...`` and ``flsplit plan ...``."""
+"""The ``flsplit`` command: ``flsplit report RUN...``, ``flsplit plan ...`` and ``flsplit make-certs DIR``."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="flsplit", description="flsplit: split learning on Flower")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from flsplit import plan_command, report
+    from flsplit import deploy_keys, plan_command, report
 
     report.add_arguments(commands.add_parser("report", help=report.__doc__.splitlines()[0]))
     plan_command.add_arguments(commands.add_parser("plan", help=plan_command.__doc__.splitlines()[0]))
+    deploy_keys.add_arguments(commands.add_parser("make-certs", help=deploy_keys.__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
     return int(args.handler(args) or 0)
 
