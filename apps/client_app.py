@@ -12,23 +12,27 @@ from flsplit.client import SplitClient
 
 app = ClientApp()
 
+DATA_KEYS = ("partition-id", "num-partitions", "data-path")  # the node-config keys that choose its data
+
 
 @lru_cache(maxsize=16)
-def _client(settings_items: tuple, partition_id: int, num_partitions: int) -> SplitClient:
-    """One SplitClient per run config and partition (data and model template are read-only)."""
+def _client(settings_items: tuple, node_items: tuple, node_id: int) -> SplitClient:
+    """One SplitClient per run config and node (data and model template are read-only),
+    built when the node is first asked: at most 16 per process, whatever the fleet's size."""
     settings = RunSettings(dict(settings_items))
-    node_config = {"partition-id": partition_id, "num-partitions": num_partitions}
-    train, test = client_data(settings, node_config)
-    return SplitClient(make_model_fn(settings), train, test, salt=partition_id)
+    node_config = dict(node_items)
+    train, test = client_data(settings, node_config, node_id)
+    salt = int(node_config["partition-id"]) if "partition-id" in node_config else node_id % 2**31
+    return SplitClient(make_model_fn(settings), train, test, salt=salt)
 
 
 def client_for(context: Context) -> SplitClient:
-    """The SplitClient of this node, from ``run_config`` and ``node_config``."""
-    return _client(
-        tuple(sorted(context.run_config.items())),
-        int(context.node_config.get("partition-id", 0)),
-        int(context.node_config.get("num-partitions", 1)),
-    )
+    """The SplitClient of this node, from ``run_config`` and ``node_config`` (its
+    ``partition-id``/``num-partitions`` of the run's dataset, or its own ``data-path``).
+    Data that cannot be used raises here, at the node's first message: the ServerApp gets an
+    error reply naming the node and the problem."""
+    node = {k: context.node_config[k] for k in DATA_KEYS if k in context.node_config}
+    return _client(tuple(sorted(context.run_config.items())), tuple(sorted(node.items())), int(context.node_id))
 
 
 @app.train("split_step")

@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 from functools import partial
+from logging import WARNING
 from typing import Any, Callable, Mapping, Optional
 
 import torch
 from flwr.app import ArrayRecord, MetricRecord
+from flwr.common.logger import log
 
 from flsplit import rng
 from flsplit.checkpoint import CheckpointMismatch
 from flsplit.protocol import SplitConfig, check_int, check_number
 from flsplit.data import TensorData, dataset_info, load_centralized, load_partition
+from flsplit.local_data import LocalDataError, load_local
 from flsplit.splitting import SplitModel
 from flsplit.zoo import build_model
 
-__all__ = ["RunSettings", "make_model_fn", "client_data", "make_evaluate_fn"]
+__all__ = ["RunSettings", "make_model_fn", "client_data", "centralized_test", "make_evaluate_fn"]
 
 DEFAULTS: dict[str, Any] = {
     "strategy": "psl",
     "model": "digits-cnn",
     "dataset": "digits",
+    "test-data-path": "",
     "partitioning": "iid",
     "dirichlet-alpha": 0.5,
     "num-server-rounds": 10,
@@ -95,6 +99,9 @@ class RunSettings(dict):
             check_number(key, self[key], 0.0, low_open=True)
         for key in ("loss-threshold", "planner-v"):
             check_number(key, self[key], 0.0)
+        if not isinstance(self["test-data-path"], str):
+            raise ValueError(f"test-data-path must be a path (a string, empty for the dataset's test split), "
+                             f"got {self['test-data-path']!r}")
         if not isinstance(self["resume-from"], str):
             raise ValueError(f"resume-from must be a run directory (a string, empty for a new run), got {self['resume-from']!r}")
         if self["partitioning"] not in ("iid", "dirichlet"):
@@ -143,25 +150,68 @@ def make_model_fn(settings: RunSettings) -> Callable[[], SplitModel]:
     return model_fn
 
 
-def client_data(settings: RunSettings, node_config: Mapping[str, Any]) -> tuple[TensorData, TensorData]:
-    """This node's training partition and its share of the test split (for federated eval)."""
-    pid = int(node_config.get("partition-id", 0))
-    num = int(node_config.get("num-partitions", 1))
-    load = partial(
-        load_partition,
-        settings["dataset"],
-        pid,
-        num,
-        partitioning=settings["partitioning"],
-        alpha=float(settings["dirichlet-alpha"]),
-        seed=int(settings["seed"]),
-    )
-    return load(split="train"), load_partition(settings["dataset"], pid, num, "iid", split="test")
+def node_name(node_config: Mapping[str, Any], node_id: Optional[int] = None) -> str:
+    """How errors name a node: its node id and partition id, where known."""
+    parts = [f"node {node_id}"] if node_id is not None else []
+    if "partition-id" in node_config:
+        parts.append(f"partition-id {node_config['partition-id']}")
+    return ", ".join(parts) or "node"
+
+
+def client_data(settings: RunSettings, node_config: Mapping[str, Any],
+                node_id: Optional[int] = None) -> tuple[TensorData, Optional[TensorData]]:
+    """This node's training data and its evaluation data (``None``: it has none).
+
+    With ``data-path`` in the node config: the node's own files (``flsplit.local_data``; the
+    run's ``dataset`` only gives the model's input shape, classes and pixel scaling). Otherwise
+    partition ``partition-id`` of ``num-partitions`` of the run's ``dataset``, and an iid share
+    of its test split; either may be empty when there are more partitions than samples (iid).
+    Raises ``ValueError`` naming the node and the problem.
+    """
+    info = dataset_info(settings["dataset"])
+    who = node_name(node_config, node_id)
+    path = str(node_config.get("data-path", "") or "")
+    if path:
+        try:
+            return load_local(path, info, "train"), load_local(path, info, "test")
+        except LocalDataError as err:
+            raise LocalDataError(f"{who}: data-path: {err}") from None
+    try:
+        pid = int(node_config.get("partition-id", 0))
+        num = int(node_config.get("num-partitions", 1))
+        load = partial(load_partition, settings["dataset"], pid, num, seed=int(settings["seed"]))
+        train = load(partitioning=settings["partitioning"], alpha=float(settings["dirichlet-alpha"]), split="train")
+        test = load(partitioning="iid", split="test")
+    except ValueError as err:
+        raise ValueError(f"{who}: {err}") from None
+    if len(train) == 0:
+        log(WARNING, "[flsplit] %s: partition %d of %d of '%s' has no training samples: the node reports 0 "
+            "examples", who, pid, num, settings["dataset"])
+    return train, (test if len(test) else None)
+
+
+def centralized_test(settings: RunSettings) -> TensorData:
+    """The server's held-out set: ``test-data-path``'s evaluation data (an ``.npz`` with only
+    ``x``/``y`` is taken whole), or the dataset's test split."""
+    path = str(settings["test-data-path"])
+    if not path:
+        return load_centralized(settings["dataset"], "test")
+    info = dataset_info(settings["dataset"])
+    try:
+        test = load_local(path, info, "test")
+        if test is None and path.endswith(".npz"):
+            test = load_local(path, info, "train")
+    except LocalDataError as err:
+        raise LocalDataError(f"test-data-path: {err}") from None
+    if test is None:
+        raise LocalDataError(f"test-data-path: no evaluation data in {path!r} (test/, test.npz, x_test/y_test, "
+                             "or torchvision's test files)")
+    return test
 
 
 def make_evaluate_fn(settings: RunSettings, model_fn: Callable[[], SplitModel]):
     """Centralized evaluation of the composed global model on the held-out test split."""
-    test = load_centralized(settings["dataset"], "test")
+    test = centralized_test(settings)
     model = model_fn()
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:

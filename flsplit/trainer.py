@@ -54,7 +54,10 @@ def module_dtype(module: nn.Module) -> torch.dtype:
 
 
 def round_steps(cfg: SplitConfig, num_samples: int) -> int:
-    """Batches in a round: ``max_steps``, or the local epochs' batches."""
+    """Batches in a round: ``max_steps``, or the local epochs' batches; none without data (a
+    node whose partition is empty ends its round at once, with 0 examples)."""
+    if num_samples == 0:
+        return 0
     return cfg.max_steps or cfg.local_epochs * -(-num_samples // cfg.batch_size)
 
 
