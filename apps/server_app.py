@@ -24,8 +24,8 @@ from flsplit.history import RunHistory
 from flsplit.protocol import NOOP
 from flsplit.scenario import scenario_from_run_config
 from flsplit.planners.online import make_online_planner
-from strategies import STRATEGIES
-from strategies.adaptive import Adaptive
+from flsplit.strategies import STRATEGIES
+from flsplit.strategies.adaptive import Adaptive
 
 app = ServerApp()
 

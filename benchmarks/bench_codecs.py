@@ -33,7 +33,7 @@ from flsplit.data import TensorData, load_centralized
 from flsplit.dataplane import payload_bytes
 from flsplit.inprocess import InProcessGrid
 from flsplit.zoo import build_model
-from strategies import PSL
+from flsplit.strategies import PSL
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 

@@ -74,7 +74,7 @@ from flsplit.inprocess import InProcessGrid
 from flsplit.stream import StreamDataPlane
 from flsplit.server import ServerPart
 from flsplit.zoo import build_model
-from strategies import PSL, SL
+from flsplit.strategies import PSL, SL
 
 _MNIST_CANDIDATES = [Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist", Path("/work/shared/data/mnist")]
 MNIST_DIR = next((d for d in _MNIST_CANDIDATES if (d / "t10k-images-idx3-ubyte.gz").exists()), _MNIST_CANDIDATES[0])

@@ -94,14 +94,14 @@ def kill_pid(pid: int, grace: float = 10.0) -> None:
             pass
 
 def code_version() -> dict:
-    """The commit the run measures, and whether flsplit/ apps/ strategies/ differ from it."""
+    """The commit the run measures, and whether flsplit/ apps/ differ from it."""
     def git(*a: str) -> str:
         try:
             return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return "?"
     return {"head": git("rev-parse", "--short", "HEAD"),
-            "dirty": git("status", "--porcelain", "--", "flsplit", "apps", "strategies").splitlines()}
+            "dirty": git("status", "--porcelain", "--", "flsplit", "apps").splitlines()}
 
 
 def machine() -> dict:

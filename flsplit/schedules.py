@@ -18,7 +18,7 @@ round latency, ``flsplit.sim.workload.Timing``), in the spirit of
     one one-way message per node carrying a window of smashed data, no gradient back
     (async SL's state B). Parallel.
 
-The host (a ``strategies.base.SplitStrategy``) provides the pieces a schedule calls: its data
+The host (a ``flsplit.strategies.base.SplitStrategy``) provides the pieces a schedule calls: its data
 plane, request building, the reply gate (a refused reply's node sits out the rest of the
 round: no more requests, its client part not averaged), and progress logging.
 """
@@ -37,7 +37,7 @@ from flsplit.codecs import Codec
 from flsplit.dataplane import DataPlane, Reply
 
 if TYPE_CHECKING:
-    from strategies.exchange import Admitted
+    from flsplit.strategies.exchange import Admitted
 from flsplit.server import ServerPart, StepGrads
 from flsplit.sim.workload import Timing
 

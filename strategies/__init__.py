@@ -7,14 +7,17 @@ usable from any ServerApp::
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.blocks.state_dict()))
 """
 
-from strategies.async_sl import AsyncSL
-from strategies.base import SplitStrategy
-from strategies.epsl import EPSL
-from strategies.psl import PSL
-from strategies.sflv1 import SFLV1
-from strategies.sflv2 import SFLV2
-from strategies.sflga import SFLGA
-from strategies.sl import SL
+if __name__ != "flsplit.strategies":  # one name, one copy of each class
+    raise ImportError(f"flsplit's strategies are imported as flsplit.strategies, not as {__name__!r}")
+
+from flsplit.strategies.async_sl import AsyncSL
+from flsplit.strategies.base import SplitStrategy
+from flsplit.strategies.epsl import EPSL
+from flsplit.strategies.psl import PSL
+from flsplit.strategies.sflv1 import SFLV1
+from flsplit.strategies.sflv2 import SFLV2
+from flsplit.strategies.sflga import SFLGA
+from flsplit.strategies.sl import SL
 
 STRATEGIES = {"sl": SL, "sflv1": SFLV1, "sflv2": SFLV2, "psl": PSL, "epsl": EPSL, "sflga": SFLGA, "async": AsyncSL}
 

@@ -21,8 +21,8 @@ Each round:
 Example::
 
     from flsplit.planners.online import make_online_planner
-    from strategies import PSL
-    from strategies.adaptive import Adaptive
+    from flsplit.strategies import PSL
+    from flsplit.strategies.adaptive import Adaptive
 
     psl = PSL(model_fn=model_fn, input_shape=(1, 8, 8), num_classes=10, scenario=scenario)
     strategy = Adaptive(psl, make_online_planner("edgesplit", psl.profile, scenario))
@@ -42,7 +42,7 @@ from flwr.serverapp.strategy import Strategy
 from flsplit import protocol as p
 from flsplit.planners.online import OnlinePlanner, RoundPlan
 from flsplit.scenario import device_from_node_config
-from strategies.base import SplitStrategy
+from flsplit.strategies.base import SplitStrategy
 
 __all__ = ["Adaptive"]
 
@@ -141,7 +141,7 @@ class Adaptive(Strategy):
         energies = [clients[str(n)]["energy_j"] if str(n) in clients else 0.0 for n in plan.nodes]
         entry["plan"].update(self.planner.observe(server_round, plan.client_ids, energies, entry.get("train_loss")))
 
-    # ------------------------------------------------------------------ checkpoint (strategies.checkpointing)
+    # ------------------------------------------------------------------ checkpoint (flsplit.strategies.checkpointing)
     def planner_config(self) -> dict:
         """The planner's settings a resumed run must share."""
         return self.planner.checkpoint_config()

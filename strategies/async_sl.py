@@ -39,7 +39,7 @@ from flsplit import protocol as p
 from flsplit.dataplane import Reply, payload_bytes
 from flsplit.schedules import PerNode, UploadOnly
 from flsplit.server import StepStats
-from strategies.base import SplitStrategy
+from flsplit.strategies.base import SplitStrategy
 
 __all__ = ["AsyncSL", "next_state"]
 

@@ -51,9 +51,9 @@ from flsplit.scenario import Scenario
 from flsplit.server import ServerPart, ServerWork, StepStats, evaluate_smashed
 from flsplit.splitting import SplitModel, block_output_shapes
 
-from strategies.accounting import RoundAccounting
-from strategies.checkpointing import Checkpointing
-from strategies.exchange import ExchangeHost
+from flsplit.strategies.accounting import RoundAccounting
+from flsplit.strategies.checkpointing import Checkpointing
+from flsplit.strategies.exchange import ExchangeHost
 
 __all__ = ["SplitStrategy", "CutAssignment"]
 
@@ -176,8 +176,8 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         self.errors: list[dict] = []
         self.server_steps = 0
         self.server_work = ServerWork()
-        self.round_planner = None  # set by strategies.adaptive.Adaptive: plans cuts + resources
-        self.round_plan = None  # this round's plan (a strategies.adaptive.RoundPlan) if planned
+        self.round_planner = None  # set by flsplit.strategies.adaptive.Adaptive: plans cuts + resources
+        self.round_plan = None  # this round's plan (a flsplit.strategies.adaptive.RoundPlan) if planned
         self.server_momentum: dict[str, torch.Tensor] = {}  # by parameter name (carry_momentum)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
 

@@ -12,7 +12,7 @@ What survives a round, and so what is saved:
   draws from (sampling is seeded per round: nothing to save);
 - with ``carry_momentum``, the shared server part's SGD momentum;
 - which device each node is (``devices``);
-- the planner in the loop, if any (``strategies.adaptive.Adaptive``: nodes identified, the
+- the planner in the loop, if any (``flsplit.strategies.adaptive.Adaptive``: nodes identified, the
   planner's own state);
 - scheme state, in the subclasses' overrides: PSL's per-client parts without ``sync_clients``,
   EPSL's position generator, async SL's states, reference losses and cache;

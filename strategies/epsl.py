@@ -9,7 +9,7 @@ from flwr.app import RecordDict
 
 from flsplit.dataplane import Reply
 from flsplit.schedules import Lockstep
-from strategies.psl import PSL
+from flsplit.strategies.psl import PSL
 
 __all__ = ["EPSL"]
 

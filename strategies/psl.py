@@ -9,7 +9,7 @@ from flsplit import protocol as p
 from flsplit.dataplane import Reply
 from flsplit.schedules import Lockstep
 from flsplit.server import StepGrads
-from strategies.base import SplitStrategy
+from flsplit.strategies.base import SplitStrategy
 
 __all__ = ["PSL"]
 

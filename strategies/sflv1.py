@@ -11,7 +11,7 @@ from flsplit.aggregation import block_of
 from flsplit.dataplane import Reply
 from flsplit.schedules import PerNode
 from flsplit.server import ServerPart, StepStats
-from strategies.base import SplitStrategy
+from flsplit.strategies.base import SplitStrategy
 
 __all__ = ["SFLV1"]
 

@@ -6,7 +6,7 @@ from flwr.app import RecordDict
 
 from flsplit.dataplane import Reply
 from flsplit.schedules import PerNode
-from strategies.base import SplitStrategy
+from flsplit.strategies.base import SplitStrategy
 
 __all__ = ["SFLV2"]
 

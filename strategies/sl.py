@@ -7,7 +7,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flsplit import protocol as p
 from flsplit.dataplane import Reply
 from flsplit.schedules import Relay
-from strategies.base import SplitStrategy
+from flsplit.strategies.base import SplitStrategy
 
 __all__ = ["SL"]
 

@@ -12,8 +12,8 @@ from flsplit.client import SplitClient
 from flsplit.codecs import get_codec
 from flsplit.inprocess import InProcessGrid
 from flsplit.server import ServerPart
-from strategies import AsyncSL
-from strategies.async_sl import next_state
+from flsplit.strategies import AsyncSL
+from flsplit.strategies.async_sl import next_state
 from tests.helpers import model_fn, random_data
 from tests.test_learning import run_app
 

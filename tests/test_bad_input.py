@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flsplit import protocol as p
 from flsplit.client import SplitClient
 from flsplit.inprocess import SERVER_NODE_ID
-from strategies import PSL, SL
+from flsplit.strategies import PSL, SL
 from tests.helpers import max_abs_diff, model_fn, random_data, run_strategy
 
 

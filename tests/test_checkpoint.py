@@ -23,8 +23,8 @@ from flsplit.planners.online import make_online_planner
 from flsplit.scenario import load_scenario
 from flsplit.splitting import SplitModel
 from flsplit.zoo import digits_cnn
-from strategies import EPSL, PSL, SFLGA, SFLV1, SFLV2, SL, AsyncSL
-from strategies.adaptive import Adaptive
+from flsplit.strategies import EPSL, PSL, SFLGA, SFLV1, SFLV2, SL, AsyncSL
+from flsplit.strategies.adaptive import Adaptive
 from tests.helpers import client_app_for, model_fn, random_data
 
 PARTITIONS = [random_data(48, seed) for seed in (1, 2, 3)]

@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord
 
 from flsplit.codecs import CODECS, CodecError, get_codec
 from flsplit.dataplane import payload_bytes
-from strategies import SFLV2
+from flsplit.strategies import SFLV2
 from tests.helpers import random_data, run_strategy
 
 SHAPES = [(7,), (4, 16), (2, 3, 5, 5), (32, 64, 4, 4)]

@@ -16,7 +16,7 @@ from flsplit.inprocess import InProcessGrid
 from flsplit.protocol import SmashedBatch
 from flsplit.server import ServerPart
 from flsplit.splitting import SplitModel
-from strategies import EPSL, PSL, SFLGA
+from flsplit.strategies import EPSL, PSL, SFLGA
 from tests.helpers import max_abs_diff, model_fn, random_data, run_strategy
 from tests.test_learning import run_app
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from strategies import PSL, SFLV1, SL
+from flsplit.strategies import PSL, SFLV1, SL
 from tests.helpers import centralized_sgd, max_abs_diff, model_fn, random_data, run_strategy
 
 LR = 0.1

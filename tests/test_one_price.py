@@ -11,7 +11,7 @@ from flsplit.profile import profile_model
 from flsplit.scenario import load_scenario
 from flsplit.sim import Allocation, ServerTiming, predict_workload, price
 from flsplit.wire_bytes import SerializedWire
-from strategies import EPSL, PSL, SFLGA, SFLV1, SFLV2, SL, AsyncSL
+from flsplit.strategies import EPSL, PSL, SFLGA, SFLV1, SFLV2, SL, AsyncSL
 from tests.helpers import model_fn, random_data, run_strategy
 
 SIZES = [20, 20, 20]  # batches of 8, 8 and 4 rows

@@ -28,7 +28,7 @@ from flsplit.client import SplitClient
 from flsplit.inprocess import SERVER_NODE_ID, InProcessGrid
 from flsplit.stream.offer import FALLBACK, OFFER
 from flsplit.stream.plane import StreamDataPlane
-from strategies import EPSL, PSL, SFLGA, SFLV1, SFLV2, SL
+from flsplit.strategies import EPSL, PSL, SFLGA, SFLV1, SFLV2, SL
 from tests.helpers import model_fn, random_data
 
 PARTS = [random_data(8, seed=11), random_data(8, seed=12)]  # 2 batches of 4 per node and round

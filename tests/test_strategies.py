@@ -9,7 +9,7 @@ from flwr.clientapp import ClientApp
 from flsplit import protocol as p
 from flsplit.client import SplitClient
 from flsplit.inprocess import InProcessGrid
-from strategies import PSL, SFLV2
+from flsplit.strategies import PSL, SFLV2
 from tests.helpers import max_abs_diff, model_fn, random_data
 
 

@@ -18,7 +18,7 @@ from flsplit import protocol as p
 from flsplit.inprocess import InProcessGrid
 from flsplit.stream import StreamDataPlane
 from flsplit.trainer import ClientTrainer
-from strategies import STRATEGIES
+from flsplit.strategies import STRATEGIES
 from tests.helpers import client_app_for, model_fn, random_data
 
 

@@ -45,7 +45,7 @@ from flsplit.stream.frames import HEADER, MAGIC, Kind, encode_content, recv_fram
 from flsplit.stream.listener import HELLO_MAX, SessionListener
 from flsplit.stream.offer import OFFER, SessionOffer
 from flsplit.stream.tls import client_context, ephemeral_credentials
-from strategies import PSL, SFLV1
+from flsplit.strategies import PSL, SFLV1
 from tests.helpers import client_app_for, max_abs_diff, model_fn, random_data
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -2,7 +2,7 @@
 
 SFL-GA (DESIGN.md 2, item 4) is split federated learning in which the server averages the
 clients' cut-layer gradients (weighted by batch share) and *broadcasts* the single aggregate
-(``strategies.sflga``). All clients share one cut per round. The CCC strategy re-chooses that
+(``flsplit.strategies.sflga``). All clients share one cut per round. The CCC strategy re-chooses that
 cut every round with a Double-DQN agent that sees the channel; for the chosen cut, bandwidth,
 device CPU frequency (DVFS) and uplink power are allocated by convex optimisation. Smaller
 client parts converge better under gradient aggregation but leak more about the raw data, so

@@ -3,7 +3,7 @@
 An ``OnlinePlanner`` turns a round's state (which devices were sampled, how many samples each
 will train on, the round number that keys the channel's fading) into a ``Plan`` (cuts and
 allocation) and learns from the round's measured result (``observe``). No Flower types: the
-Flower side is ``strategies.adaptive.Adaptive``, which wraps a strategy.
+Flower side is ``flsplit.strategies.adaptive.Adaptive``, which wraps a strategy.
 
 =========== ================================ ====================== ===================
 name        planner                          scheme it plans for    server timing
