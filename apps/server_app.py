@@ -70,6 +70,7 @@ def build_strategy(settings: RunSettings, history: RunHistory):
         scenario=scenario_from_run_config(settings),
         data_plane_factory=data_plane_factory(settings),
         checkpoint_dir=history.directory,  # a checkpoint after every round, beside history.json
+        server_device=settings["server-device"],
     )
     return with_planner(strategy, settings)
 
@@ -151,7 +152,7 @@ def main(grid: Grid, context: Context) -> None:
         initial_arrays=ArrayRecord(model_fn().blocks.state_dict()),
         num_rounds=int(settings["num-server-rounds"]),
         timeout=float(settings["exchange-timeout"]),
-        evaluate_fn=make_evaluate_fn(settings, model_fn),
+        evaluate_fn=make_evaluate_fn(settings, model_fn, strategy.device),
         resume_from=checkpoint,
     )
     model = model_fn()

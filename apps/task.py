@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import partial
 from logging import WARNING
 from typing import Any, Callable, Mapping, Optional
@@ -64,6 +65,7 @@ DEFAULTS: dict[str, Any] = {
     "stream-max-frame-mb": 256,
     "stream-handshake-timeout": 10.0,
     "resume-from": "",
+    "server-device": "auto",
 }
 
 # What a resumed run may change: how long it runs and how it reaches its nodes, not what it trains.
@@ -71,6 +73,7 @@ RESUME_MAY_CHANGE = frozenset({
     "num-server-rounds", "resume-from", "output-dir", "exchange-timeout", "noop-exchanges", "min-available-nodes",
     "data-plane", "stream-listen", "stream-advertise", "stream-certfile", "stream-keyfile", "stream-max-frame-mb",
     "stream-handshake-timeout", "planner-agent",  # the agent may move; the strategy compares the agent itself
+    "server-device",  # the same training, on another device (equal to float tolerance)
 })
 
 
@@ -97,6 +100,9 @@ class RunSettings(dict):
             check_number(key, self[key], low, high, low_open=low_open)
         for key in ("exchange-timeout", "dirichlet-alpha", "cache-max-mb", "stream-max-frame-mb", "stream-handshake-timeout"):
             check_number(key, self[key], 0.0, low_open=True)
+        device = self["server-device"]  # whether this machine has it is checked where the server part is built
+        if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise ValueError(f"server-device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
         for key in ("loss-threshold", "planner-v"):
             check_number(key, self[key], 0.0)
         if not isinstance(self["test-data-path"], str):
@@ -209,18 +215,21 @@ def centralized_test(settings: RunSettings) -> TensorData:
     return test
 
 
-def make_evaluate_fn(settings: RunSettings, model_fn: Callable[[], SplitModel]):
-    """Centralized evaluation of the composed global model on the held-out test split."""
+def make_evaluate_fn(settings: RunSettings, model_fn: Callable[[], SplitModel], device: str | torch.device = "cpu"):
+    """Centralized evaluation of the composed global model on the held-out test split (on
+    ``device``, the server part's)."""
     test = centralized_test(settings)
     model = model_fn()
+    model.blocks.to(device)
+    x, y = test.x.to(device), test.y.to(device)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.blocks.load_state_dict(arrays.to_torch_state_dict())
         model.blocks.eval()
         with torch.no_grad():
-            logits = torch.cat([model.blocks(test.x[i : i + 512]) for i in range(0, len(test), 512)])
-        loss = torch.nn.functional.cross_entropy(logits, test.y).item()
-        accuracy = (logits.argmax(1) == test.y).double().mean().item()
+            logits = torch.cat([model.blocks(x[i : i + 512]) for i in range(0, len(test), 512)])
+        loss = torch.nn.functional.cross_entropy(logits, y).item()
+        accuracy = (logits.argmax(1) == y).double().mean().item()
         return MetricRecord({"loss": loss, "accuracy": accuracy})
 
     return evaluate_fn

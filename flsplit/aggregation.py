@@ -24,7 +24,8 @@ def average_states(contributions: Iterable[tuple[Mapping[str, torch.Tensor], flo
     """Weighted average, key by key, over the contributions that hold the key.
 
     Contributions with weight <= 0 are ignored. Integer tensors (e.g. batch norm's
-    ``num_batches_tracked``) are averaged in float64 and rounded back.
+    ``num_batches_tracked``) are averaged in float64 and rounded back. The average is on the
+    CPU, whatever device a contribution is on.
     """
     sums: dict[str, torch.Tensor] = {}
     weights: dict[str, float] = {}
@@ -34,7 +35,7 @@ def average_states(contributions: Iterable[tuple[Mapping[str, torch.Tensor], flo
             continue
         for key, value in state.items():
             dtypes.setdefault(key, value.dtype)
-            term = value.detach().to(torch.float64) * weight
+            term = value.detach().to("cpu", torch.float64) * weight  # server parts may be on a GPU
             sums[key] = sums[key] + term if key in sums else term
             weights[key] = weights.get(key, 0.0) + weight
     out = {}

@@ -171,7 +171,8 @@ class ReplyGate:
 
     def __init__(self, model_state: Mapping[str, torch.Tensor], block_of, shapes: list[tuple[int, ...]],
                  dtype: torch.dtype, num_classes: int, batch_size: int, steps_per_exchange: int, codec: Codec) -> None:
-        self.model_state = model_state
+        # shapes and dtypes only: meta tensors hold no memory, whatever device the model is on
+        self.model_state = {k: torch.empty_like(v, device="meta") for k, v in model_state.items()}
         self.block_of = block_of
         self.shapes, self.dtype, self.num_classes = shapes, dtype, num_classes
         self.batch_size, self.steps_per_exchange, self.codec = batch_size, steps_per_exchange, codec

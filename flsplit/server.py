@@ -110,6 +110,31 @@ class StepGrads:
     scales: list[float] = field(default_factory=list)
 
 
+def resolve_device(spec: str | torch.device) -> torch.device:
+    """The server part's device from ``server-device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"``,
+    or ``"auto"`` (the first CUDA device when torch sees one, else the CPU).
+
+    Raises ``ValueError`` naming the key for anything else, and for a CUDA device torch
+    cannot see.
+    """
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"server-device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"server-device {spec!r}: torch sees {count} CUDA device(s) on this machine "
+                             "(use 'auto' to fall back to the CPU)")
+    return device
+
+
 class ServerPart:
     """Blocks ``[entry, L)`` of a split model with their optimizer.
 
@@ -124,6 +149,9 @@ class ServerPart:
         Where the rows this part runs are counted (shared by a round's server copies).
     learning_rate, momentum, weight_decay : float
         SGD settings.
+
+    The part runs on its model's device (``server-device``): smashed batches arrive on the
+    CPU, as decoded, and are moved there; the gradients it returns are on the CPU again.
     """
 
     def __init__(
@@ -148,6 +176,14 @@ class ServerPart:
     def dtype(self) -> torch.dtype:
         return next(self.model.blocks.parameters()).dtype
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.blocks.parameters()).device
+
+    def _on_device(self, batches: list[tuple[int, SmashedBatch]]) -> list[tuple[int, SmashedBatch]]:
+        device = self.device  # .to() of a tensor already there is the tensor itself: no copy on the CPU
+        return [(cut, SmashedBatch(b.x.to(device), b.y.to(device))) for cut, b in batches]
+
     def _named_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {name: param for name, param in self.model.blocks.named_parameters()
                 if int(name.split(".", 1)[0]) >= self.entry}
@@ -167,7 +203,7 @@ class ServerPart:
         for name, param in self._named_parameters().items():
             buf = buffers.get(name)
             if buf is not None and buf.shape == param.shape and buf.dtype == param.dtype:
-                self.optimizer.state[param]["momentum_buffer"] = buf.clone()
+                self.optimizer.state[param]["momentum_buffer"] = buf.to(param.device, copy=True)
 
     def _forward(self, cut: int, x: torch.Tensor) -> torch.Tensor:
         if cut < self.entry:
@@ -180,7 +216,7 @@ class ServerPart:
         (``None`` with ``input_grad=False``, when no client needs it)."""
         self.model.blocks.train()
         grads = []
-        for cut, batch in batches:
+        for cut, batch in self._on_device(batches):
             x = batch.x.detach().requires_grad_(input_grad)
             self.optimizer.zero_grad(set_to_none=True)
             logits = self._forward(cut, x)
@@ -189,11 +225,12 @@ class ServerPart:
             self.optimizer.step()
             self.stats.add(float(loss_sum.detach()), logits.detach(), batch.y, cut)
             self.work.add(cut, batch.y.shape[0], batch.y.shape[0])
-            grads.append(x.grad)
+            grads.append(x.grad.cpu() if x.grad is not None else None)
         return grads
 
     def step_union(self, batches: list[tuple[int, SmashedBatch]]) -> list[torch.Tensor]:
         """One PSL step over the union of ``(cut, batch)``; gradients of each client's own mean loss."""
+        batches = self._on_device(batches)
         self.model.blocks.train()
         self.optimizer.zero_grad(set_to_none=True)
         xs = [b.x.detach().requires_grad_(True) for _, b in batches]
@@ -213,7 +250,7 @@ class ServerPart:
         for (cut, b), lg in zip(batches, logits):
             self.stats.add(float(self.loss_fn(lg.detach(), b.y)), lg.detach(), b.y, cut)
             self.work.add(cut, b.y.shape[0], b.y.shape[0])
-        return [x.grad * (total / b.y.shape[0]) for x, (_, b) in zip(xs, batches)]
+        return [(x.grad * (total / b.y.shape[0])).cpu() for x, (_, b) in zip(xs, batches)]
 
     def step_epsl(self, batches: list[tuple[int, SmashedBatch]], positions: list[int]) -> StepGrads:
         """EPSL: PSL with last-layer gradient aggregation at the sample ``positions``.
@@ -244,10 +281,11 @@ class ServerPart:
         if max(positions) >= min(sizes):
             raise ValueError(f"aggregated position {max(positions)} outside the smallest batch ({min(sizes)})")
         total = sum(sizes)
+        batches, device = self._on_device(batches), self.device
         self.model.blocks.train()
         self.optimizer.zero_grad(set_to_none=True)
-        agg = torch.tensor(positions)
-        keep = [torch.ones(s, dtype=torch.bool).index_fill_(0, agg, False) for s in sizes]
+        agg = torch.tensor(positions, device=device)
+        keep = [torch.ones(s, dtype=torch.bool, device=device).index_fill_(0, agg, False) for s in sizes]
 
         # Plain PSL part: the other positions of every client, one forward/backward.
         xs = [b.x[k].detach().requires_grad_(True) for (_, b), k in zip(batches, keep)]
@@ -270,15 +308,15 @@ class ServerPart:
         self.optimizer.step()
 
         for i, ((c, b), k) in enumerate(zip(batches, keep)):
-            lg = torch.empty(sizes[i], logits.shape[1], dtype=logits.dtype)
+            lg = torch.empty(sizes[i], logits.shape[1], dtype=logits.dtype, device=device)
             lg[k] = logits.detach().split([int(kk.sum()) for kk in keep])[i]
             lg[agg] = agg_logits.unflatten(0, (n, len(positions)))[i]
             self.stats.add(float(self.loss_fn(lg, b.y)), lg, b.y, c)
         # Rows run: every sample forwarded once; the kept rows and the m mean rows backward.
         self.work.add(cut, total, total - n * len(positions) + len(positions))
         return StepGrads(
-            unicast=[x.grad * (total / s) for x, s in zip(xs, sizes)],
-            broadcast=mean_x.grad / n,
+            unicast=[(x.grad * (total / s)).cpu() for x, s in zip(xs, sizes)],
+            broadcast=(mean_x.grad / n).cpu(),
             positions=[list(positions)] * n,
             scales=[total / s for s in sizes],
         )
@@ -319,13 +357,15 @@ def evaluate_smashed(model: SplitModel, cut: int, batches: list[SmashedBatch]) -
     Returns the summed cross-entropy loss, the number of correct predictions and of samples.
     """
     server = model.blocks[model.check_cut(cut) :]
+    device = next(model.blocks.parameters()).device
     was_training = server.training
     server.eval()
     loss_sum, correct, n = 0.0, 0, 0
     for b in batches:
-        logits = server(b.x)
-        loss_sum += float(nn.functional.cross_entropy(logits, b.y, reduction="sum"))
-        correct += int((logits.argmax(1) == b.y).sum())
+        x, y = b.x.to(device), b.y.to(device)
+        logits = server(x)
+        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
         n += int(b.y.shape[0])
     server.train(was_training)
     return loss_sum, correct, n

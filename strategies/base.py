@@ -48,7 +48,7 @@ from flsplit.gate import ReplyGate
 from flsplit.history import RunHistory
 from flsplit.profile import profile_model
 from flsplit.scenario import Scenario
-from flsplit.server import ServerPart, ServerWork, StepStats, evaluate_smashed
+from flsplit.server import ServerPart, ServerWork, StepStats, evaluate_smashed, resolve_device
 from flsplit.splitting import SplitModel, block_output_shapes
 
 from flsplit.strategies.accounting import RoundAccounting
@@ -98,6 +98,9 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         go into the history under ``sim``.
     data_plane_factory : callable, optional
         ``fn(grid, timeout) -> DataPlane``; defaults to ``MessageDataPlane``.
+    server_device : str
+        Where the server part, its optimizer and the averaging run: ``"cpu"`` (default),
+        ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when present); clients are not affected.
     checkpoint_dir : str or Path, optional
         Save a checkpoint there after every round (``flsplit.checkpoint``); ``start(...,
         resume_from=...)`` continues from one.
@@ -130,12 +133,14 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         scenario: Optional[Scenario] = None,
         data_plane_factory: Optional[Callable[[Grid, float], DataPlane]] = None,
         checkpoint_dir: Optional[Union[str, Path]] = None,
+        server_device: str = "cpu",
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction-train must be in (0, 1], got {fraction_train}")
         if not 0.0 <= fraction_evaluate <= 1.0:
             raise ValueError(f"fraction-evaluate must be in [0, 1], got {fraction_evaluate}")
         self.model_fn = model_fn
+        self.device = resolve_device(server_device)
         self.model = model_fn()
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
@@ -171,6 +176,7 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         self.progress_interval = 10.0  # seconds between progress lines within a round
         self.scenario = scenario
         self.profile = profile_model(self.model, self.input_shape) if scenario is not None else None
+        self.model.blocks.to(self.device)  # after the shapes and the profile, measured on the CPU
         self.devices: dict[int, tuple[int, Optional[DeviceProfile]]] = {}  # node -> (partition, own profile)
         self.cuts: dict[int, int] = {}
         self.errors: list[dict] = []
@@ -187,7 +193,8 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
     # ------------------------------------------------------------------ pieces
     def summary(self) -> None:
         """Log the strategy's settings."""
-        log(INFO, "\t├── Scheme: %s, cut layer: %s, blocks: %d", type(self).__name__, self.cut_layer, self.model.num_blocks)
+        log(INFO, "\t├── Scheme: %s, cut layer: %s, blocks: %d, server device: %s", type(self).__name__, self.cut_layer,
+            self.model.num_blocks, self.device)
         for key, value in self.train_settings.items():
             log(INFO, "\t├── %s: %s", key.replace("_", "-"), value)
         log(INFO, "\t└── fraction-train: %s, fraction-evaluate: %s", self.fraction_train, self.fraction_evaluate)
