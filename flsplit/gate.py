@@ -53,7 +53,7 @@ def check_records(content: Optional[RecordDict], arrays: set[str], metrics: set[
     """Raise ``ProtocolError`` unless ``content`` holds only the named records, each of its
     kind, and every name in ``required``."""
     if content is None:
-        raise p.ProtocolError(f"{what}: the reply has no content")
+        raise p.ProtocolError(f"{what}: no content")
     for kind, allowed, records in (("ArrayRecord", arrays, content.array_records),
                                    ("MetricRecord", metrics, content.metric_records),
                                    ("ConfigRecord", configs, content.config_records)):
@@ -213,7 +213,11 @@ class ReplyGate:
         if count and (size := _array_bytes(record)) > (cap := self.smashed_cap(cut, count)):
             raise p.ProtocolError(f"{what}: '{p.SMASHED}' is {size} bytes, more than the {cap} that {count} "
                                   f"batch(es) of {self.batch_size} rows take")
-        return p.decode_smashed(record, self.shapes[cut - 1], self.dtype, self.num_classes, self.codec)
+        batches = p.decode_smashed(record, self.shapes[cut - 1], self.dtype, self.num_classes, self.codec)
+        for i, b in enumerate(batches):  # the payload's own rows (an array's header may say otherwise)
+            if b.x.shape[0] > self.batch_size:
+                raise p.ProtocolError(f"{what}: batch {i} has {b.x.shape[0]} rows, more than batch-size {self.batch_size}")
+        return batches
 
     # ------------------------------------------------------------------ the kinds of reply
     def is_final(self, content: Optional[RecordDict]) -> bool:

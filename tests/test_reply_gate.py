@@ -131,6 +131,16 @@ def empty_batch(c: RecordDict) -> None:
     put(c, p.SMASHED, "y.0", get(c, p.SMASHED, "y.0")[:0])
 
 
+def rows_header_lies(c: RecordDict) -> None:
+    """Eight rows of payload under an array header that says four."""
+    x = torch.cat([get(c, p.SMASHED, "x.0")] * 2)
+    y = torch.cat([get(c, p.SMASHED, "y.0")] * 2)
+    real = Array(x)
+    c.array_records[p.SMASHED]["x.0"] = Array(dtype=real.dtype, shape=(4, *real.shape[1:]), stype=real.stype,
+                                              data=real.data)
+    put(c, p.SMASHED, "y.0", y)
+
+
 def smashed_garbage(c: RecordDict) -> None:
     c.array_records[p.SMASHED]["x.0"] = garbage_like(c.array_records[p.SMASHED]["x.0"])
 
@@ -184,6 +194,7 @@ STEP_CASES = [
     ("more-batches-than-K", STEP, second_batch, "2 batches, more than the 1"),
     ("batch-number-gap", STEP, gap, "3 batches, more than the 1"),
     ("rows-over-batch-size", STEP, doubled_rows, "8 rows, more than batch-size 4"),
+    ("rows-header-lies", STEP, rows_header_lies, "bytes, more than the"),  # the byte cap sees the real rows
     ("extra-smashed-key", STEP, lambda c: put(c, p.SMASHED, "z", torch.zeros(1)), "unexpected key 'z'"),
     ("scale-under-native-codec", STEP, lambda c: put(c, p.SMASHED, "x.0.scale", torch.ones(())),
      "unexpected key 'x.0.scale'"),
@@ -587,3 +598,16 @@ def test_the_corpus_has_at_least_100_cases():
     cases = (STEP_CASES + FINAL_CASES + SCALED_CASES + EVAL_CASES + UPLOAD_CASES + REQUEST_CASES
              + EVAL_REQUEST_CASES)
     assert len({c[0] for c in cases}) == len(cases) >= 100
+
+
+def test_rows_beyond_batch_size_under_a_lying_header_are_refused_after_decoding():
+    """Small samples (cut 8: 64 values) let 4 extra rows fit in the byte cap's slack; the
+    array header says 4 rows, the payload holds 8: the decoded batch is what counts."""
+    gate = PSL(model_fn=model_fn, **SETTINGS).gate
+    x, y = torch.rand(8, 64, dtype=torch.float64), torch.randint(0, 10, (8,))
+    real = Array(x)
+    record = ArrayRecord({"x.0": Array(dtype=real.dtype, shape=(4, 64), stype=real.stype, data=real.data),
+                          "y.0": Array(y)})
+    content = RecordDict({p.SMASHED: record, p.STATUS: ConfigRecord({"done": False, "position": 0, "remaining": 2})})
+    with pytest.raises(p.ProtocolError, match="batch 0 has 8 rows, more than batch-size 4"):
+        gate.step(content, 8)
