@@ -38,7 +38,8 @@ def build_strategy(settings: RunSettings, history: RunHistory):
     info = dataset_info(settings["dataset"])
     extra: dict = {}
     if name == "epsl":
-        extra = {"phi": float(settings["phi"]), "positions": str(settings["aggregated-positions"])}
+        extra = {"phi": float(settings["phi"]), "positions": str(settings["aggregated-positions"]),
+                 "mechanism": str(settings["epsl-mechanism"]), "scaling": str(settings["epsl-scaling"])}
     if name == "async":
         extra = {"loss_threshold": float(settings["loss-threshold"]), "cache_max_mb": float(settings["cache-max-mb"])}
         window = str(settings["state-window"])

@@ -14,6 +14,7 @@ from flwr.common.logger import log
 from flsplit import rng
 from flsplit.checkpoint import CheckpointMismatch
 from flsplit.protocol import SplitConfig, check_int, check_number
+from flsplit.server import EPSL_MECHANISMS, EPSL_SCALINGS
 from flsplit.data import TensorData, dataset_info, load_centralized, load_partition
 from flsplit.local_data import LocalDataError, load_local
 from flsplit.splitting import SplitModel
@@ -39,6 +40,8 @@ DEFAULTS: dict[str, Any] = {
     "steps-per-exchange": 1,
     "phi": 0.5,
     "aggregated-positions": "first",
+    "epsl-mechanism": "mean-activation",
+    "epsl-scaling": "sum",
     "codec-up": "",
     "codec-down": "",
     "loss-threshold": 0.05,
@@ -110,6 +113,10 @@ class RunSettings(dict):
                              f"got {self['test-data-path']!r}")
         if not isinstance(self["resume-from"], str):
             raise ValueError(f"resume-from must be a run directory (a string, empty for a new run), got {self['resume-from']!r}")
+        if self["epsl-mechanism"] not in EPSL_MECHANISMS:
+            raise ValueError(f"epsl-mechanism must be one of {list(EPSL_MECHANISMS)}, got {self['epsl-mechanism']!r}")
+        if self["epsl-scaling"] not in EPSL_SCALINGS:
+            raise ValueError(f"epsl-scaling must be one of {list(EPSL_SCALINGS)}, got {self['epsl-scaling']!r}")
         if self["partitioning"] not in ("iid", "dirichlet"):
             raise ValueError(f"partitioning must be 'iid' or 'dirichlet', got {self['partitioning']!r}")
         _ = self.cuts  # parses cut-layer

@@ -5,7 +5,9 @@ Every configuration runs the project's real ServerApp and ClientApps on an in-pr
 schedule) and reads its history: simulated round latency and energy, wall seconds per
 round, final test accuracy, and bytes down per round (unicast split bytes + broadcast).
 
-Run: ``python benchmarks/bench_epsl.py [--rounds 5] [--clients 8]``
+Run: ``python benchmarks/bench_epsl.py [--rounds 5] [--clients 8]``; ``--mechanism`` (repeatable)
+and ``--scaling`` pick EPSL's aggregation mechanisms (``epsl-mechanism``, ``epsl-scaling``),
+``--phi`` the ratios, and ``--only-epsl`` leaves out SFL-V2 and SFL-GA.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--mechanism", action="append", help="EPSL mechanism (repeatable; default mean-activation)")
+    parser.add_argument("--scaling", default="sum", help="EPSL scaling: sum or mean")
+    parser.add_argument("--phi", type=float, action="append", help="phi (repeatable; default 0, 0.25, 0.5, 0.75, 1)")
+    parser.add_argument("--only-epsl", action="store_true", help="PSL and EPSL only")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     FLOWER_LOGGER.setLevel(logging.WARNING)
@@ -63,17 +69,23 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         results["psl"] = summary(run(Path(tmp), args.clients, strategy="psl", **common))
-        for phi in (0.0, 0.25, 0.5, 0.75, 1.0):
-            results[f"epsl phi={phi}"] = summary(run(Path(tmp), args.clients, strategy="epsl", phi=phi, **common))
-        results["sflv2"] = summary(run(Path(tmp), args.clients, strategy="sflv2", **common))
-        results["sflga"] = summary(run(Path(tmp), args.clients, strategy="sflga", **common))
+        mechanisms = args.mechanism or ["mean-activation"]
+        for mechanism in mechanisms:
+            for phi in args.phi or (0.0, 0.25, 0.5, 0.75, 1.0):
+                name = f"epsl phi={phi}" if len(mechanisms) == 1 and mechanism == "mean-activation" else f"{mechanism} {phi}"
+                results[name] = summary(run(Path(tmp), args.clients, strategy="epsl", phi=phi, **common,
+                                            **{"epsl-mechanism": mechanism, "epsl-scaling": args.scaling}))
+        if not args.only_epsl:
+            results["sflv2"] = summary(run(Path(tmp), args.clients, strategy="sflv2", **common))
+            results["sflga"] = summary(run(Path(tmp), args.clients, strategy="sflga", **common))
 
-    print(f"{args.clients} clients, digits, heterogeneous scenario, cut 2, batch {args.batch_size}, lr {args.lr}, momentum 0.9, {args.rounds} rounds, 1 torch thread")
-    print(f"{'scheme':16s} {'sim latency s/round':>20s} {'sim energy J/round':>19s} {'wall s/round':>13s} "
+    print(f"{args.clients} clients, digits, heterogeneous scenario, cut 2, batch {args.batch_size}, lr {args.lr}, momentum 0.9, "
+          f"{args.rounds} rounds, EPSL scaling {args.scaling}, 1 torch thread")
+    print(f"{'scheme':24s} {'sim latency s/round':>20s} {'sim energy J/round':>19s} {'wall s/round':>13s} "
           f"{'final acc':>10s} {'down MB/round (unicast+bcast)':>30s}")
     for name, r in results.items():
         down = f"{r['down_split_mb']:.3f} + {r['down_broadcast_mb']:.3f}"
-        print(f"{name:16s} {r['sim_latency_s']:20.3f} {r['sim_energy_j']:19.4f} {r['wall_s']:13.3f} {r['accuracy']:10.4f} {down:>30s}")
+        print(f"{name:24s} {r['sim_latency_s']:20.3f} {r['sim_energy_j']:19.4f} {r['wall_s']:13.3f} {r['accuracy']:10.4f} {down:>30s}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -31,7 +31,11 @@ from flsplit import rng
 from flsplit.protocol import SmashedBatch
 from flsplit.splitting import SplitModel
 
-__all__ = ["ServerPart", "StepGrads", "StepStats", "evaluate_smashed"]
+__all__ = ["EPSL_MECHANISMS", "EPSL_SCALINGS", "ServerPart", "StepGrads", "StepStats", "evaluate_smashed"]
+
+# Where EPSL back-propagates an aggregated logit gradient (ServerPart.step_epsl), and how it scales it.
+EPSL_MECHANISMS = ("mean-activation", "client-0", "rotating", "max-loss", "gradient-weighted")
+EPSL_SCALINGS = ("sum", "mean")
 
 
 @dataclass
@@ -252,31 +256,70 @@ class ServerPart:
             self.work.add(cut, b.y.shape[0], b.y.shape[0])
         return [(x.grad * (total / b.y.shape[0])).cpu() for x, (_, b) in zip(xs, batches)]
 
-    def step_epsl(self, batches: list[tuple[int, SmashedBatch]], positions: list[int]) -> StepGrads:
+    def step_epsl(self, batches: list[tuple[int, SmashedBatch]], positions: list[int],
+                  mechanism: str = "mean-activation", scaling: str = "sum", step: int = 0) -> StepGrads:
         """EPSL: PSL with last-layer gradient aggregation at the sample ``positions``.
 
         At an aggregated position ``j`` the server does not back-propagate the ``N`` clients'
-        samples one by one. It computes each client's logit gradient ``dL/dz_ij`` (a forward
-        pass without graph), sums them into ``G_j``, forwards the position-wise *mean*
-        ``s_j = (1/N) sum_i s_ij`` of the smashed data, and back-propagates ``G_j`` once from
-        there. That is the gradient of the surrogate ``<G_j, f(s_j)>``, whose gradient with
-        respect to each client's input is ``1/N`` of the gradient at ``s_j``: the same rows for
-        every client, so they are broadcast. The other positions are plain PSL. Server
-        back-propagation shrinks from ``N*b`` to ``(N - 1)*(b - m) + b`` samples for
-        ``m = len(positions)`` (the papers' ``(1-phi)*N*b + phi*b``).
+        samples one by one. It computes each client's logit gradient ``g_ij = dL/dz_ij`` (a
+        forward pass without graph), aggregates them into ``G_j``, forwards one *linearisation
+        point* ``p_j`` through the server part and back-propagates ``G_j`` once from there: the
+        server's parameters get ``J_theta(p_j)^T G_j`` and every client the same cut-layer rows
+        ``J_s(p_j)^T G_j / N`` (``sum`` scaling) or ``J_s(p_j)^T G_j`` (``mean`` scaling), so
+        they are broadcast. The other positions are plain PSL. Server back-propagation shrinks
+        from ``N*b`` to ``(N - 1)*(b - m) + b`` samples for ``m = len(positions)`` (the papers'
+        ``(1-phi)*N*b + phi*b``) whatever the mechanism.
+
+        Parameters
+        ----------
+        batches : list of (cut, SmashedBatch)
+            One batch per client, in client order (client ``0`` first).
+        positions : list of int
+            Aggregated sample positions.
+        mechanism : str
+            The linearisation point ``p_j`` (``EPSL_MECHANISMS``):
+
+            ``mean-activation``
+                ``p_j = (1/N) sum_i s_ij``, the clients' mean smashed data (the gradient of
+                the surrogate ``<G_j, f(p_j)>``; each client's input gets ``1/N`` of it).
+            ``client-0``
+                ``p_j = s_0j``, the first client's smashed data.
+            ``rotating``
+                ``p_j = s_rj`` with ``r = (step + k) mod N`` for the ``k``-th aggregated
+                position: each client represents ``1/N`` of the positions, and the
+                assignment moves on by one client per step.
+            ``max-loss``
+                ``p_j = s_rj`` with ``r`` the client whose sample at ``j`` has the largest
+                loss (the first such client on a tie).
+            ``gradient-weighted``
+                ``p_j = sum_i w_ij s_ij`` with ``w_ij = |g_ij| / sum_k |g_kj|`` (the mean when
+                every ``g_ij`` is zero). For a last linear layer ``sum_i g_ij h_ij^T`` is
+                then exact whenever the clients' logit gradients are parallel.
+        scaling : {"sum", "mean"}
+            ``sum``: ``G_j = sum_i g_ij`` (the server's parameters get the weight of ``N``
+            samples at ``j``, as in PSL), each client ``1/N`` of the cut-layer gradient.
+            ``mean``: ``G_j = (1/N) sum_i g_ij`` (the aggregated position counts as one
+            sample for the server's parameters); the clients' rows are the same as with
+            ``sum``.
+        step : int
+            The step counter ``rotating`` reads.
 
         The loss is PSL's (mean over all ``B`` samples); each client's rows are scaled by
         ``B / b_i`` as in ``step_union`` (the broadcast rows through ``scales``). All clients
         must share one cut and have at least ``max(positions) + 1`` samples. With one client
-        or no positions this is exactly ``step_union``.
+        or no positions this is exactly ``step_union``, for every mechanism and scaling.
         """
+        if mechanism not in EPSL_MECHANISMS:
+            raise ValueError(f"EPSL mechanism must be one of {EPSL_MECHANISMS}, got {mechanism!r}")
+        if scaling not in EPSL_SCALINGS:
+            raise ValueError(f"EPSL scaling must be one of {EPSL_SCALINGS}, got {scaling!r}")
         if not positions or len(batches) == 1:
             return StepGrads(self.step_union(batches))
         cuts = {c for c, _ in batches}
         if len(cuts) != 1:
             raise ValueError(f"EPSL aggregation needs one cut for all clients, got {sorted(cuts)}")
         (cut,) = cuts
-        n = len(batches)
+        n, m = len(batches), len(positions)
         sizes = [b.y.shape[0] for _, b in batches]
         if max(positions) >= min(sizes):
             raise ValueError(f"aggregated position {max(positions)} outside the smallest batch ({min(sizes)})")
@@ -294,7 +337,7 @@ class ServerPart:
         loss_sum = self.loss_fn(logits, torch.cat(ys))
         (loss_sum / total).backward()
 
-        # Aggregated part: per-client logit gradients, summed, back-propagated once.
+        # Aggregated part: per-client logit gradients, aggregated, back-propagated once.
         with torch.no_grad():
             agg_x = torch.stack([b.x[agg] for _, b in batches])  # (N, m, ...)
             agg_y = torch.stack([b.y[agg] for _, b in batches])
@@ -302,24 +345,54 @@ class ServerPart:
         z = agg_logits.detach().requires_grad_(True)
         agg_loss = self.loss_fn(z, agg_y.flatten())
         (agg_loss / total).backward()
-        summed = z.grad.unflatten(0, (n, len(positions))).sum(0)  # G_j
-        mean_x = agg_x.mean(0).requires_grad_(True)
-        self._forward(cut, mean_x).backward(summed)
+        per_client = z.grad.unflatten(0, (n, m))  # g_ij
+        summed = per_client.sum(0)
+        point = self._epsl_point(mechanism, agg_x, agg_logits.unflatten(0, (n, m)), agg_y, per_client, step)
+        point.requires_grad_(True)
+        if scaling == "sum":
+            self._forward(cut, point).backward(summed)
+            broadcast = point.grad / n
+        else:
+            self._forward(cut, point).backward(summed / n)
+            broadcast = point.grad
         self.optimizer.step()
 
         for i, ((c, b), k) in enumerate(zip(batches, keep)):
             lg = torch.empty(sizes[i], logits.shape[1], dtype=logits.dtype, device=device)
             lg[k] = logits.detach().split([int(kk.sum()) for kk in keep])[i]
-            lg[agg] = agg_logits.unflatten(0, (n, len(positions)))[i]
+            lg[agg] = agg_logits.unflatten(0, (n, m))[i]
             self.stats.add(float(self.loss_fn(lg, b.y)), lg, b.y, c)
-        # Rows run: every sample forwarded once; the kept rows and the m mean rows backward.
-        self.work.add(cut, total, total - n * len(positions) + len(positions))
+        # Rows run: every sample forwarded once; the kept rows and the m aggregated rows backward.
+        self.work.add(cut, total, total - n * m + m)
         return StepGrads(
             unicast=[(x.grad * (total / s)).cpu() for x, s in zip(xs, sizes)],
-            broadcast=(mean_x.grad / n).cpu(),
+            broadcast=broadcast.cpu(),
             positions=[list(positions)] * n,
             scales=[total / s for s in sizes],
         )
+
+    @staticmethod
+    def _epsl_point(mechanism: str, agg_x: torch.Tensor, agg_logits: torch.Tensor, agg_y: torch.Tensor,
+                    per_client: torch.Tensor, step: int) -> torch.Tensor:
+        """The ``(m, ...)`` linearisation points of ``step_epsl`` from the ``(N, m, ...)``
+        smashed rows, logits, labels and logit gradients at the aggregated positions (a new
+        tensor, detached)."""
+        n, m = agg_x.shape[:2]
+        cols = torch.arange(m, device=agg_x.device)
+        if mechanism == "mean-activation":
+            return agg_x.mean(0)
+        if mechanism == "client-0":
+            return agg_x[0].clone()
+        if mechanism == "rotating":
+            return agg_x[(cols + step) % n, cols]
+        if mechanism == "max-loss":
+            losses = nn.functional.cross_entropy(agg_logits.flatten(0, 1), agg_y.flatten(), reduction="none")
+            return agg_x[losses.view(n, m).argmax(0), cols]  # argmax: the first maximum on a tie
+        # gradient-weighted
+        norms = per_client.flatten(2).norm(dim=2)  # (N, m)
+        weights = norms / norms.sum(0)
+        weights = torch.where(norms.sum(0) > 0, weights, torch.full_like(weights, 1.0 / n))
+        return (weights.view(n, m, *([1] * (agg_x.dim() - 2))).to(agg_x.dtype) * agg_x).sum(0)
 
     def step_gradient_average(self, batches: list[tuple[int, SmashedBatch]]) -> StepGrads:
         """SFL-GA: one PSL step, then one broadcast of the position-wise average gradient.

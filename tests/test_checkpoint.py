@@ -72,6 +72,7 @@ CASES = {
     "sl": (lambda **kw: SL(**kw), 4, 2),
     "sflv1": (lambda **kw: SFLV1(**kw), 4, 2),
     "epsl-random": (lambda **kw: EPSL(phi=0.5, positions="random", **kw), 4, 2),
+    "epsl-rotating": (lambda **kw: EPSL(phi=0.5, mechanism="rotating", **kw), 4, 2),  # step counter across rounds
     # a threshold no loss change reaches: A, A, B (upload, cached), C (cache) ...; resumed in C
     "async": (lambda **kw: AsyncSL(loss_threshold=100.0, **kw), 5, 3),
     "psl-open": (_psl_with_open, 4, 2),
