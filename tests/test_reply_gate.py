@@ -562,7 +562,7 @@ REQUEST_CASES = [
     ("req-part-garbage", lambda s: RecordDict({p.CONFIG: _config(), p.CLIENT_PART: part_with("0.bias", garbage_like)}),
      "cannot decode"),
     ("req-offer-malformed", lambda s: RecordDict({p.CONFIG: _config(), p.CLIENT_PART: _part(),
-                                              OFFER: ConfigRecord({"address": 5})}), ""),
+                                              OFFER: ConfigRecord({"address": 5})}), "malformed session offer"),
 ]
 
 
