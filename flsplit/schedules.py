@@ -18,8 +18,8 @@ round latency, ``flsplit.sim.workload.Timing``), in the spirit of
     one one-way message per node carrying a window of smashed data, no gradient back
     (async SL's state B). Parallel.
 
-The host (a ``flsplit.strategies.base.SplitStrategy``) provides the pieces a schedule calls: its data
-plane, request building, the reply gate (a refused reply's node sits out the rest of the
+The host (a ``flsplit.strategies.base.SplitStrategy``) provides the pieces a schedule calls:
+its data plane, request building, the reply gate (a refused reply's node sits out the rest of the
 round: no more requests, its client part not averaged), and progress logging.
 """
 
@@ -35,11 +35,11 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flsplit import protocol as p
 from flsplit.codecs import Codec
 from flsplit.dataplane import DataPlane, Reply
-
-if TYPE_CHECKING:
-    from flsplit.strategies.exchange import Admitted
 from flsplit.server import ServerPart, StepGrads
 from flsplit.sim.workload import Timing
+
+if TYPE_CHECKING:  # the host's type, without importing the strategies from the library
+    from flsplit.strategies.exchange import Admitted
 
 __all__ = ["ScheduleHost", "Schedule", "PerNode", "Relay", "Lockstep", "UploadOnly"]
 
