@@ -48,6 +48,8 @@ def summary(history: dict) -> dict:
         "down_split_mb": statistics.mean(r["split_bytes_down"] for r in rounds) / 1e6,
         "down_broadcast_mb": statistics.mean(r["broadcast_bytes_down"] for r in rounds) / 1e6,
         "down_total_mb": statistics.mean(r["bytes_down"] for r in rounds) / 1e6,
+        "accuracy_per_round": [r["test_accuracy"] for r in rounds],
+        "sim_latency_per_round_s": [r["sim"]["round_latency_s"] for r in rounds],
     }
 
 
