@@ -109,7 +109,8 @@ class ExchangeHost:
         self.devices[node_id] = (pid, own)
 
     def reject(self, node_id: int, reason: str) -> None:
-        """Record a bad reply: the node sits out this step, nothing is trained on it."""
-        log(WARNING, "[flsplit] node %s: bad reply skipped: %s", node_id, reason)
+        """Log and record (in the round's ``errors``) what went wrong with a node: a dropped
+        node, a refused reply (see ``sit_out``), a failed device query or evaluation."""
+        log(WARNING, "[flsplit] node %s: %s", node_id, reason)  # the reason says what happens to the node
         self.errors.append({"node": node_id, "error": reason})
 
