@@ -26,7 +26,11 @@ def random_data(n: int, seed: int) -> TensorData:
 
 def client_app_for(partitions: list[TensorData]) -> ClientApp:
     """A ClientApp whose node with partition-id i trains on ``partitions[i]``."""
-    clients = [SplitClient(model_fn, data, data, salt=i) for i, data in enumerate(partitions)]
+    return client_app_of([SplitClient(model_fn, data, data, salt=i) for i, data in enumerate(partitions)])
+
+
+def client_app_of(clients: list[SplitClient]) -> ClientApp:
+    """A ClientApp whose node with partition-id i is ``clients[i]``."""
     app = ClientApp()
 
     @app.train("split_step")

@@ -21,7 +21,6 @@ from typing import Callable, Optional
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
 from flsplit import protocol as p
 from flsplit.client import SplitClient
@@ -29,7 +28,7 @@ from flsplit.inprocess import SERVER_NODE_ID, InProcessGrid
 from flsplit.stream.offer import FALLBACK, OFFER
 from flsplit.stream.plane import StreamDataPlane
 from flsplit.strategies import EPSL, PSL, SFLGA, SFLV1, SFLV2, SL
-from tests.helpers import model_fn, random_data
+from tests.helpers import client_app_of, model_fn, random_data
 
 PARTS = [random_data(8, seed=11), random_data(8, seed=12)]  # 2 batches of 4 per node and round
 SETTINGS = dict(input_shape=(1, 8, 8), num_classes=10, learning_rate=0.1, shuffle=False, batch_size=4, cut_layer=3)
@@ -300,26 +299,12 @@ class SpoilingClient(SplitClient):
         return reply
 
 
-def app_for(clients: list[SplitClient]) -> ClientApp:
-    app = ClientApp()
-
-    @app.train("split_step")
-    def _train(msg, ctx):
-        return clients[int(ctx.node_config["partition-id"])].train_step(msg, ctx)
-
-    @app.evaluate("split_eval")
-    def _eval(msg, ctx):
-        return clients[int(ctx.node_config["partition-id"])].evaluate(msg, ctx)
-
-    return app
-
-
 def run(scheme=PSL, nth: int = 0, spoil: Optional[Spoiler] = None, stream: bool = False, eval_spoil=None,
         **settings):
     """One round of ``scheme`` with partition 0 misbehaving; returns (strategy, final model)."""
     clients = [SpoilingClient(model_fn, PARTS[0], PARTS[0], salt=0, nth=nth, spoil=spoil, eval_spoil=eval_spoil),
                SplitClient(model_fn, PARTS[1], PARTS[1], salt=1)]
-    grid = InProcessGrid(app_for(clients), len(clients), threaded=stream)
+    grid = InProcessGrid(client_app_of(clients), len(clients), threaded=stream)
     kwargs = {**SETTINGS, **settings}
     if stream:
         kwargs["data_plane_factory"] = lambda g, timeout: StreamDataPlane(g, 20.0, mode="stream")
@@ -386,7 +371,7 @@ def test_a_node_refused_at_its_first_reply_leaves_the_model_of_a_round_without_i
     _, result = run(PSL, FIRST, edit(p.SMASHED, "x.0", nan_at))
     strategy_alone = PSL(model_fn=model_fn, **SETTINGS)
     clients = [SplitClient(model_fn, PARTS[1], PARTS[1], salt=1)]
-    alone = strategy_alone.start(grid=InProcessGrid(app_for(clients), 1), num_rounds=1,
+    alone = strategy_alone.start(grid=InProcessGrid(client_app_of(clients), 1), num_rounds=1,
                                  initial_arrays=ArrayRecord(model_fn().blocks.state_dict()))
     a, b = result.arrays.to_torch_state_dict(), alone.arrays.to_torch_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
