@@ -15,6 +15,7 @@ from flsplit import rng
 from flsplit.checkpoint import CheckpointMismatch
 from flsplit.protocol import SplitConfig, check_int, check_number
 from flsplit.server import EPSL_MECHANISMS, EPSL_SCALINGS
+from flsplit.strategies.epsl import POSITIONS as EPSL_POSITIONS
 from flsplit.data import TensorData, dataset_info, load_centralized, load_partition
 from flsplit.local_data import LocalDataError, load_local
 from flsplit.splitting import SplitModel
@@ -117,6 +118,9 @@ class RunSettings(dict):
             raise ValueError(f"epsl-mechanism must be one of {list(EPSL_MECHANISMS)}, got {self['epsl-mechanism']!r}")
         if self["epsl-scaling"] not in EPSL_SCALINGS:
             raise ValueError(f"epsl-scaling must be one of {list(EPSL_SCALINGS)}, got {self['epsl-scaling']!r}")
+        if self["aggregated-positions"] not in EPSL_POSITIONS:
+            raise ValueError(f"aggregated-positions must be one of {list(EPSL_POSITIONS)}, "
+                             f"got {self['aggregated-positions']!r}")
         if self["partitioning"] not in ("iid", "dirichlet"):
             raise ValueError(f"partitioning must be 'iid' or 'dirichlet', got {self['partitioning']!r}")
         _ = self.cuts  # parses cut-layer

@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--mechanism", action="append", help="EPSL mechanism (repeatable; default mean-activation)")
     parser.add_argument("--scaling", default="sum", help="EPSL scaling: sum or mean")
+    parser.add_argument("--positions", action="append",
+                        help="EPSL aggregated-positions (repeatable: first, random, matched; default first)")
     parser.add_argument("--phi", type=float, action="append", help="phi (repeatable; default 0, 0.25, 0.5, 0.75, 1)")
     parser.add_argument("--only-epsl", action="store_true", help="PSL and EPSL only")
     parser.add_argument("--json", type=Path)
@@ -72,11 +74,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results["psl"] = summary(run(Path(tmp), args.clients, strategy="psl", **common))
         mechanisms = args.mechanism or ["mean-activation"]
-        for mechanism in mechanisms:
-            for phi in args.phi or (0.0, 0.25, 0.5, 0.75, 1.0):
-                name = f"epsl phi={phi}" if len(mechanisms) == 1 and mechanism == "mean-activation" else f"{mechanism} {phi}"
-                results[name] = summary(run(Path(tmp), args.clients, strategy="epsl", phi=phi, **common,
-                                            **{"epsl-mechanism": mechanism, "epsl-scaling": args.scaling}))
+        for positions in args.positions or ["first"]:
+            for mechanism in mechanisms:
+                for phi in args.phi or (0.0, 0.25, 0.5, 0.75, 1.0):
+                    name = f"{mechanism} {phi}" if positions == "first" else f"{mechanism} {positions} {phi}"
+                    if len(mechanisms) == 1 and mechanism == "mean-activation" and positions == "first":
+                        name = f"epsl phi={phi}"
+                    results[name] = summary(run(Path(tmp), args.clients, strategy="epsl", phi=phi, **common,
+                                                **{"epsl-mechanism": mechanism, "epsl-scaling": args.scaling,
+                                                   "aggregated-positions": positions}))
         if not args.only_epsl:
             results["sflv2"] = summary(run(Path(tmp), args.clients, strategy="sflv2", **common))
             results["sflga"] = summary(run(Path(tmp), args.clients, strategy="sflga", **common))

@@ -45,6 +45,8 @@ class InProcessGrid(Grid):
         Handle each message on a worker thread instead of inside ``push_messages``.
     max_workers : int, optional
         Worker threads (default: one per node).
+    node_configs : list of dict, optional
+        Extra node-config entries per node (e.g. ``data-path``), merged over the partition ids.
     """
 
     def __init__(
@@ -56,16 +58,19 @@ class InProcessGrid(Grid):
         run_id: int = 1,
         threaded: bool = False,
         max_workers: Optional[int] = None,
+        node_configs: Optional[list[dict]] = None,
     ) -> None:
         self.client_app = client_app
         self.intercept = intercept
         self._run = Run.create_empty(run_id)
+        if node_configs is not None and len(node_configs) != num_nodes:
+            raise ValueError(f"node_configs has {len(node_configs)} entries for {num_nodes} nodes")
         self.node_ids = [1000 + i for i in range(num_nodes)]
         self.contexts = {
             node_id: Context(
                 run_id=run_id,
                 node_id=node_id,
-                node_config={"partition-id": i, "num-partitions": num_nodes},
+                node_config={"partition-id": i, "num-partitions": num_nodes, **(node_configs[i] if node_configs else {})},
                 state=RecordDict(),
                 run_config=dict(run_config or {}),
             )

@@ -256,7 +256,7 @@ class ServerPart:
             self.work.add(cut, b.y.shape[0], b.y.shape[0])
         return [(x.grad * (total / b.y.shape[0])).cpu() for x, (_, b) in zip(xs, batches)]
 
-    def step_epsl(self, batches: list[tuple[int, SmashedBatch]], positions: list[int],
+    def step_epsl(self, batches: list[tuple[int, SmashedBatch]], positions: list[int] | list[list[int]],
                   mechanism: str = "mean-activation", scaling: str = "sum", step: int = 0) -> StepGrads:
         """EPSL: PSL with last-layer gradient aggregation at the sample ``positions``.
 
@@ -274,8 +274,11 @@ class ServerPart:
         ----------
         batches : list of (cut, SmashedBatch)
             One batch per client, in client order (client ``0`` first).
-        positions : list of int
-            Aggregated sample positions.
+        positions : list of int, or one list of int per client
+            Aggregated sample positions: the same rows of every client, or client ``i``'s
+            rows ``positions[i]`` (all of one length ``m``, distinct, inside its batch). The
+            ``k``-th aggregated row of every client is aggregated together; this is how
+            ``EPSL(positions="matched")`` aggregates rows that share a label.
         mechanism : str
             The linearisation point ``p_j`` (``EPSL_MECHANISMS``):
 
@@ -306,8 +309,8 @@ class ServerPart:
 
         The loss is PSL's (mean over all ``B`` samples); each client's rows are scaled by
         ``B / b_i`` as in ``step_union`` (the broadcast rows through ``scales``). All clients
-        must share one cut and have at least ``max(positions) + 1`` samples. With one client
-        or no positions this is exactly ``step_union``, for every mechanism and scaling.
+        must share one cut. With one client or no positions this is exactly ``step_union``,
+        for every mechanism and scaling.
         """
         if mechanism not in EPSL_MECHANISMS:
             raise ValueError(f"EPSL mechanism must be one of {EPSL_MECHANISMS}, got {mechanism!r}")
@@ -319,16 +322,15 @@ class ServerPart:
         if len(cuts) != 1:
             raise ValueError(f"EPSL aggregation needs one cut for all clients, got {sorted(cuts)}")
         (cut,) = cuts
-        n, m = len(batches), len(positions)
         sizes = [b.y.shape[0] for _, b in batches]
-        if max(positions) >= min(sizes):
-            raise ValueError(f"aggregated position {max(positions)} outside the smallest batch ({min(sizes)})")
+        rows = _per_client_positions(positions, sizes)
+        n, m = len(batches), len(rows[0])
         total = sum(sizes)
         batches, device = self._on_device(batches), self.device
         self.model.blocks.train()
         self.optimizer.zero_grad(set_to_none=True)
-        agg = torch.tensor(positions, device=device)
-        keep = [torch.ones(s, dtype=torch.bool, device=device).index_fill_(0, agg, False) for s in sizes]
+        aggs = [torch.tensor(r, device=device) for r in rows]
+        keep = [torch.ones(s, dtype=torch.bool, device=device).index_fill_(0, a, False) for s, a in zip(sizes, aggs)]
 
         # Plain PSL part: the other positions of every client, one forward/backward.
         xs = [b.x[k].detach().requires_grad_(True) for (_, b), k in zip(batches, keep)]
@@ -339,8 +341,8 @@ class ServerPart:
 
         # Aggregated part: per-client logit gradients, aggregated, back-propagated once.
         with torch.no_grad():
-            agg_x = torch.stack([b.x[agg] for _, b in batches])  # (N, m, ...)
-            agg_y = torch.stack([b.y[agg] for _, b in batches])
+            agg_x = torch.stack([b.x[a] for (_, b), a in zip(batches, aggs)])  # (N, m, ...)
+            agg_y = torch.stack([b.y[a] for (_, b), a in zip(batches, aggs)])
             agg_logits = self._forward(cut, agg_x.flatten(0, 1))
         z = agg_logits.detach().requires_grad_(True)
         agg_loss = self.loss_fn(z, agg_y.flatten())
@@ -360,14 +362,14 @@ class ServerPart:
         for i, ((c, b), k) in enumerate(zip(batches, keep)):
             lg = torch.empty(sizes[i], logits.shape[1], dtype=logits.dtype, device=device)
             lg[k] = logits.detach().split([int(kk.sum()) for kk in keep])[i]
-            lg[agg] = agg_logits.unflatten(0, (n, m))[i]
+            lg[aggs[i]] = agg_logits.unflatten(0, (n, m))[i]
             self.stats.add(float(self.loss_fn(lg, b.y)), lg, b.y, c)
         # Rows run: every sample forwarded once; the kept rows and the m aggregated rows backward.
         self.work.add(cut, total, total - n * m + m)
         return StepGrads(
             unicast=[(x.grad * (total / s)).cpu() for x, s in zip(xs, sizes)],
             broadcast=broadcast.cpu(),
-            positions=[list(positions)] * n,
+            positions=[list(r) for r in rows],
             scales=[total / s for s in sizes],
         )
 
@@ -442,3 +444,19 @@ def evaluate_smashed(model: SplitModel, cut: int, batches: list[SmashedBatch]) -
         n += int(b.y.shape[0])
     server.train(was_training)
     return loss_sum, correct, n
+
+
+def _per_client_positions(positions: list[int] | list[list[int]], sizes: list[int]) -> list[list[int]]:
+    """``step_epsl``'s aggregated rows as one list per client, checked (``ValueError``)."""
+    if all(isinstance(p, int) for p in positions):
+        if max(positions) >= min(sizes):
+            raise ValueError(f"aggregated position {max(positions)} outside the smallest batch ({min(sizes)})")
+        return [list(positions)] * len(sizes)
+    rows = [list(p) for p in positions]
+    if len(rows) != len(sizes) or len({len(r) for r in rows}) != 1:
+        raise ValueError(f"per-client aggregated positions need one list of one length per client "
+                         f"({len(sizes)} clients), got lengths {[len(r) for r in rows]}")
+    for i, (r, size) in enumerate(zip(rows, sizes)):
+        if len(set(r)) != len(r) or not all(isinstance(j, int) and 0 <= j < size for j in r):
+            raise ValueError(f"client {i}'s aggregated positions {r} are not distinct rows of its batch of {size}")
+    return rows
