@@ -64,19 +64,22 @@ _VGG_CFG = {
 def vgg(name: str, num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> nn.Sequential:
     """CIFAR-style VGG with batch norm: one block per conv/BN/ReLU/pool layer.
 
-    Five 2x2 poolings need images of at least 32x32 pixels.
+    Five 2x2 poolings need images of at least 32x32 pixels; 28x28 inputs (MNIST) are padded
+    to 32x32 by the first conv, as in ``lenet``.
     """
-    if image_size < 32:
-        raise ValueError(f"{name} needs images of at least 32x32 pixels, got {image_size}x{image_size}")
+    pad = 3 if image_size == 28 else 1
+    padded = image_size + 2 * pad - 2  # the first conv's output side
+    if padded < 32:
+        raise ValueError(f"{name} needs images of at least 32x32 pixels (or 28x28), got {image_size}x{image_size}")
     layers: list[nn.Module] = []
     channels = in_channels
     for v in _VGG_CFG[name]:
         if v == "M":
             layers.append(nn.MaxPool2d(2))
         else:
-            layers += [nn.Conv2d(channels, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=False)]
-            channels = v
-    side = image_size // 32
+            layers += [nn.Conv2d(channels, v, 3, padding=pad), nn.BatchNorm2d(v), nn.ReLU(inplace=False)]
+            channels, pad = v, 1
+    side = padded // 32
     layers += [nn.Flatten(1), nn.Linear(512 * side * side, num_classes)]
     return nn.Sequential(*layers)
 

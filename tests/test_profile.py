@@ -258,8 +258,8 @@ def spec_lenet(in_channels: int) -> list[Layer]:
     ]
 
 
-def spec_cifar_vgg(name: str) -> list[Layer]:
-    blocks, c, side = [], 3, 32
+def spec_cifar_vgg(name: str, channels: int = 3) -> list[Layer]:
+    blocks, c, side = [], channels, 32  # 28x28 inputs: the first conv pads them to 32x32
     for v in VGG_CFG[name]:
         if v == "M":
             side //= 2
@@ -338,6 +338,7 @@ ZOO = [
     ("lenet", 1, 28, lambda: spec_lenet(1)),
     ("lenet", 3, 32, lambda: spec_lenet(3)),
     ("vgg11", 3, 32, lambda: spec_cifar_vgg("vgg11")),
+    ("vgg11", 1, 28, lambda: spec_cifar_vgg("vgg11", 1)),
     ("vgg13", 3, 32, lambda: spec_cifar_vgg("vgg13")),
     ("vgg16", 3, 32, lambda: spec_cifar_vgg("vgg16")),
     ("resnet18", 3, 8, lambda: spec_cifar_resnet18(8)),
