@@ -28,11 +28,14 @@ from apps.server_app import app as server_app
 from flsplit.inprocess import InProcessGrid
 
 
+NODE_CONFIGS: list[dict] | None = None  # per-node data-path on real MNIST (set by main)
+
+
 def run(tmp: Path, clients: int, **run_config) -> dict:
     """One run of the app; its history."""
-    out = tmp / "-".join(f"{k}={v}" for k, v in run_config.items())
+    out = tmp / "-".join(f"{k}={v}" for k, v in run_config.items() if k != "test-data-path")
     config = {"output-dir": str(out), "cost-scenario": "heterogeneous", **run_config}
-    grid = InProcessGrid(client_app, clients, run_config=config)
+    grid = InProcessGrid(client_app, clients, run_config=config, node_configs=NODE_CONFIGS)
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
     (history,) = out.glob("*/history.json")
     return json.loads(history.read_text())
@@ -49,12 +52,19 @@ def summary(history: dict) -> dict:
         "down_broadcast_mb": statistics.mean(r["broadcast_bytes_down"] for r in rounds) / 1e6,
         "down_total_mb": statistics.mean(r["bytes_down"] for r in rounds) / 1e6,
         "accuracy_per_round": [r["test_accuracy"] for r in rounds],
+        "server_backward_rows": sum(w["backward"] for r in rounds for w in r["server_rows"].values()),
         "sim_latency_per_round_s": [r["sim"]["round_latency_s"] for r in rounds],
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=("digits", "mnist"), default="digits",
+                        help="digits (embedded) or real MNIST from ../shared/data/mnist (benchmarks/mnist_data.py)")
+    parser.add_argument("--model", help="zoo model (default digits-cnn on digits, lenet on mnist)")
+    parser.add_argument("--cut", help="cut layer (default 2 on digits, 3 on mnist)")
+    parser.add_argument("--train", type=int, default=8000, help="mnist: training images (the rest is held out)")
+    parser.add_argument("--seed", type=int, default=0, help="the run's seed (model, sampling; MNIST's split)")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -69,9 +79,20 @@ def main() -> None:
     args = parser.parse_args()
     FLOWER_LOGGER.setLevel(logging.WARNING)
     torch.set_num_threads(1)
-    common = {"num-server-rounds": args.rounds, "cut-layer": "2", "batch-size": args.batch_size, "learning-rate": args.lr}
+    global NODE_CONFIGS
+    mnist = args.dataset == "mnist"
+    model = args.model or ("lenet" if mnist else "digits-cnn")
+    cut = args.cut or ("3" if mnist else "2")
+    common = {"num-server-rounds": args.rounds, "cut-layer": cut, "batch-size": args.batch_size, "learning-rate": args.lr,
+              "model": model, "seed": args.seed}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
+        if mnist:
+            from mnist_data import DATASET, mnist_partitions
+
+            NODE_CONFIGS, test_path = mnist_partitions(Path(tmp) / "mnist", args.clients, train=args.train,
+                                                      seed=args.seed)
+            common.update({"dataset": DATASET, "test-data-path": test_path})
         results["psl"] = summary(run(Path(tmp), args.clients, strategy="psl", **common))
         mechanisms = args.mechanism or ["mean-activation"]
         for positions in args.positions or ["first"]:
@@ -87,8 +108,9 @@ def main() -> None:
             results["sflv2"] = summary(run(Path(tmp), args.clients, strategy="sflv2", **common))
             results["sflga"] = summary(run(Path(tmp), args.clients, strategy="sflga", **common))
 
-    print(f"{args.clients} clients, digits, heterogeneous scenario, cut 2, batch {args.batch_size}, lr {args.lr}, momentum 0.9, "
-          f"{args.rounds} rounds, EPSL scaling {args.scaling}, 1 torch thread")
+    data = f"real MNIST ({args.train} training images)" if mnist else "digits"
+    print(f"{args.clients} clients, {data}, {model}, heterogeneous scenario, cut {cut}, batch {args.batch_size}, lr {args.lr}, momentum 0.9, "
+          f"{args.rounds} rounds, EPSL scaling {args.scaling}, seed {args.seed}, 1 torch thread")
     print(f"{'scheme':24s} {'sim latency s/round':>20s} {'sim energy J/round':>19s} {'wall s/round':>13s} "
           f"{'final acc':>10s} {'down MB/round (unicast+bcast)':>30s}")
     for name, r in results.items():

@@ -316,7 +316,8 @@ class ServerPart:
             raise ValueError(f"EPSL mechanism must be one of {EPSL_MECHANISMS}, got {mechanism!r}")
         if scaling not in EPSL_SCALINGS:
             raise ValueError(f"EPSL scaling must be one of {EPSL_SCALINGS}, got {scaling!r}")
-        if not positions or len(batches) == 1:
+        per_client = bool(positions) and not isinstance(positions[0], int)
+        if not positions or (per_client and not any(positions)) or len(batches) == 1:
             return StepGrads(self.step_union(batches))
         cuts = {c for c, _ in batches}
         if len(cuts) != 1:

@@ -89,6 +89,9 @@ class RoundAccounting:
             "cuts": {str(n): c for n, c in sorted(self.cuts.items())},
             "num_examples": int(train_metrics["num-examples"]),
             "server_steps": self.server_steps,
+            # Samples the server part ran forward and backward this round, per cut (what the
+            # simulated server FLOPs are priced from).
+            "server_rows": {str(c): {"forward": f, "backward": b} for c, (f, b) in sorted(self.server_work.rows.items())},
             "train_loss": stats.loss if stats.samples else None,
             "train_accuracy": stats.accuracy if stats.samples else None,
             "bytes_up": up,
