@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "steps-per-exchange": 1,
     "phi": 0.5,
     "aggregated-positions": "first",
-    "epsl-mechanism": "mean-activation",
+    "epsl-mechanism": "gradient-weighted",
     "epsl-scaling": "sum",
     "codec-up": "",
     "codec-down": "",

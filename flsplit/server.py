@@ -257,7 +257,7 @@ class ServerPart:
         return [(x.grad * (total / b.y.shape[0])).cpu() for x, (_, b) in zip(xs, batches)]
 
     def step_epsl(self, batches: list[tuple[int, SmashedBatch]], positions: list[int] | list[list[int]],
-                  mechanism: str = "mean-activation", scaling: str = "sum", step: int = 0) -> StepGrads:
+                  mechanism: str = "gradient-weighted", scaling: str = "sum", step: int = 0) -> StepGrads:
         """EPSL: PSL with last-layer gradient aggregation at the sample ``positions``.
 
         At an aggregated position ``j`` the server does not back-propagate the ``N`` clients'
@@ -294,7 +294,7 @@ class ServerPart:
             ``max-loss``
                 ``p_j = s_rj`` with ``r`` the client whose sample at ``j`` has the largest
                 loss (the first such client on a tie).
-            ``gradient-weighted``
+            ``gradient-weighted`` (the default)
                 ``p_j = sum_i w_ij s_ij`` with ``w_ij = |g_ij| / sum_k |g_kj|`` (the mean when
                 every ``g_ij`` is zero). For a last linear layer ``sum_i g_ij h_ij^T`` is
                 then exact whenever the clients' logit gradients are parallel.

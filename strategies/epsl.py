@@ -25,7 +25,8 @@ class EPSL(PSL):
     In every step, at ``ceil(phi * b)`` sample positions the server back-propagates one
     aggregated gradient instead of one per client (``ServerPart.step_epsl`` documents the
     mechanisms; the default: the summed logit gradient back-propagated from the clients'
-    mean smashed data, ``1/N`` of the resulting cut-layer gradient to each client). Those
+    smashed data weighted by the norms of their logit gradients, ``1/N`` of the resulting
+    cut-layer gradient to each client). Those
     rows are the same for every client, so they are broadcast once per step. The other
     positions are plain PSL; ``phi = 0`` is PSL exactly, and so is one client with any
     ``phi``, for every mechanism.
@@ -43,8 +44,8 @@ class EPSL(PSL):
         rows from the broadcast's ``positions.k`` as with the other choices.
     mechanism : str
         Where the aggregated gradient is back-propagated (``flsplit.server.EPSL_MECHANISMS``):
-        ``mean-activation`` (default), ``client-0``, ``rotating``, ``max-loss``,
-        ``gradient-weighted``.
+        ``gradient-weighted`` (default: the best overall in ``benchmarks/RESULTS.md``
+        section 12), ``mean-activation``, ``client-0``, ``rotating``, ``max-loss``.
     scaling : {"sum", "mean"}
         The aggregated logit gradient is the clients' sum (default) or mean.
     **kwargs
@@ -53,7 +54,7 @@ class EPSL(PSL):
 
     scheme = "epsl"
 
-    def __init__(self, *args, phi: float = 0.5, positions: str = "first", mechanism: str = "mean-activation",
+    def __init__(self, *args, phi: float = 0.5, positions: str = "first", mechanism: str = "gradient-weighted",
                  scaling: str = "sum", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if not 0.0 <= phi <= 1.0 or math.isnan(phi):

@@ -55,7 +55,7 @@ def test_phi_one_two_clients_two_samples_by_hand():
     app.train("split_step")(lambda msg, ctx: clients[int(ctx.node_config["partition-id"])].train_step(msg, ctx))
     strategy = EPSL(
         model_fn=_tiny_model, input_shape=(1,), num_classes=2, cut_layer=1, batch_size=2, max_steps=1,
-        learning_rate=lr, shuffle=False, phi=1.0,
+        learning_rate=lr, shuffle=False, phi=1.0, mechanism="mean-activation",
     )
     result = strategy.start(grid=InProcessGrid(app, 2), initial_arrays=ArrayRecord(_tiny_model().blocks.state_dict()), num_rounds=1)
     got = result.arrays.to_torch_state_dict()
