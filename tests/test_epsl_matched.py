@@ -26,11 +26,11 @@ from flsplit.data import TensorData
 from flsplit.inprocess import InProcessGrid
 from flsplit.protocol import SmashedBatch
 from flsplit.server import EPSL_MECHANISMS, EPSL_SCALINGS, ServerPart
-from flsplit.splitting import SplitModel
 from flsplit.strategies import EPSL, PSL
 from flsplit.strategies.epsl import label_matched_positions
 from tests.helpers import max_abs_diff, model_fn, random_data, run_strategy
-from tests.test_epsl_mechanisms import LR, S, Y, _tiny_model
+from tests.test_epsl_mechanisms import LR, S, Y, _reference, _tiny_model
+from tests.test_epsl_sflga import _tiny_model as _linear_model
 
 VARIANTS = [(m, s) for m in EPSL_MECHANISMS for s in EPSL_SCALINGS]
 
@@ -96,60 +96,13 @@ def test_bad_per_client_positions_are_refused(positions, message):
 ROWS = [[0, 2], [2, 1]]  # client 0 aggregates rows 0, 2; client 1 rows 2, 1 (slot 0: rows 0 and 2)
 
 
-def _reference_rows(mechanism: str, scaling: str, step: int):
-    """The step with per-client rows ``ROWS`` in plain torch (the model of
-    ``test_epsl_mechanisms``): new server parameters, unicast and broadcast rows."""
-    params = [p.detach().clone().requires_grad_(True) for p in list(_tiny_model().blocks.parameters())[2:]]
-    w1, b1, w2, b2 = params
-
-    def f(s):
-        return torch.tanh(s @ w1.T + b1) @ w2.T + b2
-
-    n, total = 2, 6
-    grads = [torch.zeros_like(p) for p in params]
-    unicast = []
-    for i in range(n):
-        kept = [j for j in range(3) if j not in ROWS[i]]
-        s = S[i][kept].clone().requires_grad_(True)
-        loss = torch.nn.functional.cross_entropy(f(s), Y[i][kept], reduction="sum") / total
-        d = torch.autograd.grad(loss, [s, *params])
-        grads = [g + dg for g, dg in zip(grads, d[1:])]
-        unicast.append(d[0] * 2)  # B / b_i
-    broadcast = []
-    for k in range(len(ROWS[0])):
-        s = [S[i][ROWS[i][k]] for i in range(n)]
-        y = [Y[i][ROWS[i][k]] for i in range(n)]
-        with torch.no_grad():
-            prob = [torch.softmax(f(si), 0) for si in s]
-            g = [(prob[i] - torch.nn.functional.one_hot(y[i], 2).double()) / total for i in range(n)]
-            loss = [-math.log(float(prob[i][y[i]])) for i in range(n)]
-        if mechanism == "mean-activation":
-            p = (s[0] + s[1]) / 2
-        elif mechanism == "client-0":
-            p = s[0]
-        elif mechanism == "rotating":
-            p = s[(step + k) % n]
-        elif mechanism == "max-loss":
-            p = s[0] if loss[0] >= loss[1] else s[1]
-        else:
-            a0, a1 = float(g[0].norm()), float(g[1].norm())
-            p = (a0 * s[0] + a1 * s[1]) / (a0 + a1)
-        G = g[0] + g[1] if scaling == "sum" else (g[0] + g[1]) / 2
-        p = p.clone().requires_grad_(True)
-        d = torch.autograd.grad((f(p) * G).sum(), [p, *params])
-        grads = [gr + dg for gr, dg in zip(grads, d[1:])]
-        broadcast.append(d[0] / n if scaling == "sum" else d[0])
-    new = [(p - LR * g).detach() for p, g in zip(params, grads)]
-    return new, unicast, torch.stack(broadcast)
-
-
 @pytest.mark.parametrize("mechanism,scaling", VARIANTS)
 @pytest.mark.parametrize("step", [0, 1])
 def test_per_client_rows_against_plain_torch(mechanism, scaling, step):
     model = _tiny_model()
     out = ServerPart(model, 1, LR).step_epsl([(1, SmashedBatch(S[i], Y[i])) for i in (0, 1)], ROWS,
                                              mechanism=mechanism, scaling=scaling, step=step)
-    params, unicast, broadcast = _reference_rows(mechanism, scaling, step)
+    params, unicast, broadcast = _reference(mechanism, scaling, step, ROWS)
     for got, want in zip(list(model.blocks.parameters())[2:], params):
         assert torch.allclose(got.detach(), want, atol=1e-15, rtol=1e-12)
     for got, want in zip(out.unicast, unicast):
@@ -197,19 +150,11 @@ def test_matched_phi_zero_and_one_client_are_psl_bit_for_bit(mechanism):
     assert max_abs_diff(psl.arrays.to_torch_state_dict(), epsl.arrays.to_torch_state_dict()) == 0.0
 
 
-def _linear_model() -> SplitModel:
-    """Client: x -> a*x (a = 1); server: s -> (w1*s, w2*s) logits, w = (0.5, -0.25)."""
-    client, server = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 2, bias=False)
-    with torch.no_grad():
-        client.weight.fill_(1.0)
-        server.weight.copy_(torch.tensor([[0.5], [-0.25]]))
-    return SplitModel(torch.nn.Sequential(client, server).double())
-
-
 def test_two_clients_matched_over_the_message_path_by_hand():
-    """Client 0 has labels (0, 1), client 1 (1, 0); phi 0.5 aggregates one slot. Both labels
-    can be matched by both clients; the tie goes to label 0, so the slot holds client 0's row
-    0 and client 1's row 1, and each client must apply the broadcast row at its own row."""
+    """The mean-activation reading. Client 0 has labels (0, 1), client 1 (1, 0); phi 0.5
+    aggregates one slot. Both labels can be matched by both clients; the tie goes to label 0,
+    so the slot holds client 0's row 0 and client 1's row 1, and each client must apply the
+    broadcast row at its own row."""
     xs = {0: [1.0, 2.0], 1: [3.0, -2.0]}
     ys = {0: [0, 1], 1: [1, 0]}
     lr, w = 0.1, (0.5, -0.25)
@@ -217,7 +162,7 @@ def test_two_clients_matched_over_the_message_path_by_hand():
     app = ClientApp()
     app.train("split_step")(lambda msg, ctx: clients[int(ctx.node_config["partition-id"])].train_step(msg, ctx))
     strategy = EPSL(model_fn=_linear_model, input_shape=(1,), num_classes=2, cut_layer=1, batch_size=2, max_steps=1,
-                    learning_rate=lr, shuffle=False, phi=0.5, positions="matched")
+                    learning_rate=lr, shuffle=False, phi=0.5, positions="matched", mechanism="mean-activation")
     result = strategy.start(grid=InProcessGrid(app, 2), initial_arrays=ArrayRecord(_linear_model().blocks.state_dict()),
                             num_rounds=1)
     got = result.arrays.to_torch_state_dict()
@@ -248,7 +193,7 @@ def test_two_clients_matched_over_the_message_path_by_hand():
     assert got["0.weight"].item() == pytest.approx(expected_a, abs=1e-15)
     # the same run with the first rows aggregated (labels 0 and 1 in one slot) differs
     first = EPSL(model_fn=_linear_model, input_shape=(1,), num_classes=2, cut_layer=1, batch_size=2, max_steps=1,
-                 learning_rate=lr, shuffle=False, phi=0.5, positions="first")
+                 learning_rate=lr, shuffle=False, phi=0.5, positions="first", mechanism="mean-activation")
     other = first.start(grid=InProcessGrid(app, 2), initial_arrays=ArrayRecord(_linear_model().blocks.state_dict()),
                         num_rounds=1).arrays.to_torch_state_dict()
     assert not torch.allclose(other["0.weight"], got["0.weight"], atol=1e-12)

@@ -87,8 +87,11 @@ Y = [torch.tensor([1, 1, 1]), torch.tensor([1, 0, 1])]
 POSITIONS, LR = [0, 2], 0.1
 
 
-def _reference(mechanism: str, scaling: str, step: int):
-    """The step in plain torch: new server parameters, unicast and broadcast rows."""
+def _reference(mechanism: str, scaling: str, step: int, rows: list[list[int]] | None = None):
+    """The step in plain torch: new server parameters, unicast and broadcast rows. Client
+    ``i`` aggregates its rows ``rows[i]`` (default ``POSITIONS`` for both), slot ``k`` of
+    every client together."""
+    rows = rows or [POSITIONS, POSITIONS]
     params = [p.detach().clone().requires_grad_(True) for p in list(_tiny_model().blocks.parameters())[2:]]
     w1, b1, w2, b2 = params
 
@@ -97,32 +100,33 @@ def _reference(mechanism: str, scaling: str, step: int):
 
     n, total = 2, 6
     grads = [torch.zeros_like(p) for p in params]
-    # Kept position (1): PSL, each client's rows scaled by B / b_i = 2.
     unicast = []
     for i in range(n):
-        s = S[i][1:2].clone().requires_grad_(True)
-        loss = torch.nn.functional.cross_entropy(f(s), Y[i][1:2], reduction="sum") / total
+        kept = [j for j in range(3) if j not in rows[i]]
+        s = S[i][kept].clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(f(s), Y[i][kept], reduction="sum") / total
         d = torch.autograd.grad(loss, [s, *params])
         grads = [g + dg for g, dg in zip(grads, d[1:])]
-        unicast.append(d[0] * 2)
+        unicast.append(d[0] * 2)  # B / b_i
     broadcast = []
-    for k, j in enumerate(POSITIONS):
+    for k in range(len(rows[0])):
+        s = [S[i][rows[i][k]] for i in range(n)]
+        y = [Y[i][rows[i][k]] for i in range(n)]
         with torch.no_grad():
-            z = [f(S[i][j]) for i in range(n)]
-            prob = [torch.softmax(zi, 0) for zi in z]
-            g = [(prob[i] - torch.nn.functional.one_hot(Y[i][j], 2).double()) / total for i in range(n)]
-            loss = [-math.log(float(prob[i][Y[i][j]])) for i in range(n)]
+            prob = [torch.softmax(f(si), 0) for si in s]
+            g = [(prob[i] - torch.nn.functional.one_hot(y[i], 2).double()) / total for i in range(n)]
+            loss = [-math.log(float(prob[i][y[i]])) for i in range(n)]
         if mechanism == "mean-activation":
-            p = (S[0][j] + S[1][j]) / 2
+            p = (s[0] + s[1]) / 2
         elif mechanism == "client-0":
-            p = S[0][j]
+            p = s[0]
         elif mechanism == "rotating":
-            p = S[(step + k) % n][j]
+            p = s[(step + k) % n]
         elif mechanism == "max-loss":
-            p = S[0][j] if loss[0] >= loss[1] else S[1][j]
+            p = s[0] if loss[0] >= loss[1] else s[1]
         else:
             a0, a1 = float(g[0].norm()), float(g[1].norm())
-            p = (a0 * S[0][j] + a1 * S[1][j]) / (a0 + a1)
+            p = (a0 * s[0] + a1 * s[1]) / (a0 + a1)
         G = g[0] + g[1] if scaling == "sum" else (g[0] + g[1]) / 2
         p = p.clone().requires_grad_(True)
         d = torch.autograd.grad((f(p) * G).sum(), [p, *params])
