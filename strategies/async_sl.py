@@ -18,7 +18,10 @@ Rule (``next_state``): ``delta = |reference loss - window's average loss|``;
 ``delta >= threshold`` -> A, otherwise A -> B, B -> C, C -> C. The reference loss is the
 average loss of the client's most recent window in state A (refreshed only in A; before the
 first one there is none, and the client goes to A). The loss of a window is what the server
-measured on that client's samples (fresh in A and B, cached in C).
+measured on that client's samples (fresh in A and B, cached in C). A client in C therefore
+stays there until its loss moves by ``threshold`` from the reference; with a reference loss
+below the threshold only a rise can bring it back (on MNIST with lenet and threshold 0.2 every
+client stays in C from its fifth window: ``benchmarks/RESULTS.md`` section 13).
 
 The cache keeps every B upload *as received*, i.e. encoded (fp8 takes one byte per value),
 up to ``cache_max_mb`` in total. Past that bound the least recently used other caches
