@@ -52,7 +52,8 @@ PARTS = [random_data(48, seed=s) for s in (11, 12, 13)]
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("name,extra", [
     ("sl", {"cut_layer": [1, 3, 2]}), ("psl", {"cut_layer": [1, 3, 2]}), ("sflv1", {"cut_layer": [1, 3, 2]}),
-    ("epsl", {"phi": 0.5, "cut_layer": 2}), ("sflga", {"cut_layer": 3}),
+    ("epsl", {"phi": 0.5, "cut_layer": 2}), ("epsl", {"phi": 0.5, "cut_layer": 2, "positions": "matched"}),
+    ("sflga", {"cut_layer": 3}),
 ])
 def test_stream_plane_gives_the_message_planes_weights(name, extra, k):
     message_run = _run(name, PARTS, stream=False, steps_per_exchange=k, **extra)
