@@ -28,14 +28,11 @@ from apps.server_app import app as server_app
 from flsplit.inprocess import InProcessGrid
 
 
-NODE_CONFIGS: list[dict] | None = None  # per-node data-path on real MNIST (set by main)
-
-
-def run(tmp: Path, clients: int, **run_config) -> dict:
-    """One run of the app; its history."""
+def run(tmp: Path, clients: int, node_configs: list[dict] | None = None, **run_config) -> dict:
+    """One run of the app (``node_configs``: each node's ``data-path`` on real MNIST); its history."""
     out = tmp / "-".join(f"{k}={v}" for k, v in run_config.items() if k != "test-data-path")
     config = {"output-dir": str(out), "cost-scenario": "heterogeneous", **run_config}
-    grid = InProcessGrid(client_app, clients, run_config=config, node_configs=NODE_CONFIGS)
+    grid = InProcessGrid(client_app, clients, run_config=config, node_configs=node_configs)
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
     (history,) = out.glob("*/history.json")
     return json.loads(history.read_text())
@@ -79,7 +76,6 @@ def main() -> None:
     args = parser.parse_args()
     FLOWER_LOGGER.setLevel(logging.WARNING)
     torch.set_num_threads(1)
-    global NODE_CONFIGS
     mnist = args.dataset == "mnist"
     model = args.model or ("lenet" if mnist else "digits-cnn")
     cut = args.cut or ("3" if mnist else "2")
@@ -90,7 +86,7 @@ def main() -> None:
         if mnist:
             from mnist_data import DATASET, mnist_partitions
 
-            NODE_CONFIGS, test_path = mnist_partitions(Path(tmp) / "mnist", args.clients, train=args.train,
+            common["node_configs"], test_path = mnist_partitions(Path(tmp) / "mnist", args.clients, train=args.train,
                                                       seed=args.seed)
             common.update({"dataset": DATASET, "test-data-path": test_path})
         results["psl"] = summary(run(Path(tmp), args.clients, strategy="psl", **common))

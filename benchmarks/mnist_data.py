@@ -28,7 +28,8 @@ DATASET = "ylecun/mnist"  # the run's `dataset`: the model's input shape (1x28x2
 
 
 def _idx(path: Path) -> np.ndarray:
-    """An IDX file (gzip) as a numpy array (the format's header: magic, then big-endian sizes)."""
+    """An IDX file (gzip) as a numpy array (the format's header: magic, then big-endian sizes).
+    torchvision's ``read_image_file`` refuses compressed files, and these stay as shipped."""
     raw = gzip.decompress(path.read_bytes())
     dims = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * k: 8 + 4 * k], "big") for k in range(dims))

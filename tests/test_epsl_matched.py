@@ -18,8 +18,6 @@ import random
 import pytest
 import torch
 from flwr.app import ArrayRecord
-from flwr.clientapp import ClientApp
-from torch.utils.flop_counter import FlopCounterMode
 
 from flsplit.client import SplitClient
 from flsplit.data import TensorData
@@ -28,8 +26,8 @@ from flsplit.protocol import SmashedBatch
 from flsplit.server import EPSL_MECHANISMS, EPSL_SCALINGS, ServerPart
 from flsplit.strategies import EPSL, PSL
 from flsplit.strategies.epsl import label_matched_positions
-from tests.helpers import max_abs_diff, model_fn, random_data, run_strategy
-from tests.test_epsl_mechanisms import LR, S, Y, _reference, _tiny_model
+from tests.helpers import client_app_of, max_abs_diff, random_data, run_strategy
+from tests.test_epsl_mechanisms import LR, S, Y, _digits_batches, _reference, _server_mm_flops, _tiny_model
 from tests.test_epsl_sflga import _tiny_model as _linear_model
 
 VARIANTS = [(m, s) for m in EPSL_MECHANISMS for s in EPSL_SCALINGS]
@@ -118,19 +116,10 @@ def test_matched_rows_keep_the_papers_backward_flops(mechanism, phi):
     backward is mm, so torch's mm FLOPs are the server's back-propagation."""
     n, b = 4, 8
     m = math.ceil(phi * b)
-    g = torch.Generator().manual_seed(5)
-    batches = [(6, SmashedBatch(torch.randn(b, 512, dtype=torch.float64, generator=g),
-                                torch.randint(0, 3, (b,), generator=g))) for _ in range(n)]
+    batches = _digits_batches(n, b, seed=5, classes=3)  # few labels: most slots match
     rows = label_matched_positions([bt.y for _, bt in batches], m)
-
-    def mm_flops(step):
-        part = ServerPart(model_fn(), 6, 0.1)
-        with FlopCounterMode(display=False) as counter:
-            out = step(part)
-        return part, out, counter.get_flop_counts()["Global"][torch.ops.aten.mm]
-
-    _, _, psl = mm_flops(lambda part: part.step_union(batches))
-    part, out, epsl = mm_flops(lambda part: part.step_epsl(batches, rows, mechanism=mechanism))
+    _, _, psl = _server_mm_flops(lambda part: part.step_union(batches))
+    part, out, epsl = _server_mm_flops(lambda part: part.step_epsl(batches, rows, mechanism=mechanism))
     assert epsl / psl == pytest.approx(((1 - phi) * n * b + phi * b) / (n * b), rel=1e-12)
     assert part.work.rows == {6: [n * b, (n - 1) * (b - m) + b]}
     assert out.broadcast.shape == (m, 512) and out.positions == rows
@@ -159,8 +148,7 @@ def test_two_clients_matched_over_the_message_path_by_hand():
     ys = {0: [0, 1], 1: [1, 0]}
     lr, w = 0.1, (0.5, -0.25)
     clients = [SplitClient(_linear_model, TensorData(torch.tensor(xs[i]).view(2, 1), torch.tensor(ys[i]))) for i in (0, 1)]
-    app = ClientApp()
-    app.train("split_step")(lambda msg, ctx: clients[int(ctx.node_config["partition-id"])].train_step(msg, ctx))
+    app = client_app_of(clients)
     strategy = EPSL(model_fn=_linear_model, input_shape=(1,), num_classes=2, cut_layer=1, batch_size=2, max_steps=1,
                     learning_rate=lr, shuffle=False, phi=0.5, positions="matched", mechanism="mean-activation")
     result = strategy.start(grid=InProcessGrid(app, 2), initial_arrays=ArrayRecord(_linear_model().blocks.state_dict()),

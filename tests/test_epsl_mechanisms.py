@@ -42,10 +42,21 @@ def test_one_client_is_psl_bit_for_bit(mechanism):
         assert max_abs_diff(psl.arrays.to_torch_state_dict(), epsl.arrays.to_torch_state_dict()) == 0.0
 
 
-def _digits_batches(n: int, b: int, seed: int = 0) -> list[tuple[int, SmashedBatch]]:
+def _digits_batches(n: int, b: int, seed: int = 0, classes: int = 10) -> list[tuple[int, SmashedBatch]]:
     g = torch.Generator().manual_seed(seed)
-    return [(6, SmashedBatch(torch.randn(b, 512, dtype=torch.float64, generator=g), torch.randint(0, 10, (b,), generator=g)))
+    return [(6, SmashedBatch(torch.randn(b, 512, dtype=torch.float64, generator=g),
+                             torch.randint(0, classes, (b,), generator=g)))
             for _ in range(n)]
+
+
+def _server_mm_flops(step):
+    """Run ``step(part)`` on a fresh server part at cut 6 of the digits CNN (Linear, ReLU,
+    Linear: forward is addmm, backward is mm); the part, the step's result and torch's mm
+    FLOPs, i.e. the server's back-propagation."""
+    part = ServerPart(model_fn(), 6, 0.1)
+    with FlopCounterMode(display=False) as counter:
+        out = step(part)
+    return part, out, counter.get_flop_counts()["Global"][torch.ops.aten.mm]
 
 
 @pytest.mark.parametrize("mechanism,scaling", VARIANTS)
@@ -56,15 +67,8 @@ def test_server_backward_rows_and_flops(mechanism, scaling, phi):
     n, b = 4, 8
     m = math.ceil(phi * b)
     batches = _digits_batches(n, b)
-
-    def run(step):
-        part = ServerPart(model_fn(), 6, 0.1)
-        with FlopCounterMode(display=False) as counter:
-            out = step(part)
-        return part, out, counter.get_flop_counts()["Global"][torch.ops.aten.mm]
-
-    _, _, psl = run(lambda part: part.step_union(batches))
-    part, out, epsl = run(lambda part: part.step_epsl(batches, list(range(m)), mechanism=mechanism, scaling=scaling, step=3))
+    _, _, psl = _server_mm_flops(lambda part: part.step_union(batches))
+    part, out, epsl = _server_mm_flops(lambda part: part.step_epsl(batches, list(range(m)), mechanism=mechanism, scaling=scaling, step=3))
     assert epsl / psl == pytest.approx(((1 - phi) * n * b + phi * b) / (n * b), rel=1e-12)
     assert part.work.rows == {6: [n * b, (n - 1) * (b - m) + b]}  # (1-phi)*N*b + phi*b with m = phi*b
     assert out.broadcast.shape == (m, 512) and out.positions == [list(range(m))] * n

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from flwr.app import ArrayRecord
-from flwr.clientapp import ClientApp
 from torch.utils.flop_counter import FlopCounterMode
 
 from flsplit.client import SplitClient
@@ -17,7 +16,7 @@ from flsplit.protocol import SmashedBatch
 from flsplit.server import ServerPart
 from flsplit.splitting import SplitModel
 from flsplit.strategies import EPSL, PSL, SFLGA
-from tests.helpers import max_abs_diff, model_fn, random_data, run_strategy
+from tests.helpers import client_app_of, max_abs_diff, model_fn, random_data, run_strategy
 from tests.test_learning import run_app
 
 
@@ -51,8 +50,7 @@ def test_phi_one_two_clients_two_samples_by_hand():
     ys = {0: [0, 1], 1: [1, 0]}
     lr, w = 0.1, (0.5, -0.25)
     clients = [SplitClient(_tiny_model, TensorData(torch.tensor(xs[i]).view(2, 1), torch.tensor(ys[i]))) for i in (0, 1)]
-    app = ClientApp()
-    app.train("split_step")(lambda msg, ctx: clients[int(ctx.node_config["partition-id"])].train_step(msg, ctx))
+    app = client_app_of(clients)
     strategy = EPSL(
         model_fn=_tiny_model, input_shape=(1,), num_classes=2, cut_layer=1, batch_size=2, max_steps=1,
         learning_rate=lr, shuffle=False, phi=1.0, mechanism="mean-activation",
