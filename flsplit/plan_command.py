@@ -22,8 +22,11 @@ Methods:
   convex bandwidth / power / CPU allocation. ``--train-agent`` trains one on the simulator
   first and saves it to ``--agent``.
 
+``epsl`` with ``--energy-budget`` solves a convex program with cvxpy (``pip install
+"flsplit[planners]"``); without it the command exits 1 with that install command.
+
 Exit status: 0 on success, 1 on a planning error (an infeasible budget, a scenario the
-method cannot use: the message says which), 2 on bad arguments.
+method cannot use, a missing optional dependency: the message says which), 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -386,6 +389,7 @@ def _jsonable(value: Any) -> Any:
 
 def handle(args: argparse.Namespace) -> int:
     """Handler of ``flsplit plan``: plan, print, return the exit status."""
+    from flsplit.extras import MissingExtra
     from flsplit.scenario import load_scenario
 
     def fail(message: str) -> int:
@@ -421,7 +425,7 @@ def handle(args: argparse.Namespace) -> int:
             cut=args.cut, phi=args.phi, V=args.V, energy_budget_j=args.energy_budget, agent_path=args.agent,
         )
         result = run_plans(setup)
-    except ValueError as err:
+    except (ValueError, MissingExtra) as err:
         return fail(str(err))
     except OSError as err:
         return fail(f"cannot read or write {err.filename or 'a file'}: {err.strerror or err}")

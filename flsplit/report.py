@@ -29,7 +29,9 @@ single run, ``./flsplit-report`` for several):
   client a dot, the mean a line; adaptive runs name their planner).
 
 What is missing (no ``sim``, no accuracy, no byte counts) is skipped and listed under
-"Notes". Exit status 0 on success, 1 when a RUN is missing, is not a flsplit history or has
+"Notes". The plots need matplotlib (``pip install "flsplit[reports]"``); without it the
+table, ``summary.csv`` and ``report.md`` are still written, and the notes say why there are no
+plots. Exit status 0 on success, 1 when a RUN is missing, is not a flsplit history or has
 no rounds (the message names the file), 2 for bad arguments.
 """
 
@@ -43,6 +45,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from flsplit.extras import MissingExtra, require
 
 __all__ = [
     "ReportError",
@@ -448,11 +452,20 @@ def write_markdown(path: Path, table: str, notes: Sequence[str], plots: Sequence
 # Plots
 
 
+PLOTS_FEATURE = "flsplit report's plots"
+
+
+def _matplotlib():
+    """``Figure``, ``FigureCanvasAgg`` and ``MaxNLocator``, or the ``reports`` extra's MissingExtra."""
+    figure = require("matplotlib.figure", "reports", PLOTS_FEATURE)
+    agg = require("matplotlib.backends.backend_agg", "reports", PLOTS_FEATURE)
+    ticker = require("matplotlib.ticker", "reports", PLOTS_FEATURE)
+    return figure.Figure, agg.FigureCanvasAgg, ticker.MaxNLocator
+
+
 def _axes(title: str, xlabel: str, metric: str, target: float):
     """A new figure (no pyplot, Agg canvas) with one labelled axes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    Figure, FigureCanvasAgg, _ = _matplotlib()
     fig = Figure(figsize=(7, 4.5), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -501,9 +514,7 @@ def plot_accuracy(path: Path, summaries: Sequence[Summary], x: str, *, metric: s
     for label, points in series:
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=label)
     if x == "round":
-        from matplotlib.ticker import MaxNLocator
-
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(_matplotlib()[2](integer=True))
     ax.set_ylim(bottom=0.0, top=max(1.0, target) + 0.02)
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
@@ -517,10 +528,7 @@ def plot_cuts(path: Path, summaries: Sequence[Summary], *, metric: str, target: 
     runs = [s for s in summaries if any(s.cuts)]
     if not runs:
         return False
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
+    Figure, FigureCanvasAgg, MaxNLocator = _matplotlib()
     fig = Figure(figsize=(11, 4.5), dpi=110)
     FigureCanvasAgg(fig)
     acc_ax, cut_ax = fig.subplots(1, 2)
@@ -631,7 +639,11 @@ def handle(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         table = format_table(summaries, args.target)
         notes = missing_notes(summaries, args.metric)
-        plots = write_plots(out, summaries, metric=args.metric, target=args.target)
+        try:
+            plots = write_plots(out, summaries, metric=args.metric, target=args.target)
+        except MissingExtra as err:  # the table and CSV need no matplotlib: write them, say why no plots
+            print(f"flsplit report: no plots: {err}", file=sys.stderr)
+            notes, plots = [*notes, f"no plots: {err}"], []
         write_csv(out / "summary.csv", summaries, args.target)
         write_markdown(out / "report.md", table, notes, plots, args.target, args.metric)
     except ReportError as err:

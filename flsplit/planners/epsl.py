@@ -91,7 +91,8 @@ The reported ``latency_s`` / ``energy_j`` are the one price (``flsplit.sim.price
 The arguments are checked once by ``flsplit.planners.problem.PlanningProblem`` (plus EPSL's own:
 one batch size, an OFDMA band with a subchannel per client, ``phi``, the budgets).
 
-Pure apart from cvxpy: numpy and plain floats, no torch import (the profile is only read).
+Pure apart from cvxpy (energy budgets only: the ``planners`` extra): numpy and plain floats, no
+torch import (the profile is only read).
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import numpy as np
 
 from flsplit.costmodel import Scenario, client_flops, server_flops
+from flsplit.extras import require
 from flsplit.planners.checks import int_arg, real_arg
 from flsplit.planners.plan import Plan
 from flsplit.planners.problem import PlanningProblem
@@ -325,7 +327,8 @@ class _PowerProgram:
     """
 
     def __init__(self, n: int):
-        import cvxpy as cp  # only needed with energy budgets
+        cp = require("cvxpy", "planners", "EPSL planning with energy budgets (flsplit plan --method epsl "
+                     "--energy-budget, or planner epsl with planner-energy-budget)")
 
         installed = set(cp.installed_solvers())
         self.solver = next((s for s in _SOLVER_ORDER if s in installed), None)

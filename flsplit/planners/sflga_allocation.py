@@ -94,6 +94,7 @@ import numpy as np
 from scipy.special import lambertw
 
 from flsplit.costmodel import Scenario
+from flsplit.extras import require
 from flsplit.planners.plan import Plan
 from flsplit.planners.problem import PlanningProblem, client_id_list, sample_list
 from flsplit.sim.pricing import ServerTiming
@@ -600,7 +601,7 @@ def _solve_budgeted(terms: _CutTerms, gains: np.ndarray, total: float, n0: float
 
 def _solve_cvxpy(terms: _CutTerms, gains: np.ndarray, total: float, n0: float, ids: list[int]) -> _Allocation:
     """Power at the device maximum; convex program in (B, f) with cvxpy (module docstring)."""
-    import cvxpy as cp
+    cp = require("cvxpy", "planners", "allocate_sflga(solver='cvxpy')")
 
     n = len(gains)
     k = terms.pmax * gains / n0  # Hz
