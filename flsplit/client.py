@@ -20,6 +20,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from torch import nn
 
 from flsplit import protocol as p
+from flsplit import rng
+from flsplit.clientapp import split_model_of
 from flsplit.codecs import get_codec
 from flsplit.data import TensorData
 from flsplit.scenario import DEVICE_KEYS
@@ -29,7 +31,12 @@ from flsplit.gate import check_records, check_state
 from flsplit.stream.offer import FALLBACK, OFFER, SessionOffer
 from flsplit.trainer import ClientTrainer, Cursor, module_dtype, round_steps
 
-__all__ = ["SplitClient"]
+__all__ = ["SplitClient", "MODEL_SEED"]
+
+# The seed ``model_fn`` runs under, on a fork of torch's CPU generator: building the scratch
+# modules draws nothing from the global stream (which dropout draws from). Their initial
+# weights never matter: every request's weights are loaded into them.
+MODEL_SEED = 0
 
 # The records each kind of request may hold (ArrayRecords, ConfigRecords); nothing else.
 _REQUEST_RECORDS = {
@@ -65,36 +72,99 @@ class SplitClient:
     Parameters
     ----------
     model_fn : callable
-        Returns the full ``SplitModel`` (only its client blocks are used); called once per
-        worker thread and cut, the module is then reused as scratch space, its weights
-        always reloaded from the message or ``context.state``.
+        Returns the full model (only its client blocks are used): a ``SplitModel``, or a plain
+        ``nn.Module`` that ``flsplit.as_split_model`` splits, given the first two training
+        samples (else evaluation samples) as its example batch. Called under ``MODEL_SEED``
+        on a fork of torch's generator (the global stream does not move), once to check the
+        data against the model and once per worker thread and cut; the module is then reused
+        as scratch space, its weights always reloaded from the message or ``context.state``.
     train_data : TensorData
         The local training data.
     eval_data : TensorData, optional
         Local evaluation data for ``evaluate.split_eval``.
-    salt : int
+    salt : int, optional
         Distinguishes this client's shuffling from other clients' (e.g. the partition id).
+        ``None``: under ``flsplit.split_client_app`` the node's partition id (else its node
+        id), used directly 0.
+
+    The node's first message (of any kind but ``noop``) checks the data's per-sample shape
+    against the model: against the model's ``input_shape`` where it has one, else by running
+    one sample through it. Data that does not fit raises ``ValueError`` naming the node and
+    both shapes (or torch's message), at that message and every later one: the ServerApp gets
+    an error reply, not a failure deep in the exchange.
     """
 
     def __init__(
         self,
-        model_fn: Callable[[], SplitModel],
+        model_fn: Callable[[], SplitModel | nn.Module],
         train_data: TensorData,
         eval_data: Optional[TensorData] = None,
-        salt: int = 0,
+        salt: Optional[int] = None,
     ) -> None:
         self.model_fn = model_fn
         self.train_data = train_data
         self.eval_data = eval_data
         self.salt = salt
         self._scratch = threading.local()
+        self._fit_lock = threading.Lock()
+        self._misfit: Optional[tuple[Optional[str]]] = None  # (why the data does not fit, or None); None: unchecked
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def _salt(self) -> int:
+        return 0 if self.salt is None else int(self.salt)
+
+    def _example_input(self) -> Optional[torch.Tensor]:
+        """The first two samples of the training data, else of the evaluation data."""
+        for data in (self.train_data, self.eval_data):
+            if data is not None and len(data):
+                return data.x[:2]
+        return None
+
+    def _build_model(self) -> SplitModel:
+        """A fresh model from ``model_fn`` (split if it is a plain module), built under
+        ``MODEL_SEED`` so that torch's global stream does not move."""
+        with rng.seeded(MODEL_SEED):
+            return split_model_of(self.model_fn(), self._example_input())
+
     def _client_part(self, cut: int) -> nn.Sequential:
         cache = self._scratch.__dict__.setdefault("parts", {})
         if cut not in cache:
-            cache[cut] = self.model_fn().client_part(cut)
+            cache[cut] = self._build_model().client_part(cut)
         return cache[cut]
+
+    def check_data(self, context: Context) -> None:
+        """Raise ``ValueError`` if this client's data does not fit the model (checked once;
+        the answer is kept)."""
+        with self._fit_lock:
+            if self._misfit is None:
+                self._misfit = (self._data_misfit(),)
+        if self._misfit[0] is not None:
+            raise ValueError(f"node {context.node_id}: {self._misfit[0]}")
+
+    def _data_misfit(self) -> Optional[str]:
+        """Why the training or evaluation data does not fit the model, or ``None``."""
+        model = self._build_model()
+        expected = getattr(model, "input_shape", None)
+        seen = set()
+        for data in (self.train_data, self.eval_data):
+            if data is None or not len(data) or tuple(data.x.shape[1:]) in seen:
+                continue
+            shape = tuple(data.x.shape[1:])
+            seen.add(shape)
+            if expected is not None:
+                expected = tuple(expected)
+                if len(shape) != len(expected) or any(e is not None and e != s for s, e in zip(shape, expected)):
+                    return f"data has per-sample shape {shape}, the model takes {expected}"
+                continue
+            blocks = model.blocks
+            blocks.eval()  # a throwaway model: no batch-norm statistics to keep
+            try:
+                with torch.no_grad(), rng.seeded(MODEL_SEED):
+                    blocks(data.x[:1].to(module_dtype(blocks)))
+            except RuntimeError as err:
+                return f"data of per-sample shape {shape} does not fit the model: {err}"
+        return None
 
     def _config_and_part(self, content: RecordDict, kind: str) -> tuple[p.SplitConfig, nn.Sequential]:
         """The request's ``SplitConfig`` and the client-part module for its cut, after checking
@@ -116,6 +186,7 @@ class SplitClient:
         A request that carries a session offer (``flsplit.stream``) runs the node's whole
         round over that session instead (``train_session``).
         """
+        self.check_data(context)
         try:
             offer = SessionOffer.from_content(message.content)
         except ValueError as err:
@@ -183,12 +254,12 @@ class SplitClient:
         if p.CLIENT_PART in content.array_records:  # a new round starts from the server's client part
             cursor = state.config_records.get(_CURSOR, ConfigRecord({"position": 0}))
             momentum = _momentum_of(state.array_records.get(_OPTIM)) if cfg.carry_momentum else None
-            trainer = ClientTrainer.start_round(part, self.train_data, cfg, self.salt,
+            trainer = ClientTrainer.start_round(part, self.train_data, cfg, self._salt,
                                                 self._start_weights(content, part), int(cursor["position"]), momentum)
             return trainer, True
         if _WEIGHTS not in state.array_records or _CURSOR not in state.config_records:
             raise p.ProtocolError(f"no round in progress: the first request must carry '{p.CLIENT_PART}'")
-        trainer = ClientTrainer(part, self.train_data, cfg, self.salt, state.array_records[_WEIGHTS].to_torch_state_dict(),
+        trainer = ClientTrainer(part, self.train_data, cfg, self._salt, state.array_records[_WEIGHTS].to_torch_state_dict(),
                                 _cursor_of(state.config_records[_CURSOR]), _momentum_of(state.array_records.get(_OPTIM)))
         return trainer, False
 
@@ -233,7 +304,7 @@ class SplitClient:
 
     def _device_record(self, context: Context) -> ConfigRecord:
         """Partition id and the numeric device-profile keys of the node config."""
-        record = {"partition-id": int(context.node_config.get("partition-id", self.salt))}
+        record = {"partition-id": int(context.node_config.get("partition-id", self._salt))}
         for key in DEVICE_KEYS:
             if key in context.node_config:
                 record[key] = float(context.node_config[key])
@@ -242,6 +313,7 @@ class SplitClient:
     def describe(self, message: Message, context: Context) -> Message:
         """Who this node is, for a planner (``query.split_device``): partition id, the device
         profile of its node config, and its numbers of training and evaluation samples."""
+        self.check_data(context)
         record = self._device_record(context)
         record["num-train-examples"] = len(self.train_data)
         record["num-eval-examples"] = len(self.eval_data) if self.eval_data is not None else 0
@@ -255,11 +327,12 @@ class SplitClient:
         the window's batches with the weights it holds in ``context.state`` and sends them
         all in this one reply; only the data cursor moves.
         """
+        self.check_data(context)
         cfg, part = self._config_and_part(message.content, "upload")
         state = context.state
         if _WEIGHTS not in state.array_records or _CURSOR not in state.config_records:
             raise p.ProtocolError("no client part to upload with: the client has not trained yet")
-        trainer = ClientTrainer(part, self.train_data, cfg, self.salt, state.array_records[_WEIGHTS].to_torch_state_dict(),
+        trainer = ClientTrainer(part, self.train_data, cfg, self._salt, state.array_records[_WEIGHTS].to_torch_state_dict(),
                                 _cursor_of(state.config_records[_CURSOR]))
         batches = trainer.window(round_steps(cfg, len(self.train_data)))
         reply = RecordDict(
@@ -274,6 +347,7 @@ class SplitClient:
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, message: Message, context: Context) -> Message:
         """Send the smashed data of all local evaluation data (eval mode) with its labels."""
+        self.check_data(context)
         content = message.content
         cfg, part = self._config_and_part(content, "evaluate")
         if p.CLIENT_PART in content.array_records:
