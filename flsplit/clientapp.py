@@ -27,7 +27,10 @@ them to a ``ClientApp`` that has other handlers too.
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
+import threading
+import uuid
+import weakref
+from collections import OrderedDict, namedtuple
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
@@ -81,22 +84,82 @@ def node_salt(context: Context) -> int:
     return int(context.node_id) % 2**31
 
 
-class _NodeKey:
-    """A context as a cache key: its run config, node config and node id. The context rides
-    along only until the client is built (the cache must not keep a node's state alive)."""
+CacheInfo = namedtuple("CacheInfo", ["hits", "misses", "maxsize", "currsize"])
 
-    __slots__ = ("key", "context")
+# Clients of apps registered in this process (weak: they live as long as their app) and of
+# apps unpickled here (strong: Flower's Ray backend sends the ClientApp with every message, so
+# a worker's copy of the cache must outlive the message to be found by the next one).
+_LOCAL: "weakref.WeakValueDictionary[str, _NodeClients]" = weakref.WeakValueDictionary()
+_REMOTE: "dict[str, _NodeClients]" = {}
+_REGISTRY_LOCK = threading.Lock()
 
-    def __init__(self, context: Context) -> None:
-        self.key = (tuple(sorted(context.run_config.items())), tuple(sorted(context.node_config.items())),
-                    int(context.node_id))
-        self.context: Optional[Context] = context
 
-    def __hash__(self) -> int:
-        return hash(self.key)
+def _node_clients(token: str, client_fn: ClientFn, maxsize: int) -> "_NodeClients":
+    """The process's cache of the app registered as ``token`` (made when first needed)."""
+    with _REGISTRY_LOCK:
+        clients = _LOCAL.get(token) or _REMOTE.get(token)
+        if clients is None:
+            clients = _REMOTE[token] = _NodeClients(token, client_fn, maxsize)
+        return clients
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _NodeKey) and self.key == other.key
+
+class _NodeClients:
+    """``client_for(context)``: the node's SplitClient, made by ``client_fn`` at the node's
+    first message and kept per (run config, node config, node id), the ``maxsize`` most
+    recently used. Pickled (Flower's Ray backend pickles the ClientApp) it travels as its
+    registration token: each process keeps one cache per registered app."""
+
+    def __init__(self, token: str, client_fn: ClientFn, maxsize: int) -> None:
+        self.token, self.client_fn, self.maxsize = token, client_fn, maxsize
+        self._clients: "OrderedDict[tuple, SplitClient]" = OrderedDict()
+        self._lock = threading.Lock()
+        self._hits = self._misses = 0
+
+    def __reduce__(self):
+        return _node_clients, (self.token, self.client_fn, self.maxsize)
+
+    def __call__(self, context: Context) -> "SplitClient":
+        from flsplit.client import SplitClient  # here: flsplit.client imports this module
+
+        key = (tuple(sorted(context.run_config.items())), tuple(sorted(context.node_config.items())),
+               int(context.node_id))
+        with self._lock:
+            if key in self._clients:
+                self._hits += 1
+                self._clients.move_to_end(key)
+                return self._clients[key]
+            self._misses += 1
+        client = self.client_fn(context)  # not under the lock: other nodes' clients are built meanwhile
+        if not isinstance(client, SplitClient):
+            raise TypeError(f"client_fn must return a flsplit SplitClient, it returned {type(client).__qualname__}")
+        if client.salt is None:
+            client.salt = node_salt(context)
+        with self._lock:
+            client = self._clients.setdefault(key, client)  # a client built meanwhile for the node wins
+            self._clients.move_to_end(key)
+            while len(self._clients) > self.maxsize:
+                self._clients.popitem(last=False)
+        return client
+
+    def cache_info(self) -> CacheInfo:
+        with self._lock:
+            return CacheInfo(self._hits, self._misses, self.maxsize, len(self._clients))
+
+    def cache_clear(self) -> None:
+        with self._lock:
+            self._clients.clear()
+            self._hits = self._misses = 0
+
+
+class _Handler:
+    """A registered handler: the node's SplitClient's ``method`` (picklable, unlike a closure
+    over the cache)."""
+
+    def __init__(self, clients: _NodeClients, method: str) -> None:
+        self.clients, self.method = clients, method
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        return getattr(self.clients(context), self.method)(message, context)
 
 
 def register_split_handlers(app: ClientApp, client_fn: ClientFn, maxsize: int = 16) -> Callable[[Context], "SplitClient"]:
@@ -107,46 +170,16 @@ def register_split_handlers(app: ClientApp, client_fn: ClientFn, maxsize: int = 
     it is raised at each message, and the ServerApp gets an error reply."""
     from flsplit.client import SplitClient  # here: flsplit.client imports this module
 
-    @lru_cache(maxsize=maxsize)
-    def _cached(node: _NodeKey) -> SplitClient:
-        context, node.context = node.context, None
-        client = client_fn(context)
-        if not isinstance(client, SplitClient):
-            raise TypeError(f"client_fn must return a flsplit SplitClient, it returned {type(client).__qualname__}")
-        if client.salt is None:
-            client.salt = node_salt(context)
-        return client
-
-    def client_for(context: Context) -> SplitClient:
-        """The node's SplitClient (built by ``client_fn`` at its first message)."""
-        return _cached(_NodeKey(context))
-
-    client_for.cache_info = _cached.cache_info  # type: ignore[attr-defined]
-    client_for.cache_clear = _cached.cache_clear  # type: ignore[attr-defined]
-
-    def split_step(msg: Message, context: Context) -> Message:
-        """One fused split exchange (gradients in, next smashed data out)."""
-        return client_for(context).train_step(msg, context)
-
-    def split_upload(msg: Message, context: Context) -> Message:
-        """One-way upload of a window's smashed data (async SL, state B)."""
-        return client_for(context).upload(msg, context)
-
-    def split_eval(msg: Message, context: Context) -> Message:
-        """Smashed evaluation data for server-side finishing."""
-        return client_for(context).evaluate(msg, context)
-
-    def split_device(msg: Message, context: Context) -> Message:
-        """Who this node is (partition, device profile, samples), for a planner in the loop."""
-        return client_for(context).describe(msg, context)
-
-    handlers = {p.TRAIN_STEP: split_step, p.UPLOAD: split_upload, p.EVALUATE: split_eval,
-                p.DESCRIBE: split_device, p.NOOP: SplitClient.noop}
+    clients = _NodeClients(uuid.uuid4().hex, client_fn, maxsize)
+    with _REGISTRY_LOCK:
+        _LOCAL[clients.token] = clients
+    handlers = {p.TRAIN_STEP: _Handler(clients, "train_step"), p.UPLOAD: _Handler(clients, "upload"),
+                p.EVALUATE: _Handler(clients, "evaluate"), p.DESCRIBE: _Handler(clients, "describe"),
+                p.NOOP: SplitClient.noop}
     for message_type, handler in handlers.items():  # "train.split_step" -> app.train("split_step")
         kind, name = message_type.split(".")
         getattr(app, kind)(name)(handler)
-
-    return client_for
+    return clients
 
 
 def split_client_app(client_fn: ClientFn) -> ClientApp:

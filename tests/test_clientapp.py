@@ -5,6 +5,9 @@ that does not fit the model refused once per node with a clear error."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +158,35 @@ def test_the_server_gets_the_shape_error_in_its_round_record(tmp_path):
     errors = json.dumps(entry["errors"])
     assert "node 1001: data of per-sample shape (29,) does not fit the model" in errors, errors
     assert list(entry["examples_per_node"]) == ["1000"]
+
+
+def test_the_app_pickles_as_the_ray_backend_sends_it_and_keeps_one_cache_per_process(tmp_path):
+    """Flower's Ray backend sends the ClientApp (cloudpickled) with every message: a copy must
+    find the clients the process already built, here and in another process, not start empty."""
+    cloudpickle = pytest.importorskip("ray.cloudpickle")
+    built: list[int] = []
+    app = split_client_app(_per_node(built))
+    grid = InProcessGrid(app, 1)
+    for _ in range(3):
+        grid.client_app = cloudpickle.loads(cloudpickle.dumps(app))
+        (reply,) = grid.send_and_receive([grid.create_message(RecordDict(), p.DESCRIBE, 1000, "g")])
+        assert not reply.has_error(), reply.error
+    assert built == [1000]
+    (tmp_path / "app.pkl").write_bytes(cloudpickle.dumps(app))
+    script = f"""
+from ray import cloudpickle
+from flwr.app import RecordDict
+from flsplit import clientapp, protocol as p
+from flsplit.inprocess import InProcessGrid
+grid = InProcessGrid(None, 1)
+for _ in range(3):
+    grid.client_app = cloudpickle.loads(open({str(tmp_path / "app.pkl")!r}, "rb").read())
+    (reply,) = grid.send_and_receive([grid.create_message(RecordDict(), p.DESCRIBE, 1000, "g")])
+    assert not reply.has_error(), reply.error
+(clients,) = clientapp._REMOTE.values()
+print(tuple(clients.cache_info()))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "(2, 1, 16, 1)"  # hits, misses, maxsize, size
