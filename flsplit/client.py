@@ -61,6 +61,17 @@ def _momentum_of(record: Optional[ArrayRecord]) -> dict[int, torch.Tensor]:
     return {int(k): torch.from_numpy(a.numpy().copy()) for k, a in record.items()}
 
 
+def _torch_error(err: Optional[BaseException]) -> Optional[RuntimeError]:
+    """The innermost ``RuntimeError`` among ``err`` and its causes (torch's own message)."""
+    found, seen = None, set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, RuntimeError):
+            found = err
+        err = err.__cause__ or err.__context__
+    return found
+
+
 def _cursor_of(record: ConfigRecord) -> Cursor:
     return Cursor(int(record["position"]), int(record["round_end"]), [int(v) for v in record["pending"]],
                   int(record["num_examples"]))
@@ -144,7 +155,16 @@ class SplitClient:
 
     def _data_misfit(self) -> Optional[str]:
         """Why the training or evaluation data does not fit the model, or ``None``."""
-        model = self._build_model()
+        with rng.seeded(MODEL_SEED):
+            built = self.model_fn()
+            example = self._example_input()
+            try:
+                model = split_model_of(built, example)
+            except Exception as err:  # a plain module, split with this data as its example batch
+                cause = _torch_error(err)
+                if example is None or cause is None:
+                    raise  # not the data: the model cannot be split
+                return f"data of per-sample shape {tuple(example.shape[1:])} does not fit the model: {cause}"
         expected = getattr(model, "input_shape", None)
         seen = set()
         for data in (self.train_data, self.eval_data):

@@ -4,6 +4,7 @@ that does not fit the model refused once per node with a clear error."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -190,3 +191,31 @@ print(tuple(clients.cache_info()))
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "(2, 1, 16, 1)"  # hits, misses, maxsize, size
+
+
+class _Residual(nn.Module):
+    """Not an nn.Sequential: split from its torch.fx graph, with an example batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.hidden, self.out = nn.Linear(30, 16), nn.Linear(16, 16), nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        return self.out(h + torch.relu(self.hidden(h)))
+
+
+_GRAPH_SPLIT = "example_input" in inspect.signature(flsplit.as_split_model).parameters
+
+
+@pytest.mark.skipif(not _GRAPH_SPLIT, reason="as_split_model cannot split from the graph yet")
+def test_a_plain_residual_module_is_split_with_the_nodes_data_as_example():
+    parts = [_tabular(30), _tabular(30)]
+    app = split_client_app(lambda ctx: SplitClient(_Residual, parts[int(ctx.node_config["partition-id"])]))
+    model_fn = split_model_fn(_Residual, (30,))
+    strategy = PSL(model_fn=model_fn, input_shape=(30,), num_classes=2, cut_layer=1, batch_size=5, max_steps=2)
+    strategy.start(grid=InProcessGrid(app, 2), num_rounds=1, initial_arrays=ArrayRecord(strategy.model.blocks.state_dict()))
+    assert not strategy.errors and strategy.server_steps == 2  # PSL: one server step for both nodes
+    context = InProcessGrid(ClientApp(), 1).contexts[1000]
+    with pytest.raises(ValueError, match=r"^node 1000: data (of|has) per-sample shape \(29,\)"):
+        SplitClient(_Residual, _tabular(29)).check_data(context)
