@@ -6,9 +6,12 @@ and ``flsplit plan`` without energy-budgeted convex programs. Two features need 
 - ``planners`` (cvxpy): EPSL's power step with energy budgets and ``allocate_sflga(solver="cvxpy")``;
 - ``reports`` (matplotlib): the PNG plots of ``flsplit report``.
 
-Each import site calls :func:`require`, so ``import flsplit`` and the default ClientApp and
-ServerApp never import cvxpy or matplotlib, and a missing one is an ``ImportError`` that names
-the feature and the command that installs it.
+Each import site calls :func:`require`, so importing ``flsplit`` or the default ClientApp and
+ServerApp imports neither cvxpy nor matplotlib, and a missing one is an ``ImportError`` that
+names the feature and the command that installs it. (flwr-datasets, a base dependency because
+its partitioners split every simulated dataset, requires matplotlib and imports it when the
+first partition is drawn; so today ``reports`` adds nothing to a base install, and it states
+flsplit's own need for matplotlib.)
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Optional dependencies (flsplit/extras.py): the base install runs without cvxpy and matplotlib.
+"""Optional dependencies (flsplit/extras.py): importing flsplit and the apps loads neither cvxpy
+nor matplotlib, the default run needs no cvxpy, ``flsplit report`` tables need no matplotlib,
+and a feature that needs a missing one names the extra that installs it.
 
 Each check that needs a package to be missing runs in a fresh interpreter whose imports of it
 fail as if it were not installed (a ``sys.meta_path`` finder that refuses it), so the test
@@ -64,12 +66,14 @@ def test_imports_and_the_default_apps_do_not_import_cvxpy_or_matplotlib():
     assert json.loads(proc.stdout.splitlines()[-1]) == []
 
 
-def test_the_default_app_runs_and_reports_without_the_extras(tmp_path):
-    """The default Flower app (pyproject's run config, one short round) trains with cvxpy and
-    matplotlib missing; ``flsplit report`` then prints its table and writes the CSV, and says
-    in the notes and on stderr that the plots need the ``reports`` extra."""
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> Path:
+    """One short round of the default Flower app (pyproject's run config) with cvxpy missing:
+    its run directory. (matplotlib cannot be missing here: flwr-datasets, whose partitioners
+    split the default digits, imports it at its own import and requires it.)"""
+    runs = tmp_path_factory.mktemp("default") / "runs"
     config = {**PYPROJECT["tool"]["flwr"]["app"]["config"], "num-server-rounds": 1, "max-steps": 2,
-              "output-dir": str(tmp_path / "runs")}
+              "output-dir": str(runs)}
     proc = run_python(f"""
         import json
         from flwr.app import Context, RecordDict
@@ -80,23 +84,36 @@ def test_the_default_app_runs_and_reports_without_the_extras(tmp_path):
         config = {config!r}
         grid = InProcessGrid(client_app, 2, run_config=config)
         server_app(grid, Context(run_id=1, node_id=0, node_config={{}}, state=RecordDict(), run_config=config))
-        loaded = {_optional_loaded()}
-
-        from pathlib import Path
-        from flsplit import cli
-        (run_dir,) = Path({str(tmp_path / "runs")!r}).iterdir()
-        code = cli.main(["report", str(run_dir), "--out", {str(tmp_path / "report")!r}])
-        print(json.dumps({{"loaded": loaded, "report_exit": code}}))
-    """, blocked=OPTIONAL)
+        print(json.dumps({_optional_loaded()}))
+    """, blocked=["cvxpy"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.splitlines()[-1])
-    assert result == {"loaded": [], "report_exit": 0}
+    assert "cvxpy" not in json.loads(proc.stdout.splitlines()[-1])
+    (run_dir,) = runs.iterdir()
+    return run_dir
+
+
+def test_the_default_app_trains_without_cvxpy(default_run):
+    history = json.loads((default_run / "history.json").read_text())
+    assert [r["errors"] for r in history["rounds"]] == [[]]
+    assert sorted(history["rounds"][0]["examples_per_node"].values()) == [64, 64]  # both nodes trained 2 steps
+
+
+def test_report_without_matplotlib_writes_the_table_and_says_why_no_plots(default_run, tmp_path):
+    out = tmp_path / "report"
+    proc = run_python(f"""
+        import sys
+        from flsplit import cli
+        code = cli.main(["report", {str(default_run)!r}, "--out", {str(out)!r}])
+        print("exit", code, "matplotlib" in sys.modules)
+    """, blocked=["matplotlib"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == "exit 0 False"
     message = 'flsplit report\'s plots needs matplotlib: pip install "flsplit[reports]"'
     assert f"flsplit report: no plots: {message}" in proc.stderr
     assert "| label" in proc.stdout  # the table
-    assert (tmp_path / "report" / "summary.csv").exists()
-    assert message in (tmp_path / "report" / "report.md").read_text()
-    assert not list((tmp_path / "report").glob("*.png"))
+    assert (out / "summary.csv").exists()
+    assert message in (out / "report.md").read_text()
+    assert not list(out.glob("*.png"))
 
 
 # ------------------------------------------------------------------ (b) a missing extra is named
