@@ -26,7 +26,6 @@ them to a ``ClientApp`` that has other handlers too.
 
 from __future__ import annotations
 
-import inspect
 import threading
 import uuid
 import weakref
@@ -59,7 +58,7 @@ def split_model_of(obj: object, example_input: Optional[torch.Tensor] = None) ->
     if not isinstance(obj, nn.Module):
         raise TypeError(f"model_fn must return an nn.Module or a flsplit SplitModel, it returned "
                         f"{type(obj).__module__}.{type(obj).__qualname__}")
-    if example_input is None or "example_input" not in inspect.signature(as_split_model).parameters:
+    if example_input is None:
         return as_split_model(obj)
     dtype = next((t.dtype for t in obj.parameters() if t.is_floating_point()), None)
     if dtype is not None and example_input.is_floating_point():

@@ -4,7 +4,6 @@ that does not fit the model refused once per node with a clear error."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import subprocess
 import sys
@@ -205,10 +204,6 @@ class _Residual(nn.Module):
         return self.out(h + torch.relu(self.hidden(h)))
 
 
-_GRAPH_SPLIT = "example_input" in inspect.signature(flsplit.as_split_model).parameters
-
-
-@pytest.mark.skipif(not _GRAPH_SPLIT, reason="as_split_model cannot split from the graph yet")
 def test_a_plain_residual_module_is_split_with_the_nodes_data_as_example():
     parts = [_tabular(30), _tabular(30)]
     app = split_client_app(lambda ctx: SplitClient(_Residual, parts[int(ctx.node_config["partition-id"])]))
