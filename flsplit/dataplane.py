@@ -8,6 +8,7 @@ and race on ``context.state``), replies handed over as they arrive.
 
 from __future__ import annotations
 
+import re
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
@@ -19,7 +20,103 @@ from flwr.serverapp import Grid
 
 from flsplit.protocol import BCAST, TRAIN_STEP
 
-__all__ = ["DataPlane", "MessageDataPlane", "Reply", "Traffic", "payload_bytes", "time_noop_exchanges"]
+__all__ = ["DataPlane", "MessageDataPlane", "Reply", "Traffic", "innermost_error", "payload_bytes", "time_noop_exchanges"]
+
+# ------------------------------------------------------------------ error replies
+# A ClientApp handler that raises reaches the ServerApp as an error reply whose reason is
+# Flower's ``"<class 'X'>:<'message'>"``. In a deployment (``flwr/supernode/runtime/
+# run_clientapp.py``) X is the handler's exception; in a simulation (``flwr/server/superlink/
+# fleet/vce/vce_api.py``) it is Ray's ``RayTaskError(ClientAppException)`` and the message is
+# Ray's rendering of the whole chain: the handler's traceback, "The above exception was the
+# direct cause of the following exception:", Flower's ``ClientAppException`` repeating the
+# message, with ANSI colours. ``innermost_error`` keeps what the handler raised.
+_FLOWER_REASON = re.compile(r"<class '([^']+)'>:<'(.*)'>", re.S)
+_CHAINED = re.compile(r"\n\s*(?:The above exception was the direct cause of the following exception:"
+                      r"|During handling of the above exception, another exception occurred:)\s*\n")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:\([\w.]*\))?)(?::(.*))?$")
+_WRAPPERS = ("ClientAppException", "RayTaskError", "RayActorError", "ActorDiedError")
+_CLIENT_APP_MESSAGE = re.compile(r"Exception ClientAppException occurred\. Message: ?(.*)", re.S)
+_NO_HANDLER = re.compile(r"No (\w+) function registered with name '(\w+)'")
+MAX_ERROR_CHARS = 500  # an error reply's cause, as logged and recorded
+
+
+def _short_name(name: str) -> str:
+    """``flsplit.protocol.ProtocolError`` -> ``ProtocolError``; ``RayTaskError(ClientAppException)`` kept."""
+    return name if "(" in name else name.rsplit(".", 1)[-1]
+
+
+def _raised(segment: str) -> tuple[str, str] | None:
+    """The exception (name, message) at the end of one traceback of a chain, if it has one."""
+    lines = segment.strip("\n").splitlines()
+    start = 0
+    for i, line in enumerate(lines):  # the exception line follows the last frame's indented lines
+        if line.startswith("  File ") or line.startswith("Traceback (most recent call last)"):
+            start = i + 1
+    for i in range(start, len(lines)):
+        line = lines[i]
+        if not line or line[0].isspace() or line.startswith("ray::"):  # Ray's "ray::Actor.run() (pid=...)" header
+            continue
+        match = _EXCEPTION_LINE.match(line)
+        if match is None or " " in match.group(1):
+            continue
+        first = (match.group(2) or "").strip()
+        rest = " ".join(part.strip() for part in lines[i + 1 :] if part.strip())
+        return match.group(1), " ".join(part for part in (first, rest) if part)
+    return None
+
+
+def _cause(name: str, message: str) -> str:
+    if _short_name(name).split("(")[0] in _WRAPPERS:  # Flower's or Ray's wrapper: the message is the handler's
+        inner = _CLIENT_APP_MESSAGE.search(message)
+        return inner.group(1).strip() if inner else message.strip()
+    return f"{_short_name(name)}: {message.strip()}" if message.strip() else _short_name(name)
+
+
+def _from_traceback(text: str) -> str | None:
+    """The last exception of a rendered chain that is not Flower's or Ray's wrapper."""
+    raised = [r for r in (_raised(seg) for seg in _CHAINED.split(text)) if r is not None]
+    if not raised:
+        return None
+    own = [r for r in raised if _short_name(r[0]).split("(")[0] not in _WRAPPERS]
+    return _cause(*(own[-1] if own else raised[-1]))
+
+
+def innermost_error(text: str) -> str:
+    """What a failed ClientApp raised, from an error reply's reason (or a text holding one).
+
+    ``"<class 'ValueError'>:<'node 3: bad data'>"`` and Ray's rendering of the same exception
+    both become ``"ValueError: node 3: bad data"``; a traceback is reduced to its last
+    exception that is not Flower's or Ray's wrapper, and a handler missing from the ClientApp
+    to the message type it was sent and the handlers flsplit needs. Text before the reason (a
+    caller's prefix) is kept; text without a reason or a traceback is returned as it is. The
+    cause is cut at ``MAX_ERROR_CHARS``.
+    """
+    if not isinstance(text, str):
+        return str(text)
+    plain = _ANSI.sub("", text)
+    match = _FLOWER_REASON.search(plain)
+    if match is not None:
+        prefix, name, body, suffix = plain[: match.start()], match.group(1), match.group(2), plain[match.end() :]
+        cause = _from_traceback(body) if ("  File " in body or _CHAINED.search(body)) else None
+        cause = cause or _cause(name, body)
+    elif "Traceback (most recent call last)" in plain or _CHAINED.search(plain):
+        prefix, suffix, cause = "", "", _from_traceback(plain)
+        if cause is None:
+            return text
+    else:
+        return text
+    cause = " ".join(cause.split())  # one line
+    handler = _NO_HANDLER.search(cause)
+    if handler is not None:
+        kind = f"{handler.group(1)}.{handler.group(2)}"
+        cause = (f"the ClientApp has no handler for message type '{kind}' (Flower: {handler.group(0)}): register "
+                 "flsplit's handlers with flsplit.clientapp.split_client_app(client_fn) or register_split_handlers"
+                 "(app, client_fn), or by hand under the names train.split_step, evaluate.split_eval, "
+                 "train.split_upload (async SL) and query.split_device (planners)")
+    elif len(cause) > MAX_ERROR_CHARS:
+        cause = cause[: MAX_ERROR_CHARS - 3] + "..."
+    return f"{prefix}{cause}{suffix}"
 
 
 def payload_bytes(content: RecordDict, prefix: str = "", skip: str = "") -> int:
@@ -184,8 +281,8 @@ class MessageDataPlane(DataPlane):
 
     def reply_of(self, node_id: int, message: Message) -> Reply:
         """A Flower reply as a ``Reply`` (its bytes counted)."""
-        if message.has_error():
-            return Reply(node_id, error=message.error.reason or f"error code {message.error.code}")
+        if message.has_error():  # the innermost cause, not Flower's and Ray's wrappers around it
+            return Reply(node_id, error=innermost_error(message.error.reason or f"error code {message.error.code}"))
         self.traffic.record(node_id, message.content, upstream=True)
         return Reply(node_id, content=message.content)
 

@@ -7,14 +7,19 @@ its history. Layout::
      "final_model": "<path or null>"}
 
 A resumed run (``flsplit.checkpoint``) continues the history it was saved with and adds
-``"resumed": [{"after_round": r, "run": {...its settings...}}, ...]``.
+``"resumed": [{"after_round": r, "run": {...its settings...}}, ...]``. A run that failed as a
+whole (no node finished any round) has ``"error"``.
+
+A round's ``status`` is ``ok``, ``warning`` (a node dropped or sat out, an evaluation reply
+failed) or ``error`` (no sampled node finished the round, or every evaluation reply failed);
+its line is logged at that level and says how many nodes finished and why the others did not.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from logging import INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,9 +27,50 @@ from flwr.common.logger import log
 
 __all__ = ["RunHistory", "format_round"]
 
+_LEVELS = {"ok": INFO, "warning": WARNING, "error": ERROR}
+# What a round's error says happened to the node, before the reason: left out of the log line.
+_FATES = ("node dropped for this round: ", "node sits out the rest of the round: ", "evaluation failed: ",
+          "evaluation: ")
+MAX_REASON_CHARS = 200
+
 
 def _mb(n: float) -> str:
     return f"{n / 1e6:.2f} MB"
+
+
+def _reasons(errors: list[dict[str, Any]]) -> str:
+    """The first reason among ``errors`` (short, without what happened to the node), and how
+    many other distinct reasons there are."""
+    reasons: list[str] = []
+    for e in errors:
+        reason = str(e.get("error", ""))
+        for fate in _FATES:
+            if reason.startswith(fate):
+                reason = reason[len(fate):]
+                break
+        if reason not in reasons:
+            reasons.append(reason)
+    if not reasons:
+        return "no error recorded"
+    first = reasons[0] if len(reasons[0]) <= MAX_REASON_CHARS else reasons[0][: MAX_REASON_CHARS - 3] + "..."
+    return first + (f" (+{len(reasons) - 1} other errors in the history)" if len(reasons) > 1 else "")
+
+
+def _node_counts(entry: dict[str, Any]) -> list[str]:
+    """``nodes 2/3, 1 dropped: <reason>`` and ``eval nodes 1/2, 1 failed: <reason>`` where a
+    node did not finish."""
+    parts = []
+    errors = entry.get("errors") or []
+    sampled, finished = entry.get("nodes_sampled"), entry.get("nodes_finished")
+    if sampled is not None and finished is not None and finished < sampled:
+        dropped = set(entry.get("nodes_dropped") or [])
+        mine = [e for e in errors if e.get("stage", "train") == "train" and (not dropped or e.get("node") in dropped)]
+        parts.append(f"nodes {finished}/{sampled}, {sampled - finished} dropped: {_reasons(mine)}")
+    asked, answered = entry.get("eval_nodes_sampled"), entry.get("eval_nodes_finished")
+    if asked is not None and answered is not None and answered < asked:
+        mine = [e for e in errors if e.get("stage") == "evaluate"]
+        parts.append(f"eval nodes {answered}/{asked}, {asked - answered} failed: {_reasons(mine)}")
+    return parts
 
 
 def format_round(entry: dict[str, Any], num_rounds: Optional[int] = None) -> str:
@@ -41,6 +87,7 @@ def format_round(entry: dict[str, Any], num_rounds: Optional[int] = None) -> str
         f"up {_mb(entry['bytes_up'])}",
         f"down {_mb(entry['bytes_down'])}",
         f"{entry['wall_seconds']:.2f} s",
+        *_node_counts(entry),
     ]
     return " | ".join(parts)
 
@@ -72,9 +119,9 @@ class RunHistory:
         return self.data["rounds"]
 
     def add_round(self, entry: dict[str, Any], num_rounds: Optional[int] = None) -> None:
-        """Append a round, log its line and save."""
+        """Append a round, log its line (at the level of its ``status``) and save."""
         self.rounds.append(entry)
-        log(INFO, "[flsplit] %s", format_round(entry, num_rounds))
+        log(_LEVELS.get(entry.get("status", "ok"), INFO), "[flsplit] %s", format_round(entry, num_rounds))
         self.save()
 
     def resume(self, saved: dict[str, Any], after_round: int) -> None:

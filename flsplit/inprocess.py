@@ -2,7 +2,9 @@
 
 Each pushed message is handled by calling the node's ``ClientApp`` with that node's
 ``Context`` (kept across messages like a SuperNode keeps it), and an exception becomes an
-error reply as in Flower's engine. By default a message is handled at once, inside
+error reply as in Flower: by default with a deployed SuperNode's reason (``"<class
+'ValueError'>:<'message'>"``), with ``error_style="simulation"`` with the simulation engine's
+(Ray's ``RayTaskError(ClientAppException)`` and the rendered traceback of the chain). By default a message is handled at once, inside
 ``push_messages``; with ``threaded=True`` each one runs on a worker thread (at most
 ``max_workers`` at a time, like the engine's pool) and its reply is pulled when it is ready,
 which a ClientApp that holds its message for a whole stream session needs. Meant for tests, benchmarks and debugging strategies;
@@ -12,12 +14,14 @@ which a ClientApp that holds its message for a whole stream session needs. Meant
 from __future__ import annotations
 
 import itertools
+import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Optional
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.client_app import ClientAppException
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
@@ -47,6 +51,11 @@ class InProcessGrid(Grid):
         Worker threads (default: one per node).
     node_configs : list of dict, optional
         Extra node-config entries per node (e.g. ``data-path``), merged over the partition ids.
+    error_style : str
+        How a ClientApp's exception reads in its error reply: ``"deployment"`` (default; as
+        ``flwr/supernode/runtime/run_clientapp.py`` writes it) or ``"simulation"`` (as the
+        simulation engine's Ray backend writes it: Flower's ``ClientAppException`` raised from
+        the handler's exception, the chain rendered with its tracebacks).
     """
 
     def __init__(
@@ -59,7 +68,11 @@ class InProcessGrid(Grid):
         threaded: bool = False,
         max_workers: Optional[int] = None,
         node_configs: Optional[list[dict]] = None,
+        error_style: str = "deployment",
     ) -> None:
+        if error_style not in ("deployment", "simulation"):
+            raise ValueError(f"error_style must be 'deployment' or 'simulation', got {error_style!r}")
+        self.error_style = error_style
         self.client_app = client_app
         self.intercept = intercept
         self._run = Run.create_empty(run_id)
@@ -123,7 +136,13 @@ class InProcessGrid(Grid):
         try:
             reply = self.client_app(message, self.contexts[node_id])
         except Exception as ex:  # reported as an error reply, like Flower's engine does
-            reason = str(type(ex)) + ":<'" + str(ex) + "'>"
+            if self.error_style == "simulation":  # flwr/simulation/ray_transport/ray_actor.py, then Ray's rendering
+                wrapper = ClientAppException(str(ex))
+                wrapper.__cause__ = ex
+                rendered = "".join(traceback.format_exception(wrapper))
+                reason = "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'" + rendered + "'>"
+            else:  # flwr/supernode/runtime/run_clientapp.py
+                reason = str(type(ex)) + ":<'" + str(ex) + "'>"
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
         if self.intercept is not None:
             reply = self.intercept(node_id, reply)

@@ -21,6 +21,10 @@ __all__ = ["RoundAccounting"]
 class RoundAccounting:
     """Mixin of ``SplitStrategy``: samples, FLOPs, the priced workload, the history entry."""
 
+    def finished_nodes(self, done: list[Reply]) -> set[int]:
+        """The nodes that finished their round (the others were dropped or sat out)."""
+        return {r.node_id for r in done}
+
     def round_examples(self, done: list[Reply]) -> dict[int, int]:
         """Samples each client processed this round (from the replies that ended its round)."""
         return {r.node_id: int(r.content.metric_records[p.METRICS]["num-examples"]) for r in done}

@@ -191,6 +191,12 @@ class AsyncSL(SplitStrategy):
             self.states[node] = new
             self.transitions[str(node)] = {"state": state, "next": new, "loss": stats.loss, "reference_loss": reference}
 
+    def finished_nodes(self, done: list[Reply]) -> set[int]:
+        """A clients that ended their round, B clients whose upload was trained on, and C
+        clients (the server trained on their cache: no message)."""
+        cached = {n for n, s in self.window.items() if s == "C"}
+        return super().finished_nodes(done) | set(self.upload_examples) | cached
+
     def round_examples(self, done: list[Reply]) -> dict[int, int]:
         """A clients' trained samples plus B clients' uploaded ones (C clients processed none)."""
         return {**super().round_examples(done), **self.upload_examples}

@@ -23,11 +23,13 @@ of the schedule's host are in ``exchange.py``, the round's pricing and history r
 
 from __future__ import annotations
 
+import numbers
 import random
 import time
 from abc import abstractmethod
-from collections.abc import Callable, Iterable, Mapping
-from logging import INFO
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from logging import ERROR, INFO
 from pathlib import Path
 from typing import Optional, Union
 
@@ -39,11 +41,12 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from flsplit import protocol as p
+from flsplit import rng
 from flsplit.codecs import get_codec
 from flsplit.aggregation import average_states, block_of
 from flsplit.checkpoint import Checkpoint
 from flsplit.costmodel import DeviceProfile
-from flsplit.dataplane import DataPlane, MessageDataPlane, Reply, Traffic
+from flsplit.dataplane import DataPlane, MessageDataPlane, Reply, Traffic, innermost_error
 from flsplit.gate import ReplyGate
 from flsplit.history import RunHistory
 from flsplit.profile import profile_model
@@ -55,9 +58,69 @@ from flsplit.strategies.accounting import RoundAccounting
 from flsplit.strategies.checkpointing import Checkpointing
 from flsplit.strategies.exchange import ExchangeHost
 
-__all__ = ["SplitStrategy", "CutAssignment"]
+__all__ = ["SplitStrategy", "CutAssignment", "ServerStream"]
 
 CutAssignment = Union[int, list[int], Callable[[int, list[int]], Mapping[int, int]]]
+
+# Fixed offsets from the strategy's seed: the generator model_fn runs under, and the one the
+# server part's forward passes draw from (dropout masks). Any fixed values would do.
+MODEL_SEED_OFFSET = 0x6D6F64656C  # "model"
+SERVER_STREAM_OFFSET = 0x64726F70  # "drop"
+
+
+def _derived_seed(seed: int, offset: int) -> int:
+    return (int(seed) + offset) % 2**63
+
+
+def _innermost_exception(err: BaseException) -> str:
+    """The message of the deepest exception of ``err``'s chain, on one line."""
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ if err.__cause__ is not None else err.__context__
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+class ServerStream:
+    """The random stream the server part's forward passes draw from: its dropout masks.
+
+    Seeded from the strategy's seed, and swapped into torch's generator (under
+    ``flsplit.rng``'s lock) for each server forward only, so the masks depend on the seed and
+    on what the server has drawn before, not on what else the process draws (a ``model_fn``
+    call, a client in the same process, the caller's own ``torch.rand``). On a CUDA server
+    part the device's generator gets the same treatment.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self.cpu = torch.Generator().manual_seed(self.seed).get_state()
+        self.cuda: dict[int, torch.Tensor] = {}
+
+    @contextmanager
+    def drawing(self, device: torch.device) -> Iterator[None]:
+        """Draws inside come from this stream; torch's own streams resume afterwards untouched."""
+        cuda = []
+        if device.type == "cuda":
+            cuda = [device.index if device.index is not None else torch.cuda.current_device()]
+        with rng.shared(), torch.random.fork_rng(devices=cuda):
+            torch.default_generator.set_state(self.cpu)
+            for index in cuda:
+                if index in self.cuda:
+                    torch.cuda.set_rng_state(self.cuda[index], index)
+                else:
+                    torch.cuda.default_generators[index].manual_seed(self.seed)
+            yield
+            self.cpu = torch.default_generator.get_state()
+            for index in cuda:
+                self.cuda[index] = torch.cuda.get_rng_state(index)
+
+
+class _StreamServerPart(ServerPart):
+    """A ``ServerPart`` whose forward passes draw from its strategy's ``ServerStream``."""
+
+    stream: ServerStream
+
+    def _forward(self, cut: int, x: torch.Tensor) -> torch.Tensor:
+        with self.stream.drawing(x.device):
+            return super()._forward(cut, x)
 
 
 class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
@@ -70,11 +133,13 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
     input_shape : tuple of int
         Shape of one input sample, e.g. ``(1, 8, 8)``; fixes the expected smashed shapes.
     num_classes : int
-        Number of classes (labels in replies are checked against it).
+        Number of classes (labels in replies are checked against it); the model's last block
+        must output ``(num_classes,)`` per sample.
     cut_layer : int, list of int or callable
         One cut for all clients; a list assigned round-robin over the sampled nodes (sorted
         by node id); or ``fn(server_round, node_ids) -> {node_id: cut}`` (may change every
-        round).
+        round). Cuts are integers ``1 .. L-1`` for a model of ``L`` blocks; a fixed cut or
+        list is checked here, a function's cuts every round.
     batch_size, local_epochs, max_steps, steps_per_exchange, learning_rate, momentum,
     weight_decay, carry_momentum, seed, shuffle :
         Training settings sent to the clients (``SplitConfig``); the server part uses the
@@ -104,6 +169,16 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
     checkpoint_dir : str or Path, optional
         Save a checkpoint there after every round (``flsplit.checkpoint``); ``start(...,
         resume_from=...)`` continues from one.
+    fail_untrained : bool
+        A run in which no sampled node finished any round (every node dropped or sat out in
+        every round) always logs an error and records ``error`` in the history; with
+        ``fail_untrained`` ``start`` then raises ``RuntimeError``, so that Flower marks the run
+        failed instead of completed (this repository's ServerApp sets it).
+
+    ``model_fn`` runs on a fork of torch's generator seeded from ``seed``, so building the
+    strategy moves no random stream of the caller's; the server part's dropout draws from the
+    strategy's own ``ServerStream``, also seeded from ``seed``. A cut, ``input_shape`` or
+    ``num_classes`` that does not fit the model is a ``ValueError`` here, before anything runs.
     """
 
     def __init__(
@@ -134,17 +209,14 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         data_plane_factory: Optional[Callable[[Grid, float], DataPlane]] = None,
         checkpoint_dir: Optional[Union[str, Path]] = None,
         server_device: str = "cpu",
+        fail_untrained: bool = False,
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction-train must be in (0, 1], got {fraction_train}")
         if not 0.0 <= fraction_evaluate <= 1.0:
             raise ValueError(f"fraction-evaluate must be in [0, 1], got {fraction_evaluate}")
-        self.model_fn = model_fn
-        self.device = resolve_device(server_device)
-        self.model = model_fn()
-        self.input_shape = tuple(input_shape)
-        self.num_classes = num_classes
-        self.cut_layer = cut_layer
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
         self.train_settings = dict(
             batch_size=batch_size,
             local_epochs=local_epochs,
@@ -161,6 +233,15 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         )
         p.SplitConfig(server_round=1, cut=1, **self.train_settings)  # fail early on bad settings
         self.seed = seed
+        self.model_fn = model_fn
+        self.device = resolve_device(server_device)
+        self.model = self.build_model()
+        self.input_shape = self._checked_input_shape(input_shape)
+        self.num_classes = int(num_classes)
+        self._shapes = self._checked_shapes()
+        self.cut_layer = cut_layer
+        self._check_cut_assignment(cut_layer)
+        self.server_stream = ServerStream(_derived_seed(seed, SERVER_STREAM_OFFSET))
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
         self.min_available_nodes = min_available_nodes
@@ -168,9 +249,8 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         self.min_evaluate_nodes = min_evaluate_nodes
         self.history = history or RunHistory()
         self.data_plane_factory = data_plane_factory or (lambda grid, timeout: MessageDataPlane(grid, timeout))
-        self._shapes = block_output_shapes(self.model, self.input_shape)
         self.codec_up, self.codec_down = get_codec(codec_up), get_codec(codec_down)
-        self.gate = ReplyGate(self.model.blocks.state_dict(), block_of, self._shapes, self.server_dtype, num_classes,
+        self.gate = ReplyGate(self.model.blocks.state_dict(), block_of, self._shapes, self.server_dtype, self.num_classes,
                               batch_size, steps_per_exchange, self.codec_up)
         self.data_plane: Optional[DataPlane] = None
         self.progress_interval = 10.0  # seconds between progress lines within a round
@@ -180,15 +260,75 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         self.devices: dict[int, tuple[int, Optional[DeviceProfile]]] = {}  # node -> (partition, own profile)
         self.cuts: dict[int, int] = {}
         self.errors: list[dict] = []
+        self._stage = "train"  # which part of the round errors belong to (train, evaluate)
+        self._sampled: list[int] = []  # this round's sampled nodes, those that sat out before training included
         self.server_steps = 0
         self.server_work = ServerWork()
         self.round_planner = None  # set by flsplit.strategies.adaptive.Adaptive: plans cuts + resources
         self.round_plan = None  # this round's plan (a flsplit.strategies.adaptive.RoundPlan) if planned
         self.server_momentum: dict[str, torch.Tensor] = {}  # by parameter name (carry_momentum)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.fail_untrained = bool(fail_untrained)
 
     scheme = ""  # the scheme's name in STRATEGIES and in the traffic model (flsplit.sim.traffic)
     timing = "parallel"  # how clients' chains combine in the simulated round latency
+
+    # ------------------------------------------------------------------ checks at construction
+    def build_model(self) -> SplitModel:
+        """``model_fn()`` on a fork of torch's generator seeded from ``seed``: the same model
+        every time, and no random stream of the caller's (the server's dropout, a client's in
+        the same process) moves."""
+        with rng.seeded(_derived_seed(self.seed, MODEL_SEED_OFFSET)):
+            return self.model_fn()
+
+    def _checked_input_shape(self, input_shape) -> tuple[int, ...]:
+        try:
+            shape = tuple(input_shape)
+        except TypeError:
+            shape = ()
+        if not shape or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in shape):
+            raise ValueError(f"input_shape must be the shape of one sample, positive integers such as (1, 28, 28), "
+                             f"got {input_shape!r}")
+        return tuple(int(d) for d in shape)
+
+    def _checked_shapes(self) -> list[tuple[int, ...]]:
+        """Per-block output shapes of one sample of ``input_shape``; its fit to the model and
+        the model's output to ``num_classes`` checked."""
+        try:
+            shapes = block_output_shapes(self.model, self.input_shape)
+        except Exception as err:  # torch's error for whatever does not fit
+            raise ValueError(f"input_shape {self.input_shape} does not fit the model: {_innermost_exception(err)}") from err
+        out, n = shapes[-1], self.num_classes
+        if out != (n,):
+            if len(out) == 1:
+                raise ValueError(f"num_classes is {n} but the model outputs {out[0]} classes (per-sample output shape {out})")
+            raise ValueError(f"num_classes is {n} but the model's per-sample output shape is {out}, not ({n},): its last "
+                             "block must output one logit per class")
+        return shapes
+
+    def _cut(self, value, what: str) -> int:
+        """``value`` as a cut of the model, or ``ValueError`` saying why not (no truncation)."""
+        top = self.model.num_blocks - 1
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{what} {value!r} is not a cut layer: cuts are integers 1..{top} "
+                             f"(the model has {self.model.num_blocks} blocks)")
+        if not 1 <= value <= top:
+            raise ValueError(f"{what} {value!r} is outside the model: valid cuts are 1..{top} "
+                             f"(the model has {self.model.num_blocks} blocks)")
+        return self.model.check_cut(int(value))
+
+    def _check_cut_assignment(self, spec: CutAssignment) -> None:
+        """A fixed cut or list of cuts checked against the model (a function's cuts are
+        checked each round, in ``assign_cuts``)."""
+        if callable(spec):
+            return
+        if isinstance(spec, (list, tuple)):
+            if not spec:
+                raise ValueError("cut_layer is an empty list: give one cut, or one per node (round-robin)")
+            for i, value in enumerate(spec):
+                self._cut(value, f"cut_layer[{i}]")
+        else:
+            self._cut(spec, "cut_layer")
 
     # ------------------------------------------------------------------ pieces
     def summary(self) -> None:
@@ -209,14 +349,14 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         """Cut per node for this round (checked against the model)."""
         spec = self.cut_layer
         if callable(spec):
-            cuts = {n: int(spec(server_round, list(nodes))[n]) for n in nodes}
-        elif isinstance(spec, (list, tuple)):
-            cuts = {n: int(spec[i % len(spec)]) for i, n in enumerate(sorted(nodes))}
-        else:
-            cuts = {n: int(spec) for n in nodes}
-        for cut in cuts.values():
-            self.model.check_cut(cut)
-        return cuts
+            chosen = spec(server_round, list(nodes))
+            missing = [n for n in nodes if n not in chosen]
+            if missing:
+                raise ValueError(f"cut_layer function: round {server_round} has no cut for nodes {missing}")
+            return {n: self._cut(chosen[n], f"cut_layer function: round {server_round}, node {n}: cut") for n in nodes}
+        if isinstance(spec, (list, tuple)):
+            return {n: self._cut(spec[i % len(spec)], f"cut_layer[{i % len(spec)}]") for i, n in enumerate(sorted(nodes))}
+        return {n: self._cut(spec, "cut_layer") for n in nodes}
 
     def config_record(self, server_round: int, cut: int) -> ConfigRecord:
         """The ``SplitConfig`` a node gets this round."""
@@ -242,7 +382,7 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         """A server part over ``model`` (default: the global model) from the shallowest cut;
         with ``carry_momentum`` the global model's part starts from last round's momentum."""
         s = self.train_settings
-        part = ServerPart(
+        part = _StreamServerPart(
             model or self.model,
             min(self.cuts.values()),
             s["learning_rate"],
@@ -250,6 +390,7 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
             weight_decay=s["weight_decay"],
             work=self.server_work,
         )
+        part.stream = self.server_stream  # dropout masks from the strategy's own stream
         if model is None and s["carry_momentum"]:
             part.load_momentum(self.server_momentum)
         return part
@@ -274,6 +415,8 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
             self.cuts = {n: self.model.check_cut(int(self.round_plan.cuts[n])) for n in nodes}
         else:
             self.cuts = self.assign_cuts(server_round, nodes)
+        # Sampled: the nodes asked to train, and those that failed before (a planner's device query).
+        self._sampled = sorted(set(nodes) | {e["node"] for e in self.errors})
         self._configs = {n: self.config_record(server_round, c) for n, c in self.cuts.items()}
         messages = []
         for node_id in nodes:
@@ -327,20 +470,31 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message | Reply]) -> Optional[MetricRecord]:
-        """Finish the forward pass of each node's smashed evaluation data; pool the metrics."""
+        """Finish the forward pass of each node's smashed evaluation data; pool the metrics.
+
+        A failed reply (an error reply: the node's ``split_eval`` handler raised, or no reply
+        in time) and a refused one are recorded in the round's ``errors`` with the reason."""
         loss_sum, correct, n = 0.0, 0, 0
+        self._eval_finished = 0
         for reply in replies:
-            if reply.content is None:
+            if isinstance(reply, Reply):
+                node_id, error, content = reply.node_id, reply.error, reply.content
+            else:  # a Flower Message (called through Flower's Strategy API)
+                node_id = reply.metadata.src_node_id
+                error = innermost_error(reply.error.reason or f"error code {reply.error.code}") if reply.has_error() else None
+                content = reply.content if reply.has_content() else None
+            if error is not None or content is None:
+                self.reject(node_id, f"evaluation failed: {error or 'the reply has no content'}")
                 continue
-            node_id = reply.node_id if isinstance(reply, Reply) else reply.metadata.src_node_id
             cut = self._eval_cuts[node_id]
             try:
-                batches = self.gate.evaluation(reply.content, cut)
+                batches = self.gate.evaluation(content, cut)
             except p.ProtocolError as err:
                 self.reject(node_id, f"evaluation: {err}")
                 continue
             ls, c, k = evaluate_smashed(self.model, cut, batches)
             loss_sum, correct, n = loss_sum + ls, correct + c, n + k
+            self._eval_finished += 1
         if n == 0:
             return None
         return MetricRecord({"eval-loss": loss_sum / n, "eval-accuracy": correct / n, "num-examples": n})
@@ -394,21 +548,27 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         initial = evaluate_fn is not None and not done_rounds  # round 0 is the initial model: not a resumed run's
         if initial and (res := evaluate_fn(0, ArrayRecord(self.model.blocks.state_dict()))) is not None:
             result.evaluate_metrics_serverapp[0] = res
+        trained_rounds = 0
         for server_round in range(done_rounds + 1, num_rounds + 1):
             t0 = time.perf_counter()
             self.data_plane.traffic = Traffic()
             self.errors, self.server_steps, self.server_work = [], 0, ServerWork()
             self._done, self._total, self._rows, self._last_progress = {}, {}, {}, time.perf_counter()
+            self._stage, self._sampled = "train", []
             messages = list(self.configure_train(server_round, result.arrays, ConfigRecord(), grid))
             requests = {m.metadata.dst_node_id: m.content for m in messages}
             done = sorted(self._train_round(server_round, requests), key=lambda r: r.node_id)  # arrival order must not matter
             self.keep_server_momentum()
             planes = self.data_plane.end_round()  # sessions closed, every node's state committed
             examples = self.round_examples(done)
+            finished = self.finished_nodes(done)
+            trained_rounds += bool(finished)
             arrays, train_metrics = self.aggregate_train(server_round, done)
             result.arrays = arrays
             result.train_metrics_clientapp[server_round] = train_metrics
+            self._stage = "evaluate"
             eval_messages = list(self.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+            fed = None
             if eval_messages:
                 replies = self.data_plane.exchange(
                     {m.metadata.dst_node_id: m.content for m in eval_messages}, p.EVALUATE, str(server_round)
@@ -424,6 +584,7 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
             )
             entry["examples_per_node"] = {str(n): k for n, k in sorted(examples.items())}
             entry["data_plane"] = {str(n): kind for n, kind in planes.items()}
+            entry.update(self.round_status(finished, len(eval_messages), fed))
             if self.scenario is not None:
                 entry["sim"] = self.simulate_round(server_round, self.data_plane.traffic, examples)
             if self.round_plan is not None:
@@ -432,4 +593,42 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
             self.history.add_round(entry, num_rounds)
             if self.checkpoint_dir is not None:  # after the round is complete: planner fed, history written
                 self.save_checkpoint(server_round)
+        rounds_run = num_rounds - done_rounds
+        if rounds_run > 0 and not trained_rounds:
+            self.untrained(rounds_run)
         return result
+
+    def round_status(self, finished: set[int], eval_asked: int, federated: Optional[MetricRecord]) -> dict:
+        """The round's node counts and ``status`` for its history entry: ``error`` when no
+        sampled node finished the round or every evaluation reply failed, ``warning`` when
+        some node was dropped (or sat out) or some evaluation failed, else ``ok``."""
+        sampled = set(self._sampled) | finished
+        dropped = sorted(sampled - finished)
+        record: dict = {"nodes_sampled": len(sampled), "nodes_finished": len(finished), "nodes_dropped": dropped}
+        eval_failed = 0
+        if eval_asked:
+            finished_eval = getattr(self, "_eval_finished", 0)
+            eval_failed = eval_asked - finished_eval
+            record.update(eval_nodes_sampled=eval_asked, eval_nodes_finished=finished_eval)
+        if (sampled and not finished) or (eval_failed and federated is None):
+            record["status"] = "error"
+        elif dropped or eval_failed:
+            record["status"] = "warning"
+        else:
+            record["status"] = "ok"
+        return record
+
+    def untrained(self, rounds: int) -> None:
+        """A run in which no node finished any round: logged as an error and recorded in the
+        history (saved); with ``fail_untrained``, ``RuntimeError``, so that Flower marks the
+        run failed instead of completed."""
+        last = self.history.rounds[-1]["errors"] if self.history.rounds else []
+        reasons = "; ".join(f"node {e['node']}: {e['error']}" for e in last[:3]) or "none recorded"
+        if len(last) > 3:
+            reasons += f" (and {len(last) - 3} more in the history)"
+        message = f"no node finished a round in {rounds} round{'s' if rounds != 1 else ''}; last errors: {reasons}"
+        self.history.data["error"] = message
+        self.history.save()
+        log(ERROR, "[flsplit] %s", message)
+        if self.fail_untrained:
+            raise RuntimeError(message)

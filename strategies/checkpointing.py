@@ -8,8 +8,9 @@ round loop after each round when ``checkpoint_dir`` is set) and ``resume`` (call
 
 What survives a round, and so what is saved:
 
-- the global model (every block), and torch's CPU generator, which the server part's dropout
-  draws from (sampling is seeded per round: nothing to save);
+- the global model (every block), and the server part's own random stream (its dropout
+  masks: ``SplitStrategy.server_stream``'s CPU generator; sampling is seeded per round:
+  nothing to save);
 - with ``carry_momentum``, the shared server part's SGD momentum;
 - which device each node is (``devices``);
 - the planner in the loop, if any (``flsplit.strategies.adaptive.Adaptive``: nodes identified, the
@@ -82,7 +83,7 @@ class Checkpointing:
         """The state that carries into the next round (see the module docstring)."""
         return {
             "model": self.model.blocks.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": self.server_stream.cpu.clone(),  # the server part's dropout stream
             "server_momentum": dict(self.server_momentum),  # empty without carry_momentum
             "devices": {
                 str(n): {"partition": pid, "profile": dataclasses.asdict(own) if own is not None else None}
@@ -94,7 +95,10 @@ class Checkpointing:
     def restore_state(self, state: dict) -> None:
         """Take back what ``checkpoint_state`` returned (subclasses extend both)."""
         self.model.blocks.load_state_dict(state["model"])
-        torch.set_rng_state(state["torch_rng"])
+        if not isinstance(state["torch_rng"], torch.Tensor) or state["torch_rng"].dtype != torch.uint8:
+            raise ValueError("torch_rng is not a generator state")
+        torch.Generator().set_state(state["torch_rng"])  # refuses a state that is not one
+        self.server_stream.cpu = state["torch_rng"].clone()
         self.server_momentum = dict(state["server_momentum"])
         self.devices = {
             int(n): (int(d["partition"]), DeviceProfile(**d["profile"]) if d["profile"] is not None else None)

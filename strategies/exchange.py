@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.logger import log
 
 from flsplit import protocol as p
-from flsplit.dataplane import Reply
+from flsplit.dataplane import Reply, innermost_error
 from flsplit.scenario import device_from_node_config
 
 __all__ = ["ExchangeHost", "Admitted"]
@@ -109,8 +109,11 @@ class ExchangeHost:
         self.devices[node_id] = (pid, own)
 
     def reject(self, node_id: int, reason: str) -> None:
-        """Log and record (in the round's ``errors``) what went wrong with a node: a dropped
-        node, a refused reply (see ``sit_out``), a failed device query or evaluation."""
+        """Log and record (in the round's ``errors``, with the ``stage`` of the round: ``train``
+        or ``evaluate``) what went wrong with a node: a dropped node, a refused reply (see
+        ``sit_out``), a failed device query or evaluation. A ClientApp's error reply inside
+        ``reason`` is reduced to the exception its handler raised (``innermost_error``)."""
+        reason = innermost_error(reason)
         log(WARNING, "[flsplit] node %s: %s", node_id, reason)  # the reason says what happens to the node
-        self.errors.append({"node": node_id, "error": reason})
+        self.errors.append({"node": node_id, "error": reason, "stage": getattr(self, "_stage", "train")})
 
