@@ -642,13 +642,16 @@ EMPTY = snapshot(RecordDict())
 
 
 class CrashingModel:
-    """``model_fn`` for a client whose forward pass fails at its ``at``-th call (counted over
-    all its client parts; ``at`` None: never)."""
+    """``model_fn`` for a client whose forward pass fails at its ``at``-th training call
+    (counted over all its client parts; ``at`` None: never). Eval-mode calls, such as the
+    client's check that its data fits the model, do not count."""
 
     def __init__(self, at: Optional[int] = None) -> None:
         self.at, self.calls = at, 0
 
     def _hook(self, module, inputs):
+        if not module.training:
+            return
         self.calls += 1
         if self.at is not None and self.calls >= self.at:
             raise RuntimeError(f"the client crashed at its forward pass {self.calls}")
