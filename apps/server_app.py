@@ -72,7 +72,6 @@ def build_strategy(settings: RunSettings, history: RunHistory):
         data_plane_factory=data_plane_factory(settings),
         checkpoint_dir=history.directory,  # a checkpoint after every round, beside history.json
         server_device=settings["server-device"],
-        fail_untrained=True,  # a run in which no node finished any round fails (flwr marks it failed)
     )
     return with_planner(strategy, settings)
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from flsplit import protocol as p
 from flsplit import rng
-from flsplit.clientapp import split_model_of
+from flsplit.splitting import split_model_of
 from flsplit.codecs import get_codec
 from flsplit.data import TensorData
 from flsplit.scenario import DEVICE_KEYS

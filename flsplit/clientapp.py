@@ -30,50 +30,19 @@ import threading
 import uuid
 import weakref
 from collections import OrderedDict, namedtuple
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable
 
-import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from torch import nn
 
 from flsplit import protocol as p
-from flsplit.splitting import SplitModel, as_split_model
 
 if TYPE_CHECKING:
     from flsplit.client import SplitClient
 
-__all__ = ["split_client_app", "register_split_handlers", "split_model_of", "split_model_fn", "node_salt"]
+__all__ = ["split_client_app", "register_split_handlers", "node_salt"]
 
 ClientFn = Callable[[Context], "SplitClient"]
-
-
-def split_model_of(obj: object, example_input: Optional[torch.Tensor] = None) -> SplitModel:
-    """``obj`` if it is a ``SplitModel``, else the ``nn.Module`` ``obj`` split into blocks by
-    ``flsplit.as_split_model`` (``example_input``: a batch, e.g. ``x[:2]``, which a module
-    other than ``nn.Sequential`` or a torchvision VGG/ResNet needs; a floating batch is cast
-    to the module's parameter dtype). ``TypeError`` when ``obj`` is neither."""
-    if isinstance(obj, SplitModel):
-        return obj
-    if not isinstance(obj, nn.Module):
-        raise TypeError(f"model_fn must return an nn.Module or a flsplit SplitModel, it returned "
-                        f"{type(obj).__module__}.{type(obj).__qualname__}")
-    if example_input is None:
-        return as_split_model(obj)
-    dtype = next((t.dtype for t in obj.parameters() if t.is_floating_point()), None)
-    if dtype is not None and example_input.is_floating_point():
-        example_input = example_input.to(dtype)
-    return as_split_model(obj, example_input=example_input)
-
-
-def split_model_fn(model_fn: Callable[[], object], input_shape: tuple[int, ...]) -> Callable[[], SplitModel]:
-    """``model_fn`` that always returns a ``SplitModel``: a plain module is split with an
-    example batch of two zero samples of ``input_shape`` (for a strategy, which has no data)."""
-
-    def build() -> SplitModel:
-        return split_model_of(model_fn(), torch.zeros(2, *input_shape))
-
-    return build
 
 
 def node_salt(context: Context) -> int:

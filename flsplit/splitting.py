@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from flsplit import rng
-from flsplit.graph_split import Crossing, GraphSplitError, graph_split
+from flsplit.graph_split import Crossing, graph_split
 
-__all__ = ["SplitModel", "SplitMismatch", "as_split_model", "block_output_shapes", "flatten_torchvision"]
+__all__ = ["SplitModel", "SplitMismatch", "as_split_model", "block_output_shapes", "flatten_torchvision", "split_model_of"]
 
 
 class SplitMismatch(AssertionError):
@@ -292,6 +292,24 @@ def as_split_model(model: nn.Module | SplitModel, example_input: Optional[torch.
     if verify:
         split.verify(example_input)
     return split
+
+
+def split_model_of(obj: object, example_input: Optional[torch.Tensor] = None) -> SplitModel:
+    """``obj`` if it is a ``SplitModel``, else the ``nn.Module`` ``obj`` split into blocks by
+    ``flsplit.as_split_model`` (``example_input``: a batch, e.g. ``x[:2]``, which a module
+    other than ``nn.Sequential`` or a torchvision VGG/ResNet needs; a floating batch is cast
+    to the module's parameter dtype). ``TypeError`` when ``obj`` is neither."""
+    if isinstance(obj, SplitModel):
+        return obj
+    if not isinstance(obj, nn.Module):
+        raise TypeError(f"model_fn must return an nn.Module or a flsplit SplitModel, it returned "
+                        f"{type(obj).__module__}.{type(obj).__qualname__}")
+    if example_input is None:
+        return as_split_model(obj)
+    dtype = next((t.dtype for t in obj.parameters() if t.is_floating_point()), None)
+    if dtype is not None and example_input.is_floating_point():
+        example_input = example_input.to(dtype)
+    return as_split_model(obj, example_input=example_input)
 
 
 @torch.no_grad()

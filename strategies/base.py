@@ -52,7 +52,8 @@ from flsplit.history import RunHistory
 from flsplit.profile import profile_model
 from flsplit.scenario import Scenario
 from flsplit.server import ServerPart, ServerWork, StepStats, evaluate_smashed, resolve_device
-from flsplit.splitting import SplitModel, block_output_shapes
+from flsplit.graph_split import GraphSplitError
+from flsplit.splitting import SplitModel, block_output_shapes, split_model_of
 
 from flsplit.strategies.accounting import RoundAccounting
 from flsplit.strategies.checkpointing import Checkpointing
@@ -129,16 +130,19 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
     Parameters
     ----------
     model_fn : callable
-        Returns a fresh ``SplitModel`` (the same architecture the ClientApps build).
+        Returns the model: a ``SplitModel``, or any ``nn.Module``, split here as the clients
+        split it (``flsplit.as_split_model`` with an example batch of zeros of ``input_shape``:
+        a layer stack at every child, any other module before each module its forward calls).
     input_shape : tuple of int
         Shape of one input sample, e.g. ``(1, 8, 8)``; fixes the expected smashed shapes.
     num_classes : int
         Number of classes (labels in replies are checked against it); the model's last block
         must output ``(num_classes,)`` per sample.
-    cut_layer : int, list of int or callable
+    cut_layer : int, str, list of them, or callable
         One cut for all clients; a list assigned round-robin over the sampled nodes (sorted
         by node id); or ``fn(server_round, node_ids) -> {node_id: cut}`` (may change every
-        round). Cuts are integers ``1 .. L-1`` for a model of ``L`` blocks; a fixed cut or
+        round). Cuts are integers ``1 .. L-1`` for a model of ``L`` blocks (for a graph split,
+        also the names in ``model.cut_names``); a fixed cut or
         list is checked here, a function's cuts every round.
     batch_size, local_epochs, max_steps, steps_per_exchange, learning_rate, momentum,
     weight_decay, carry_momentum, seed, shuffle :
@@ -172,8 +176,8 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
     fail_untrained : bool
         A run in which no sampled node finished any round (every node dropped or sat out in
         every round) always logs an error and records ``error`` in the history; with
-        ``fail_untrained`` ``start`` then raises ``RuntimeError``, so that Flower marks the run
-        failed instead of completed (this repository's ServerApp sets it).
+        ``fail_untrained`` (the default) ``start`` then raises ``RuntimeError``, so that Flower
+        marks the run failed instead of completed.
 
     ``model_fn`` runs on a fork of torch's generator seeded from ``seed``, so building the
     strategy moves no random stream of the caller's; the server part's dropout draws from the
@@ -209,7 +213,7 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         data_plane_factory: Optional[Callable[[Grid, float], DataPlane]] = None,
         checkpoint_dir: Optional[Union[str, Path]] = None,
         server_device: str = "cpu",
-        fail_untrained: bool = False,
+        fail_untrained: bool = True,
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction-train must be in (0, 1], got {fraction_train}")
@@ -235,8 +239,8 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         self.seed = seed
         self.model_fn = model_fn
         self.device = resolve_device(server_device)
-        self.model = self.build_model()
         self.input_shape = self._checked_input_shape(input_shape)
+        self.model = self.build_model()
         self.num_classes = int(num_classes)
         self._shapes = self._checked_shapes()
         self.cut_layer = cut_layer
@@ -279,7 +283,14 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         every time, and no random stream of the caller's (the server's dropout, a client's in
         the same process) moves."""
         with rng.seeded(_derived_seed(self.seed, MODEL_SEED_OFFSET)):
-            return self.model_fn()
+            built = self.model_fn()
+            if isinstance(built, SplitModel):
+                return built
+            try:  # a plain module: split as the clients split it, on an example batch of zeros
+                return split_model_of(built, torch.zeros(2, *self.input_shape))
+            except GraphSplitError as err:
+                raise ValueError(f"model_fn's {type(built).__name__} cannot be split for input_shape "
+                                 f"{self.input_shape}: {err}") from err
 
     def _checked_input_shape(self, input_shape) -> tuple[int, ...]:
         try:
@@ -309,8 +320,12 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
     def _cut(self, value, what: str) -> int:
         """``value`` as a cut of the model, or ``ValueError`` saying why not (no truncation)."""
         top = self.model.num_blocks - 1
+        names = self.model.cut_names or []
+        if isinstance(value, str) and value in names:  # a graph split's cut, by the module it sits before
+            return names.index(value) + 1
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ValueError(f"{what} {value!r} is not a cut layer: cuts are integers 1..{top} "
+            named = f", or the names {names}" if names else ""
+            raise ValueError(f"{what} {value!r} is not a cut layer: cuts are integers 1..{top}{named} "
                              f"(the model has {self.model.num_blocks} blocks)")
         if not 1 <= value <= top:
             raise ValueError(f"{what} {value!r} is outside the model: valid cuts are 1..{top} "

@@ -18,7 +18,8 @@ from torch import nn
 import flsplit
 from flsplit import protocol as p
 from flsplit.client import SplitClient
-from flsplit.clientapp import register_split_handlers, split_client_app, split_model_fn, split_model_of
+from flsplit.clientapp import register_split_handlers, split_client_app
+from flsplit.splitting import split_model_of
 from flsplit.history import RunHistory
 from flsplit.inprocess import InProcessGrid
 from flsplit.splitting import SplitModel
@@ -91,7 +92,7 @@ def test_model_fn_may_return_a_plain_module():
     """A plain ``nn.Sequential`` on the client trains exactly like its ``SplitModel``."""
     plain = lambda: model_fn().blocks  # noqa: E731
     wrapped, _ = _train(split_client_app(_per_node()))
-    from_plain, strategy = _train(split_client_app(_per_node(model=plain)), model=split_model_fn(plain, (1, 8, 8)))
+    from_plain, strategy = _train(split_client_app(_per_node(model=plain)), model=plain)
     assert not strategy.errors and max_abs_diff(wrapped, from_plain) == 0.0
     assert isinstance(split_model_of(plain()), SplitModel)
     model = model_fn()
@@ -207,8 +208,7 @@ class _Residual(nn.Module):
 def test_a_plain_residual_module_is_split_with_the_nodes_data_as_example():
     parts = [_tabular(30), _tabular(30)]
     app = split_client_app(lambda ctx: SplitClient(_Residual, parts[int(ctx.node_config["partition-id"])]))
-    model_fn = split_model_fn(_Residual, (30,))
-    strategy = PSL(model_fn=model_fn, input_shape=(30,), num_classes=2, cut_layer=1, batch_size=5, max_steps=2)
+    strategy = PSL(model_fn=_Residual, input_shape=(30,), num_classes=2, cut_layer=1, batch_size=5, max_steps=2)
     strategy.start(grid=InProcessGrid(app, 2), num_rounds=1, initial_arrays=ArrayRecord(strategy.model.blocks.state_dict()))
     assert not strategy.errors and strategy.server_steps == 2  # PSL: one server step for both nodes
     context = InProcessGrid(ClientApp(), 1).contexts[1000]

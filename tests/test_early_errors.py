@@ -210,8 +210,8 @@ def test_a_run_in_which_no_node_trained_fails_naming_the_innermost_cause(tmp_pat
     assert not any("Traceback" in text or "ClientAppException" in text for _, text in flwr_lines if "[flsplit]" in text)
 
 
-def test_without_fail_untrained_the_run_returns_but_says_it_trained_no_one(tmp_path, flwr_lines):
-    strategy, saved = _run(_app(train=_mismatch), tmp_path, rounds=1)
+def test_with_fail_untrained_off_the_run_returns_but_says_it_trained_no_one(tmp_path, flwr_lines):
+    strategy, saved = _run(_app(train=_mismatch), tmp_path, rounds=1, fail_untrained=False)
     assert saved["error"].startswith("no node finished a round in 1 round; last errors: node 1000:")
     assert (logging.ERROR, f"[flsplit] {saved['error']}") in flwr_lines
 

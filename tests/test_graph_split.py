@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from flwr.app import ArrayRecord, ArrayRecord as _AR
-from flwr.clientapp import ClientApp
+from flwr.app import ArrayRecord
 from torch import nn
 
 from flsplit.client import SplitClient
@@ -372,3 +371,24 @@ def test_layer_stacks_keep_their_blocks():
     assert as_split_model(seq).blocks is seq
     vgg = as_split_model(torchvision.models.vgg11(num_classes=10))
     assert isinstance(vgg, SplitModel) and vgg.original is None and vgg.cut_names is None
+
+
+def test_a_strategy_takes_a_plain_module_and_cuts_by_name():
+    """model_fn may return the plain module (split on zeros of input_shape, as the clients
+    split it on their data); a cut may be given by the module it sits before."""
+    def plain():
+        torch.manual_seed(7)
+        return ResMLP(features=30, width=16, classes=3).double()
+
+    parts = [_data(8, seed=4), _data(8, seed=5)]
+    clients = [SplitClient(plain, d, d, salt=i) for i, d in enumerate(parts)]
+    strategy = PSL(model_fn=plain, input_shape=(30,), num_classes=3, cut_layer="blocks.1", batch_size=4, max_steps=2)
+    assert strategy.model.cut_names == ["blocks.0", "blocks.1", "head"]
+    result = strategy.start(grid=InProcessGrid(client_app_of(clients), 2), num_rounds=1,
+                            initial_arrays=ArrayRecord(strategy.model.blocks.state_dict()))
+    assert strategy.cuts and set(strategy.cuts.values()) == {2} and not strategy.errors
+    assert result.arrays is not None
+    with pytest.raises(ValueError, match=r"'layer9' is not a cut layer: cuts are integers 1..3, or the names \['blocks.0'"):
+        PSL(model_fn=plain, input_shape=(30,), num_classes=3, cut_layer="layer9")
+    with pytest.raises(ValueError, match=r"input_shape \(29,\)"):
+        PSL(model_fn=plain, input_shape=(29,), num_classes=3)
