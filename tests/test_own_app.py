@@ -75,3 +75,13 @@ def test_the_readme_app_runs_with_flwr_run(tmp_path):
     assert rounds[-1]["test_accuracy"] > 0.8 and rounds[-1]["test_loss"] < rounds[0]["test_loss"], rounds
     final = torch.load(history["final_model"])
     assert Path(history["final_model"]) == runs / "final_model.pt" and final
+    # The final file loads into the README's own model, unsplit (its own parameter names).
+    sys.path.insert(0, str(app_dir))
+    try:
+        from my_app.task import make_model  # the README's module, written above
+        model = make_model()
+        model.load_state_dict(final)  # strict: every parameter, under its own name
+    finally:
+        sys.path.remove(str(app_dir))
+        for name in [m for m in sys.modules if m == "my_app" or m.startswith("my_app.")]:
+            del sys.modules[name]
