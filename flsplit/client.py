@@ -24,11 +24,9 @@ from flsplit import rng
 from flsplit.splitting import split_model_of
 from flsplit.codecs import get_codec
 from flsplit.data import TensorData
-from flsplit.scenario import DEVICE_KEYS
+from flsplit.endpoint import ClientEndpoint, Offer, PlaneError, offer_in, offer_records
 from flsplit.splitting import SplitModel
-from flsplit.stream.client_session import ClientSession, SessionError
 from flsplit.gate import check_records, check_state
-from flsplit.stream.offer import FALLBACK, OFFER, SessionOffer
 from flsplit.trainer import ClientTrainer, Cursor, module_dtype, round_steps
 
 __all__ = ["SplitClient", "MODEL_SEED"]
@@ -38,12 +36,20 @@ __all__ = ["SplitClient", "MODEL_SEED"]
 # weights never matter: every request's weights are loaded into them.
 MODEL_SEED = 0
 
-# The records each kind of request may hold (ArrayRecords, ConfigRecords); nothing else.
+# The records each kind of request may hold (ArrayRecords, ConfigRecords); nothing else. A
+# train request may also hold one registered plane's session offer (``_request_records``).
 _REQUEST_RECORDS = {
-    "train": ({p.CLIENT_PART, p.GRAD, p.BCAST}, {p.CONFIG, p.BCAST_CONFIG, OFFER}),
+    "train": ({p.CLIENT_PART, p.GRAD, p.BCAST}, {p.CONFIG, p.BCAST_CONFIG}),
     "upload": (set(), {p.CONFIG}),
     "evaluate": ({p.CLIENT_PART}, {p.CONFIG}),
 }
+
+
+def _request_records(kind: str, offers: bool) -> tuple[set[str], set[str]]:
+    """The ArrayRecords and ConfigRecords a ``kind`` request may hold (with the planes' offer
+    records when ``offers``: a round's first train request)."""
+    arrays, configs = _REQUEST_RECORDS[kind]
+    return arrays, (configs | offer_records()) if offers else configs
 
 _WEIGHTS = "flsplit.client.weights"
 _OPTIM = "flsplit.client.optim"
@@ -189,7 +195,7 @@ class SplitClient:
     def _config_and_part(self, content: RecordDict, kind: str) -> tuple[p.SplitConfig, nn.Sequential]:
         """The request's ``SplitConfig`` and the client-part module for its cut, after checking
         that the request holds only the records a ``kind`` request may hold."""
-        arrays, configs = _REQUEST_RECORDS[kind]
+        arrays, configs = _request_records(kind, offers=kind == "train")
         check_records(content, arrays, set(), configs, {p.CONFIG}, f"{kind} request")
         cfg = p.SplitConfig.from_record(content.config_records[p.CONFIG])
         return cfg, self._client_part(cfg.cut)
@@ -203,40 +209,38 @@ class SplitClient:
     def train_step(self, message: Message, context: Context) -> Message:
         """One fused exchange: apply the gradients of the pending batches, send the next ones.
 
-        A request that carries a session offer (``flsplit.stream``) runs the node's whole
-        round over that session instead (``train_session``).
+        A request that carries a session offer of a registered plane (``flsplit.endpoint``)
+        runs the node's whole round over that session instead (``train_session``).
         """
         self.check_data(context)
-        try:
-            offer = SessionOffer.from_content(message.content)
-        except ValueError as err:
-            raise p.ProtocolError(str(err)) from None
-        if offer is not None:
-            return self.train_session(message, context, offer)
+        offered = offer_in(message.content)  # ProtocolError if malformed
+        if offered is not None:
+            return self.train_session(message, context, *offered)
         cfg, part = self._config_and_part(message.content, "train")
         trainer, new_round = self._trainer_for(message.content, cfg, part, context)
         reply = self._advance(trainer, message.content, new_round, context, keep_graph=False)
         self._save(trainer, context)  # the request was handled: only now does the node's state change
         return Message(reply, reply_to=message)
 
-    def train_session(self, message: Message, context: Context, offer: SessionOffer) -> Message:
-        """The node's round over a stream session: the trainer stays in memory (with the
+    def train_session(self, message: Message, context: Context, endpoint: ClientEndpoint, offer: Offer) -> Message:
+        """The node's round over a plane's session: the trainer stays in memory (with the
         autograd graph of the pending batch when there is one per exchange) from the
-        carrier's request to the server's ``END``; then ``context.state`` is written once and
-        the carrier answered with an empty acknowledgement. If the session does not open and
-        the offer allows it, this request is answered over messages, saying why."""
+        carrier's request to the server's end of the session; then ``context.state`` is
+        written once and the carrier answered with an empty acknowledgement. If the session
+        does not open and the offer allows it, this request is answered over messages, saying
+        why (``protocol.FALLBACK``)."""
         content = message.content
         cfg, part = self._config_and_part(content, "train")
         trainer, new_round = self._trainer_for(content, cfg, part, context)
         if not new_round:
             raise p.ProtocolError(f"a session offer must come with the round's '{p.CLIENT_PART}'")
         try:
-            session = ClientSession.open(offer)
-        except SessionError as err:
+            session = endpoint.open(offer)
+        except PlaneError as err:
             if offer.required:
                 raise
             reply = self._advance(trainer, content, new_round, context, keep_graph=False)
-            reply[FALLBACK] = ConfigRecord({"reason": str(err)[:500]})
+            reply[p.FALLBACK] = ConfigRecord({"reason": str(err)[:500]})
             self._save(trainer, context)
             return Message(reply, reply_to=message)
         keep_graph = cfg.steps_per_exchange == 1  # with K > 1 each batch is recomputed after the previous step
@@ -249,7 +253,7 @@ class SplitClient:
                     request = session.next_request()
                     if request is not None:
                         self._check_same_round(request, cfg)
-            except SessionError:
+            except PlaneError:
                 raise
             except Exception as err:  # tell the server why, then fail the carrier: no state written
                 session.fail(f"{type(err).__name__}: {err}")
@@ -259,8 +263,8 @@ class SplitClient:
 
     @staticmethod
     def _check_same_round(request: RecordDict, cfg: p.SplitConfig) -> None:
-        arrays, configs = _REQUEST_RECORDS["train"]
-        check_records(request, arrays, set(), configs - {OFFER}, {p.CONFIG}, "train request")
+        arrays, configs = _request_records("train", offers=False)
+        check_records(request, arrays, set(), configs, {p.CONFIG}, "train request")
         if p.SplitConfig.from_record(request.config_records[p.CONFIG]) != cfg:
             raise p.ProtocolError("a request of the session changed the round's settings")
         if p.CLIENT_PART in request.array_records:
@@ -325,7 +329,7 @@ class SplitClient:
     def _device_record(self, context: Context) -> ConfigRecord:
         """Partition id and the numeric device-profile keys of the node config."""
         record = {"partition-id": int(context.node_config.get("partition-id", self._salt))}
-        for key in DEVICE_KEYS:
+        for key in p.DEVICE_KEYS:
             if key in context.node_config:
                 record[key] = float(context.node_config[key])
         return ConfigRecord(record)

@@ -22,6 +22,10 @@ handler                 what it does                                            
 
 ``split_client_app`` registers all five; ``register_split_handlers(app, client_fn)`` adds
 them to a ``ClientApp`` that has other handlers too.
+
+``train.split_step`` answers a round over whichever registered plane its first request
+offers a session on (``flsplit.endpoint``); importing this module registers the built-in
+planes' client endpoints (the stream's, ``flsplit.stream.endpoint``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from flsplit import protocol as p
+from flsplit.stream import endpoint as _stream_endpoint  # noqa: F401  (the built-in planes' client halves register)
 
 if TYPE_CHECKING:
     from flsplit.client import SplitClient

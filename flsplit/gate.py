@@ -38,8 +38,7 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from flsplit import protocol as p
 from flsplit.codecs import Codec
-from flsplit.scenario import DEVICE_KEYS
-from flsplit.stream.offer import FALLBACK
+from flsplit.protocol import DEVICE_KEYS, FALLBACK
 
 __all__ = ["ReplyGate", "check_state", "check_records"]
 

@@ -20,7 +20,10 @@ Records in a reply (client -> server)
                       ``remaining`` batches of the round from it (progress reporting)
     ``client.part``   ArrayRecord + ``split.metrics`` MetricRecord ``num-examples``: at round end
     ``client.device`` ConfigRecord (first reply of a round): ``partition-id`` and the device
-                      profile keys found in the node config (``cpu-hz``, ``tx-power-w``, ...)
+                      profile keys found in the node config (``DEVICE_KEYS``: ``cpu-hz``, ...)
+    ``split.stream.fallback`` ConfigRecord ``reason`` (``FALLBACK``): the request offered a
+                      session on another plane, allowed to fail (``flsplit.endpoint``), and
+                      the node answers over messages instead, saying why
 """
 
 from __future__ import annotations
@@ -65,6 +68,19 @@ METRICS = "split.metrics"
 DEVICE = "client.device"
 BCAST = "split.bcast"
 BCAST_CONFIG = "split.bcast.config"
+# A reply over messages to a request whose session offer could not be taken up (any plane's;
+# the name is the first plane's, the stream's).
+FALLBACK = "split.stream.fallback"
+
+# The device-profile keys a node reports in ``client.device`` (kebab case -> the field of
+# ``flsplit.costmodel.DeviceProfile``; tests/test_endpoint.py keeps the two equal).
+DEVICE_KEYS = {
+    "cpu-hz": "cpu_hz",
+    "flops-per-cycle": "flops_per_cycle",
+    "kappa": "kappa",
+    "tx-power-w": "tx_power_w",
+    "distance-m": "distance_m",
+}
 
 
 class ProtocolError(ValueError):

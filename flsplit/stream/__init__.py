@@ -2,9 +2,10 @@
 
 ``plane.StreamDataPlane`` (the ServerApp's side, a ``flsplit.dataplane.DataPlane``),
 ``listener`` (TLS listener, admission of offered sessions, one thread per session),
-``client_session`` (the ClientApp's side), ``offer`` (what the round's first Flower message
-carries), ``frames`` (the wire format), ``tls`` (certificates and pinning), ``simulation``
-(how many sessions Flower's simulation engine can hold at once).
+``endpoint`` (the ClientApp's side, a ``flsplit.endpoint.ClientEndpoint``, registered on
+import) over ``client_session`` (the session it opens), ``offer`` (what the round's first
+Flower message carries), ``frames`` (the wire format), ``tls`` (certificates and pinning),
+``simulation`` (how many sessions Flower's simulation engine can hold at once).
 """
 
 from flsplit.stream.offer import SessionOffer

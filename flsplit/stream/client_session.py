@@ -8,6 +8,7 @@ from typing import Optional
 
 from flwr.app import RecordDict
 
+from flsplit.endpoint import PlaneError
 from flsplit.stream.frames import FrameError, Kind, decode_content, decode_json, encode_content, encode_json, recv_frame, send_frame
 from flsplit.stream.listener import HELLO_MAX, tune_socket
 from flsplit.stream.offer import SessionOffer
@@ -16,7 +17,7 @@ from flsplit.stream.tls import check_pin, client_context
 __all__ = ["ClientSession", "SessionError", "SessionAborted"]
 
 
-class SessionError(ConnectionError):
+class SessionError(PlaneError):
     """The session could not be opened or broke; the text says why."""
 
 
@@ -25,7 +26,10 @@ class SessionAborted(SessionError):
 
 
 class ClientSession:
-    """An open, authenticated session (use ``open``); strictly reply, then read the next frame."""
+    """An open, authenticated session (use ``open``); strictly reply, then read the next frame.
+
+    A ``flsplit.endpoint.EndpointSession``: ``flsplit.stream.endpoint`` opens it for
+    ``SplitClient``."""
 
     def __init__(self, sock: ssl.SSLSocket, offer: SessionOffer) -> None:
         self.sock, self.offer = sock, offer

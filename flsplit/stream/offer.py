@@ -7,10 +7,11 @@ from typing import Optional
 
 from flwr.app import ConfigRecord, RecordDict
 
+from flsplit.protocol import FALLBACK  # a reply sent over messages instead: why (any plane's)
+
 __all__ = ["OFFER", "FALLBACK", "SessionOffer"]
 
 OFFER = "split.stream"  # ConfigRecord in the round's first request
-FALLBACK = "split.stream.fallback"  # ConfigRecord in a reply sent over messages instead: why
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,11 @@ class SessionOffer:
     def from_content(cls, content: RecordDict) -> Optional["SessionOffer"]:
         """The offer in a request, or ``None`` if it carries none; ``ValueError`` if malformed."""
         record = content.config_records.get(OFFER)
-        if record is None:
-            return None
+        return None if record is None else cls.from_record(record)
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> "SessionOffer":
+        """The offer an ``OFFER`` record holds; ``ValueError`` if malformed."""
         try:
             return cls(
                 address=str(record["address"]),
