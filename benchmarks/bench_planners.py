@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flsplit.costmodel import Channel, Scenario  # noqa: E402
+from flsplit.sim.scenario import Channel, Scenario  # noqa: E402
 from flsplit.plan_command import PlanSetup, model_profile, run_plans  # noqa: E402
 from flsplit.planners import OpenPlanner, allocate_sflga, best_fixed_cut, plan_edgesplit  # noqa: E402
 from flsplit.scenario import load_scenario  # noqa: E402

@@ -269,7 +269,7 @@ def format_round(entry: dict) -> str:
         f"{'latency s':>10} {'energy J':>10}   (per client, as the planner reports)",
     ]
     per_latency = d.get("client_latency_s") or d.get("finish_s")
-    per_energy = d.get("energy_per_client_j") or d.get("client_energy_j") or d.get("energy_j")
+    per_energy = d.get("energy_per_client_j")
     band = [b / 1e6 for b in plan["bandwidth_hz"]] if plan["bandwidth_hz"] is not None else None
     ids = d.get("client_ids") or list(range(len(plan["cuts"])))
     for i, cut in enumerate(plan["cuts"]):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from scipy.optimize import brentq
 
-from flsplit.costmodel import Channel, DeviceProfile, Scenario, ServerProfile
+from flsplit.sim.scenario import Channel, DeviceProfile, Scenario, ServerProfile
 from flsplit.planners.edgesplit import plan_edgesplit
 from flsplit.profile import BlockProfile, ModelProfile
 

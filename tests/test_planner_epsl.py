@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 from scipy.optimize import brentq
 
-from flsplit.costmodel import Channel, DeviceProfile, Scenario, ServerProfile, round_cost
+from flsplit.sim.scenario import Channel, DeviceProfile, Scenario, ServerProfile
 from flsplit.planners import epsl as epsl_module
 from flsplit.planners.epsl import plan_epsl
 from flsplit.profile import BlockProfile, ModelProfile
+from tests.oracle import round_cost
 
 N0 = 10.0 ** ((-174.0 - 30.0) / 10.0)  # W/Hz
 BPE = 4.0
@@ -312,7 +313,7 @@ def test_plan_equals_round_cost(phi, with_budget):
     assert plan.latency_s == pytest.approx(cost.round_latency_s, rel=1e-9)
     assert plan.energy_j == pytest.approx(cost.total_energy_j, rel=1e-9)
     assert plan.details["client_latency_s"] == pytest.approx([c.latency_s for c in cost.clients], rel=1e-9)
-    assert plan.details["client_energy_j"] == pytest.approx([c.energy_j for c in cost.clients], rel=1e-9)
+    assert plan.details["energy_per_client_j"] == pytest.approx([c.energy_j for c in cost.clients], rel=1e-9)
     assert plan.details["client_ids"] == ids
     if with_budget:
         for c, b in zip(cost.clients, ordered):

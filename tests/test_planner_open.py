@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 import pytest
-from flsplit.costmodel import Channel, DeviceProfile, Scenario, ServerProfile, rayleigh_power
+from flsplit.sim.scenario import Channel, DeviceProfile, Scenario, ServerProfile, rayleigh_power
 from flsplit.planners import Plan
 from flsplit.planners.open import OpenPlanner, min_makespan_shares
 from flsplit.profile import BlockProfile, ModelProfile

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from flsplit.costmodel import Channel, DeviceProfile, Scenario, ServerProfile
+from flsplit.sim.scenario import Channel, DeviceProfile, Scenario, ServerProfile
 from flsplit.planners.ccc import CCCPlanner, train_ccc_agent
 from flsplit.planners.edgesplit import plan_edgesplit
 from flsplit.planners.epsl import plan_epsl
@@ -158,7 +158,7 @@ def test_epsl_reports_the_price(phi, budget):
     budgets = None
     if budget:
         free = plan_epsl(PROFILE, sc, samples=32, num_clients=4, phi=phi)
-        budgets = [0.9 * e for e in free.details["client_energy_j"]]
+        budgets = [0.9 * e for e in free.details["energy_per_client_j"]]
     plan = plan_epsl(PROFILE, sc, samples=32, num_clients=4, phi=phi, energy_budget_j=budgets, server_round=1)
     cost = priced(plan, sc, scheme="epsl", samples=[32] * 4, timing=ServerTiming.AFTER_CLIENTS, phi=phi,
                   server_round=1)

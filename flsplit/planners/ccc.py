@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
-from flsplit.costmodel import Scenario
+from flsplit.sim.scenario import Scenario
 from flsplit.planners.checks import int_arg, real_arg
 from flsplit.planners.plan import Plan
 from flsplit.planners.problem import PlanningProblem

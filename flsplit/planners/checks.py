@@ -1,38 +1,15 @@
-"""Argument checks shared by the planners: a clear ValueError that names the argument."""
+"""Argument checks shared by the planners: a clear ValueError that names the argument.
+
+The number checks are the simulator's one family (``flsplit.sim.checks``).
+"""
 
 from __future__ import annotations
 
-import math
 import numbers
 
+from flsplit.sim.checks import int_arg, real_arg
+
 __all__ = ["candidate_cut_list", "int_arg", "real_arg"]
-
-
-def int_arg(name: str, value, *, minimum: int) -> int:
-    """``value`` as an int >= ``minimum`` (numpy integers and integral floats accepted)."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if isinstance(value, float) and not value.is_integer():
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    v = int(value)
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    return v
-
-
-def real_arg(name: str, value, *, finite: bool = True, positive: bool = False, nonnegative: bool = False) -> float:
-    """``value`` as a float (finite unless ``finite=False``; optionally > 0 or >= 0)."""
-    # bool is an int subclass: True is a mistake here, not 1.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    v = float(value)
-    if finite and not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    if positive and v <= 0:
-        raise ValueError(f"{name} must be > 0, got {v}")
-    if nonnegative and v < 0:
-        raise ValueError(f"{name} must be >= 0, got {v}")
-    return v
 
 
 def candidate_cut_list(num_blocks: int, candidate_cuts) -> list[int]:

@@ -4,7 +4,7 @@ EdgeSplit (DESIGN.md 2, item 3) runs parallel split learning on heterogeneous de
 device gets its own cut depth and its own share of the band, chosen so that the slowest
 device (the straggler) finishes as early as possible.
 
-Latency model of one client (``flsplit.costmodel``, DESIGN.md 3.6), with cut ``k`` and
+Latency model of one client (``flsplit.sim``, DESIGN.md 3.6), with cut ``k`` and
 bandwidth ``B``::
 
     T_i(k, B) = compute_i(k) + D_up_i(k) / r_up_i(B) + D_down_i(k) / r_down_i(B)
@@ -16,7 +16,7 @@ bandwidth ``B``::
 * ``D_up_i(k) = D_down_i(k) = n_i * smashed_elements(k) * bytes_per_element * 8`` bits: the
   smashed data go up, their gradient (same shape) comes down, so the round moves
   ``2 n_i smashed_elements(k) bytes_per_element * 8`` bits in all.
-* **Separate rates**, as in ``costmodel.round_cost``: ``r_up(B) = B log2(1 + p_i g_i / (B N0))``
+* **Separate rates**, as in ``flsplit.sim.price``: ``r_up(B) = B log2(1 + p_i g_i / (B N0))``
   at the device's transmit power and ``r_down(B) = B log2(1 + P_s g_i / (B N0))`` at the
   server's, both over the client's share ``B`` of the band (reciprocal channel, gain
   ``g_i = Scenario.channel_gain(client_id, server_round)``).
@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from flsplit.costmodel import Scenario
+from flsplit.sim.scenario import Scenario
 from flsplit.planners.checks import int_arg
 from flsplit.planners.plan import Plan
 from flsplit.planners.problem import PlanningProblem
@@ -310,7 +310,7 @@ def plan_edgesplit(
         a full-speed server worker per client: equal to the makespan ``max_i T_i`` of the
         model above, to rounding) and ``details`` (``iterations``, ``converged``,
         ``makespan_history``, per-client ``client_latency_s``, ``compute_s``, ``uplink_s``,
-        ``downlink_s``, ``energy_j``, ``client_ids`` and the model assumptions).
+        ``downlink_s``, ``energy_per_client_j``, ``client_ids`` and the model assumptions).
 
     Raises
     ------
@@ -382,7 +382,7 @@ def plan_edgesplit(
         "compute_s": [c.compute_latency_s + c.server_latency_s for c in clients],
         "uplink_s": [c.uplink_latency_s for c in clients],
         "downlink_s": [c.downlink_latency_s for c in clients],
-        "energy_j": [c.energy_j for c in clients],
+        "energy_per_client_j": [c.energy_j for c in clients],
         "candidate_cuts": cands,
         "model": "server parallel at full speed per client; up and down each carry "
         "samples*smashed_elements*bytes_per_element*8 bits; uplink at device power, "

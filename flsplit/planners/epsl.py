@@ -9,7 +9,7 @@ each client's uplink transmit power so that the round finishes as early as possi
 (``phi = 0`` is PSL).
 
 Traffic and work of one round (``N`` clients, ``n`` samples each, ``s`` smashed elements per
-sample at cut ``k``, ``bpe`` bytes per element), exactly as ``costmodel.round_cost`` is called
+sample at cut ``k``, ``bpe`` bytes per element), exactly as ``flsplit.sim.price`` prices it
 for the returned plan (``timing="parallel"``, ``subchannels=``, ``tx_power_w=``)::
 
     uplink_bytes_i    = n * s * bpe                 (smashed data)
@@ -18,7 +18,7 @@ for the returned plan (``timing="parallel"``, ``subchannels=``, ``tx_power_w=``)
     client_flops_i    = client_flops(cut, n)        (forward + backward)
     server_flops      = server_flops(cut, N * n, backward_samples=(1 - phi) * N * n + phi * n)
 
-Latency model (``flsplit.costmodel``, DESIGN.md 3.6). Client ``i`` with ``m_i`` subchannels of
+Latency model (``flsplit.sim``, DESIGN.md 3.6). Client ``i`` with ``m_i`` subchannels of
 width ``W`` (``B_i = m_i W``), power ``p_i``, gain ``g_i`` (``Scenario.channel_gain``)::
 
     chain_i = n F^c(k) / f_i                                    (compute)
@@ -64,7 +64,7 @@ Algorithm (block-coordinate descent, DESIGN.md 3.7):
   ``t`` unchanged and makes the optimum unique, namely ``p*_i`` above for every client. The
   solver's answer is polished to that closed form (``x*_i`` by bisection): each returned
   power either meets its budget with equality or is the device's maximum, and the budget is
-  re-checked with ``round_cost``'s own arithmetic (never exceeded). The solver's deviation
+  re-checked with ``price``'s own arithmetic (never exceeded). The solver's deviation
   from the closed form is reported in ``details``. **Without budgets the maximum power is
   optimal** (latency decreases in ``p``) and no convex program is solved.
 * **Subchannel step** (cut fixed): start with one subchannel per client, then give each of
@@ -106,7 +106,8 @@ from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 
-from flsplit.costmodel import Scenario, client_flops, server_flops
+from flsplit.sim.scenario import Scenario
+from flsplit.sim.workload import client_flops, server_flops
 from flsplit.extras import require
 from flsplit.planners.checks import int_arg, real_arg
 from flsplit.planners.plan import Plan
@@ -392,7 +393,7 @@ def _power_step(
 
 
 def _respect_budgets(cost_fn, powers: np.ndarray, budgets: Optional[np.ndarray]):
-    """``round_cost`` of the plan, shrinking powers by ulps if rounding put one over budget."""
+    """``price`` of the plan, shrinking powers by ulps if rounding put one over budget."""
     cost = cost_fn(powers)
     if budgets is None:
         return cost, powers
@@ -461,11 +462,11 @@ def plan_epsl(
     -------
     Plan
         ``method="epsl"``, ``cuts`` (the same cut for every client), ``subchannels``,
-        ``tx_power_w``, ``latency_s`` and ``energy_j`` (``round_cost``'s round latency and
+        ``tx_power_w``, ``latency_s`` and ``energy_j`` (``price``'s round latency and
         total device energy for this plan) and ``details``: ``iterations``, ``converged``,
         ``latency_history``, ``client_ids``, ``phi``, ``candidate_cuts``, ``cut_latency_s``
         (best latency per candidate cut, ``None`` where a budget cannot be met),
-        ``client_latency_s``, ``client_energy_j``, ``compute_s``, ``uplink_s``,
+        ``client_latency_s``, ``energy_per_client_j``, ``compute_s``, ``uplink_s``,
         ``downlink_s`` (unicast plus broadcast), ``broadcast_s``, ``server_s``,
         ``energy_budget_j``, ``budget_binding``, ``solver`` and ``power_step``
         (the convex program's status, its own powers and latency, and its largest relative
@@ -605,7 +606,7 @@ def plan_epsl(
             "candidate_cuts": cands,
             "cut_latency_s": {k: cut_latency.get(k) for k in cands},
             "client_latency_s": [c.latency_s for c in clients],
-            "client_energy_j": [c.energy_j for c in clients],
+            "energy_per_client_j": [c.energy_j for c in clients],
             "compute_s": [c.compute_latency_s for c in clients],
             "uplink_s": [c.uplink_latency_s for c in clients],
             "downlink_s": [c.downlink_latency_s for c in clients],

@@ -1,7 +1,7 @@
 """The baseline every planner is compared against, and one pricing rule for all of them.
 
 ``scheme_round_cost`` prices one round of a scheme with the cost model
-(``costmodel.round_cost``) for any cuts (one per client, mixed allowed) and any allocation
+(``flsplit.sim.price``) for any cuts (one per client, mixed allowed) and any allocation
 (bandwidth shares, OFDMA subchannels, transmit powers; by default an even split at each
 device's maximum power). The traffic and work of each scheme, for client ``i`` with ``n_i``
 samples at cut ``k_i`` (``s_i`` smashed elements per sample, ``q`` bytes per element):
@@ -32,7 +32,8 @@ import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Optional
 
-from flsplit.costmodel import RoundCost, Scenario
+from flsplit.sim.pricing import RoundCost
+from flsplit.sim.scenario import Scenario
 from flsplit.planners.plan import Plan
 from flsplit.sim.pricing import Allocation, ServerTiming, price, price_totals
 from flsplit.sim.traffic import ElementWire, predict_workload
@@ -116,7 +117,7 @@ def scheme_round_cost(
     phi : float
         EPSL's aggregated fraction (``epsl`` only).
     bandwidth_shares, subchannels, tx_power_w : sequence, optional
-        The allocation, as ``costmodel.round_cost`` takes it (default: even split, maximum
+        The allocation, as ``flsplit.sim.Allocation`` holds it (default: even split, maximum
         power).
     server_timing : ServerTiming
         Where the server's time goes (``flsplit.sim.pricing``).

@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from flwr.common.logger import log
 
-from flsplit.costmodel import RoundCost, Scenario
+from flsplit.sim.pricing import RoundCost
+from flsplit.sim.scenario import Scenario
 from flsplit.planners.checks import candidate_cut_list, real_arg
 from flsplit.planners.plan import Plan
 from flsplit.sim import Allocation, ServerTiming, predict_workload, price

@@ -14,7 +14,7 @@ optimisation): each round, with the round's channel state,
 A larger ``V`` weighs latency more (lower latency, energy closer to or above budget over a
 finite horizon); ``V = 0`` minimises the queue-weighted energy only.
 
-Cost model (the terms of ``flsplit.costmodel``, DESIGN.md 3.6), for client ``i`` with ``n_i``
+Cost model (the terms of ``flsplit.sim``, DESIGN.md 3.6), for client ``i`` with ``n_i``
 samples at cut ``k`` in round ``t``:
 
 * device compute: ``F = n_i * (client forward + backward FLOPs of k)``, time
@@ -66,7 +66,7 @@ from typing import Optional
 
 import numpy as np
 
-from flsplit.costmodel import Scenario
+from flsplit.sim.scenario import Scenario
 from flsplit.planners.plan import Plan
 from flsplit.planners.problem import PlanningProblem
 from flsplit.profile import ModelProfile

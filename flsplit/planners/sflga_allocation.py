@@ -4,7 +4,7 @@ The convex sub-problem of the CCC strategy (``flsplit.planners.ccc``): for the c
 a round, allocate the band, the transmit powers and the device clocks (DVFS) so that the
 round ends as early as possible, under optional per-round device energy budgets.
 
-Round model (``flsplit.costmodel``, DESIGN.md 3.6; exactly ``round_cost`` with
+Round model (``flsplit.sim``, DESIGN.md 3.6; exactly ``flsplit.sim.price`` with
 ``bandwidth_shares=B/W``, ``tx_power_w=p``, ``broadcast_bytes`` and the devices' ``cpu_hz``
 replaced by the chosen ``f``, i.e. ``planners.fixed.scheme_round_cost(scheme="sflga")``).
 Client ``i`` with ``n_i`` samples at cut ``k``, bandwidth ``B_i``, CPU frequency ``f_i`` and
@@ -93,7 +93,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import numpy as np
 from scipy.special import lambertw
 
-from flsplit.costmodel import Scenario
+from flsplit.sim.scenario import Scenario
 from flsplit.extras import require
 from flsplit.planners.plan import Plan
 from flsplit.planners.problem import PlanningProblem, client_id_list, sample_list
