@@ -146,7 +146,7 @@ def test_an_agent_for_other_candidate_cuts_is_refused_at_start(tmp_path, agent_p
         ({"strategy": "epsl", "planner": "epsl", "cost-scenario": "homogeneous"}, "OFDMA"),
         ({"strategy": "psl", "planner": "asl", "planner-energy-budget": "0.1,-2"}, "energy budgets must be finite and > 0"),
         ({"strategy": "psl", "planner": "edgesplit", "planner-candidate-cuts": "2,x"}, "planner-candidate-cuts"),
-        ({"strategy": "psl", "planner": "edgesplit", "planner-candidate-cuts": "2,40"}, "outside 1..8"),
+        ({"strategy": "psl", "planner": "edgesplit", "planner-candidate-cuts": "2,40"}, "cut 40 is outside the model: valid cuts are 1..8"),
     ],
 )
 def test_bad_planner_settings_are_refused_before_training(tmp_path, config, message):

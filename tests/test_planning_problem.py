@@ -65,7 +65,7 @@ def _forced_band(value: float) -> Scenario:
         ({"samples": [32, 2.5]}, r"samples\[1\]"),
         ({"samples": []}, "samples"),
         ({"samples": "32"}, "samples"),
-        ({"candidate_cuts": [1, 5]}, "candidate_cuts: cut 5 is outside 1..4"),
+        ({"candidate_cuts": [1, 5]}, "candidate_cuts: cut 5 is outside the model: valid cuts are 1..4"),
         ({"candidate_cuts": [0]}, "candidate_cuts"),
         ({"candidate_cuts": []}, "candidate_cuts is empty"),
         ({"client_ids": [0, 1, 1]}, "client_ids must be distinct"),

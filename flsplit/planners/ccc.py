@@ -67,14 +67,13 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import numpy as np
 
 from flsplit.sim.scenario import Scenario
-from flsplit.planners.checks import int_arg, real_arg
+from flsplit.planners.checks import budget_array, int_arg, real_arg
 from flsplit.planners.plan import Plan
 from flsplit.planners.problem import PlanningProblem
 from flsplit.planners.sflga_allocation import (  # the allocation for a cut and its argument checks
     allocate_sflga,
     BudgetArg,
     _Infeasible,
-    _budget_arg,
     _cut_arg,
     _cut_terms,
     _evaluate,
@@ -206,7 +205,7 @@ class CCCEnvironment:
                                                                                 min_client_depth)
         self.num_rounds = int_arg("num_rounds", num_rounds, minimum=1)
         self.bytes_per_element = real_arg("bytes_per_element", bytes_per_element, positive=True)
-        self.budgets = _budget_arg(energy_budget_j, n)
+        self.budgets = budget_array(energy_budget_j, n, allow_unlimited=True)
         self.w_lat = real_arg("w_lat", w_lat, nonnegative=True)
         self.w_conv = real_arg("w_conv", w_conv, nonnegative=True)
         if self.w_lat == 0 and self.w_conv == 0:
@@ -822,7 +821,7 @@ class CCCPlanner:
         for k in agent.candidate_cuts:
             _cut_arg("the agent's candidate cut", k, num_blocks)
         self.bytes_per_element = real_arg("bytes_per_element", bytes_per_element, positive=True)
-        self.budgets = _budget_arg(energy_budget_j, n)
+        self.budgets = budget_array(energy_budget_j, n, allow_unlimited=True)
         self.loss_scale = None if loss_scale is None else real_arg("loss_scale", loss_scale, positive=True)
         _total_band(scenario)
         # The round's constants, checked once (the agent's cuts are the candidates).

@@ -5,11 +5,16 @@ The number checks are the simulator's one family (``flsplit.sim.checks``).
 
 from __future__ import annotations
 
+import math
 import numbers
+from collections.abc import Sequence
+from typing import Optional
 
-from flsplit.sim.checks import int_arg, real_arg
+import numpy as np
 
-__all__ = ["candidate_cut_list", "int_arg", "real_arg"]
+from flsplit.sim.checks import cut_arg, cut_list, int_arg, real_arg
+
+__all__ = ["budget_array", "candidate_cut_list", "cut_arg", "cut_list", "int_arg", "real_arg"]
 
 
 def candidate_cut_list(num_blocks: int, candidate_cuts) -> list[int]:
@@ -23,8 +28,39 @@ def candidate_cut_list(num_blocks: int, candidate_cuts) -> list[int]:
         raise ValueError("candidate_cuts is empty")
     cands: list[int] = []
     for k in raw:
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= num_blocks - 1:
-            raise ValueError(f"candidate_cuts: cut {k!r} is outside 1..{num_blocks - 1} (outside the model)")
-        if int(k) not in cands:
-            cands.append(int(k))
+        k = cut_arg("candidate_cuts: cut", k, num_blocks)
+        if k not in cands:
+            cands.append(k)
     return sorted(cands)
+
+
+def budget_array(energy_budget_j, n: int, *, allow_unlimited: bool = False) -> Optional[np.ndarray]:
+    """Per-client energy budgets in J, the one parser of the planners' ``energy_budget_j``.
+
+    ``None`` (no budgets), one number for every client, or one number per client, each finite
+    and > 0. With ``allow_unlimited`` an entry ``None`` or ``inf`` means no budget for that
+    client (``inf`` in the array), and ``None`` is returned when no client has one. (A
+    run-config or command-line text is parsed first by ``flsplit.planners.online.parse_budget``.)
+    """
+    if energy_budget_j is None:
+        return None
+    if isinstance(energy_budget_j, numbers.Real) and not isinstance(energy_budget_j, bool):
+        values = [energy_budget_j] * n
+    else:
+        if isinstance(energy_budget_j, (str, bytes)) or not isinstance(energy_budget_j, (Sequence, np.ndarray)):
+            raise ValueError(f"energy_budget_j must be a number or one number per client, got {energy_budget_j!r}")
+        values = list(energy_budget_j)
+        if len(values) != n:
+            raise ValueError(f"energy_budget_j has {len(values)} entries for {n} clients")
+    out = np.empty(n)
+    for i, v in enumerate(values):
+        if allow_unlimited and (v is None or (isinstance(v, numbers.Real) and float(v) == math.inf)):
+            out[i] = math.inf
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)) or float(v) <= 0:
+            none = " (or None / inf for none)" if allow_unlimited else ""
+            raise ValueError(f"energy_budget_j[{i}] must be a finite number > 0 J{none}, got {v!r}")
+        out[i] = float(v)
+    if allow_unlimited and np.all(np.isinf(out)):
+        return None
+    return out

@@ -99,7 +99,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import numbers
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Optional, Union
@@ -109,7 +108,7 @@ import numpy as np
 from flsplit.sim.scenario import Scenario
 from flsplit.sim.workload import client_flops, server_flops
 from flsplit.extras import require
-from flsplit.planners.checks import int_arg, real_arg
+from flsplit.planners.checks import budget_array, int_arg, real_arg
 from flsplit.planners.plan import Plan
 from flsplit.planners.problem import PlanningProblem
 from flsplit.sim import kernels as kern
@@ -147,26 +146,6 @@ def _client_ids(num_clients, client_ids) -> list[int]:
     if num_clients is not None and int_arg("num_clients", num_clients, minimum=1) != len(ids):
         raise ValueError(f"num_clients={num_clients} but client_ids has {len(ids)} entries")
     return ids
-
-
-def _budgets(energy_budget_j, n: int) -> Optional[np.ndarray]:
-    if energy_budget_j is None:
-        return None
-    if isinstance(energy_budget_j, numbers.Real) and not isinstance(energy_budget_j, bool):
-        values = [energy_budget_j] * n
-    else:
-        if isinstance(energy_budget_j, (str, bytes)) or not isinstance(energy_budget_j, (Sequence, np.ndarray)):
-            raise ValueError(f"energy_budget_j must be a number or one number per client, got {energy_budget_j!r}")
-        values = list(energy_budget_j)
-        if len(values) != n:
-            raise ValueError(f"energy_budget_j has {len(values)} entries for {n} clients")
-    out = []
-    for i, v in enumerate(values):
-        b = real_arg(f"energy_budget_j[{i}]", v, finite=False)
-        if not (math.isfinite(b) and b > 0):
-            raise ValueError(f"energy_budget_j[{i}] must be a finite number > 0 J, got {b}")
-        out.append(b)
-    return np.array(out, dtype=float)
 
 
 # --- per-cut constants -----------------------------------------------------------------------
@@ -512,7 +491,7 @@ def plan_epsl(
         bytes_per_element=bpe, candidate_cuts=candidate_cuts, include_weights=include_weights,
     )
     cands = list(problem.candidate_cuts)
-    budgets = _budgets(energy_budget_j, n)
+    budgets = budget_array(energy_budget_j, n)
 
     # -- constants --
     prob = _Problem(problem, budgets)

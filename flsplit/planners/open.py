@@ -68,6 +68,7 @@ import numpy as np
 
 from flsplit.sim.scenario import Scenario
 from flsplit.planners.plan import Plan
+from flsplit.planners.checks import budget_array
 from flsplit.planners.problem import PlanningProblem
 from flsplit.profile import ModelProfile
 from flsplit.sim import kernels as kern
@@ -148,15 +149,6 @@ def min_makespan_shares(a: Sequence[float], w: Sequence[float]) -> tuple[float, 
     return t, shares
 
 
-def _positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    return v
-
-
 class OpenPlanner:
     """Online Lyapunov planner of cuts and server CPU shares (OPEN / ASL).
 
@@ -226,10 +218,9 @@ class OpenPlanner:
         elif profile is not None or scenario is not None or samples is not None:
             raise ValueError("give problem or profile, scenario and samples, not both")
         n = problem.num_clients
-        budgets = list(energy_budget_j)
-        if len(budgets) != n:
-            raise ValueError(f"energy_budget_j has {len(budgets)} entries for {n} clients")
-        self.energy_budget_j = np.array([_positive(f"energy_budget_j[{i}]", b) for i, b in enumerate(budgets)])
+        if energy_budget_j is None:
+            raise ValueError("energy_budget_j: OPEN needs a long-term energy budget per device")
+        self.energy_budget_j = budget_array(energy_budget_j, n)
         if isinstance(V, bool) or not isinstance(V, (int, float, np.integer, np.floating)):
             raise ValueError(f"V must be a number, got {V!r}")
         if not math.isfinite(float(V)) or float(V) < 0:

@@ -95,8 +95,10 @@ from scipy.special import lambertw
 
 from flsplit.sim.scenario import Scenario
 from flsplit.extras import require
+from flsplit.planners.checks import budget_array
 from flsplit.planners.plan import Plan
 from flsplit.planners.problem import PlanningProblem, client_id_list, sample_list
+from flsplit.sim.checks import cut_arg
 from flsplit.sim.pricing import ServerTiming
 
 if TYPE_CHECKING:
@@ -137,33 +139,10 @@ def _ids_arg(client_ids, n: int) -> list[int]:
     return client_id_list(client_ids, n)
 
 
-def _budget_arg(energy_budget_j: BudgetArg, n: int) -> Optional[np.ndarray]:
-    """Per-client budgets in J (``inf`` = none), or None when no client has one."""
-    if energy_budget_j is None:
-        return None
-    if isinstance(energy_budget_j, numbers.Real) and not isinstance(energy_budget_j, bool):
-        values: list = [energy_budget_j] * n
-    else:
-        values = _sequence("energy_budget_j", energy_budget_j)
-        if len(values) != n:
-            raise ValueError(f"energy_budget_j has {len(values)} entries for {n} clients")
-    out = np.empty(n)
-    for i, v in enumerate(values):
-        if v is None:
-            out[i] = math.inf
-            continue
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(float(v)) or float(v) <= 0:
-            raise ValueError(f"energy_budget_j[{i}] must be a number > 0 J (or None / inf for none), got {v!r}")
-        out[i] = float(v)
-    return None if np.all(np.isinf(out)) else out
-
-
 def _cut_arg(name: str, k, num_blocks: int) -> int:
     if num_blocks < 2:
         raise ValueError(f"the model has {num_blocks} block(s): no cut is possible")
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= int(k) <= num_blocks - 1:
-        raise ValueError(f"{name} {k!r} is outside the model: valid cuts are 1..{num_blocks - 1}")
-    return int(k)
+    return cut_arg(name, k, num_blocks)
 
 
 def _total_band(scenario: Scenario) -> float:
@@ -741,7 +720,7 @@ def allocate_sflga(
         bytes_per_element=bytes_per_element, candidate_cuts=[cut],
     )
     samples, ids = list(problem.samples), list(problem.client_ids)
-    budgets = _budget_arg(energy_budget_j, len(samples))
+    budgets = budget_array(energy_budget_j, len(samples), allow_unlimited=True)
     terms = _cut_terms(profile, scenario, cut, samples, ids, problem.bytes_per_element, budgets)
     return _plan_from(terms, np.array(problem.gains), scenario, ids, solver, problem=problem)
 

@@ -11,7 +11,7 @@ import numbers
 
 import numpy as np
 
-__all__ = ["int_arg", "real_arg"]
+__all__ = ["int_arg", "real_arg", "cut_arg", "cut_list"]
 
 
 def int_arg(name: str, value, *, minimum: int) -> int:
@@ -39,3 +39,18 @@ def real_arg(name: str, value, *, finite: bool = True, positive: bool = False, n
     if nonnegative and v < 0:
         raise ValueError(f"{name} must be >= 0, got {v}")
     return v
+
+
+def cut_arg(name: str, k, num_blocks: int) -> int:
+    """``k`` as a cut of a model of ``num_blocks`` blocks: an integer in ``1 .. num_blocks - 1``."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= int(k) <= num_blocks - 1:
+        raise ValueError(f"{name} {k!r} is outside the model: valid cuts are 1..{num_blocks - 1}")
+    return int(k)
+
+
+def cut_list(cuts, n: int, num_blocks: int) -> list[int]:
+    """Per-client cuts: ``n`` of them, each a cut of the model (``cut_arg``)."""
+    cuts = list(cuts)
+    if len(cuts) != n:
+        raise ValueError(f"cuts has {len(cuts)} entries for {n} clients")
+    return [cut_arg("cut", k, num_blocks) for k in cuts]
