@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flsplit.sim.scenario import Channel, Scenario  # noqa: E402
 from flsplit.plan_command import PlanSetup, model_profile, run_plans  # noqa: E402
-from flsplit.planners import OpenPlanner, allocate_sflga, best_fixed_cut, plan_edgesplit  # noqa: E402
+from flsplit.planners import OpenPlanner, PlanningProblem, allocate_sflga, best_fixed_cut, plan_edgesplit  # noqa: E402
 from flsplit.scenario import load_scenario  # noqa: E402
 
 
@@ -72,7 +72,7 @@ def part_time(profile, base: Scenario, samples: int, repeats: int, sizes: list[i
         budgets = [1.5 * e for e in fixed.details["energy_per_client_j"]]
         row = {
             "fixed": lambda: best_fixed_cut(profile, sc, samples=per_client),
-            "edgesplit": lambda: plan_edgesplit(profile, sc, samples=per_client),
+            "edgesplit": lambda: plan_edgesplit(PlanningProblem.build(profile, sc, samples=per_client)),
             "asl": lambda: OpenPlanner(profile, sc, energy_budget_j=budgets, V=1.0, samples=per_client).plan(0),
             "epsl": lambda: plan_epsl(profile, sc, samples=samples, num_clients=n),
             "epsl-budget": lambda: plan_epsl(profile, sc, samples=samples, num_clients=n, energy_budget_j=budgets),

@@ -122,7 +122,7 @@ def baseline_plans(setup: PlanSetup) -> tuple[int, list]:
 
 def _planner(setup: PlanSetup, baseline: list) -> Callable[[int], Any]:
     """A function from the round number to that round's plan, for ``setup.method``."""
-    from flsplit.planners import OpenPlanner, plan_edgesplit, plan_fixed
+    from flsplit.planners import OpenPlanner, PlanningProblem, plan_edgesplit, plan_fixed
 
     n, profile, scenario = setup.num_clients, setup.profile, setup.scenario
     samples = [setup.samples] * n
@@ -139,7 +139,7 @@ def _planner(setup: PlanSetup, baseline: list) -> Callable[[int], Any]:
         cut = setup.cut if setup.cut is not None else baseline[0].cuts[0]
         return lambda r: plan_fixed(profile, scenario, cut=cut, samples=samples, server_round=r, **common)
     if setup.method == "edgesplit":
-        return lambda r: plan_edgesplit(profile, scenario, samples=samples, server_round=r, **common)
+        return lambda r: plan_edgesplit(PlanningProblem.build(profile, scenario, samples=samples, server_round=r, **common))
     if setup.method == "epsl":
         from flsplit.planners.epsl import plan_epsl
 

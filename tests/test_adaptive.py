@@ -35,7 +35,7 @@ def test_edgesplit_in_the_loop_plans_each_round_as_the_planner_does(tmp_path):
         # a training round sends the client parts down and back: the planner counts them
         problem = PlanningProblem.build(profile, scenario, samples=[STEPS * BATCH] * len(ids), client_ids=ids,
                                         server_round=r, include_weights=True)
-        expected = plan_edgesplit(problem=problem)
+        expected = plan_edgesplit(problem)
         recorded = entry["plan"]["nodes"]
         assert [recorded[n]["cut"] for n in nodes] == expected.cuts
         assert [recorded[n]["bandwidth_hz"] for n in nodes] == pytest.approx(expected.bandwidth_hz, rel=1e-12)
@@ -162,9 +162,9 @@ def test_planners_in_the_loop_count_the_client_part_weights():
 
     profile, scenario = _profile(), load_scenario("edge-diverse")
     ids, samples = list(range(8)), [96] * 8
-    with_weights = plan_edgesplit(problem=PlanningProblem.build(profile, scenario, samples=samples, client_ids=ids,
-                                                                 include_weights=True))
-    without = plan_edgesplit(profile, scenario, samples=samples, client_ids=ids)
+    with_weights = plan_edgesplit(PlanningProblem.build(profile, scenario, samples=samples, client_ids=ids,
+                                                   include_weights=True))
+    without = plan_edgesplit(PlanningProblem.build(profile, scenario, samples=samples, client_ids=ids))
     work = predict_workload("psl", profile, cuts=with_weights.cuts, samples=samples, client_ids=ids,
                             wire=ElementWire(profile, 4.0, include_weights=True))
     priced = price(work, scenario, Allocation(bandwidth_hz=with_weights.bandwidth_hz), server_timing=ServerTiming.PER_CLIENT)

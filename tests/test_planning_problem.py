@@ -122,18 +122,18 @@ def test_arrays_are_the_profile_and_devices():
 def test_edgesplit_reports_the_price():
     sc = scenario(6, ofdma=False)
     samples = [16, 32, 48, 64, 32, 16]
-    plan = plan_edgesplit(PROFILE, sc, samples=samples, server_round=3)
+    plan = plan_edgesplit(PlanningProblem.build(PROFILE, sc, samples=samples, server_round=3))
     cost = priced(plan, sc, scheme="psl", samples=samples, timing=ServerTiming.PER_CLIENT, server_round=3)
     assert plan.scheme == "psl" and plan.server_timing == "per-client"
     assert plan.latency_s == pytest.approx(cost.round_latency_s, rel=1e-9)
     assert plan.energy_j == pytest.approx(cost.total_energy_j, rel=1e-9)
     assert "objective_latency_s" not in plan.details  # its own model is the price
-    # The same through a PlanningProblem built once.
+    # The same through a PlanningProblem that admits empty clients.
     problem = PlanningProblem.build(PROFILE, sc, samples=samples, server_round=3, min_samples=0)
-    again = plan_edgesplit(problem=problem)
+    again = plan_edgesplit(problem)
     assert again.cuts == plan.cuts and again.latency_s == pytest.approx(plan.latency_s, rel=1e-12)
-    with pytest.raises(ValueError, match="not both"):
-        plan_edgesplit(PROFILE, sc, samples=samples, problem=problem)
+    with pytest.raises(ValueError, match="must be a PlanningProblem"):
+        plan_edgesplit(PROFILE)
 
 
 def test_open_reports_the_price_beside_its_own_latency():
@@ -204,9 +204,9 @@ def test_edgesplit_newton_path_equals_the_bisection_loop_at_200_clients(monkeypa
     n = 200
     sc = scenario(n, ofdma=False)
     samples = [16 + 8 * (i % 7) for i in range(n)]
-    fast = plan_edgesplit(PROFILE, sc, samples=samples, server_round=1)
+    fast = plan_edgesplit(PlanningProblem.build(PROFILE, sc, samples=samples, server_round=1))
     monkeypatch.setattr("flsplit.planners.edgesplit._VECTORISE_FROM", 10**9)  # the per-client bisections
-    slow = plan_edgesplit(PROFILE, sc, samples=samples, server_round=1)
+    slow = plan_edgesplit(PlanningProblem.build(PROFILE, sc, samples=samples, server_round=1))
     assert fast.cuts == slow.cuts
     assert fast.bandwidth_hz == pytest.approx(slow.bandwidth_hz, rel=1e-9)
     assert fast.latency_s == pytest.approx(slow.latency_s, rel=1e-12)

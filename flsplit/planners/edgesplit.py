@@ -48,20 +48,15 @@ the one price of the plan (``flsplit.sim.price``, PSL traffic, ``ServerTiming.PE
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 
-from flsplit.sim.scenario import Scenario
 from flsplit.planners.checks import int_arg
 from flsplit.planners.plan import Plan
 from flsplit.planners.problem import PlanningProblem
 from flsplit.sim import kernels as k
 from flsplit.sim.pricing import ServerTiming
-
-if TYPE_CHECKING:  # the planner must not import torch
-    from flsplit.profile import ModelProfile
 
 __all__ = ["plan_edgesplit"]
 
@@ -264,42 +259,17 @@ def _best_cuts(terms: _Terms, bandwidth: list[float], current: Optional[list[int
     return [int(j) for j in best]
 
 
-def plan_edgesplit(
-    profile: Optional["ModelProfile"] = None,
-    scenario: Optional[Scenario] = None,
-    *,
-    samples: Optional[Sequence[int]] = None,
-    client_ids: Optional[Sequence[int]] = None,
-    server_round: int = 0,
-    bytes_per_element: float = 4.0,
-    candidate_cuts: Optional[Sequence[int]] = None,
-    max_iter: int = 50,
-    problem: Optional[PlanningProblem] = None,
-) -> Plan:
+def plan_edgesplit(problem: PlanningProblem, *, max_iter: int = 50) -> Plan:
     """Cut and bandwidth share per client minimising the round's makespan (EdgeSplit).
 
     Parameters
     ----------
-    profile : ModelProfile
-        Per-block FLOPs and sizes of the model (``flsplit.profile.profile_model``).
-    scenario : Scenario
-        Devices, server and channel; the band ``channel.total_bandwidth_hz`` is shared.
-    samples : sequence of int
-        Samples each client trains on in this round.
-    client_ids : sequence of int, optional
-        Client (partition) ids, selecting device profiles and keying the fading;
-        default ``0 .. len(samples) - 1``.
-    server_round : int
-        Round number (keys the fading).
-    bytes_per_element : float
-        Wire size of one smashed element (4 for fp32).
-    candidate_cuts : sequence of int, optional
-        Cuts to choose from (each in ``1 .. L-1``); default all of them.
+    problem : PlanningProblem
+        The round, checked once (``PlanningProblem.build(profile, scenario, samples=...,
+        client_ids=..., server_round=..., bytes_per_element=..., candidate_cuts=...)``); the
+        band ``scenario.channel.total_bandwidth_hz`` is shared.
     max_iter : int
         Maximum number of alternations (bandwidth step + cut step).
-    problem : PlanningProblem, optional
-        The round, already checked (``PlanningProblem.build``): give it *instead of* the
-        arguments above (all but ``max_iter``).
 
     Returns
     -------
@@ -315,26 +285,17 @@ def plan_edgesplit(
     Raises
     ------
     ValueError
-        On a non-positive bandwidth, empty or out-of-range candidate cuts, ``samples`` and
-        ``client_ids`` of different lengths, or other malformed arguments.
+        If ``problem`` is not a ``PlanningProblem`` or ``max_iter`` < 1 (the round's own
+        arguments are checked by ``PlanningProblem.build``).
 
     Examples
     --------
-    >>> plan = plan_edgesplit(profile, scenario, samples=[32] * 8)  # doctest: +SKIP
+    >>> plan = plan_edgesplit(PlanningProblem.build(profile, scenario, samples=[32] * 8))  # doctest: +SKIP
     >>> plan.cuts, plan.bandwidth_hz, plan.latency_s  # doctest: +SKIP
     """
     max_iter = int_arg("max_iter", max_iter, minimum=1)
-    if problem is None:
-        if profile is None or scenario is None or samples is None:
-            raise ValueError("give profile, scenario and samples, or problem")
-        problem = PlanningProblem.build(
-            profile, scenario, samples=samples, client_ids=client_ids, server_round=server_round,
-            bytes_per_element=bytes_per_element, candidate_cuts=candidate_cuts,
-        )
-    elif not isinstance(problem, PlanningProblem):
+    if not isinstance(problem, PlanningProblem):
         raise ValueError(f"problem must be a PlanningProblem, got {type(problem).__name__}")
-    elif profile is not None or scenario is not None or samples is not None:
-        raise ValueError("give problem or profile, scenario and samples, not both")
 
     n = problem.num_clients
     total = problem.total_bandwidth_hz

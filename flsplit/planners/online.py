@@ -222,7 +222,7 @@ class EdgeSplitOnline(OnlinePlanner):
     def _plan(self, scenario, server_round, client_ids, samples):
         from flsplit.planners.edgesplit import plan_edgesplit
 
-        return plan_edgesplit(problem=self.problem(scenario, server_round, client_ids, samples))
+        return plan_edgesplit(self.problem(scenario, server_round, client_ids, samples))
 
 
 def parse_budget(value: Union[None, str, float, Sequence[float]]) -> Union[None, float, list[float]]:

@@ -14,7 +14,7 @@ inner loops call the unchecked kernels of ``flsplit.sim.kernels`` on these array
 Example::
 
     problem = PlanningProblem.build(profile, scenario, samples=[32] * 8, server_round=3)
-    plan = plan_edgesplit(problem=problem)            # or plan_edgesplit(profile, scenario, ...)
+    plan = plan_edgesplit(problem)
     cost = problem.price_plan(plan, scheme="psl", server_timing="per-client")
 """
 
