@@ -150,7 +150,8 @@ def _planner(setup: PlanSetup, baseline: list) -> Callable[[int], Any]:
             budgets = [
                 sum(p.details["energy_per_client_j"][i] for p in baseline) / len(baseline) for i in range(n)
             ]
-        planner = OpenPlanner(profile, scenario, energy_budget_j=budgets, V=setup.V, samples=samples, **common)
+        planner = OpenPlanner(PlanningProblem.build(profile, scenario, samples=samples, **common),
+                              energy_budget_j=budgets, V=setup.V)
         return planner.plan
     if setup.method == "ccc":
         if setup.agent_path is None:

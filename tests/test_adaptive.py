@@ -73,8 +73,8 @@ def test_open_queues_advance_with_the_measured_energy(tmp_path):
         # the planner's plan for this round's state, recomputed independently
         problem = PlanningProblem.build(profile, scenario, samples=[STEPS * BATCH] * len(ids), client_ids=ids,
                                         server_round=r, include_weights=True)
-        expected = OpenPlanner(energy_budget_j=plan["energy_budget_j"], V=0.01, initial_queues=before,
-                               problem=problem).plan(r)
+        expected = OpenPlanner(problem, energy_budget_j=plan["energy_budget_j"], V=0.01,
+                               initial_queues=before).plan(r)
         assert [plan["nodes"][n]["cut"] for n in nodes] == expected.cuts
         assert [plan["nodes"][n]["server_cpu_share"] for n in nodes] == pytest.approx(expected.server_cpu_share, rel=1e-9)
         for n, budget in zip(nodes, plan["energy_budget_j"]):

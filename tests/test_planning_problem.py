@@ -139,7 +139,7 @@ def test_edgesplit_reports_the_price():
 def test_open_reports_the_price_beside_its_own_latency():
     sc = scenario(4, ofdma=False)
     samples = [32, 32, 64, 16]
-    planner = OpenPlanner(PROFILE, sc, energy_budget_j=[0.05] * 4, V=1.0, samples=samples)
+    planner = OpenPlanner(PlanningProblem.build(PROFILE, sc, samples=samples), energy_budget_j=[0.05] * 4, V=1.0)
     for r in range(3):
         plan = planner.plan(r)
         cost = priced(plan, sc, scheme="psl", samples=samples, timing=ServerTiming.PER_CLIENT, server_round=r)
@@ -238,7 +238,8 @@ def test_open_bounded_descent_equals_the_exhaustive_one_at_200_clients(V):
     samples = [16 + 8 * (i % 5) for i in range(n)]
     rng = np.random.default_rng(0)
     queues = list(rng.uniform(0, 50, size=n))
-    planner = OpenPlanner(PROFILE, sc, energy_budget_j=[0.05] * n, V=V, samples=samples, initial_queues=queues)
+    planner = OpenPlanner(PlanningProblem.build(PROFILE, sc, samples=samples), energy_budget_j=[0.05] * n, V=V,
+                          initial_queues=queues)
     for r in range(2):
         terms = planner.round_terms(r)
         a, w, e = terms["ready_s"], terms["server_s"], terms["energy_j"]

@@ -302,8 +302,8 @@ class OpenOnline(OnlinePlanner):
 
         budgets = self._budgets_for(scenario, server_round, client_ids, samples)
         planner = OpenPlanner(
+            self.problem(scenario, server_round, client_ids, samples),
             energy_budget_j=budgets, V=self.V, initial_queues=[self.queues.get(c, 0.0) for c in client_ids],
-            problem=self.problem(scenario, server_round, client_ids, samples),
         )
         # A budget below every cut's energy can only be exceeded: say so (once per device).
         least = planner.round_terms(server_round)["energy_j"].min(axis=1)
