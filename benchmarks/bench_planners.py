@@ -75,8 +75,9 @@ def part_time(profile, base: Scenario, samples: int, repeats: int, sizes: list[i
             "edgesplit": lambda: plan_edgesplit(PlanningProblem.build(profile, sc, samples=per_client)),
             "asl": lambda: OpenPlanner(PlanningProblem.build(profile, sc, samples=per_client), energy_budget_j=budgets,
                                        V=1.0).plan(0),
-            "epsl": lambda: plan_epsl(profile, sc, samples=samples, num_clients=n),
-            "epsl-budget": lambda: plan_epsl(profile, sc, samples=samples, num_clients=n, energy_budget_j=budgets),
+            "epsl": lambda: plan_epsl(PlanningProblem.build(profile, sc, samples=per_client)),
+            "epsl-budget": lambda: plan_epsl(PlanningProblem.build(profile, sc, samples=per_client),
+                                             energy_budget_j=budgets),
         }
         cells = []
         for name, fn in row.items():

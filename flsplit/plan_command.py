@@ -143,8 +143,8 @@ def _planner(setup: PlanSetup, baseline: list) -> Callable[[int], Any]:
     if setup.method == "epsl":
         from flsplit.planners.epsl import plan_epsl
 
-        return lambda r: plan_epsl(profile, scenario, samples=setup.samples, num_clients=n, server_round=r,
-                                   phi=setup.phi, energy_budget_j=budgets, **common)
+        return lambda r: plan_epsl(PlanningProblem.build(profile, scenario, samples=samples, server_round=r, **common),
+                                   phi=setup.phi, energy_budget_j=budgets)
     if setup.method == "asl":
         if budgets is None:  # the same budgets as the fixed baseline: its mean energy per device
             budgets = [

@@ -93,8 +93,9 @@ def test_epsl_resource_management_in_the_loop(tmp_path):
     width = scenario.channel.subchannel_bandwidth_hz
     for r, entry in enumerate(history["rounds"], start=1):
         nodes, ids = _round_state(entry)
-        expected = plan_epsl(profile, scenario, samples=STEPS * BATCH, client_ids=ids, server_round=r, phi=0.5,
-                             include_weights=True)
+        problem = PlanningProblem.build(profile, scenario, samples=[STEPS * BATCH] * len(ids), client_ids=ids,
+                                        server_round=r, include_weights=True)
+        expected = plan_epsl(problem, phi=0.5)
         recorded = entry["plan"]["nodes"]
         assert [recorded[n]["subchannels"] for n in nodes] == expected.subchannels
         assert [entry["cuts"][n] for n in nodes] == expected.cuts

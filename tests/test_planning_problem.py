@@ -157,9 +157,9 @@ def test_epsl_reports_the_price(phi, budget):
     sc = scenario(4)
     budgets = None
     if budget:
-        free = plan_epsl(PROFILE, sc, samples=32, num_clients=4, phi=phi)
+        free = plan_epsl(PlanningProblem.build(PROFILE, sc, samples=[32] * 4), phi=phi)
         budgets = [0.9 * e for e in free.details["energy_per_client_j"]]
-    plan = plan_epsl(PROFILE, sc, samples=32, num_clients=4, phi=phi, energy_budget_j=budgets, server_round=1)
+    plan = plan_epsl(PlanningProblem.build(PROFILE, sc, samples=[32] * 4, server_round=1), phi=phi, energy_budget_j=budgets)
     cost = priced(plan, sc, scheme="epsl", samples=[32] * 4, timing=ServerTiming.AFTER_CLIENTS, phi=phi,
                   server_round=1)
     assert plan.scheme == "epsl" and plan.server_timing == "after-clients"

@@ -105,7 +105,6 @@ from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 
-from flsplit.sim.scenario import Scenario
 from flsplit.sim.workload import client_flops, server_flops
 from flsplit.extras import require
 from flsplit.planners.checks import budget_array, int_arg, real_arg
@@ -115,7 +114,7 @@ from flsplit.sim import kernels as kern
 from flsplit.sim.pricing import ServerTiming
 
 if TYPE_CHECKING:  # the planner must not import torch
-    from flsplit.profile import CutProfile, ModelProfile
+    from flsplit.profile import CutProfile
 
 __all__ = ["plan_epsl"]
 
@@ -128,24 +127,6 @@ _SOLVER_ORDER = ("CLARABEL", "ECOS", "SCS")  # exponential-cone solvers, best fi
 
 
 # --- argument checks -------------------------------------------------------------------------
-
-
-def _client_ids(num_clients, client_ids) -> list[int]:
-    if client_ids is None:
-        if num_clients is None:
-            raise ValueError("give num_clients or client_ids")
-        n = int_arg("num_clients", num_clients, minimum=1)
-        return list(range(n))
-    if isinstance(client_ids, (str, bytes)) or not isinstance(client_ids, (Sequence, np.ndarray)):
-        raise ValueError(f"client_ids must be a sequence of ints, got {client_ids!r}")
-    ids = [int_arg(f"client_ids[{i}]", c, minimum=0) for i, c in enumerate(client_ids)]
-    if not ids:
-        raise ValueError("client_ids is empty: at least one client is needed")
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"client_ids must be distinct, got {ids}")
-    if num_clients is not None and int_arg("num_clients", num_clients, minimum=1) != len(ids):
-        raise ValueError(f"num_clients={num_clients} but client_ids has {len(ids)} entries")
-    return ids
 
 
 # --- per-cut constants -----------------------------------------------------------------------
@@ -390,52 +371,33 @@ def _respect_budgets(cost_fn, powers: np.ndarray, budgets: Optional[np.ndarray])
 
 
 def plan_epsl(
-    profile: "ModelProfile",
-    scenario: Scenario,
+    problem: PlanningProblem,
     *,
-    samples: int,
-    num_clients: Optional[int] = None,
-    client_ids: Optional[Sequence[int]] = None,
-    server_round: int = 0,
     phi: float = 0.0,
-    bytes_per_element: float = 4.0,
-    candidate_cuts: Optional[Sequence[int]] = None,
     energy_budget_j: Union[None, float, Sequence[float]] = None,
     max_iter: int = 20,
-    include_weights: bool = False,
 ) -> Plan:
     """Subchannels, uplink powers and one cut minimising EPSL's round latency.
 
+    A solver (block-coordinate descent, module docstring): arguments, then the per-cut
+    constants, then alternating subchannel and power steps per candidate cut.
+
     Parameters
     ----------
-    profile : ModelProfile
-        Per-block FLOPs and sizes of the model (``flsplit.profile.profile_model``).
-    scenario : Scenario
-        Devices, server and an OFDMA channel (``num_subchannels`` subchannels of
-        ``subchannel_bandwidth_hz``, at least one per client).
-    samples : int
-        Samples each client trains on in the round (EPSL steps use one batch size).
-    num_clients : int, optional
-        Number of clients, ids ``0 .. num_clients - 1``. Give this or ``client_ids``.
-    client_ids : sequence of int, optional
-        Client (partition) ids, selecting device profiles and keying the fading.
-    server_round : int
-        Round number (keys the fading).
+    problem : PlanningProblem
+        The round, checked once (``PlanningProblem.build(profile, scenario, samples=[n] * N,
+        client_ids=..., server_round=..., bytes_per_element=..., candidate_cuts=...,
+        include_weights=...)``): every client trains on the same number of samples (EPSL steps
+        use one batch size), and the scenario's channel is OFDMA (``num_subchannels``
+        subchannels of ``subchannel_bandwidth_hz``, at least one per client).
     phi : float
         Fraction of sample positions whose last-layer gradients are aggregated, in
         ``[0, 1]`` (0: PSL).
-    bytes_per_element : float
-        Wire size of one smashed element (4 for fp32).
-    candidate_cuts : sequence of int, optional
-        Cuts to choose from (each in ``1 .. L-1``); default all of them.
     energy_budget_j : float or sequence of float, optional
         Per-client energy budget of the round in J (compute plus transmit energy): one number
         for every client or one per client. Default: no budget (maximum power).
     max_iter : int
         Maximum number of block-coordinate passes.
-    include_weights : bool
-        Count the client part's weights in each client's traffic (down at round start, up at
-        round end), as a training round sends them.
 
     Returns
     -------
@@ -461,17 +423,19 @@ def plan_epsl(
         With energy budgets, if cvxpy has none of the exponential-cone solvers CLARABEL, ECOS, SCS.
     """
     # -- arguments --
-    ids = _client_ids(num_clients, client_ids)
+    if not isinstance(problem, PlanningProblem):
+        raise ValueError(f"problem must be a PlanningProblem, got {type(problem).__name__}")
+    if len(set(problem.samples)) != 1:
+        raise ValueError(f"EPSL steps use one batch size: every client needs the same samples, got {list(problem.samples)}")
+    profile, scenario = problem.profile, problem.scenario
+    ids = list(problem.client_ids)
     n = len(ids)
-    samples = int_arg("samples", samples, minimum=1)
-    server_round = int_arg("server_round", server_round, minimum=0)
+    samples = problem.samples[0]
+    bpe = problem.bytes_per_element
     max_iter = int_arg("max_iter", max_iter, minimum=1)
     phi = real_arg("phi", phi, finite=False)
     if not 0.0 <= phi <= 1.0:  # also rejects NaN
         raise ValueError(f"phi must be in [0, 1], got {phi}")
-    bpe = real_arg("bytes_per_element", bytes_per_element, finite=False)
-    if not (math.isfinite(bpe) and bpe > 0):
-        raise ValueError(f"bytes_per_element must be > 0, got {bpe}")
     channel = scenario.channel
     if not channel.ofdma:
         raise ValueError(
@@ -486,10 +450,6 @@ def plan_epsl(
             f"EPSL gives every client at least one subchannel: {channel.num_subchannels} subchannels "
             f"for {n} clients"
         )
-    problem = PlanningProblem.build(
-        profile, scenario, samples=[samples] * n, client_ids=ids, server_round=server_round,
-        bytes_per_element=bpe, candidate_cuts=candidate_cuts, include_weights=include_weights,
-    )
     cands = list(problem.candidate_cuts)
     budgets = budget_array(energy_budget_j, n)
 

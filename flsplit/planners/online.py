@@ -367,9 +367,9 @@ class EPSLOnline(OnlinePlanner):
     def _plan(self, scenario, server_round, client_ids, samples):
         from flsplit.planners.epsl import plan_epsl
 
-        return plan_epsl(self.profile, scenario, samples=max(samples), client_ids=client_ids, server_round=server_round,
-                         phi=self._phi, bytes_per_element=self.bytes_per_element, candidate_cuts=self.candidate_cuts,
-                         energy_budget_j=_per_client_budget(self.energy_budget, client_ids), include_weights=True)
+        # EPSL steps use one batch size: every client is planned at the largest sample count.
+        problem = self.problem(scenario, server_round, client_ids, [max(samples)] * len(client_ids))
+        return plan_epsl(problem, phi=self._phi, energy_budget_j=_per_client_budget(self.energy_budget, client_ids))
 
 
 class CCCOnline(OnlinePlanner):
