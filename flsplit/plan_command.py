@@ -40,9 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from flsplit.planners.registry import PLANNERS
+
 __all__ = ["METHODS", "PlanSetup", "add_arguments", "handle", "model_profile", "run_plans"]
 
-METHODS = ("epsl", "edgesplit", "asl", "ccc", "fixed")
+METHODS = tuple(PLANNERS)  # the one registry of planners (flsplit.planners.registry)
 
 # Sample shape of each zoo model's usual dataset (digits 8x8, MNIST 28x28, CIFAR-10 32x32).
 _INPUT_SHAPES = {"digits-cnn": (1, 8, 8), "lenet": (1, 28, 28)}
@@ -67,7 +69,7 @@ def model_profile(model: str, input_shape: Optional[Sequence[int]] = None):
 
 
 # The scheme whose traffic each method plans for: its baseline and its cost-model price use it.
-SCHEME_OF_METHOD = {"fixed": "psl", "edgesplit": "psl", "asl": "psl", "epsl": "epsl", "ccc": "sflga"}
+SCHEME_OF_METHOD = {name: entry.scheme for name, entry in PLANNERS.items()}
 
 
 @dataclass

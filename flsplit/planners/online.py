@@ -41,6 +41,7 @@ from flsplit.sim.pricing import RoundCost
 from flsplit.sim.scenario import Scenario
 from flsplit.planners.checks import candidate_cut_list, real_arg
 from flsplit.planners.plan import Plan
+from flsplit.planners.registry import PLANNERS, planner_entry
 from flsplit.sim import Allocation, ServerTiming, predict_workload, price
 from flsplit.sim.traffic import ElementWire
 
@@ -456,16 +457,12 @@ class CCCOnline(OnlinePlanner):
         return {}
 
 
+# The online planners, from the one registry (flsplit.planners.registry).
 ONLINE_PLANNERS: dict[str, type[OnlinePlanner]] = {
-    "edgesplit": EdgeSplitOnline,
-    "asl": OpenOnline,
-    "epsl": EPSLOnline,
-    "ccc": CCCOnline,
+    name: globals()[entry.online] for name, entry in PLANNERS.items() if entry.online is not None
 }
 
 
 def make_online_planner(name: str, profile: "ModelProfile", scenario: Scenario, **knobs: Any) -> OnlinePlanner:
     """The online planner called ``name`` with its knobs (a clear error for unknown ones)."""
-    if name not in ONLINE_PLANNERS:
-        raise ValueError(f"unknown planner {name!r}; choose one of {sorted(ONLINE_PLANNERS)} (or 'none')")
-    return ONLINE_PLANNERS[name](profile, scenario, **knobs)
+    return ONLINE_PLANNERS[planner_entry(name, online=True).name.value](profile, scenario, **knobs)
