@@ -37,9 +37,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flsplit.costmodel import Channel, Scenario  # noqa: E402
+from flsplit.sim.scenario import Channel, Scenario  # noqa: E402
 from flsplit.plan_command import PlanSetup, model_profile, run_plans  # noqa: E402
-from flsplit.planners import OpenPlanner, allocate_sflga, best_fixed_cut, plan_edgesplit  # noqa: E402
+from flsplit.planners import OpenPlanner, PlanningProblem, allocate_sflga, best_fixed_cut, plan_edgesplit  # noqa: E402
 from flsplit.scenario import load_scenario  # noqa: E402
 
 
@@ -72,10 +72,12 @@ def part_time(profile, base: Scenario, samples: int, repeats: int, sizes: list[i
         budgets = [1.5 * e for e in fixed.details["energy_per_client_j"]]
         row = {
             "fixed": lambda: best_fixed_cut(profile, sc, samples=per_client),
-            "edgesplit": lambda: plan_edgesplit(profile, sc, samples=per_client),
-            "asl": lambda: OpenPlanner(profile, sc, energy_budget_j=budgets, V=1.0, samples=per_client).plan(0),
-            "epsl": lambda: plan_epsl(profile, sc, samples=samples, num_clients=n),
-            "epsl-budget": lambda: plan_epsl(profile, sc, samples=samples, num_clients=n, energy_budget_j=budgets),
+            "edgesplit": lambda: plan_edgesplit(PlanningProblem.build(profile, sc, samples=per_client)),
+            "asl": lambda: OpenPlanner(PlanningProblem.build(profile, sc, samples=per_client), energy_budget_j=budgets,
+                                       V=1.0).plan(0),
+            "epsl": lambda: plan_epsl(PlanningProblem.build(profile, sc, samples=per_client)),
+            "epsl-budget": lambda: plan_epsl(PlanningProblem.build(profile, sc, samples=per_client),
+                                             energy_budget_j=budgets),
         }
         cells = []
         for name, fn in row.items():
@@ -153,15 +155,15 @@ def part_asl(profile, scenario: Scenario, samples: int, rounds: int, v_values: l
 
     def equal_shares(k: int) -> float:
         """Mean latency at cut k with the server CPU split evenly (no allocation at all)."""
-        planner = OpenPlanner(profile, scenario, energy_budget_j=[1.0] * n, V=1.0, samples=per_client,
-                              candidate_cuts=[k])
+        planner = OpenPlanner(PlanningProblem.build(profile, scenario, samples=per_client, candidate_cuts=[k]),
+                              energy_budget_j=[1.0] * n, V=1.0)
         return float(np.mean([
             np.max(t["ready_s"][:, 0] + n * t["server_s"][:, 0]) for t in map(planner.round_terms, range(rounds))
         ]))
 
     # Fixed split: OPEN with one candidate cut (its budgets do not matter: nothing to choose).
-    fixed = {k: run(OpenPlanner(profile, scenario, energy_budget_j=[1.0] * n, V=1.0, samples=per_client,
-                                candidate_cuts=[k])) for k in cuts}
+    fixed = {k: run(OpenPlanner(PlanningProblem.build(profile, scenario, samples=per_client, candidate_cuts=[k]),
+                                energy_budget_j=[1.0] * n, V=1.0)) for k in cuts}
     best = min(fixed, key=lambda k: fixed[k][0])
     fixed_latency, fixed_energy = fixed[best]
     even = {k: equal_shares(k) for k in cuts}
@@ -178,7 +180,8 @@ def part_asl(profile, scenario: Scenario, samples: int, rounds: int, v_values: l
     for scale in (1.0, 0.8):
         budgets = list(scale * fixed_energy)
         for v in v_values:
-            latency, energy = run(OpenPlanner(profile, scenario, energy_budget_j=budgets, V=v, samples=per_client))
+            latency, energy = run(OpenPlanner(PlanningProblem.build(profile, scenario, samples=per_client),
+                                              energy_budget_j=budgets, V=v))
             ratio = float(np.max(energy / np.array(budgets)))
             print(f"| {scale:.0%} of fixed | {v:g} | {latency:.4g} | {energy.sum():.4g} | "
                   f"{100 * (latency / fixed_latency - 1):+.1f} % | {100 * (latency / even[best_even] - 1):+.1f} % | "

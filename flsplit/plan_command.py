@@ -40,9 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from flsplit.planners.registry import PLANNERS
+
 __all__ = ["METHODS", "PlanSetup", "add_arguments", "handle", "model_profile", "run_plans"]
 
-METHODS = ("epsl", "edgesplit", "asl", "ccc", "fixed")
+METHODS = tuple(PLANNERS)  # the one registry of planners (flsplit.planners.registry)
 
 # Sample shape of each zoo model's usual dataset (digits 8x8, MNIST 28x28, CIFAR-10 32x32).
 _INPUT_SHAPES = {"digits-cnn": (1, 8, 8), "lenet": (1, 28, 28)}
@@ -67,7 +69,7 @@ def model_profile(model: str, input_shape: Optional[Sequence[int]] = None):
 
 
 # The scheme whose traffic each method plans for: its baseline and its cost-model price use it.
-SCHEME_OF_METHOD = {"fixed": "psl", "edgesplit": "psl", "asl": "psl", "epsl": "epsl", "ccc": "sflga"}
+SCHEME_OF_METHOD = {name: entry.scheme for name, entry in PLANNERS.items()}
 
 
 @dataclass
@@ -122,7 +124,7 @@ def baseline_plans(setup: PlanSetup) -> tuple[int, list]:
 
 def _planner(setup: PlanSetup, baseline: list) -> Callable[[int], Any]:
     """A function from the round number to that round's plan, for ``setup.method``."""
-    from flsplit.planners import OpenPlanner, plan_edgesplit, plan_fixed
+    from flsplit.planners import OpenPlanner, PlanningProblem, plan_edgesplit, plan_fixed
 
     n, profile, scenario = setup.num_clients, setup.profile, setup.scenario
     samples = [setup.samples] * n
@@ -139,18 +141,19 @@ def _planner(setup: PlanSetup, baseline: list) -> Callable[[int], Any]:
         cut = setup.cut if setup.cut is not None else baseline[0].cuts[0]
         return lambda r: plan_fixed(profile, scenario, cut=cut, samples=samples, server_round=r, **common)
     if setup.method == "edgesplit":
-        return lambda r: plan_edgesplit(profile, scenario, samples=samples, server_round=r, **common)
+        return lambda r: plan_edgesplit(PlanningProblem.build(profile, scenario, samples=samples, server_round=r, **common))
     if setup.method == "epsl":
         from flsplit.planners.epsl import plan_epsl
 
-        return lambda r: plan_epsl(profile, scenario, samples=setup.samples, num_clients=n, server_round=r,
-                                   phi=setup.phi, energy_budget_j=budgets, **common)
+        return lambda r: plan_epsl(PlanningProblem.build(profile, scenario, samples=samples, server_round=r, **common),
+                                   phi=setup.phi, energy_budget_j=budgets)
     if setup.method == "asl":
         if budgets is None:  # the same budgets as the fixed baseline: its mean energy per device
             budgets = [
                 sum(p.details["energy_per_client_j"][i] for p in baseline) / len(baseline) for i in range(n)
             ]
-        planner = OpenPlanner(profile, scenario, energy_budget_j=budgets, V=setup.V, samples=samples, **common)
+        planner = OpenPlanner(PlanningProblem.build(profile, scenario, samples=samples, **common),
+                              energy_budget_j=budgets, V=setup.V)
         return planner.plan
     if setup.method == "ccc":
         if setup.agent_path is None:
@@ -269,7 +272,7 @@ def format_round(entry: dict) -> str:
         f"{'latency s':>10} {'energy J':>10}   (per client, as the planner reports)",
     ]
     per_latency = d.get("client_latency_s") or d.get("finish_s")
-    per_energy = d.get("energy_per_client_j") or d.get("client_energy_j") or d.get("energy_j")
+    per_energy = d.get("energy_per_client_j")
     band = [b / 1e6 for b in plan["bandwidth_hz"]] if plan["bandwidth_hz"] is not None else None
     ids = d.get("client_ids") or list(range(len(plan["cuts"])))
     for i, cut in enumerate(plan["cuts"]):

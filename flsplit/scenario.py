@@ -54,7 +54,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from flsplit.costmodel import Channel, DeviceProfile, Scenario, ServerProfile
+from flsplit.sim.scenario import Channel, DeviceProfile, Scenario, ServerProfile
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -35,7 +35,7 @@ def test_edgesplit_in_the_loop_plans_each_round_as_the_planner_does(tmp_path):
         # a training round sends the client parts down and back: the planner counts them
         problem = PlanningProblem.build(profile, scenario, samples=[STEPS * BATCH] * len(ids), client_ids=ids,
                                         server_round=r, include_weights=True)
-        expected = plan_edgesplit(problem=problem)
+        expected = plan_edgesplit(problem)
         recorded = entry["plan"]["nodes"]
         assert [recorded[n]["cut"] for n in nodes] == expected.cuts
         assert [recorded[n]["bandwidth_hz"] for n in nodes] == pytest.approx(expected.bandwidth_hz, rel=1e-12)
@@ -73,8 +73,8 @@ def test_open_queues_advance_with_the_measured_energy(tmp_path):
         # the planner's plan for this round's state, recomputed independently
         problem = PlanningProblem.build(profile, scenario, samples=[STEPS * BATCH] * len(ids), client_ids=ids,
                                         server_round=r, include_weights=True)
-        expected = OpenPlanner(energy_budget_j=plan["energy_budget_j"], V=0.01, initial_queues=before,
-                               problem=problem).plan(r)
+        expected = OpenPlanner(problem, energy_budget_j=plan["energy_budget_j"], V=0.01,
+                               initial_queues=before).plan(r)
         assert [plan["nodes"][n]["cut"] for n in nodes] == expected.cuts
         assert [plan["nodes"][n]["server_cpu_share"] for n in nodes] == pytest.approx(expected.server_cpu_share, rel=1e-9)
         for n, budget in zip(nodes, plan["energy_budget_j"]):
@@ -93,8 +93,9 @@ def test_epsl_resource_management_in_the_loop(tmp_path):
     width = scenario.channel.subchannel_bandwidth_hz
     for r, entry in enumerate(history["rounds"], start=1):
         nodes, ids = _round_state(entry)
-        expected = plan_epsl(profile, scenario, samples=STEPS * BATCH, client_ids=ids, server_round=r, phi=0.5,
-                             include_weights=True)
+        problem = PlanningProblem.build(profile, scenario, samples=[STEPS * BATCH] * len(ids), client_ids=ids,
+                                        server_round=r, include_weights=True)
+        expected = plan_epsl(problem, phi=0.5)
         recorded = entry["plan"]["nodes"]
         assert [recorded[n]["subchannels"] for n in nodes] == expected.subchannels
         assert [entry["cuts"][n] for n in nodes] == expected.cuts
@@ -146,7 +147,7 @@ def test_an_agent_for_other_candidate_cuts_is_refused_at_start(tmp_path, agent_p
         ({"strategy": "epsl", "planner": "epsl", "cost-scenario": "homogeneous"}, "OFDMA"),
         ({"strategy": "psl", "planner": "asl", "planner-energy-budget": "0.1,-2"}, "energy budgets must be finite and > 0"),
         ({"strategy": "psl", "planner": "edgesplit", "planner-candidate-cuts": "2,x"}, "planner-candidate-cuts"),
-        ({"strategy": "psl", "planner": "edgesplit", "planner-candidate-cuts": "2,40"}, "outside 1..8"),
+        ({"strategy": "psl", "planner": "edgesplit", "planner-candidate-cuts": "2,40"}, "cut 40 is outside the model: valid cuts are 1..8"),
     ],
 )
 def test_bad_planner_settings_are_refused_before_training(tmp_path, config, message):
@@ -162,9 +163,9 @@ def test_planners_in_the_loop_count_the_client_part_weights():
 
     profile, scenario = _profile(), load_scenario("edge-diverse")
     ids, samples = list(range(8)), [96] * 8
-    with_weights = plan_edgesplit(problem=PlanningProblem.build(profile, scenario, samples=samples, client_ids=ids,
-                                                                 include_weights=True))
-    without = plan_edgesplit(profile, scenario, samples=samples, client_ids=ids)
+    with_weights = plan_edgesplit(PlanningProblem.build(profile, scenario, samples=samples, client_ids=ids,
+                                                   include_weights=True))
+    without = plan_edgesplit(PlanningProblem.build(profile, scenario, samples=samples, client_ids=ids))
     work = predict_workload("psl", profile, cuts=with_weights.cuts, samples=samples, client_ids=ids,
                             wire=ElementWire(profile, 4.0, include_weights=True))
     priced = price(work, scenario, Allocation(bandwidth_hz=with_weights.bandwidth_hz), server_timing=ServerTiming.PER_CLIENT)

@@ -14,21 +14,8 @@ import math
 
 import numpy as np
 import pytest
-from flsplit.costmodel import (
-    Channel,
-    DeviceProfile,
-    Scenario,
-    ServerProfile,
-    broadcast_time_s,
-    client_flops,
-    dbm_to_w,
-    path_loss_db,
-    rayleigh_power,
-    round_cost,
-    server_flops,
-    shannon_rate_bps,
-    smashed_bytes,
-)
+from flsplit.sim.scenario import Channel, DeviceProfile, Scenario, ServerProfile, dbm_to_w, path_loss_db, rayleigh_power
+from flsplit.sim.workload import client_flops, server_flops, smashed_bytes
 from flsplit.profile import BlockProfile, ModelProfile
 from flsplit.scenario import (
     device_from_node_config,
@@ -39,6 +26,8 @@ from flsplit.scenario import (
     scenario_from_toml,
     shipped_scenarios,
 )
+
+from tests.oracle import broadcast_time_s, round_cost, shannon_rate_bps
 
 N0 = 10 ** ((-174 - 30) / 10)  # W/Hz
 

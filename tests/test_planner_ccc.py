@@ -4,7 +4,7 @@ The references are computed here, independently of the planner: the SFL-GA round
 written out from its definition (DESIGN.md 3.6 and the planner's docstring) in terms of the
 bandwidth ``B``, CPU frequency ``f`` and power ``p`` (the planner works with the spectral
 efficiency instead), the fading is drawn from numpy directly, and the allocations are checked
-with ``costmodel.round_cost`` and ``planners.fixed.scheme_round_cost``. Brute force searches
+with ``tests.oracle.round_cost`` and ``planners.fixed.scheme_round_cost``. Brute force searches
 client 0's share of the band on a grid (refined locally), splits the rest between clients 1
 and 2 with a root finder (equal finishing times of two decreasing functions) and, under
 energy budgets, searches each client's power on a two-level grid with the fastest clock the
@@ -22,7 +22,7 @@ import pytest
 import torch
 from scipy.optimize import brentq, minimize_scalar
 
-from flsplit.costmodel import Channel, DeviceProfile, Scenario, ServerProfile, round_cost
+from flsplit.sim.scenario import Channel, DeviceProfile, Scenario, ServerProfile
 from flsplit.planners.ccc import (
     CCCAgent,
     CCCEnvironment,
@@ -32,6 +32,7 @@ from flsplit.planners.ccc import (
 )
 from flsplit.planners.fixed import scheme_round_cost
 from flsplit.profile import BlockProfile, ModelProfile
+from tests.oracle import round_cost
 
 N0 = 10.0 ** ((-174.0 - 30.0) / 10.0)  # W/Hz
 

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from scipy.optimize import brentq
 
-from flsplit.costmodel import Channel, DeviceProfile, Scenario, ServerProfile
+from flsplit.sim.scenario import Channel, DeviceProfile, Scenario, ServerProfile
 from flsplit.planners.edgesplit import plan_edgesplit
+from flsplit.planners.problem import PlanningProblem
 from flsplit.profile import BlockProfile, ModelProfile
 
 N0 = 10.0 ** ((-174.0 - 30.0) / 10.0)  # W/Hz
@@ -134,7 +135,7 @@ def test_matches_brute_force_on_20_random_instances(bisection_path):
     ratios, naive_gaps = [], []
     for seed in range(20):
         profile, scenario, samples, cands = random_instance(seed)
-        plan = plan_edgesplit(profile, scenario, samples=samples, candidate_cuts=cands)
+        plan = plan_edgesplit(PlanningProblem.build(profile, scenario, samples=samples, candidate_cuts=cands))
         opt, _ = brute_force(profile, scenario, samples, cands)
         # The plan's own numbers, re-derived from its cuts and bandwidths.
         total = scenario.channel.bandwidth_hz
@@ -165,7 +166,7 @@ def test_matches_brute_force_on_20_random_instances(bisection_path):
 def test_fixed_cut_gives_equal_finish_times_and_fills_band(seed, bisection_path):
     profile, scenario, samples, cands = random_instance(seed)
     cut = cands[1]
-    plan = plan_edgesplit(profile, scenario, samples=samples, candidate_cuts=[cut])
+    plan = plan_edgesplit(PlanningProblem.build(profile, scenario, samples=samples, candidate_cuts=[cut]))
     total = scenario.channel.bandwidth_hz
     assert plan.cuts == [cut] * 3
     assert sum(plan.bandwidth_hz) == pytest.approx(total, rel=1e-9)
@@ -182,7 +183,7 @@ def test_fixed_cut_gives_equal_finish_times_and_fills_band(seed, bisection_path)
 
 def test_single_client_gets_the_whole_band_and_energy_is_compute_plus_transmit():
     profile, scenario, samples, cands = random_instance(3)
-    plan = plan_edgesplit(profile, scenario, samples=samples[:1], candidate_cuts=cands)
+    plan = plan_edgesplit(PlanningProblem.build(profile, scenario, samples=samples[:1], candidate_cuts=cands))
     total = scenario.channel.bandwidth_hz
     assert plan.bandwidth_hz == pytest.approx([total], rel=1e-12)
     k = plan.cuts[0]
@@ -210,7 +211,7 @@ def test_rejects_non_positive_bandwidth(value):
     with pytest.raises(ValueError, match="bandwidth"):
         Channel(bandwidth_hz=value)
     with pytest.raises(ValueError, match="bandwidth"):
-        plan_edgesplit(profile, _bad_band(value), samples=samples, candidate_cuts=cands)
+        plan_edgesplit(PlanningProblem.build(profile, _bad_band(value), samples=samples, candidate_cuts=cands))
 
 
 @pytest.mark.parametrize(
@@ -229,5 +230,6 @@ def test_rejects_non_positive_bandwidth(value):
 def test_rejects_bad_input(kwargs, match):
     profile, scenario, samples, _ = random_instance(0)
     args = {"samples": samples, **kwargs}
+    max_iter = args.pop("max_iter", 50)
     with pytest.raises(ValueError, match=match):
-        plan_edgesplit(profile, scenario, **args)
+        plan_edgesplit(PlanningProblem.build(profile, scenario, **args), max_iter=max_iter)

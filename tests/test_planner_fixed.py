@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from flsplit.costmodel import Channel, DeviceProfile, Scenario, ServerProfile
+from flsplit.sim.scenario import Channel, DeviceProfile, Scenario, ServerProfile
 from flsplit.planners import best_fixed_cut, plan_fixed
 from flsplit.planners.fixed import scheme_round_cost
 from flsplit.profile import BlockProfile, ModelProfile

@@ -15,13 +15,21 @@ import math
 
 import numpy as np
 import pytest
-from flsplit.costmodel import Channel, DeviceProfile, Scenario, ServerProfile, rayleigh_power
+from flsplit.sim.scenario import Channel, DeviceProfile, Scenario, ServerProfile, rayleigh_power
 from flsplit.planners import Plan
 from flsplit.planners.open import OpenPlanner, min_makespan_shares
+from flsplit.planners.problem import PlanningProblem
 from flsplit.profile import BlockProfile, ModelProfile
 
 N0 = 10 ** ((-174 - 30) / 10)  # W/Hz
 BAND = 20e6
+
+
+def _open(profile, scenario, *, samples, client_ids=None, bytes_per_element=4.0, candidate_cuts=None, **options):
+    """``OpenPlanner`` on the ``PlanningProblem`` of these clients."""
+    problem = PlanningProblem.build(profile, scenario, samples=samples, client_ids=client_ids,
+                                    bytes_per_element=bytes_per_element, candidate_cuts=candidate_cuts)
+    return OpenPlanner(problem, **options)
 
 
 def _gain(distance_m: float, seed: int, server_round: int, client_id: int) -> float:
@@ -81,7 +89,7 @@ def _random_instance(seed: int):
 def test_matches_brute_force(seed):
     blocks, scenario, samples, queues, V = _random_instance(seed)
     server_round = seed + 1
-    planner = OpenPlanner(
+    planner = _open(
         ModelProfile(blocks), scenario, energy_budget_j=[1.0] * 3, V=V, samples=samples, initial_queues=queues
     )
     assert planner.candidate_cuts == [1, 2, 3, 4]
@@ -138,7 +146,7 @@ def test_inner_allocation_equalises_finishing_times():
 
 def test_plan_fields_and_queue_update():
     blocks, scenario, samples, _, _ = _random_instance(99)
-    planner = OpenPlanner(ModelProfile(blocks), scenario, energy_budget_j=[0.01, 0.02, 0.03], V=1.0, samples=samples)
+    planner = _open(ModelProfile(blocks), scenario, energy_budget_j=[0.01, 0.02, 0.03], V=1.0, samples=samples)
     q0 = planner.queues
     plan = planner.plan(0)
     assert isinstance(plan, Plan) and plan.method == "asl"
@@ -170,7 +178,7 @@ ROUNDS = 200
 
 
 def _run(V: float, budgets) -> tuple[float, np.ndarray]:
-    planner = OpenPlanner(
+    planner = _open(
         ModelProfile(TRADEOFF_BLOCKS), TRADEOFF_SCENARIO, energy_budget_j=list(budgets), V=V, samples=[64] * 3
     )
     plans = [planner.plan(r) for r in range(ROUNDS)]
@@ -221,11 +229,11 @@ def test_long_term_energy_budget_and_V_tradeoff():
 def test_bad_input(kwargs, match):
     args = {"energy_budget_j": [1.0] * 3, "V": 1.0, "samples": [8] * 3, **kwargs}
     with pytest.raises(ValueError, match=match):
-        OpenPlanner(ModelProfile(TRADEOFF_BLOCKS), TRADEOFF_SCENARIO, **args)
+        _open(ModelProfile(TRADEOFF_BLOCKS), TRADEOFF_SCENARIO, **args)
 
 
 def test_bad_round():
-    planner = OpenPlanner(
+    planner = _open(
         ModelProfile(TRADEOFF_BLOCKS), TRADEOFF_SCENARIO, energy_budget_j=[1.0] * 3, V=1.0, samples=[8] * 3
     )
     with pytest.raises(ValueError, match="server_round"):
@@ -235,8 +243,8 @@ def test_bad_round():
 def test_coordinate_descent_on_large_problems_is_close_to_enumeration():
     blocks, scenario, samples, queues, V = _random_instance(5)
     kwargs = dict(energy_budget_j=[1.0] * 3, V=V, samples=samples, initial_queues=queues)
-    exact = OpenPlanner(ModelProfile(blocks), scenario, **kwargs).plan(2)
-    descent = OpenPlanner(ModelProfile(blocks), scenario, max_enumeration=1, **kwargs).plan(2)
+    exact = _open(ModelProfile(blocks), scenario, **kwargs).plan(2)
+    descent = _open(ModelProfile(blocks), scenario, max_enumeration=1, **kwargs).plan(2)
     assert descent.details["search"] == "coordinate-descent" and exact.details["search"] == "enumeration"
     assert exact.details["objective"] <= descent.details["objective"] * (1 + 1e-12)
     assert descent.details["objective"] <= 1.1 * exact.details["objective"]
@@ -268,8 +276,8 @@ def test_coordinate_descent_reaches_the_enumerated_optimum(seed):
         energy_budget_j=list(rng.uniform(0.001, 0.01, 5)), V=float(rng.uniform(0.001, 0.1)),
         samples=[int(s) for s in rng.integers(16, 128, 5)], initial_queues=list(rng.uniform(0, 0.5, 5)),
     )
-    searched = OpenPlanner(ModelProfile(blocks), scenario, max_enumeration=100, **kwargs).plan(seed)
-    enumerated = OpenPlanner(ModelProfile(blocks), scenario, max_enumeration=10**5, **kwargs).plan(seed)
+    searched = _open(ModelProfile(blocks), scenario, max_enumeration=100, **kwargs).plan(seed)
+    enumerated = _open(ModelProfile(blocks), scenario, max_enumeration=10**5, **kwargs).plan(seed)
     assert searched.details["search"] == "coordinate-descent"
     assert enumerated.details["search"] == "enumeration"
     assert searched.details["objective"] <= enumerated.details["objective"] * 1.01

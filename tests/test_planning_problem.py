@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from flsplit.costmodel import Channel, DeviceProfile, Scenario, ServerProfile
+from flsplit.sim.scenario import Channel, DeviceProfile, Scenario, ServerProfile
 from flsplit.planners.ccc import CCCPlanner, train_ccc_agent
 from flsplit.planners.edgesplit import plan_edgesplit
 from flsplit.planners.epsl import plan_epsl
@@ -65,7 +65,7 @@ def _forced_band(value: float) -> Scenario:
         ({"samples": [32, 2.5]}, r"samples\[1\]"),
         ({"samples": []}, "samples"),
         ({"samples": "32"}, "samples"),
-        ({"candidate_cuts": [1, 5]}, "candidate_cuts: cut 5 is outside 1..4"),
+        ({"candidate_cuts": [1, 5]}, "candidate_cuts: cut 5 is outside the model: valid cuts are 1..4"),
         ({"candidate_cuts": [0]}, "candidate_cuts"),
         ({"candidate_cuts": []}, "candidate_cuts is empty"),
         ({"client_ids": [0, 1, 1]}, "client_ids must be distinct"),
@@ -122,24 +122,24 @@ def test_arrays_are_the_profile_and_devices():
 def test_edgesplit_reports_the_price():
     sc = scenario(6, ofdma=False)
     samples = [16, 32, 48, 64, 32, 16]
-    plan = plan_edgesplit(PROFILE, sc, samples=samples, server_round=3)
+    plan = plan_edgesplit(PlanningProblem.build(PROFILE, sc, samples=samples, server_round=3))
     cost = priced(plan, sc, scheme="psl", samples=samples, timing=ServerTiming.PER_CLIENT, server_round=3)
     assert plan.scheme == "psl" and plan.server_timing == "per-client"
     assert plan.latency_s == pytest.approx(cost.round_latency_s, rel=1e-9)
     assert plan.energy_j == pytest.approx(cost.total_energy_j, rel=1e-9)
     assert "objective_latency_s" not in plan.details  # its own model is the price
-    # The same through a PlanningProblem built once.
+    # The same through a PlanningProblem that admits empty clients.
     problem = PlanningProblem.build(PROFILE, sc, samples=samples, server_round=3, min_samples=0)
-    again = plan_edgesplit(problem=problem)
+    again = plan_edgesplit(problem)
     assert again.cuts == plan.cuts and again.latency_s == pytest.approx(plan.latency_s, rel=1e-12)
-    with pytest.raises(ValueError, match="not both"):
-        plan_edgesplit(PROFILE, sc, samples=samples, problem=problem)
+    with pytest.raises(ValueError, match="must be a PlanningProblem"):
+        plan_edgesplit(PROFILE)
 
 
 def test_open_reports_the_price_beside_its_own_latency():
     sc = scenario(4, ofdma=False)
     samples = [32, 32, 64, 16]
-    planner = OpenPlanner(PROFILE, sc, energy_budget_j=[0.05] * 4, V=1.0, samples=samples)
+    planner = OpenPlanner(PlanningProblem.build(PROFILE, sc, samples=samples), energy_budget_j=[0.05] * 4, V=1.0)
     for r in range(3):
         plan = planner.plan(r)
         cost = priced(plan, sc, scheme="psl", samples=samples, timing=ServerTiming.PER_CLIENT, server_round=r)
@@ -157,9 +157,9 @@ def test_epsl_reports_the_price(phi, budget):
     sc = scenario(4)
     budgets = None
     if budget:
-        free = plan_epsl(PROFILE, sc, samples=32, num_clients=4, phi=phi)
-        budgets = [0.9 * e for e in free.details["client_energy_j"]]
-    plan = plan_epsl(PROFILE, sc, samples=32, num_clients=4, phi=phi, energy_budget_j=budgets, server_round=1)
+        free = plan_epsl(PlanningProblem.build(PROFILE, sc, samples=[32] * 4), phi=phi)
+        budgets = [0.9 * e for e in free.details["energy_per_client_j"]]
+    plan = plan_epsl(PlanningProblem.build(PROFILE, sc, samples=[32] * 4, server_round=1), phi=phi, energy_budget_j=budgets)
     cost = priced(plan, sc, scheme="epsl", samples=[32] * 4, timing=ServerTiming.AFTER_CLIENTS, phi=phi,
                   server_round=1)
     assert plan.scheme == "epsl" and plan.server_timing == "after-clients"
@@ -204,9 +204,9 @@ def test_edgesplit_newton_path_equals_the_bisection_loop_at_200_clients(monkeypa
     n = 200
     sc = scenario(n, ofdma=False)
     samples = [16 + 8 * (i % 7) for i in range(n)]
-    fast = plan_edgesplit(PROFILE, sc, samples=samples, server_round=1)
+    fast = plan_edgesplit(PlanningProblem.build(PROFILE, sc, samples=samples, server_round=1))
     monkeypatch.setattr("flsplit.planners.edgesplit._VECTORISE_FROM", 10**9)  # the per-client bisections
-    slow = plan_edgesplit(PROFILE, sc, samples=samples, server_round=1)
+    slow = plan_edgesplit(PlanningProblem.build(PROFILE, sc, samples=samples, server_round=1))
     assert fast.cuts == slow.cuts
     assert fast.bandwidth_hz == pytest.approx(slow.bandwidth_hz, rel=1e-9)
     assert fast.latency_s == pytest.approx(slow.latency_s, rel=1e-12)
@@ -238,7 +238,8 @@ def test_open_bounded_descent_equals_the_exhaustive_one_at_200_clients(V):
     samples = [16 + 8 * (i % 5) for i in range(n)]
     rng = np.random.default_rng(0)
     queues = list(rng.uniform(0, 50, size=n))
-    planner = OpenPlanner(PROFILE, sc, energy_budget_j=[0.05] * n, V=V, samples=samples, initial_queues=queues)
+    planner = OpenPlanner(PlanningProblem.build(PROFILE, sc, samples=samples), energy_budget_j=[0.05] * n, V=V,
+                          initial_queues=queues)
     for r in range(2):
         terms = planner.round_terms(r)
         a, w, e = terms["ready_s"], terms["server_s"], terms["energy_j"]

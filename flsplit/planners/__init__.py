@@ -12,6 +12,12 @@ puts a planner in the loop of a training run.
   then a convex bandwidth / power / CPU-frequency allocation (``allocate_sflga``).
 - ``OpenPlanner``: ASL/OPEN, online (Lyapunov) split points and server CPU shares under
   long-term per-device energy budgets.
+
+``PLANNERS`` (``flsplit.planners.registry``) is the one table of planner names (``PlannerName``)
+that ``flwr run`` and ``flsplit plan`` both read. The modules, one job each: ``problem`` and
+``plan`` (the input and output), ``checks``, ``registry``, ``fixed``, ``edgesplit``, ``epsl``,
+``epsl_steps``, ``open``, ``sflga_terms`` / ``sflga_solvers`` / ``sflga_allocation``, ``ccc_env`` /
+``ccc_agent`` / ``ccc``, ``online``.
 """
 
 from flsplit.planners.ccc import CCCAgent, CCCEnvironment, CCCPlanner, train_ccc_agent
@@ -21,11 +27,15 @@ from flsplit.planners.fixed import best_fixed_cut, plan_fixed
 from flsplit.planners.open import OpenPlanner
 from flsplit.planners.plan import Plan
 from flsplit.planners.problem import PlanningProblem
+from flsplit.planners.registry import PLANNERS, PlannerName, planner_entry
 from flsplit.planners.sflga_allocation import allocate_sflga
 
 __all__ = [
     "Plan",
     "PlanningProblem",
+    "PLANNERS",
+    "PlannerName",
+    "planner_entry",
     "plan_fixed",
     "best_fixed_cut",
     "plan_edgesplit",

@@ -1,38 +1,20 @@
-"""Argument checks shared by the planners: a clear ValueError that names the argument."""
+"""Argument checks shared by the planners: a clear ValueError that names the argument.
+
+The number checks are the simulator's one family (``flsplit.sim.checks``).
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
+from typing import Optional
 
-__all__ = ["candidate_cut_list", "int_arg", "real_arg"]
+import numpy as np
 
+from flsplit.sim.checks import cut_arg, cut_list, int_arg, real_arg
 
-def int_arg(name: str, value, *, minimum: int) -> int:
-    """``value`` as an int >= ``minimum`` (numpy integers and integral floats accepted)."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if isinstance(value, float) and not value.is_integer():
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    v = int(value)
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    return v
-
-
-def real_arg(name: str, value, *, finite: bool = True, positive: bool = False, nonnegative: bool = False) -> float:
-    """``value`` as a float (finite unless ``finite=False``; optionally > 0 or >= 0)."""
-    # bool is an int subclass: True is a mistake here, not 1.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    v = float(value)
-    if finite and not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    if positive and v <= 0:
-        raise ValueError(f"{name} must be > 0, got {v}")
-    if nonnegative and v < 0:
-        raise ValueError(f"{name} must be >= 0, got {v}")
-    return v
+__all__ = ["budget_array", "candidate_cut_list", "cut_arg", "cut_list", "int_arg", "real_arg"]
 
 
 def candidate_cut_list(num_blocks: int, candidate_cuts) -> list[int]:
@@ -46,8 +28,39 @@ def candidate_cut_list(num_blocks: int, candidate_cuts) -> list[int]:
         raise ValueError("candidate_cuts is empty")
     cands: list[int] = []
     for k in raw:
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= num_blocks - 1:
-            raise ValueError(f"candidate_cuts: cut {k!r} is outside 1..{num_blocks - 1} (outside the model)")
-        if int(k) not in cands:
-            cands.append(int(k))
+        k = cut_arg("candidate_cuts: cut", k, num_blocks)
+        if k not in cands:
+            cands.append(k)
     return sorted(cands)
+
+
+def budget_array(energy_budget_j, n: int, *, allow_unlimited: bool = False) -> Optional[np.ndarray]:
+    """Per-client energy budgets in J, the one parser of the planners' ``energy_budget_j``.
+
+    ``None`` (no budgets), one number for every client, or one number per client, each finite
+    and > 0. With ``allow_unlimited`` an entry ``None`` or ``inf`` means no budget for that
+    client (``inf`` in the array), and ``None`` is returned when no client has one. (A
+    run-config or command-line text is parsed first by ``flsplit.planners.online.parse_budget``.)
+    """
+    if energy_budget_j is None:
+        return None
+    if isinstance(energy_budget_j, numbers.Real) and not isinstance(energy_budget_j, bool):
+        values = [energy_budget_j] * n
+    else:
+        if isinstance(energy_budget_j, (str, bytes)) or not isinstance(energy_budget_j, (Sequence, np.ndarray)):
+            raise ValueError(f"energy_budget_j must be a number or one number per client, got {energy_budget_j!r}")
+        values = list(energy_budget_j)
+        if len(values) != n:
+            raise ValueError(f"energy_budget_j has {len(values)} entries for {n} clients")
+    out = np.empty(n)
+    for i, v in enumerate(values):
+        if allow_unlimited and (v is None or (isinstance(v, numbers.Real) and float(v) == math.inf)):
+            out[i] = math.inf
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)) or float(v) <= 0:
+            none = " (or None / inf for none)" if allow_unlimited else ""
+            raise ValueError(f"energy_budget_j[{i}] must be a finite number > 0 J{none}, got {v!r}")
+        out[i] = float(v)
+    if allow_unlimited and np.all(np.isinf(out)):
+        return None
+    return out

@@ -4,7 +4,7 @@ EdgeSplit (DESIGN.md 2, item 3) runs parallel split learning on heterogeneous de
 device gets its own cut depth and its own share of the band, chosen so that the slowest
 device (the straggler) finishes as early as possible.
 
-Latency model of one client (``flsplit.costmodel``, DESIGN.md 3.6), with cut ``k`` and
+Latency model of one client (``flsplit.sim``, DESIGN.md 3.6), with cut ``k`` and
 bandwidth ``B``::
 
     T_i(k, B) = compute_i(k) + D_up_i(k) / r_up_i(B) + D_down_i(k) / r_down_i(B)
@@ -16,7 +16,7 @@ bandwidth ``B``::
 * ``D_up_i(k) = D_down_i(k) = n_i * smashed_elements(k) * bytes_per_element * 8`` bits: the
   smashed data go up, their gradient (same shape) comes down, so the round moves
   ``2 n_i smashed_elements(k) bytes_per_element * 8`` bits in all.
-* **Separate rates**, as in ``costmodel.round_cost``: ``r_up(B) = B log2(1 + p_i g_i / (B N0))``
+* **Separate rates**, as in ``flsplit.sim.price``: ``r_up(B) = B log2(1 + p_i g_i / (B N0))``
   at the device's transmit power and ``r_down(B) = B log2(1 + P_s g_i / (B N0))`` at the
   server's, both over the client's share ``B`` of the band (reciprocal channel, gain
   ``g_i = Scenario.channel_gain(client_id, server_round)``).
@@ -48,20 +48,15 @@ the one price of the plan (``flsplit.sim.price``, PSL traffic, ``ServerTiming.PE
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 
-from flsplit.costmodel import Scenario
 from flsplit.planners.checks import int_arg
 from flsplit.planners.plan import Plan
 from flsplit.planners.problem import PlanningProblem
 from flsplit.sim import kernels as k
 from flsplit.sim.pricing import ServerTiming
-
-if TYPE_CHECKING:  # the planner must not import torch
-    from flsplit.profile import ModelProfile
 
 __all__ = ["plan_edgesplit"]
 
@@ -264,42 +259,17 @@ def _best_cuts(terms: _Terms, bandwidth: list[float], current: Optional[list[int
     return [int(j) for j in best]
 
 
-def plan_edgesplit(
-    profile: Optional["ModelProfile"] = None,
-    scenario: Optional[Scenario] = None,
-    *,
-    samples: Optional[Sequence[int]] = None,
-    client_ids: Optional[Sequence[int]] = None,
-    server_round: int = 0,
-    bytes_per_element: float = 4.0,
-    candidate_cuts: Optional[Sequence[int]] = None,
-    max_iter: int = 50,
-    problem: Optional[PlanningProblem] = None,
-) -> Plan:
+def plan_edgesplit(problem: PlanningProblem, *, max_iter: int = 50) -> Plan:
     """Cut and bandwidth share per client minimising the round's makespan (EdgeSplit).
 
     Parameters
     ----------
-    profile : ModelProfile
-        Per-block FLOPs and sizes of the model (``flsplit.profile.profile_model``).
-    scenario : Scenario
-        Devices, server and channel; the band ``channel.total_bandwidth_hz`` is shared.
-    samples : sequence of int
-        Samples each client trains on in this round.
-    client_ids : sequence of int, optional
-        Client (partition) ids, selecting device profiles and keying the fading;
-        default ``0 .. len(samples) - 1``.
-    server_round : int
-        Round number (keys the fading).
-    bytes_per_element : float
-        Wire size of one smashed element (4 for fp32).
-    candidate_cuts : sequence of int, optional
-        Cuts to choose from (each in ``1 .. L-1``); default all of them.
+    problem : PlanningProblem
+        The round, checked once (``PlanningProblem.build(profile, scenario, samples=...,
+        client_ids=..., server_round=..., bytes_per_element=..., candidate_cuts=...)``); the
+        band ``scenario.channel.total_bandwidth_hz`` is shared.
     max_iter : int
         Maximum number of alternations (bandwidth step + cut step).
-    problem : PlanningProblem, optional
-        The round, already checked (``PlanningProblem.build``): give it *instead of* the
-        arguments above (all but ``max_iter``).
 
     Returns
     -------
@@ -310,31 +280,22 @@ def plan_edgesplit(
         a full-speed server worker per client: equal to the makespan ``max_i T_i`` of the
         model above, to rounding) and ``details`` (``iterations``, ``converged``,
         ``makespan_history``, per-client ``client_latency_s``, ``compute_s``, ``uplink_s``,
-        ``downlink_s``, ``energy_j``, ``client_ids`` and the model assumptions).
+        ``downlink_s``, ``energy_per_client_j``, ``client_ids`` and the model assumptions).
 
     Raises
     ------
     ValueError
-        On a non-positive bandwidth, empty or out-of-range candidate cuts, ``samples`` and
-        ``client_ids`` of different lengths, or other malformed arguments.
+        If ``problem`` is not a ``PlanningProblem`` or ``max_iter`` < 1 (the round's own
+        arguments are checked by ``PlanningProblem.build``).
 
     Examples
     --------
-    >>> plan = plan_edgesplit(profile, scenario, samples=[32] * 8)  # doctest: +SKIP
+    >>> plan = plan_edgesplit(PlanningProblem.build(profile, scenario, samples=[32] * 8))  # doctest: +SKIP
     >>> plan.cuts, plan.bandwidth_hz, plan.latency_s  # doctest: +SKIP
     """
     max_iter = int_arg("max_iter", max_iter, minimum=1)
-    if problem is None:
-        if profile is None or scenario is None or samples is None:
-            raise ValueError("give profile, scenario and samples, or problem")
-        problem = PlanningProblem.build(
-            profile, scenario, samples=samples, client_ids=client_ids, server_round=server_round,
-            bytes_per_element=bytes_per_element, candidate_cuts=candidate_cuts,
-        )
-    elif not isinstance(problem, PlanningProblem):
+    if not isinstance(problem, PlanningProblem):
         raise ValueError(f"problem must be a PlanningProblem, got {type(problem).__name__}")
-    elif profile is not None or scenario is not None or samples is not None:
-        raise ValueError("give problem or profile, scenario and samples, not both")
 
     n = problem.num_clients
     total = problem.total_bandwidth_hz
@@ -382,7 +343,7 @@ def plan_edgesplit(
         "compute_s": [c.compute_latency_s + c.server_latency_s for c in clients],
         "uplink_s": [c.uplink_latency_s for c in clients],
         "downlink_s": [c.downlink_latency_s for c in clients],
-        "energy_j": [c.energy_j for c in clients],
+        "energy_per_client_j": [c.energy_j for c in clients],
         "candidate_cuts": cands,
         "model": "server parallel at full speed per client; up and down each carry "
         "samples*smashed_elements*bytes_per_element*8 bits; uplink at device power, "

@@ -9,7 +9,7 @@ each client's uplink transmit power so that the round finishes as early as possi
 (``phi = 0`` is PSL).
 
 Traffic and work of one round (``N`` clients, ``n`` samples each, ``s`` smashed elements per
-sample at cut ``k``, ``bpe`` bytes per element), exactly as ``costmodel.round_cost`` is called
+sample at cut ``k``, ``bpe`` bytes per element), exactly as ``flsplit.sim.price`` prices it
 for the returned plan (``timing="parallel"``, ``subchannels=``, ``tx_power_w=``)::
 
     uplink_bytes_i    = n * s * bpe                 (smashed data)
@@ -18,7 +18,7 @@ for the returned plan (``timing="parallel"``, ``subchannels=``, ``tx_power_w=``)
     client_flops_i    = client_flops(cut, n)        (forward + backward)
     server_flops      = server_flops(cut, N * n, backward_samples=(1 - phi) * N * n + phi * n)
 
-Latency model (``flsplit.costmodel``, DESIGN.md 3.6). Client ``i`` with ``m_i`` subchannels of
+Latency model (``flsplit.sim``, DESIGN.md 3.6). Client ``i`` with ``m_i`` subchannels of
 width ``W`` (``B_i = m_i W``), power ``p_i``, gain ``g_i`` (``Scenario.channel_gain``)::
 
     chain_i = n F^c(k) / f_i                                    (compute)
@@ -64,7 +64,7 @@ Algorithm (block-coordinate descent, DESIGN.md 3.7):
   ``t`` unchanged and makes the optimum unique, namely ``p*_i`` above for every client. The
   solver's answer is polished to that closed form (``x*_i`` by bisection): each returned
   power either meets its budget with equality or is the device's maximum, and the budget is
-  re-checked with ``round_cost``'s own arithmetic (never exceeded). The solver's deviation
+  re-checked with ``price``'s own arithmetic (never exceeded). The solver's deviation
   from the closed form is reported in ``details``. **Without budgets the maximum power is
   optimal** (latency decreases in ``p``) and no convex program is solved.
 * **Subchannel step** (cut fixed): start with one subchannel per client, then give each of
@@ -97,375 +97,70 @@ torch import (the profile is only read).
 
 from __future__ import annotations
 
-import heapq
 import math
-import numbers
-import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 
-from flsplit.costmodel import Scenario, client_flops, server_flops
-from flsplit.extras import require
-from flsplit.planners.checks import int_arg, real_arg
+from flsplit.planners.checks import budget_array, int_arg, real_arg
 from flsplit.planners.plan import Plan
 from flsplit.planners.problem import PlanningProblem
-from flsplit.sim import kernels as kern
 from flsplit.sim.pricing import ServerTiming
+from flsplit.planners.epsl_steps import (
+    _REL_IMPROVE,
+    _CutData,
+    _Problem,
+    _PowerProgram,
+    _power_step,
+    _respect_budgets,
+)
 
-if TYPE_CHECKING:  # the planner must not import torch
-    from flsplit.profile import CutProfile, ModelProfile
 
 __all__ = ["plan_epsl"]
-
-_LN2 = math.log(2.0)
-_REL_IMPROVE = 1e-9  # the BCD stops when the latency drops by less than this (relative)
-_ROOM_MARGIN = 1e-6  # a budget must exceed compute energy + E0 by this much (relative to E0): below it
-# the SNR would be under ~2e-6, the uplink endless and float rounding would decide the budget
-_BISECT_STEPS = 300  # bisection steps for the budget's SNR cap (stops when the bracket is tight)
-_SOLVER_ORDER = ("CLARABEL", "ECOS", "SCS")  # exponential-cone solvers, best first
-
-
-# --- argument checks -------------------------------------------------------------------------
-
-
-def _client_ids(num_clients, client_ids) -> list[int]:
-    if client_ids is None:
-        if num_clients is None:
-            raise ValueError("give num_clients or client_ids")
-        n = int_arg("num_clients", num_clients, minimum=1)
-        return list(range(n))
-    if isinstance(client_ids, (str, bytes)) or not isinstance(client_ids, (Sequence, np.ndarray)):
-        raise ValueError(f"client_ids must be a sequence of ints, got {client_ids!r}")
-    ids = [int_arg(f"client_ids[{i}]", c, minimum=0) for i, c in enumerate(client_ids)]
-    if not ids:
-        raise ValueError("client_ids is empty: at least one client is needed")
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"client_ids must be distinct, got {ids}")
-    if num_clients is not None and int_arg("num_clients", num_clients, minimum=1) != len(ids):
-        raise ValueError(f"num_clients={num_clients} but client_ids has {len(ids)} entries")
-    return ids
-
-
-def _budgets(energy_budget_j, n: int) -> Optional[np.ndarray]:
-    if energy_budget_j is None:
-        return None
-    if isinstance(energy_budget_j, numbers.Real) and not isinstance(energy_budget_j, bool):
-        values = [energy_budget_j] * n
-    else:
-        if isinstance(energy_budget_j, (str, bytes)) or not isinstance(energy_budget_j, (Sequence, np.ndarray)):
-            raise ValueError(f"energy_budget_j must be a number or one number per client, got {energy_budget_j!r}")
-        values = list(energy_budget_j)
-        if len(values) != n:
-            raise ValueError(f"energy_budget_j has {len(values)} entries for {n} clients")
-    out = []
-    for i, v in enumerate(values):
-        b = real_arg(f"energy_budget_j[{i}]", v, finite=False)
-        if not (math.isfinite(b) and b > 0):
-            raise ValueError(f"energy_budget_j[{i}] must be a finite number > 0 J, got {b}")
-        out.append(b)
-    return np.array(out, dtype=float)
-
-
-# --- per-cut constants -----------------------------------------------------------------------
-
-
-class _CutData:
-    """Everything of one candidate cut that does not depend on subchannels or powers."""
-
-    def __init__(
-        self,
-        cut: "CutProfile",
-        *,
-        samples: int,
-        n_clients: int,
-        phi: float,
-        bpe: float,
-        devices: PlanningProblem,
-        server,
-        gains: np.ndarray,
-        n0: float,
-        total_bandwidth: float,
-        budgets: Optional[np.ndarray],
-    ):
-        self.k = cut.cut
-        self.client_flops = client_flops(cut, samples)
-        self.server_flops = server_flops(
-            cut, n_clients * samples, backward_samples=(1.0 - phi) * n_clients * samples + phi * samples
-        )
-        smashed = samples * cut.smashed_elements * bpe
-        weights = float(cut.client_param_bytes) if devices.include_weights else 0.0  # each way, once a round
-        self.up_bytes = smashed + weights
-        self.down_bytes = (1.0 - phi) * smashed + weights
-        self.broadcast_bytes = phi * smashed
-        self.bits = self.up_bytes * 8.0
-        self.down_bits = self.down_bytes * 8.0
-        self.compute_s = kern.compute_s(self.client_flops, devices.cpu_hz, devices.flops_per_cycle)
-        self.compute_j = kern.compute_energy_j(self.client_flops, devices.cpu_hz, devices.flops_per_cycle, devices.kappa)
-        self.server_s = server.compute_time_s(self.server_flops)
-        if self.broadcast_bytes > 0:
-            weakest = total_bandwidth * math.log2(1.0 + server.tx_power_w * float(gains.min()) / (total_bandwidth * n0))
-            self.broadcast_s = self.broadcast_bytes * 8.0 / weakest
-        else:
-            self.broadcast_s = 0.0
-        # Least transmit energy (p -> 0) and the room the budget leaves for transmitting.
-        self.e0 = self.bits * n0 * _LN2 / gains
-        self.room = None if budgets is None else budgets - self.compute_j
-        if budgets is None:
-            self.short = np.zeros(len(gains), dtype=bool)
-        elif self.bits == 0:  # nothing to transmit: the compute energy alone must fit
-            self.short = ~(self.room >= 0.0)
-        else:
-            self.short = ~(self.room > self.e0 * (1.0 + _ROOM_MARGIN))
-
-    @property
-    def feasible(self) -> bool:
-        return not self.short.any()
-
-
-def _snr_cap(rho: np.ndarray, x_hi: np.ndarray) -> np.ndarray:
-    """Largest SNR ``x`` in ``(0, x_hi]`` with ``x / ln(1 + x) <= rho`` (``inf``: never binds).
-
-    ``x / ln(1 + x)`` increases from 1 (at ``x -> 0``) to infinity, and ``rho > 1``. Bisection
-    keeps the feasible end, so the returned SNR never overshoots the budget.
-    """
-    h = lambda x: x / np.log1p(x)  # noqa: E731
-    out = np.full(rho.shape, math.inf)
-    bind = h(x_hi) > rho
-    if not bind.any():
-        return out
-    r, lo, hi = rho[bind], np.zeros(int(bind.sum())), x_hi[bind].copy()
-    for _ in range(_BISECT_STEPS):
-        mid = 0.5 * (lo + hi)
-        if np.all((mid <= lo) | (mid >= hi)):
-            break
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ok = (mid > 0) & (h(mid) <= r)
-        lo = np.where(ok, mid, lo)
-        hi = np.where(ok, hi, mid)
-    out[bind] = lo
-    return out
-
-
-class _Problem:
-    """Constants of the planning problem shared by all cuts."""
-
-    def __init__(self, problem: PlanningProblem, budgets: Optional[np.ndarray]):
-        channel = problem.scenario.channel
-        self.ids = list(problem.client_ids)
-        self.n = problem.num_clients
-        self.devices = problem  # per-client device arrays
-        self.server = problem.scenario.server
-        self.gains = np.array(problem.gains)
-        self.n0 = problem.noise_psd_w_per_hz
-        self.w = float(channel.subchannel_bandwidth_hz)
-        self.k_total = int(channel.num_subchannels)
-        self.total_bandwidth = problem.total_bandwidth_hz
-        self.pmax = np.array(problem.tx_power_w)
-        self.budgets = budgets
-
-    def snr_caps(self, cd: _CutData) -> np.ndarray:
-        """Per-client SNR cap ``x*`` of the budget at this cut (``inf`` where it never binds)."""
-        if self.budgets is None or cd.bits == 0:
-            return np.full(self.n, math.inf)
-        rho = cd.room / cd.e0
-        # The SNR at full power is largest on one subchannel: above it the budget never binds.
-        x_hi = self.pmax * self.gains / (self.w * self.n0)
-        return _snr_cap(rho, x_hi)
-
-    def powers(self, m: np.ndarray, x_cap: np.ndarray) -> np.ndarray:
-        """Closed-form optimal powers ``min(pmax, x* B N0 / g)`` for subchannel counts ``m``."""
-        with np.errstate(invalid="ignore"):
-            capped = x_cap * (m * self.w) * self.n0 / self.gains
-        return np.minimum(self.pmax, np.where(np.isfinite(x_cap), capped, math.inf))
-
-    def chains(self, cd: _CutData, m: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, ...]:
-        """(compute, uplink, downlink incl. broadcast, chain) seconds per client."""
-        b = m * self.w
-        up = np.zeros(self.n) if cd.bits == 0 else cd.bits / (b * np.log2(1.0 + p * self.gains / (b * self.n0)))
-        down = np.full(self.n, cd.broadcast_s)
-        if cd.down_bits > 0:
-            down = down + cd.down_bits / (b * np.log2(1.0 + self.server.tx_power_w * self.gains / (b * self.n0)))
-        return cd.compute_s, up, down, cd.compute_s + up + down
-
-    # -- subchannel step --
-
-    def greedy_subchannels(self, cd: _CutData, x_cap: np.ndarray) -> np.ndarray:
-        """One subchannel each, then each remaining one to the current bottleneck."""
-        m = np.ones(self.n)
-        *_, chain = self.chains(cd, m, self.powers(m, x_cap))
-        spare = self.k_total - self.n
-        if spare == 0 or (cd.bits == 0 and cd.down_bits == 0):
-            return m.astype(int)
-        heap = [(-float(t), i) for i, t in enumerate(chain)]
-        heapq.heapify(heap)
-        w, n0, ps = self.w, self.n0, self.server.tx_power_w
-        for _ in range(spare):
-            _, i = heapq.heappop(heap)
-            m[i] += 1
-            b, g = m[i] * w, self.gains[i]
-            p = self.pmax[i] if not math.isfinite(x_cap[i]) else min(self.pmax[i], x_cap[i] * b * n0 / g)
-            t = cd.compute_s[i] + cd.broadcast_s
-            if cd.bits > 0:
-                t += cd.bits / (b * math.log2(1.0 + p * g / (b * n0)))
-            if cd.down_bits > 0:
-                t += cd.down_bits / (b * math.log2(1.0 + ps * g / (b * n0)))
-            heapq.heappush(heap, (-t, i))
-        return m.astype(int)
-
-
-# --- power step (convex program) -------------------------------------------------------------
-
-
-class _PowerProgram:
-    """The power step as one cvxpy program, built with its data as constants and solved once.
-
-    It is solved once per plan, for the chosen cut and subchannels (the search itself uses the
-    closed form it equals): compiled once with the data as constants, it costs about a tenth of
-    a DPP-parametrised program's first compilation (0.15 s against 1.1 s for 1000 clients).
-    """
-
-    def __init__(self, n: int):
-        cp = require("cvxpy", "planners", "EPSL planning with energy budgets (flsplit plan --method epsl "
-                     "--energy-budget, or planner epsl with planner-energy-budget)")
-
-        installed = set(cp.installed_solvers())
-        self.solver = next((s for s in _SOLVER_ORDER if s in installed), None)
-        if self.solver is None:
-            raise RuntimeError(
-                f"energy budgets need an exponential-cone solver for cvxpy ({', '.join(_SOLVER_ORDER)}); "
-                f"installed: {sorted(installed)}"
-            )
-        self.cp = cp
-        self.n = n
-        self.problem = None
-        self.z = self.t = None
-
-    def solve(self, c: np.ndarray, u: np.ndarray, zmax: np.ndarray, w: np.ndarray) -> tuple[Optional[np.ndarray], str]:
-        """Optimal ``z`` (``None`` if the solver failed) and the solver's status.
-
-        ``c``: power-independent part of the chain / tau; ``u = D ln2 / (B tau)`` (uplink time
-        ``u / z``); ``zmax = ln(1 + pmax g / (B N0))``; ``w = E0 / (budget - compute energy)``.
-        """
-        cp, n = self.cp, self.n
-        self.z = cp.Variable(n, nonneg=True)  # ln(1 + SNR): the uplink's spectral efficiency in nats
-        l = cp.Variable(n)  # per-client chain (normalised)
-        self.t = cp.Variable()  # epigraph of the max
-        chain = c + cp.multiply(u, cp.inv_pos(self.z))
-        constraints = [chain <= l, l <= self.t, self.z <= zmax, cp.exp(self.z + np.log(w)) - w - self.z <= 0]
-        self.problem = cp.Problem(cp.Minimize(self.t + cp.sum(l) / n), constraints)
-        try:
-            with warnings.catch_warnings():  # "may be inaccurate": the status says it, and we polish
-                warnings.simplefilter("ignore", UserWarning)
-                self.problem.solve(solver=self.solver, ignore_dpp=True)
-        except self.cp.error.SolverError as exc:  # pragma: no cover - depends on the solver build
-            return None, f"solver error: {exc}"
-        status = str(self.problem.status)
-        if status not in ("optimal", "optimal_inaccurate") or self.z.value is None:
-            return None, status
-        return np.asarray(self.z.value, dtype=float), status
-
-
-def _power_step(
-    prob: _Problem, cd: _CutData, m: np.ndarray, x_cap: np.ndarray, program: Optional[_PowerProgram]
-) -> tuple[np.ndarray, dict]:
-    """Powers for fixed subchannels and cut: the convex program, polished to its closed form."""
-    p_closed = prob.powers(m, x_cap)
-    if program is None or cd.bits == 0:
-        return p_closed, {"status": "max power (no budget: latency decreases in power)"}
-    b = m * prob.w
-    _, up, down, chain = prob.chains(cd, m, p_closed)
-    tau = float(chain.max())  # time scale: the program's t is about 1
-    c = (cd.compute_s + down) / tau
-    u = cd.bits * _LN2 / (b * tau)
-    zmax = np.log1p(prob.pmax * prob.gains / (b * prob.n0))
-    w = cd.e0 / cd.room
-    z, status = program.solve(c, u, zmax, w)
-    info: dict = {"status": status}
-    if z is not None:
-        p_solver = np.expm1(z) * b * prob.n0 / prob.gains
-        info["solver_tx_power_w"] = p_solver
-        info["solver_latency_s"] = float(program.t.value) * tau + cd.server_s
-        info["max_rel_gap"] = float(np.max(np.abs(p_solver - p_closed) / p_closed))
-    return p_closed, info
-
-
-def _respect_budgets(cost_fn, powers: np.ndarray, budgets: Optional[np.ndarray]):
-    """``round_cost`` of the plan, shrinking powers by ulps if rounding put one over budget."""
-    cost = cost_fn(powers)
-    if budgets is None:
-        return cost, powers
-    for attempt in range(60):
-        energy = np.array([c.energy_j for c in cost.clients])
-        over = energy > budgets
-        if not over.any():
-            return cost, powers
-        powers = np.where(over, powers * (1.0 - min(0.5, 1e-12 * 2.0**attempt)), powers)
-        cost = cost_fn(powers)
-    raise RuntimeError("could not bring the powers within the energy budgets")  # pragma: no cover
 
 
 # --- the planner -----------------------------------------------------------------------------
 
 
 def plan_epsl(
-    profile: "ModelProfile",
-    scenario: Scenario,
+    problem: PlanningProblem,
     *,
-    samples: int,
-    num_clients: Optional[int] = None,
-    client_ids: Optional[Sequence[int]] = None,
-    server_round: int = 0,
     phi: float = 0.0,
-    bytes_per_element: float = 4.0,
-    candidate_cuts: Optional[Sequence[int]] = None,
     energy_budget_j: Union[None, float, Sequence[float]] = None,
     max_iter: int = 20,
-    include_weights: bool = False,
 ) -> Plan:
     """Subchannels, uplink powers and one cut minimising EPSL's round latency.
 
+    A solver (block-coordinate descent, module docstring): arguments, then the per-cut
+    constants, then alternating subchannel and power steps per candidate cut.
+
     Parameters
     ----------
-    profile : ModelProfile
-        Per-block FLOPs and sizes of the model (``flsplit.profile.profile_model``).
-    scenario : Scenario
-        Devices, server and an OFDMA channel (``num_subchannels`` subchannels of
-        ``subchannel_bandwidth_hz``, at least one per client).
-    samples : int
-        Samples each client trains on in the round (EPSL steps use one batch size).
-    num_clients : int, optional
-        Number of clients, ids ``0 .. num_clients - 1``. Give this or ``client_ids``.
-    client_ids : sequence of int, optional
-        Client (partition) ids, selecting device profiles and keying the fading.
-    server_round : int
-        Round number (keys the fading).
+    problem : PlanningProblem
+        The round, checked once (``PlanningProblem.build(profile, scenario, samples=[n] * N,
+        client_ids=..., server_round=..., bytes_per_element=..., candidate_cuts=...,
+        include_weights=...)``): every client trains on the same number of samples (EPSL steps
+        use one batch size), and the scenario's channel is OFDMA (``num_subchannels``
+        subchannels of ``subchannel_bandwidth_hz``, at least one per client).
     phi : float
         Fraction of sample positions whose last-layer gradients are aggregated, in
         ``[0, 1]`` (0: PSL).
-    bytes_per_element : float
-        Wire size of one smashed element (4 for fp32).
-    candidate_cuts : sequence of int, optional
-        Cuts to choose from (each in ``1 .. L-1``); default all of them.
     energy_budget_j : float or sequence of float, optional
         Per-client energy budget of the round in J (compute plus transmit energy): one number
         for every client or one per client. Default: no budget (maximum power).
     max_iter : int
         Maximum number of block-coordinate passes.
-    include_weights : bool
-        Count the client part's weights in each client's traffic (down at round start, up at
-        round end), as a training round sends them.
 
     Returns
     -------
     Plan
         ``method="epsl"``, ``cuts`` (the same cut for every client), ``subchannels``,
-        ``tx_power_w``, ``latency_s`` and ``energy_j`` (``round_cost``'s round latency and
+        ``tx_power_w``, ``latency_s`` and ``energy_j`` (``price``'s round latency and
         total device energy for this plan) and ``details``: ``iterations``, ``converged``,
         ``latency_history``, ``client_ids``, ``phi``, ``candidate_cuts``, ``cut_latency_s``
         (best latency per candidate cut, ``None`` where a budget cannot be met),
-        ``client_latency_s``, ``client_energy_j``, ``compute_s``, ``uplink_s``,
+        ``client_latency_s``, ``energy_per_client_j``, ``compute_s``, ``uplink_s``,
         ``downlink_s`` (unicast plus broadcast), ``broadcast_s``, ``server_s``,
         ``energy_budget_j``, ``budget_binding``, ``solver`` and ``power_step``
         (the convex program's status, its own powers and latency, and its largest relative
@@ -481,17 +176,19 @@ def plan_epsl(
         With energy budgets, if cvxpy has none of the exponential-cone solvers CLARABEL, ECOS, SCS.
     """
     # -- arguments --
-    ids = _client_ids(num_clients, client_ids)
+    if not isinstance(problem, PlanningProblem):
+        raise ValueError(f"problem must be a PlanningProblem, got {type(problem).__name__}")
+    if len(set(problem.samples)) != 1:
+        raise ValueError(f"EPSL steps use one batch size: every client needs the same samples, got {list(problem.samples)}")
+    profile, scenario = problem.profile, problem.scenario
+    ids = list(problem.client_ids)
     n = len(ids)
-    samples = int_arg("samples", samples, minimum=1)
-    server_round = int_arg("server_round", server_round, minimum=0)
+    samples = problem.samples[0]
+    bpe = problem.bytes_per_element
     max_iter = int_arg("max_iter", max_iter, minimum=1)
     phi = real_arg("phi", phi, finite=False)
     if not 0.0 <= phi <= 1.0:  # also rejects NaN
         raise ValueError(f"phi must be in [0, 1], got {phi}")
-    bpe = real_arg("bytes_per_element", bytes_per_element, finite=False)
-    if not (math.isfinite(bpe) and bpe > 0):
-        raise ValueError(f"bytes_per_element must be > 0, got {bpe}")
     channel = scenario.channel
     if not channel.ofdma:
         raise ValueError(
@@ -506,12 +203,8 @@ def plan_epsl(
             f"EPSL gives every client at least one subchannel: {channel.num_subchannels} subchannels "
             f"for {n} clients"
         )
-    problem = PlanningProblem.build(
-        profile, scenario, samples=[samples] * n, client_ids=ids, server_round=server_round,
-        bytes_per_element=bpe, candidate_cuts=candidate_cuts, include_weights=include_weights,
-    )
     cands = list(problem.candidate_cuts)
-    budgets = _budgets(energy_budget_j, n)
+    budgets = budget_array(energy_budget_j, n)
 
     # -- constants --
     prob = _Problem(problem, budgets)
@@ -605,7 +298,7 @@ def plan_epsl(
             "candidate_cuts": cands,
             "cut_latency_s": {k: cut_latency.get(k) for k in cands},
             "client_latency_s": [c.latency_s for c in clients],
-            "client_energy_j": [c.energy_j for c in clients],
+            "energy_per_client_j": [c.energy_j for c in clients],
             "compute_s": [c.compute_latency_s for c in clients],
             "uplink_s": [c.uplink_latency_s for c in clients],
             "downlink_s": [c.downlink_latency_s for c in clients],

@@ -1,7 +1,7 @@
 """The baseline every planner is compared against, and one pricing rule for all of them.
 
 ``scheme_round_cost`` prices one round of a scheme with the cost model
-(``costmodel.round_cost``) for any cuts (one per client, mixed allowed) and any allocation
+(``flsplit.sim.price``) for any cuts (one per client, mixed allowed) and any allocation
 (bandwidth shares, OFDMA subchannels, transmit powers; by default an even split at each
 device's maximum power). The traffic and work of each scheme, for client ``i`` with ``n_i``
 samples at cut ``k_i`` (``s_i`` smashed elements per sample, ``q`` bytes per element):
@@ -32,8 +32,10 @@ import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Optional
 
-from flsplit.costmodel import RoundCost, Scenario
+from flsplit.sim.pricing import RoundCost
+from flsplit.sim.scenario import Scenario
 from flsplit.planners.plan import Plan
+from flsplit.sim.checks import cut_list
 from flsplit.sim.pricing import Allocation, ServerTiming, price, price_totals
 from flsplit.sim.traffic import ElementWire, predict_workload
 
@@ -64,17 +66,6 @@ def _client_list(samples: Sequence[int], client_ids: Optional[Sequence[int]]) ->
     if len(set(ids)) != n:
         raise ValueError(f"client_ids must be distinct, got {ids}")
     return [int(s) for s in samples], [int(c) for c in ids]
-
-
-def _cut_list(cuts: Sequence[int], n: int, num_blocks: int) -> list[int]:
-    """Validated per-client cuts."""
-    cuts = list(cuts)
-    if len(cuts) != n:
-        raise ValueError(f"cuts has {len(cuts)} entries for {n} clients")
-    for k in cuts:
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= num_blocks - 1:
-            raise ValueError(f"cut {k!r} is outside the model: valid cuts are 1..{num_blocks - 1}")
-    return [int(k) for k in cuts]
 
 
 def scheme_round_cost(
@@ -116,7 +107,7 @@ def scheme_round_cost(
     phi : float
         EPSL's aggregated fraction (``epsl`` only).
     bandwidth_shares, subchannels, tx_power_w : sequence, optional
-        The allocation, as ``costmodel.round_cost`` takes it (default: even split, maximum
+        The allocation, as ``flsplit.sim.Allocation`` holds it (default: even split, maximum
         power).
     server_timing : ServerTiming
         Where the server's time goes (``flsplit.sim.pricing``).
@@ -130,7 +121,7 @@ def scheme_round_cost(
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     samples, ids = _client_list(samples, client_ids)
     n = len(ids)
-    cuts = _cut_list(cuts, n, len(profile.blocks))
+    cuts = cut_list(cuts, n, len(profile.blocks))
     if isinstance(bytes_per_element, bool) or not isinstance(bytes_per_element, numbers.Real) \
             or not math.isfinite(bytes_per_element) or bytes_per_element <= 0:
         raise ValueError(f"bytes_per_element must be a number > 0, got {bytes_per_element!r}")
@@ -256,7 +247,7 @@ def best_fixed_cut(
     alloc = Allocation(bandwidth_hz=scenario.channel.client_bandwidths_hz(len(ids), exclusive=scheme == "sl"))
     totals = {cuts[0]: (first.latency_s, first.energy_j)}
     for k in cuts[1:]:
-        _cut_list([k], 1, num_blocks)
+        cut_list([k], 1, num_blocks)
         work = predict_workload(scheme, profile, cuts=[k] * len(ids), samples=samples, client_ids=ids, phi=phi, wire=wire)
         totals[k] = price_totals(work, scenario, alloc, server_round=kwargs.get("server_round", 0))
     best = min(totals, key=lambda k: (totals[k][0], k))

@@ -37,9 +37,11 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from flwr.common.logger import log
 
-from flsplit.costmodel import RoundCost, Scenario
+from flsplit.sim.pricing import RoundCost
+from flsplit.sim.scenario import Scenario
 from flsplit.planners.checks import candidate_cut_list, real_arg
 from flsplit.planners.plan import Plan
+from flsplit.planners.registry import PLANNERS, planner_entry
 from flsplit.sim import Allocation, ServerTiming, predict_workload, price
 from flsplit.sim.traffic import ElementWire
 
@@ -221,7 +223,7 @@ class EdgeSplitOnline(OnlinePlanner):
     def _plan(self, scenario, server_round, client_ids, samples):
         from flsplit.planners.edgesplit import plan_edgesplit
 
-        return plan_edgesplit(problem=self.problem(scenario, server_round, client_ids, samples))
+        return plan_edgesplit(self.problem(scenario, server_round, client_ids, samples))
 
 
 def parse_budget(value: Union[None, str, float, Sequence[float]]) -> Union[None, float, list[float]]:
@@ -301,8 +303,8 @@ class OpenOnline(OnlinePlanner):
 
         budgets = self._budgets_for(scenario, server_round, client_ids, samples)
         planner = OpenPlanner(
+            self.problem(scenario, server_round, client_ids, samples),
             energy_budget_j=budgets, V=self.V, initial_queues=[self.queues.get(c, 0.0) for c in client_ids],
-            problem=self.problem(scenario, server_round, client_ids, samples),
         )
         # A budget below every cut's energy can only be exceeded: say so (once per device).
         least = planner.round_terms(server_round)["energy_j"].min(axis=1)
@@ -366,9 +368,9 @@ class EPSLOnline(OnlinePlanner):
     def _plan(self, scenario, server_round, client_ids, samples):
         from flsplit.planners.epsl import plan_epsl
 
-        return plan_epsl(self.profile, scenario, samples=max(samples), client_ids=client_ids, server_round=server_round,
-                         phi=self._phi, bytes_per_element=self.bytes_per_element, candidate_cuts=self.candidate_cuts,
-                         energy_budget_j=_per_client_budget(self.energy_budget, client_ids), include_weights=True)
+        # EPSL steps use one batch size: every client is planned at the largest sample count.
+        problem = self.problem(scenario, server_round, client_ids, [max(samples)] * len(client_ids))
+        return plan_epsl(problem, phi=self._phi, energy_budget_j=_per_client_budget(self.energy_budget, client_ids))
 
 
 class CCCOnline(OnlinePlanner):
@@ -455,16 +457,12 @@ class CCCOnline(OnlinePlanner):
         return {}
 
 
+# The online planners, from the one registry (flsplit.planners.registry).
 ONLINE_PLANNERS: dict[str, type[OnlinePlanner]] = {
-    "edgesplit": EdgeSplitOnline,
-    "asl": OpenOnline,
-    "epsl": EPSLOnline,
-    "ccc": CCCOnline,
+    name: globals()[entry.online] for name, entry in PLANNERS.items() if entry.online is not None
 }
 
 
 def make_online_planner(name: str, profile: "ModelProfile", scenario: Scenario, **knobs: Any) -> OnlinePlanner:
     """The online planner called ``name`` with its knobs (a clear error for unknown ones)."""
-    if name not in ONLINE_PLANNERS:
-        raise ValueError(f"unknown planner {name!r}; choose one of {sorted(ONLINE_PLANNERS)} (or 'none')")
-    return ONLINE_PLANNERS[name](profile, scenario, **knobs)
+    return ONLINE_PLANNERS[planner_entry(name, online=True).name.value](profile, scenario, **knobs)

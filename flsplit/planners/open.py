@@ -14,7 +14,7 @@ optimisation): each round, with the round's channel state,
 A larger ``V`` weighs latency more (lower latency, energy closer to or above budget over a
 finite horizon); ``V = 0`` minimises the queue-weighted energy only.
 
-Cost model (the terms of ``flsplit.costmodel``, DESIGN.md 3.6), for client ``i`` with ``n_i``
+Cost model (the terms of ``flsplit.sim``, DESIGN.md 3.6), for client ``i`` with ``n_i``
 samples at cut ``k`` in round ``t``:
 
 * device compute: ``F = n_i * (client forward + backward FLOPs of k)``, time
@@ -66,10 +66,9 @@ from typing import Optional
 
 import numpy as np
 
-from flsplit.costmodel import Scenario
 from flsplit.planners.plan import Plan
+from flsplit.planners.checks import budget_array
 from flsplit.planners.problem import PlanningProblem
-from flsplit.profile import ModelProfile
 from flsplit.sim import kernels as kern
 from flsplit.sim.pricing import ServerTiming
 
@@ -148,88 +147,51 @@ def min_makespan_shares(a: Sequence[float], w: Sequence[float]) -> tuple[float, 
     return t, shares
 
 
-def _positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    return v
-
-
 class OpenPlanner:
     """Online Lyapunov planner of cuts and server CPU shares (OPEN / ASL).
 
     Parameters
     ----------
-    profile : ModelProfile
-        Per-block costs of the model (``flsplit.profile``).
-    scenario : Scenario
-        Devices, server and channel; fading is drawn per round from its seed.
+    problem : PlanningProblem
+        The clients to plan, checked once (``PlanningProblem.build(profile, scenario,
+        samples=..., client_ids=..., bytes_per_element=..., candidate_cuts=...)``); its
+        ``server_round`` is ignored: ``plan`` takes the round, and fading is drawn per round
+        from the scenario's seed.
     energy_budget_j : list of float
         Per client, the long-term average device energy allowed per round (J, > 0).
     V : float
         Lyapunov trade-off weight of the latency (>= 0).
-    samples : list of int
-        Per client, samples processed in a round (> 0).
-    client_ids : list of int, optional
-        Scenario client ids (select the device and key the fading); default ``0..N-1``.
-    bytes_per_element : float
-        Bytes per smashed-data element (4 for fp32).
-    candidate_cuts : list of int, optional
-        Cuts every client may use; default all cuts ``1..L-1`` of the model.
     initial_queues : list of float, optional
         Initial energy-deficit queues (>= 0); default zeros.
     max_enumeration : int
         Enumerate all cut combinations up to this many; beyond, coordinate descent.
-    problem : PlanningProblem, optional
-        The problem, already checked (``PlanningProblem.build``), *instead of* ``profile``,
-        ``scenario``, ``samples``, ``client_ids``, ``bytes_per_element`` and
-        ``candidate_cuts`` (its ``server_round`` is ignored: ``plan`` takes the round).
 
     Notes
     -----
     The model and the algorithm are in the module docstring. ``plan`` updates the queues
     with the planned energies; ``queues`` reads them.
+
+    Examples
+    --------
+    >>> problem = PlanningProblem.build(profile, scenario, samples=[64] * 4)  # doctest: +SKIP
+    >>> OpenPlanner(problem, energy_budget_j=[0.05] * 4, V=0.01).plan(server_round=0)  # doctest: +SKIP
     """
 
     def __init__(
         self,
-        profile: Optional[ModelProfile] = None,
-        scenario: Optional[Scenario] = None,
+        problem: PlanningProblem,
         *,
         energy_budget_j: Sequence[float],
         V: float,
-        samples: Optional[Sequence[int]] = None,
-        client_ids: Optional[Sequence[int]] = None,
-        bytes_per_element: float = 4.0,
-        candidate_cuts: Optional[Sequence[int]] = None,
         initial_queues: Optional[Sequence[float]] = None,
         max_enumeration: int = 4096,
-        problem: Optional[PlanningProblem] = None,
     ) -> None:
-        if problem is None:
-            if not isinstance(profile, ModelProfile):
-                raise ValueError(f"profile must be a ModelProfile, got {type(profile).__name__}")
-            if samples is None:
-                raise ValueError("samples must name at least one client (or give problem)")
-            if candidate_cuts is not None:
-                raw = list(candidate_cuts)
-                if len(set(raw)) != len(raw):
-                    raise ValueError(f"candidate_cuts must be distinct, got {raw}")
-            problem = PlanningProblem.build(
-                profile, scenario, samples=samples, client_ids=client_ids, bytes_per_element=bytes_per_element,
-                candidate_cuts=candidate_cuts,
-            )
-        elif not isinstance(problem, PlanningProblem):
+        if not isinstance(problem, PlanningProblem):
             raise ValueError(f"problem must be a PlanningProblem, got {type(problem).__name__}")
-        elif profile is not None or scenario is not None or samples is not None:
-            raise ValueError("give problem or profile, scenario and samples, not both")
         n = problem.num_clients
-        budgets = list(energy_budget_j)
-        if len(budgets) != n:
-            raise ValueError(f"energy_budget_j has {len(budgets)} entries for {n} clients")
-        self.energy_budget_j = np.array([_positive(f"energy_budget_j[{i}]", b) for i, b in enumerate(budgets)])
+        if energy_budget_j is None:
+            raise ValueError("energy_budget_j: OPEN needs a long-term energy budget per device")
+        self.energy_budget_j = budget_array(energy_budget_j, n)
         if isinstance(V, bool) or not isinstance(V, (int, float, np.integer, np.floating)):
             raise ValueError(f"V must be a number, got {V!r}")
         if not math.isfinite(float(V)) or float(V) < 0:

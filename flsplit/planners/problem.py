@@ -14,7 +14,7 @@ inner loops call the unchecked kernels of ``flsplit.sim.kernels`` on these array
 Example::
 
     problem = PlanningProblem.build(profile, scenario, samples=[32] * 8, server_round=3)
-    plan = plan_edgesplit(problem=problem)            # or plan_edgesplit(profile, scenario, ...)
+    plan = plan_edgesplit(problem)
     cost = problem.price_plan(plan, scheme="psl", server_timing="per-client")
 """
 
@@ -29,14 +29,14 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from flsplit.costmodel import Scenario
+from flsplit.sim.scenario import Scenario
 from flsplit.planners.checks import candidate_cut_list, int_arg, real_arg
 from flsplit.planners.plan import Plan
 from flsplit.sim.pricing import Allocation, ServerTiming, price
 from flsplit.sim.traffic import ElementWire, predict_workload
 
 if TYPE_CHECKING:  # pure: the profile is only read, torch is never imported here
-    from flsplit.costmodel import RoundCost
+    from flsplit.sim.pricing import RoundCost
     from flsplit.profile import ModelProfile
 
 __all__ = ["PlanningProblem", "client_id_list", "sample_list"]

@@ -7,8 +7,12 @@
 - ``pricing``: ``price(workload, scenario, allocation)``, the one pricing function;
 - ``kernels``: the vectorised, unchecked physics the pricing and the planners call.
 
-Scenarios (devices, server, channel) are ``flsplit.costmodel.Scenario``, loaded by
-``flsplit.scenario``.
+- ``scenario``: the scenario types (``Scenario``: devices, server, channel), checked once and
+  loaded from files by ``flsplit.scenario``;
+- ``checks``: the argument checks of the checked edges.
+
+Imports flow one way: ``kernels``, ``checks`` <- ``scenario`` <- ``workload`` <- ``traffic``,
+``pricing``; the planners import from here, never the reverse.
 """
 
 from flsplit.sim.pricing import Allocation, ServerTiming, price, price_totals

@@ -22,7 +22,6 @@ __all__ = [
     "transfer_s",
     "compute_s",
     "compute_energy_j",
-    "path_gain",
 ]
 
 LN2 = math.log(2.0)
@@ -63,9 +62,3 @@ def compute_energy_j(flops, cpu_hz, flops_per_cycle, kappa):
     """Joules of ``flops`` at clock ``cpu_hz``: ``kappa f^2 cycles`` (cycles = flops / c)."""
     f = np.asarray(cpu_hz, dtype=float)
     return np.asarray(kappa, dtype=float) * f * f * np.asarray(flops, dtype=float) / np.asarray(flops_per_cycle, dtype=float)
-
-
-def path_gain(distance_m, at_1km_db: float, slope_db: float):
-    """Large-scale gain ``10**(-PL/10)``, ``PL = at_1km_db + slope_db log10(d / 1 km)``."""
-    pl = at_1km_db + slope_db * np.log10(np.asarray(distance_m, dtype=float) / 1000.0)
-    return 10.0 ** (-pl / 10.0)

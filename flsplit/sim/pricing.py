@@ -34,17 +34,15 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from flsplit.sim import kernels as k
+from flsplit.sim.scenario import Scenario
 from flsplit.sim.workload import RoundWorkload, Timing
 
-if TYPE_CHECKING:
-    from flsplit.costmodel import RoundCost, Scenario
-
-__all__ = ["ServerTiming", "Allocation", "price", "price_totals"]
+__all__ = ["ServerTiming", "Allocation", "ClientCost", "RoundCost", "price", "price_totals"]
 
 
 class ServerTiming(str, Enum):
@@ -117,14 +115,77 @@ class Allocation:
         return {k_: (list(v) if v is not None else None) for k_, v in asdict(self).items()}
 
 
+# --- the price's result types ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientCost:
+    """Simulated cost of one client in one round (seconds, joules, bytes, bit/s, Hz).
+
+    ``downlink_latency_s`` covers the unicast downlink plus the broadcast if the client
+    receives one; ``latency_s`` is the client's chain: compute + uplink + downlink.
+    """
+
+    client_id: int
+    flops: float
+    uplink_bytes: float
+    downlink_bytes: float
+    bandwidth_hz: float
+    channel_gain: float
+    uplink_rate_bps: float
+    downlink_rate_bps: float
+    compute_latency_s: float
+    uplink_latency_s: float
+    downlink_latency_s: float
+    latency_s: float
+    compute_energy_j: float
+    transmit_energy_j: float
+    energy_j: float
+    server_latency_s: float = 0.0
+    cpu_hz: float = 0.0
+    tx_power_w: float = 0.0
+
+    def as_dict(self) -> dict:
+        """Plain dict for JSON."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RoundCost:
+    """Simulated cost of one round.
+
+    ``round_latency_s`` follows the timing rule: ``"parallel"``: the largest client
+    ``latency_s`` plus ``server_latency_s``; ``"sequential"``: the sum of the clients' chains
+    (the broadcast, if any, counted once) plus ``server_latency_s``. ``total_energy_j`` is the
+    devices' energy (the server's is not counted).
+    """
+
+    server_round: int
+    timing: str
+    clients: tuple[ClientCost, ...]
+    server_flops: float
+    server_latency_s: float
+    broadcast_bytes: float
+    broadcast_latency_s: float
+    round_latency_s: float
+    total_energy_j: float
+    server_timing: str = "after-clients"
+
+    def as_dict(self) -> dict:
+        """Plain dict for JSON (clients as a list of dicts)."""
+        d = asdict(self)
+        d["clients"] = [c.as_dict() for c in self.clients]
+        return d
+
+
 def price(
     workload: RoundWorkload,
-    scenario: "Scenario",
+    scenario: Scenario,
     allocation: Optional[Allocation] = None,
     *,
     server_round: int = 0,
     server_timing: ServerTiming = ServerTiming.AFTER_CLIENTS,
-) -> "RoundCost":
+) -> RoundCost:
     """Latency and energy of ``workload`` on ``scenario`` with ``allocation``.
 
     Parameters
@@ -156,8 +217,6 @@ def price(
     >>> work = predict_workload("psl", profile, cuts=[2, 2], samples=[64, 64])  # doctest: +SKIP
     >>> price(work, scenario, Allocation(bandwidth_hz=[5e6, 15e6])).round_latency_s  # doctest: +SKIP
     """
-    from flsplit.costmodel import ClientCost, RoundCost  # the result types live with the profiles
-
     cols = _price_columns(workload, scenario, allocation, server_round, server_timing)
     ids, n = cols["client_ids"], len(cols["client_ids"])
     costs = tuple(
@@ -199,7 +258,7 @@ def price(
 
 def price_totals(
     workload: RoundWorkload,
-    scenario: "Scenario",
+    scenario: Scenario,
     allocation: Optional[Allocation] = None,
     *,
     server_round: int = 0,
@@ -211,7 +270,7 @@ def price_totals(
     return cols["round_latency_s"], cols["total_energy_j"]
 
 
-def _price_columns(workload: RoundWorkload, scenario: "Scenario", allocation: Optional[Allocation],
+def _price_columns(workload: RoundWorkload, scenario: Scenario, allocation: Optional[Allocation],
                    server_round: int, server_timing) -> dict:
     """The price's arithmetic on columns: arguments checked once, then the kernels."""
     try:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Optional, Protocol
 
 import numpy as np
 
+from flsplit.sim.checks import cut_list
 from flsplit.sim.workload import RoundWorkload, Timing, _column, _int, _nonneg
 
 if TYPE_CHECKING:  # pure: the profile is only read, torch is never imported here
@@ -161,14 +162,7 @@ def predict_workload(
     if n == 0:
         raise ValueError("samples: at least one client is needed")
     samples = _column("samples", samples, n, int, minimum=1).tolist()
-    cuts = list(cuts)
-    if len(cuts) != n:
-        raise ValueError(f"cuts has {len(cuts)} entries for {n} clients")
-    num_blocks = len(profile.blocks)
-    for k in cuts:
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= num_blocks - 1:
-            raise ValueError(f"cut {k!r} is outside the model: valid cuts are 1..{num_blocks - 1}")
-    cuts = [int(k) for k in cuts]
+    cuts = cut_list(cuts, n, len(profile.blocks))
     ids = list(range(n)) if client_ids is None else _column("client_ids", list(client_ids), len(client_ids), int).tolist()
     if len(ids) != n:
         raise ValueError(f"samples has {n} entries but client_ids has {len(ids)}")

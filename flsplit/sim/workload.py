@@ -27,11 +27,16 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-__all__ = ["Timing", "ClientWork", "RoundWorkload"]
+from flsplit.sim.checks import real_arg as _number
+
+if TYPE_CHECKING:  # only read: the simulator never imports torch
+    from flsplit.profile import CutProfile
+
+__all__ = ["Timing", "ClientWork", "RoundWorkload", "client_flops", "server_flops", "smashed_bytes"]
 
 
 class Timing(str, Enum):
@@ -221,3 +226,44 @@ class RoundWorkload:
         d = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
         d["timing"] = self.timing.value
         return d
+
+
+# --- work from a profile ---------------------------------------------------------------------
+
+
+def client_flops(cut: "CutProfile", samples: float, *, backward: bool = True) -> float:
+    """FLOPs a client executes on ``samples`` samples at a cut.
+
+    ``samples * (client_forward_flops + client_backward_flops)``, or the forward alone with
+    ``backward=False`` (a frozen client that only sends activations).
+
+    flsplit's client is stateless between messages, so it recomputes the forward pass of a
+    batch when that batch's gradient arrives; the simulator counts the forward once, as a
+    device that keeps its autograd graph would. ``cut`` is a ``flsplit.profile.CutProfile``
+    (``profile_model(model, input_shape).cut(k)``).
+    """
+    samples = _number("samples", samples, nonnegative=True)
+    per_sample = cut.client_forward_flops + (cut.client_backward_flops if backward else 0.0)
+    return samples * per_sample
+
+
+def server_flops(cut: "CutProfile", samples: float, *, backward_samples: Optional[float] = None) -> float:
+    """FLOPs the server executes forwarding ``samples`` samples and back-propagating some.
+
+    ``samples * server_forward_flops + backward_samples * server_backward_flops``;
+    ``backward_samples`` defaults to ``samples`` (EPSL back-propagates fewer:
+    ``(1 - phi) * N * b + phi * b`` per step).
+    """
+    samples = _number("samples", samples, nonnegative=True)
+    back = samples if backward_samples is None else _number("backward_samples", backward_samples, nonnegative=True)
+    return samples * cut.server_forward_flops + back * cut.server_backward_flops
+
+
+def smashed_bytes(cut: "CutProfile", samples: float, *, bytes_per_element: float = 4.0) -> float:
+    """Predicted bytes of the smashed data (or its gradient) of ``samples`` samples.
+
+    ``bytes_per_element`` is 4 for fp32, 2 for fp16/bf16, 1 for fp8/int8 (per-tensor scales
+    are negligible). For accounting a real round, use the bytes actually serialized.
+    """
+    samples = _number("samples", samples, nonnegative=True)
+    return samples * cut.smashed_elements * _number("bytes_per_element", bytes_per_element, positive=True)
