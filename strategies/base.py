@@ -46,18 +46,19 @@ from flsplit.codecs import get_codec
 from flsplit.aggregation import average_states, block_of
 from flsplit.checkpoint import Checkpoint
 from flsplit.costmodel import DeviceProfile
-from flsplit.dataplane import DataPlane, MessageDataPlane, Reply, Traffic, innermost_error
+from flsplit.dataplane import DataPlane, MessageDataPlane, Reply, innermost_error
+from flsplit.exchange import RoundExchange, RoundRecord
 from flsplit.gate import ReplyGate
 from flsplit.history import RunHistory
 from flsplit.profile import profile_model
 from flsplit.scenario import Scenario
+from flsplit.schedules import PerNode, Schedule
 from flsplit.server import ServerPart, ServerWork, StepStats, evaluate_smashed, resolve_device
 from flsplit.graph_split import GraphSplitError
 from flsplit.splitting import SplitModel, block_output_shapes, split_model_of
 
 from flsplit.strategies.accounting import RoundAccounting
 from flsplit.strategies.checkpointing import Checkpointing
-from flsplit.strategies.exchange import ExchangeHost
 
 __all__ = ["SplitStrategy", "CutAssignment", "ServerStream"]
 
@@ -124,7 +125,7 @@ class _StreamServerPart(ServerPart):
             return super()._forward(cut, x)
 
 
-class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
+class SplitStrategy(RoundAccounting, Checkpointing, Strategy):
     """Base class: round loop, node sampling, cut assignment, round-end averaging.
 
     Parameters
@@ -262,20 +263,27 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         self.profile = profile_model(self.model, self.input_shape) if scenario is not None else None
         self.model.blocks.to(self.device)  # after the shapes and the profile, measured on the CPU
         self.devices: dict[int, tuple[int, Optional[DeviceProfile]]] = {}  # node -> (partition, own profile)
-        self.cuts: dict[int, int] = {}
-        self.errors: list[dict] = []
-        self._stage = "train"  # which part of the round errors belong to (train, evaluate)
-        self._sampled: list[int] = []  # this round's sampled nodes, those that sat out before training included
-        self.server_steps = 0
-        self.server_work = ServerWork()
         self.round_planner = None  # set by flsplit.strategies.adaptive.Adaptive: plans cuts + resources
-        self.round_plan = None  # this round's plan (a flsplit.strategies.adaptive.RoundPlan) if planned
+        self.round = self.new_round(0)  # the current round's exchange state (flsplit.exchange)
         self.server_momentum: dict[str, torch.Tensor] = {}  # by parameter name (carry_momentum)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.fail_untrained = bool(fail_untrained)
 
     scheme = ""  # the scheme's name in STRATEGIES and in the traffic model (flsplit.sim.traffic)
-    timing = "parallel"  # how clients' chains combine in the simulated round latency
+    schedule: type[Schedule] = PerNode  # the scheme's schedule; its timing is the round latency's rule
+
+    def new_round(self, server_round: int) -> RoundExchange:
+        """A round's exchange state, over the run's data plane."""
+        return RoundExchange(server_round, self.data_plane, self.gate, self.codec_down, self.devices, self.scenario,
+                             self.progress_interval)
+
+    # The current round's state, under the names users, tests and the planner read.
+    errors = property(lambda self: self.round.errors, doc="This round's errors (node, error, stage).")
+    cuts = property(lambda self: self.round.cuts, doc="This round's cut per node.")
+    server_steps = property(lambda self: self.round.server_steps, doc="This round's server steps.")
+    server_work = property(lambda self: self.round.server_work, doc="This round's server rows (ServerWork).")
+    round_plan = property(lambda self: self.round.plan, doc="This round's plan (flsplit.planners.online.RoundPlan) or None.")
+    reject = property(lambda self: self.round.reject, doc="Record a node's failure in this round (RoundExchange.reject).")
 
     # ------------------------------------------------------------------ checks at construction
     def build_model(self) -> SplitModel:
@@ -423,19 +431,20 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
     ) -> Iterable[Message]:
         """Sample nodes, assign cuts, and build each node's first request of the round."""
         nodes = self._sample(grid, server_round, self.fraction_train, self.min_train_nodes)
-        self.round_plan = None
+        ex = self.round
+        ex.plan = None
         if self.round_planner is not None:  # cuts (and resources) from the planner in the loop
-            self.round_plan = self.round_planner.plan_round(self, server_round, nodes)
-            nodes = list(self.round_plan.nodes)  # a node that could not be identified sits out
-            self.cuts = {n: self.model.check_cut(int(self.round_plan.cuts[n])) for n in nodes}
+            ex.plan = self.round_planner.plan_round(self, server_round, nodes)
+            nodes = list(ex.plan.nodes)  # a node that could not be identified sits out
+            ex.cuts = {n: self.model.check_cut(int(ex.plan.cuts[n])) for n in nodes}
         else:
-            self.cuts = self.assign_cuts(server_round, nodes)
+            ex.cuts = self.assign_cuts(server_round, nodes)
         # Sampled: the nodes asked to train, and those that failed before (a planner's device query).
-        self._sampled = sorted(set(nodes) | {e["node"] for e in self.errors})
-        self._configs = {n: self.config_record(server_round, c) for n, c in self.cuts.items()}
+        ex.sampled = sorted(set(nodes) | {e["node"] for e in ex.errors})
+        ex.configs = {n: self.config_record(server_round, c) for n, c in ex.cuts.items()}
         messages = []
         for node_id in nodes:
-            content = self.request(node_id)
+            content = ex.request(node_id)
             content[p.CLIENT_PART] = self.start_part(node_id, self.cuts[node_id])
             messages.append(Message(content, node_id, p.TRAIN_STEP, group_id=str(server_round)))
         return messages
@@ -477,9 +486,9 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         if self.fraction_evaluate == 0.0:
             return []
         nodes = self._sample(grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes)
-        self._eval_cuts = self.assign_cuts(server_round, nodes)
+        self.round.eval_cuts = self.assign_cuts(server_round, nodes)
         messages = []
-        for node_id, cut in self._eval_cuts.items():
+        for node_id, cut in self.round.eval_cuts.items():
             content = RecordDict({p.CONFIG: self.config_record(server_round, cut), p.CLIENT_PART: self.client_part_record(cut)})
             messages.append(Message(content, node_id, p.EVALUATE, group_id=str(server_round)))
         return messages
@@ -490,7 +499,7 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         A failed reply (an error reply: the node's ``split_eval`` handler raised, or no reply
         in time) and a refused one are recorded in the round's ``errors`` with the reason."""
         loss_sum, correct, n = 0.0, 0, 0
-        self._eval_finished = 0
+        self.round.eval_finished = 0
         for reply in replies:
             if isinstance(reply, Reply):
                 node_id, error, content = reply.node_id, reply.error, reply.content
@@ -501,7 +510,7 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
             if error is not None or content is None:
                 self.reject(node_id, f"evaluation failed: {error or 'the reply has no content'}")
                 continue
-            cut = self._eval_cuts[node_id]
+            cut = self.round.eval_cuts[node_id]
             try:
                 batches = self.gate.evaluation(content, cut)
             except p.ProtocolError as err:
@@ -509,7 +518,7 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
                 continue
             ls, c, k = evaluate_smashed(self.model, cut, batches)
             loss_sum, correct, n = loss_sum + ls, correct + c, n + k
-            self._eval_finished += 1
+            self.round.eval_finished += 1
         if n == 0:
             return None
         return MetricRecord({"eval-loss": loss_sum / n, "eval-accuracy": correct / n, "num-examples": n})
@@ -566,44 +575,20 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         trained_rounds = 0
         for server_round in range(done_rounds + 1, num_rounds + 1):
             t0 = time.perf_counter()
-            self.data_plane.traffic = Traffic()
-            self.errors, self.server_steps, self.server_work = [], 0, ServerWork()
-            self._done, self._total, self._rows, self._last_progress = {}, {}, {}, time.perf_counter()
-            self._stage, self._sampled = "train", []
-            messages = list(self.configure_train(server_round, result.arrays, ConfigRecord(), grid))
-            requests = {m.metadata.dst_node_id: m.content for m in messages}
-            done = sorted(self._train_round(server_round, requests), key=lambda r: r.node_id)  # arrival order must not matter
-            self.keep_server_momentum()
-            planes = self.data_plane.end_round()  # sessions closed, every node's state committed
-            examples = self.round_examples(done)
-            finished = self.finished_nodes(done)
-            trained_rounds += bool(finished)
-            arrays, train_metrics = self.aggregate_train(server_round, done)
+            record = self.train_round(server_round, grid)
+            trained_rounds += bool(self.finished_nodes(record.done))
+            arrays, train_metrics = self.aggregate_train(server_round, record.done)
             result.arrays = arrays
             result.train_metrics_clientapp[server_round] = train_metrics
-            self._stage = "evaluate"
-            eval_messages = list(self.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
-            fed = None
-            if eval_messages:
-                replies = self.data_plane.exchange(
-                    {m.metadata.dst_node_id: m.content for m in eval_messages}, p.EVALUATE, str(server_round)
-                )
-                if (fed := self.aggregate_evaluate(server_round, replies.values())) is not None:
-                    result.evaluate_metrics_clientapp[server_round] = fed
+            fed, eval_asked = self.evaluate_round(server_round, arrays, grid)
+            if fed is not None:
+                result.evaluate_metrics_clientapp[server_round] = fed
             central = evaluate_fn(server_round, arrays) if evaluate_fn else None
             if central is not None:
                 result.evaluate_metrics_serverapp[server_round] = central
-            entry = self.round_record(
-                server_round, t0, self.data_plane.traffic, train_metrics, central,
-                result.evaluate_metrics_clientapp.get(server_round),
-            )
-            entry["examples_per_node"] = {str(n): k for n, k in sorted(examples.items())}
-            entry["data_plane"] = {str(n): kind for n, kind in planes.items()}
-            entry.update(self.round_status(finished, len(eval_messages), fed))
-            if self.scenario is not None:
-                entry["sim"] = self.simulate_round(server_round, self.data_plane.traffic, examples)
-            if self.round_plan is not None:
-                entry["plan"] = self.round_plan.as_record()
+            entry = self.round_entry(record, t0, train_metrics, central, fed, eval_asked)
+            if record.plan is not None:
+                entry["plan"] = record.plan.as_record()
                 self.round_planner.observe(self, server_round, entry)
             self.history.add_round(entry, num_rounds)
             if self.checkpoint_dir is not None:  # after the round is complete: planner fed, history written
@@ -613,16 +598,35 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
             self.untrained(rounds_run)
         return result
 
-    def round_status(self, finished: set[int], eval_asked: int, federated: Optional[MetricRecord]) -> dict:
+    def train_round(self, server_round: int, grid: Grid) -> RoundRecord:
+        """One round's training exchanges, from sampling to the last reply, as a record."""
+        self.round = self.new_round(server_round)
+        messages = list(self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
+        done = self._train_round(server_round, {m.metadata.dst_node_id: m.content for m in messages})
+        self.keep_server_momentum()
+        return self.round.record(done)  # sessions closed, every node's state committed
+
+    def evaluate_round(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> tuple[Optional[MetricRecord], int]:
+        """Federated split evaluation after a round: the pooled metrics (or None) and the nodes asked."""
+        self.round.stage = "evaluate"
+        messages = list(self.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        if not messages:
+            return None, 0
+        replies = self.data_plane.exchange({m.metadata.dst_node_id: m.content for m in messages}, p.EVALUATE,
+                                           str(server_round))
+        return self.aggregate_evaluate(server_round, replies.values()), len(messages)
+
+    def round_status(self, record: RoundRecord, eval_asked: int, federated: Optional[MetricRecord]) -> dict:
         """The round's node counts and ``status`` for its history entry: ``error`` when no
         sampled node finished the round or every evaluation reply failed, ``warning`` when
         some node was dropped (or sat out) or some evaluation failed, else ``ok``."""
-        sampled = set(self._sampled) | finished
+        finished = self.finished_nodes(record.done)
+        sampled = set(record.sampled) | finished
         dropped = sorted(sampled - finished)
         record: dict = {"nodes_sampled": len(sampled), "nodes_finished": len(finished), "nodes_dropped": dropped}
         eval_failed = 0
         if eval_asked:
-            finished_eval = getattr(self, "_eval_finished", 0)
+            finished_eval = self.round.eval_finished
             eval_failed = eval_asked - finished_eval
             record.update(eval_nodes_sampled=eval_asked, eval_nodes_finished=finished_eval)
         if (sampled and not finished) or (eval_failed and federated is None):
