@@ -69,7 +69,7 @@ class EPSL(PSL):
         self.positions = positions
         self.mechanism = mechanism
         self.scaling = scaling
-        self._rng = random.Random(self.seed)
+        self._rng = random.Random(self.settings.seed)
         self._steps = 0  # server steps so far, across rounds: where 'rotating' starts
 
     def checkpoint_config(self) -> dict:
