@@ -142,7 +142,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(settings, history)
 
     if int(settings["noop-exchanges"]) > 0:
-        _, nodes = sample_nodes(grid, strategy.min_available_nodes, 0)  # waits for the nodes
+        _, nodes = sample_nodes(grid, strategy.settings.min_available_nodes, 0)  # waits for the nodes
         seconds = time_noop_exchanges(MessageDataPlane(grid), sorted(nodes), int(settings["noop-exchanges"]), NOOP)
         history.data["noop_exchange_seconds"] = seconds
         log(INFO, "[flsplit] no-op exchange with %d nodes: %.4f s", len(nodes), seconds)

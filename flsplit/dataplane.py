@@ -189,9 +189,18 @@ class Traffic:
 
 
 class DataPlane(ABC):
-    """Sends requests to nodes and hands back their replies."""
+    """Sends requests to nodes and hands back their replies.
+
+    The plane owns the traffic meter (``traffic``): it counts every request it sends and
+    every reply it hands back; a schedule adds a broadcast once (``traffic.record_broadcast``);
+    ``begin_round`` starts a new meter, read when the round ends (``flsplit.exchange``).
+    """
 
     def __init__(self) -> None:
+        self.traffic = Traffic()
+
+    def begin_round(self) -> None:
+        """A new round: its traffic is counted from zero."""
         self.traffic = Traffic()
 
     @abstractmethod

@@ -1,6 +1,6 @@
 """Schedules: who is asked what, and when, in one round of split training over a DataPlane.
 
-A schedule runs one round's split exchanges over the host strategy's data plane with a
+A schedule runs one round's split exchanges over the round's data plane with a
 server-step rule, and declares its **timing rule** (how the clients' chains combine into the
 round latency, ``flsplit.sim.workload.Timing``), in the spirit of
 ``torch.distributed.pipelining``'s schedule classes:
@@ -9,7 +9,7 @@ round latency, ``flsplit.sim.workload.Timing``), in the spirit of
     clients run independently: each reply is trained on at once and answered at once
     (SFL-V1 with a server copy per node, SFL-V2 on one shared part in arrival order). Parallel.
 ``Relay``
-    one node at a time, each finishing its round before the next starts; the host hands the
+    one node at a time, each finishing its round before the next starts; the strategy hands the
     client part on between nodes (vanilla SL). Sequential.
 ``Lockstep``
     all nodes step together: the k-th batches of every node form one server step (PSL,
@@ -18,56 +18,29 @@ round latency, ``flsplit.sim.workload.Timing``), in the spirit of
     one one-way message per node carrying a window of smashed data, no gradient back
     (async SL's state B). Parallel.
 
-The host (a ``flsplit.strategies.base.SplitStrategy``) provides the pieces a schedule calls:
-its data plane, request building, the reply gate (a refused reply's node sits out the rest of the
-round: no more requests, its client part not averaged), and progress logging.
+A schedule drives the round's exchange state (``flsplit.exchange.RoundExchange``): its data
+plane, request building, the reply gate (a refused reply's node sits out the rest of the
+round: no more requests, its client part not averaged), step counting and progress. A
+scheme's timing is declared here only, on its schedule class (``Schedule.timing``); a
+strategy names its schedule class (``SplitStrategy.schedule``).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Optional, Protocol
+from typing import Optional
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from flsplit import protocol as p
-from flsplit.codecs import Codec
-from flsplit.dataplane import DataPlane, Reply
+from flsplit.dataplane import Reply
+from flsplit.exchange import RoundExchange
 from flsplit.server import ServerPart, StepGrads
 from flsplit.sim.workload import Timing
 
-if TYPE_CHECKING:  # the host's type, without importing the strategies from the library
-    from flsplit.strategies.exchange import Admitted
-
-__all__ = ["ScheduleHost", "Schedule", "PerNode", "Relay", "Lockstep", "UploadOnly"]
-
-
-class ScheduleHost(Protocol):
-    """What a schedule needs from the strategy it runs a round for."""
-
-    data_plane: DataPlane
-    cuts: dict[int, int]
-    codec_down: Codec
-    server_steps: int
-
-    def request(self, node_id: int, grads: Optional[list[torch.Tensor]] = None,
-                broadcast: Optional[ArrayRecord] = None, broadcast_config: Optional[ConfigRecord] = None) -> RecordDict:
-        """A step request for a node (config, gradients, broadcast rows)."""
-
-    def admit(self, node_id: int, reply: Reply) -> Optional["Admitted"]:
-        """A train reply through the reply gate: the round's end or checked smashed
-        batches; None if refused (the node then sits out the rest of the round)."""
-
-    def admit_upload(self, node_id: int, reply: Reply, max_batches: Optional[int]) -> Optional[list[p.SmashedBatch]]:
-        """An upload's checked smashed batches, or None (refused, the node sits out)."""
-
-    def reject(self, node_id: int, reason: str) -> None:
-        """Record a dropped node."""
-
-    def track_progress(self, server_round: int, node_id: int, reply: Reply, batches: int) -> None:
-        """Count a node's batches (and log progress)."""
+__all__ = ["Schedule", "PerNode", "Relay", "Lockstep", "UploadOnly"]
 
 
 class Schedule(ABC):
@@ -76,7 +49,7 @@ class Schedule(ABC):
     timing: Timing = Timing.PARALLEL
 
     @abstractmethod
-    def run(self, host: ScheduleHost, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
+    def run(self, ex: RoundExchange, requests: dict[int, RecordDict]) -> list[Reply]:
         """Run the round from each node's first request."""
 
 
@@ -95,27 +68,27 @@ class PerNode(Schedule):
     def __init__(self, server_for: Callable[[int], ServerPart]) -> None:
         self.server_for = server_for
 
-    def run(self, host: ScheduleHost, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
-        dp, group, done = host.data_plane, str(server_round), []
+    def run(self, ex: RoundExchange, requests: dict[int, RecordDict]) -> list[Reply]:
+        dp, group, done = ex.data_plane, str(ex.server_round), []
         for node_id, content in requests.items():
             dp.push(node_id, content, p.TRAIN_STEP, group)
         while dp.in_flight:
             for reply in dp.pull():
                 node = reply.node_id
                 if reply.error is not None:
-                    host.reject(node, f"node dropped for this round: {reply.error}")
+                    ex.reject(node, f"node dropped for this round: {reply.error}")
                     continue
-                admitted = host.admit(node, reply)
+                admitted = ex.admit(node, reply)
                 if admitted is None:  # refused: the node sits out the rest of the round
                     continue
                 if admitted.final:
                     done.append(reply)
                     continue
                 batches = admitted.batches
-                host.track_progress(server_round, node, reply, len(batches))
-                grads = self.server_for(node).step_each([(host.cuts[node], b) for b in batches])
-                host.server_steps += len(batches)
-                dp.push(node, host.request(node, grads), p.TRAIN_STEP, group)
+                ex.track_progress(node, reply, len(batches))
+                grads = self.server_for(node).step_each([(ex.cuts[node], b) for b in batches])
+                ex.server_steps += len(batches)
+                dp.push(node, ex.request(node, grads), p.TRAIN_STEP, group)
         return done
 
 
@@ -141,11 +114,11 @@ class Relay(Schedule):
         self.hand_over = hand_over
         self.take_back = take_back
 
-    def run(self, host: ScheduleHost, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
+    def run(self, ex: RoundExchange, requests: dict[int, RecordDict]) -> list[Reply]:
         done = []
         for node_id, content in requests.items():
             self.hand_over(node_id, content)
-            finished = self.per_node.run(host, server_round, {node_id: content})
+            finished = self.per_node.run(ex, {node_id: content})
             for reply in finished:
                 self.take_back(reply)
             done += finished
@@ -161,12 +134,12 @@ class _Outgoing:
         self.broadcast_config = ConfigRecord()
 
     def add(self, result: StepGrads, i: int, shared: ArrayRecord) -> None:
-        k = len(self.unicast)
+        k = len(self.unicast)  # the step's index in this exchange: the same for every receiver
         self.unicast.append(result.unicast[i])
         if result.broadcast is not None:
             self.broadcast = self.broadcast if self.broadcast is not None else ArrayRecord()
-            for key, array in shared.items():  # the same Array objects for every receiver
-                self.broadcast[key.replace("b", f"b.{k}", 1)] = array
+            for key, array in shared.items():  # the same Array objects for every receiver, keyed b.{k}
+                self.broadcast[key] = array
             self.broadcast_config[f"positions.{k}"] = result.positions[i]
             self.broadcast_config[f"scale.{k}"] = float(result.scales[i])
 
@@ -188,35 +161,35 @@ class Lockstep(Schedule):
     def __init__(self, step: Callable[[list[tuple[int, p.SmashedBatch]]], StepGrads]) -> None:
         self.step = step
 
-    def run(self, host: ScheduleHost, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
-        dp, group, done = host.data_plane, str(server_round), []
+    def run(self, ex: RoundExchange, requests: dict[int, RecordDict]) -> list[Reply]:
+        dp, group, done = ex.data_plane, str(ex.server_round), []
         while requests:
             replies = dp.exchange(requests, p.TRAIN_STEP, group)
             requests = {}
             received: dict[int, list[p.SmashedBatch]] = {}
             for node, reply in sorted(replies.items()):
                 if reply.error is not None:
-                    host.reject(node, f"node dropped for this round: {reply.error}")
-                elif (admitted := host.admit(node, reply)) is None:
+                    ex.reject(node, f"node dropped for this round: {reply.error}")
+                elif (admitted := ex.admit(node, reply)) is None:
                     continue  # refused: the node sits out the rest of the round
                 elif admitted.final:
                     done.append(reply)
                 else:
                     received[node] = admitted.batches
-                    host.track_progress(server_round, node, reply, len(admitted.batches))
+                    ex.track_progress(node, reply, len(admitted.batches))
             outgoing = {n: _Outgoing() for n in received}
             for k in range(max((len(b) for b in received.values()), default=0)):
                 nodes = [n for n in received if k < len(received[n])]
-                result = self.step([(host.cuts[n], received[n][k]) for n in nodes])
+                result = self.step([(ex.cuts[n], received[n][k]) for n in nodes])
                 shared = ArrayRecord()
-                if result.broadcast is not None:
-                    host.codec_down.encode_into(shared, "b", result.broadcast)
+                if result.broadcast is not None:  # encoded once, under the step's key b.{k}
+                    ex.codec_down.encode_into(shared, f"b.{k}", result.broadcast)
                     dp.traffic.record_broadcast(sum(len(a.data) for a in shared.values()))
                 for i, n in enumerate(nodes):
                     outgoing[n].add(result, i, shared)
-                host.server_steps += 1
+                ex.server_steps += 1
             for n, out in outgoing.items():
-                requests[n] = host.request(n, out.unicast, out.broadcast, out.broadcast_config)
+                requests[n] = ex.request(n, out.unicast, out.broadcast, out.broadcast_config)
         return done
 
 
@@ -239,13 +212,13 @@ class UploadOnly(Schedule):
         self.on_upload = on_upload
         self.max_batches = max_batches
 
-    def run(self, host: ScheduleHost, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
-        replies = host.data_plane.exchange(requests, p.UPLOAD, str(server_round))
+    def run(self, ex: RoundExchange, requests: dict[int, RecordDict]) -> list[Reply]:
+        replies = ex.data_plane.exchange(requests, p.UPLOAD, str(ex.server_round))
         done = []
         for node, reply in replies.items():
             if reply.error is not None:
-                host.reject(node, f"upload failed: {reply.error}")
-            elif (batches := host.admit_upload(node, reply, self.max_batches)) is not None:
+                ex.reject(node, f"upload failed: {reply.error}")
+            elif (batches := ex.admit_upload(node, reply, self.max_batches)) is not None:
                 self.on_upload(node, batches, reply.content.array_records[p.SMASHED])
                 done.append(reply)
         return done

@@ -21,6 +21,8 @@ all blocks from the shallowest cut on and runs a client's smashed data from its 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -31,7 +33,8 @@ from flsplit import rng
 from flsplit.protocol import SmashedBatch
 from flsplit.splitting import SplitModel
 
-__all__ = ["EPSL_MECHANISMS", "EPSL_SCALINGS", "ServerPart", "StepGrads", "StepStats", "evaluate_smashed"]
+__all__ = ["EPSL_MECHANISMS", "EPSL_SCALINGS", "ServerPart", "ServerStream", "StreamServerPart", "StepGrads", "StepStats",
+           "evaluate_smashed"]
 
 # Where EPSL back-propagates an aggregated logit gradient (ServerPart.step_epsl), and how it scales it.
 EPSL_MECHANISMS = ("mean-activation", "client-0", "rotating", "max-loss", "gradient-weighted")
@@ -461,3 +464,47 @@ def _per_client_positions(positions: list[int] | list[list[int]], sizes: list[in
         if len(set(r)) != len(r) or not all(isinstance(j, int) and 0 <= j < size for j in r):
             raise ValueError(f"client {i}'s aggregated positions {r} are not distinct rows of its batch of {size}")
     return rows
+
+
+class ServerStream:
+    """The random stream the server part's forward passes draw from: its dropout masks.
+
+    Seeded from the strategy's seed, and swapped into torch's generator (under
+    ``flsplit.rng``'s lock) for each server forward only, so the masks depend on the seed and
+    on what the server has drawn before, not on what else the process draws (a ``model_fn``
+    call, a client in the same process, the caller's own ``torch.rand``). On a CUDA server
+    part the device's generator gets the same treatment.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self.cpu = torch.Generator().manual_seed(self.seed).get_state()
+        self.cuda: dict[int, torch.Tensor] = {}
+
+    @contextmanager
+    def drawing(self, device: torch.device) -> Iterator[None]:
+        """Draws inside come from this stream; torch's own streams resume afterwards untouched."""
+        cuda = []
+        if device.type == "cuda":
+            cuda = [device.index if device.index is not None else torch.cuda.current_device()]
+        with rng.shared(), torch.random.fork_rng(devices=cuda):
+            torch.default_generator.set_state(self.cpu)
+            for index in cuda:
+                if index in self.cuda:
+                    torch.cuda.set_rng_state(self.cuda[index], index)
+                else:
+                    torch.cuda.default_generators[index].manual_seed(self.seed)
+            yield
+            self.cpu = torch.default_generator.get_state()
+            for index in cuda:
+                self.cuda[index] = torch.cuda.get_rng_state(index)
+
+
+class StreamServerPart(ServerPart):
+    """A ``ServerPart`` whose forward passes draw from its strategy's ``ServerStream``."""
+
+    stream: ServerStream
+
+    def _forward(self, cut: int, x: torch.Tensor) -> torch.Tensor:
+        with self.stream.drawing(x.device):
+            return super()._forward(cut, x)

@@ -12,6 +12,7 @@ import time
 from flsplit import protocol as p
 from flsplit.costmodel import client_flops
 from flsplit.dataplane import Reply, Traffic
+from flsplit.exchange import RoundRecord
 from flsplit.profile import CutProfile
 from flsplit.sim import ServerTiming, measured_workload, price
 
@@ -54,7 +55,7 @@ class RoundAccounting:
             server_flops=self.server_work.flops(self.profile),
             unattributed_server_flops=self.extra_server_flops(),
             broadcast_bytes=traffic.broadcast,
-            timing=self.timing,
+            timing=self.schedule.timing,
         )
 
     def simulate_round(self, server_round: int, traffic: Traffic, examples: dict[int, int]) -> dict:
@@ -82,20 +83,21 @@ class RoundAccounting:
         """Scheme-specific fields of the round's history entry (none here)."""
         return {}
 
-    def round_record(self, server_round, t0, traffic: Traffic, train_metrics, central, federated) -> dict:
-        """The history entry of a round."""
+    def round_entry(self, record: RoundRecord, t0: float, train_metrics, central, federated, eval_asked: int) -> dict:
+        """The history entry of a round (its plan is added by the loop when it has one)."""
+        traffic, cuts = record.traffic, record.cuts
         up, down = traffic.totals()
         stats = self.train_stats()
         entry = {
-            "round": server_round,
+            "round": record.server_round,
             "scheme": type(self).__name__,
-            "nodes": sorted(self.cuts),
-            "cuts": {str(n): c for n, c in sorted(self.cuts.items())},
+            "nodes": sorted(cuts),
+            "cuts": {str(n): c for n, c in sorted(cuts.items())},
             "num_examples": int(train_metrics["num-examples"]),
-            "server_steps": self.server_steps,
+            "server_steps": record.server_steps,
             # Samples the server part ran forward and backward this round, per cut (what the
             # simulated server FLOPs are priced from).
-            "server_rows": {str(c): {"forward": f, "backward": b} for c, (f, b) in sorted(self.server_work.rows.items())},
+            "server_rows": {str(c): {"forward": f, "backward": b} for c, (f, b) in sorted(record.server_work.rows.items())},
             "train_loss": stats.loss if stats.samples else None,
             "train_accuracy": stats.accuracy if stats.samples else None,
             "bytes_up": up,
@@ -103,9 +105,9 @@ class RoundAccounting:
             "split_bytes_up": sum(traffic.split_up.values()),
             "split_bytes_down": sum(traffic.split_down.values()),
             "broadcast_bytes_down": traffic.broadcast,
-            "bytes_per_node": {str(n): traffic.per_node(n) for n in sorted(self.cuts)},
+            "bytes_per_node": {str(n): traffic.per_node(n) for n in sorted(cuts)},
             "messages": traffic.messages,
-            "errors": list(self.errors),
+            "errors": list(record.errors),
             "wall_seconds": time.perf_counter() - t0,
             **self.round_extras(),
         }
@@ -115,4 +117,10 @@ class RoundAccounting:
         if federated is not None:
             entry["eval_loss"] = federated["eval-loss"]
             entry["eval_accuracy"] = federated["eval-accuracy"]
+        examples = self.round_examples(record.done)
+        entry["examples_per_node"] = {str(n): k for n, k in sorted(examples.items())}
+        entry["data_plane"] = {str(n): kind for n, kind in record.planes.items()}
+        entry.update(self.round_status(record, eval_asked, federated))
+        if self.scenario is not None:
+            entry["sim"] = self.simulate_round(record.server_round, traffic, examples)
         return entry

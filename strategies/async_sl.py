@@ -74,6 +74,7 @@ class AsyncSL(SplitStrategy):
     """
 
     scheme = "async"
+    schedule = PerNode  # state A; state B uploads (UploadOnly) on the same parallel timing
 
     def __init__(
         self,
@@ -140,7 +141,7 @@ class AsyncSL(SplitStrategy):
 
     def _train_server_only(self, node: int, batches: list[p.SmashedBatch]) -> None:
         self._server_for(node).step_each([(self.cuts[node], b) for b in batches], input_grad=False)
-        self.server_steps += len(batches)
+        self.round.server_steps += len(batches)
 
     def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
         self.server = self.new_server_part()
@@ -154,15 +155,15 @@ class AsyncSL(SplitStrategy):
         # Taken now: this round's uploads may evict caches, which then count from next round.
         cached = {n: self.cache[n] for n, s in window.items() if s == "C"}
 
-        uploads = {n: RecordDict({p.CONFIG: self._configs[n]}) for n, s in window.items() if s == "B"}
+        uploads = {n: RecordDict({p.CONFIG: self.round.configs[n]}) for n, s in window.items() if s == "B"}
         max_steps = self.train_settings["max_steps"]  # a window is one round's batches
-        UploadOnly(self._on_upload, max_steps or None).run(self, server_round, uploads)
-        done = PerNode(self._server_for).run(self, server_round, {n: c for n, c in requests.items() if window[n] == "A"})
+        UploadOnly(self._on_upload, max_steps or None).run(self.round, uploads)
+        done = PerNode(self._server_for).run(self.round, {n: c for n, c in requests.items() if window[n] == "A"})
 
         for node, (cut, record) in cached.items():
             if node in self.cache:
                 self.cache.move_to_end(node)
-            batches = p.decode_smashed(record, self._shapes[cut - 1], self.server_dtype, self.num_classes, self.codec_up)
+            batches = p.decode_smashed(record, self._shapes[cut - 1], self.server_dtype, self.settings.num_classes, self.codec_up)
             self._train_server_only(node, batches)
 
         self._update_states(window)

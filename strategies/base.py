@@ -1,4 +1,4 @@
-"""Common base of the split-learning strategies.
+"""Common base of the split-learning strategies: the Flower API and the round loop.
 
 A split strategy is a Flower ``Strategy`` whose ``start()`` runs many exchanges per round.
 In Flower's vocabulary a round is:
@@ -7,28 +7,30 @@ In Flower's vocabulary a round is:
     sample nodes (waiting until enough are connected), pick each node's cut and build its
     first request: the client part of the global model plus the round's ``SplitConfig``;
 ``_train_round`` (per scheme)
-    the split exchanges, driven through the ``DataPlane`` until every node has sent its
-    trained client part;
+    the split exchanges: the scheme's schedule (``flsplit.schedules``) drives the round's
+    exchange state (``flsplit.exchange.RoundExchange``) until every node has sent its trained
+    client part; the round comes back as a ``RoundRecord``;
 ``aggregate_train``
     layer-wise averaging of client parts and server part(s), weighted by samples;
 ``configure_evaluate`` / ``aggregate_evaluate``
     optional federated split evaluation (clients send smashed evaluation data, the server
     finishes the forward pass); ``evaluate_fn`` gives centralized evaluation.
 
-Subclasses choose the schedule (``flsplit.schedules``) and the server-step rule
-(``flsplit.server``); see ``sl.py``, ``sflv1.py``, ``sflv2.py``, ``psl.py``. The per-node duties
-of the schedule's host are in ``exchange.py``, the round's pricing and history record in
-``accounting.py``; a planner in the loop wraps the strategy (``adaptive.py``).
+A strategy is built from a ``SplitSettings`` (``strategies/settings.py``), or from its fields
+as keywords. Subclasses name their schedule (``schedule``: its class declares the scheme's
+timing) and the server-step rule (``flsplit.server``); see ``sl.py``, ``sflv1.py``,
+``sflv2.py``, ``psl.py``. The round's pricing and history entry are in ``accounting.py``, what
+carries across rounds in ``checkpointing.py``; a planner in the loop wraps the strategy
+(``adaptive.py``).
 """
 
 from __future__ import annotations
 
-import numbers
+import dataclasses
 import random
 import time
 from abc import abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from logging import ERROR, INFO
 from pathlib import Path
 from typing import Optional, Union
@@ -41,337 +43,114 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from flsplit import protocol as p
-from flsplit import rng
-from flsplit.codecs import get_codec
 from flsplit.aggregation import average_states, block_of
 from flsplit.checkpoint import Checkpoint
+from flsplit.codecs import get_codec
 from flsplit.costmodel import DeviceProfile
-from flsplit.dataplane import DataPlane, MessageDataPlane, Reply, Traffic, innermost_error
+from flsplit.dataplane import DataPlane, MessageDataPlane, Reply, innermost_error
+from flsplit.exchange import RoundExchange, RoundRecord
 from flsplit.gate import ReplyGate
 from flsplit.history import RunHistory
 from flsplit.profile import profile_model
-from flsplit.scenario import Scenario
-from flsplit.server import ServerPart, ServerWork, StepStats, evaluate_smashed, resolve_device
-from flsplit.graph_split import GraphSplitError
-from flsplit.splitting import SplitModel, block_output_shapes, split_model_of
+from flsplit.schedules import PerNode, Schedule
+from flsplit.server import ServerPart, ServerStream, StepStats, StreamServerPart, evaluate_smashed, resolve_device
+from flsplit.splitting import SplitModel
 
 from flsplit.strategies.accounting import RoundAccounting
 from flsplit.strategies.checkpointing import Checkpointing
-from flsplit.strategies.exchange import ExchangeHost
+from flsplit.strategies.settings import (SERVER_STREAM_OFFSET, CutAssignment, SplitSettings, assign_cuts,
+                                         check_cut_assignment, derived_seed)
 
-__all__ = ["SplitStrategy", "CutAssignment", "ServerStream"]
-
-CutAssignment = Union[int, list[int], Callable[[int, list[int]], Mapping[int, int]]]
-
-# Fixed offsets from the strategy's seed: the generator model_fn runs under, and the one the
-# server part's forward passes draw from (dropout masks). Any fixed values would do.
-MODEL_SEED_OFFSET = 0x6D6F64656C  # "model"
-SERVER_STREAM_OFFSET = 0x64726F70  # "drop"
+__all__ = ["SplitStrategy", "SplitSettings", "CutAssignment", "ServerStream"]
 
 
-def _derived_seed(seed: int, offset: int) -> int:
-    return (int(seed) + offset) % 2**63
+class SplitStrategy(RoundAccounting, Checkpointing, Strategy):
+    """Base class: the Flower API and the round loop (sampling, cuts, round-end averaging).
 
+    Built from a ``SplitSettings`` (``PSL(settings)``), from its fields as keywords
+    (``PSL(model_fn=..., input_shape=(1, 8, 8), num_classes=10, cut_layer=2)``), or from both
+    (keywords override the given settings); ``SplitSettings`` documents every field. A cut,
+    ``input_shape`` or ``num_classes`` that does not fit the model is a ``ValueError`` here,
+    before anything runs. ``model_fn`` runs on a fork of torch's generator seeded from
+    ``seed``; the server part's dropout draws from the strategy's own ``ServerStream``, also
+    seeded from ``seed``.
 
-def _innermost_exception(err: BaseException) -> str:
-    """The message of the deepest exception of ``err``'s chain, on one line."""
-    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
-        err = err.__cause__ if err.__cause__ is not None else err.__context__
-    return " ".join(str(err).split()) or type(err).__name__
+    Example::
 
-
-class ServerStream:
-    """The random stream the server part's forward passes draw from: its dropout masks.
-
-    Seeded from the strategy's seed, and swapped into torch's generator (under
-    ``flsplit.rng``'s lock) for each server forward only, so the masks depend on the seed and
-    on what the server has drawn before, not on what else the process draws (a ``model_fn``
-    call, a client in the same process, the caller's own ``torch.rand``). On a CUDA server
-    part the device's generator gets the same treatment.
+        settings = SplitSettings(model_fn=model_fn, input_shape=(1, 8, 8), num_classes=10, cut_layer=2)
+        strategy = PSL(settings, batch_size=16)
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(strategy.model.blocks.state_dict()))
     """
-
-    def __init__(self, seed: int) -> None:
-        self.seed = int(seed)
-        self.cpu = torch.Generator().manual_seed(self.seed).get_state()
-        self.cuda: dict[int, torch.Tensor] = {}
-
-    @contextmanager
-    def drawing(self, device: torch.device) -> Iterator[None]:
-        """Draws inside come from this stream; torch's own streams resume afterwards untouched."""
-        cuda = []
-        if device.type == "cuda":
-            cuda = [device.index if device.index is not None else torch.cuda.current_device()]
-        with rng.shared(), torch.random.fork_rng(devices=cuda):
-            torch.default_generator.set_state(self.cpu)
-            for index in cuda:
-                if index in self.cuda:
-                    torch.cuda.set_rng_state(self.cuda[index], index)
-                else:
-                    torch.cuda.default_generators[index].manual_seed(self.seed)
-            yield
-            self.cpu = torch.default_generator.get_state()
-            for index in cuda:
-                self.cuda[index] = torch.cuda.get_rng_state(index)
-
-
-class _StreamServerPart(ServerPart):
-    """A ``ServerPart`` whose forward passes draw from its strategy's ``ServerStream``."""
-
-    stream: ServerStream
-
-    def _forward(self, cut: int, x: torch.Tensor) -> torch.Tensor:
-        with self.stream.drawing(x.device):
-            return super()._forward(cut, x)
-
-
-class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
-    """Base class: round loop, node sampling, cut assignment, round-end averaging.
-
-    Parameters
-    ----------
-    model_fn : callable
-        Returns the model: a ``SplitModel``, or any ``nn.Module``, split here as the clients
-        split it (``flsplit.as_split_model`` with an example batch of zeros of ``input_shape``:
-        a layer stack at every child, any other module before each module its forward calls).
-    input_shape : tuple of int
-        Shape of one input sample, e.g. ``(1, 8, 8)``; fixes the expected smashed shapes.
-    num_classes : int
-        Number of classes (labels in replies are checked against it); the model's last block
-        must output ``(num_classes,)`` per sample.
-    cut_layer : int, str, list of them, or callable
-        One cut for all clients; a list assigned round-robin over the sampled nodes (sorted
-        by node id); or ``fn(server_round, node_ids) -> {node_id: cut}`` (may change every
-        round). Cuts are integers ``1 .. L-1`` for a model of ``L`` blocks (for a graph split,
-        also the names in ``model.cut_names``); a fixed cut or
-        list is checked here, a function's cuts every round.
-    batch_size, local_epochs, max_steps, steps_per_exchange, learning_rate, momentum,
-    weight_decay, carry_momentum, seed, shuffle :
-        Training settings sent to the clients (``SplitConfig``); the server part uses the
-        same SGD settings. With ``carry_momentum`` the shared server part (every scheme but
-        SFL-V1, whose per-node copies are averaged) and each client keep their SGD momentum
-        from round to round instead of starting each round with a fresh optimizer.
-    codec_up, codec_down : str
-        Wire codecs for smashed data and gradients (``flsplit.codecs``): ``native`` (the
-        model's dtype, lossless), ``fp32``, ``fp16``, ``bf16``, ``fp8-e4m3``, ``fp8-e5m2``, ``int8``.
-    fraction_train : float
-        Fraction of connected nodes sampled per round (at least ``min_train_nodes``).
-    min_train_nodes, min_available_nodes : int
-        Sampling waits until ``min_available_nodes`` are connected.
-    fraction_evaluate, min_evaluate_nodes : float, int
-        Federated split evaluation after each round (0 disables it).
-    history : RunHistory, optional
-        Where per-round records go (in memory if not given).
-    scenario : Scenario, optional
-        Wireless edge scenario (``flsplit.scenario.load_scenario``); if given, every round's
-        simulated latency and energy (from the bytes actually sent and the measured profile)
-        go into the history under ``sim``.
-    data_plane_factory : callable, optional
-        ``fn(grid, timeout) -> DataPlane``; defaults to ``MessageDataPlane``.
-    server_device : str
-        Where the server part, its optimizer and the averaging run: ``"cpu"`` (default),
-        ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when present); clients are not affected.
-    checkpoint_dir : str or Path, optional
-        Save a checkpoint there after every round (``flsplit.checkpoint``); ``start(...,
-        resume_from=...)`` continues from one.
-    fail_untrained : bool
-        A run in which no sampled node finished any round (every node dropped or sat out in
-        every round) always logs an error and records ``error`` in the history; with
-        ``fail_untrained`` (the default) ``start`` then raises ``RuntimeError``, so that Flower
-        marks the run failed instead of completed.
-
-    ``model_fn`` runs on a fork of torch's generator seeded from ``seed``, so building the
-    strategy moves no random stream of the caller's; the server part's dropout draws from the
-    strategy's own ``ServerStream``, also seeded from ``seed``. A cut, ``input_shape`` or
-    ``num_classes`` that does not fit the model is a ``ValueError`` here, before anything runs.
-    """
-
-    def __init__(
-        self,
-        model_fn: Callable[[], SplitModel],
-        input_shape: tuple[int, ...],
-        num_classes: int,
-        cut_layer: CutAssignment = 1,
-        batch_size: int = 32,
-        local_epochs: int = 1,
-        max_steps: int = 0,
-        steps_per_exchange: int = 1,
-        learning_rate: float = 0.05,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        carry_momentum: bool = False,
-        seed: int = 0,
-        shuffle: bool = True,
-        codec_up: str = "native",
-        codec_down: str = "native",
-        fraction_train: float = 1.0,
-        min_train_nodes: int = 1,
-        min_available_nodes: int = 1,
-        fraction_evaluate: float = 0.0,
-        min_evaluate_nodes: int = 1,
-        history: Optional[RunHistory] = None,
-        scenario: Optional[Scenario] = None,
-        data_plane_factory: Optional[Callable[[Grid, float], DataPlane]] = None,
-        checkpoint_dir: Optional[Union[str, Path]] = None,
-        server_device: str = "cpu",
-        fail_untrained: bool = True,
-    ) -> None:
-        if not 0.0 < fraction_train <= 1.0:
-            raise ValueError(f"fraction-train must be in (0, 1], got {fraction_train}")
-        if not 0.0 <= fraction_evaluate <= 1.0:
-            raise ValueError(f"fraction-evaluate must be in [0, 1], got {fraction_evaluate}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
-            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-        self.train_settings = dict(
-            batch_size=batch_size,
-            local_epochs=local_epochs,
-            max_steps=max_steps,
-            steps_per_exchange=steps_per_exchange,
-            learning_rate=learning_rate,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            carry_momentum=carry_momentum,
-            seed=seed,
-            shuffle=shuffle,
-            codec_up=codec_up,
-            codec_down=codec_down,
-        )
-        p.SplitConfig(server_round=1, cut=1, **self.train_settings)  # fail early on bad settings
-        self.seed = seed
-        self.model_fn = model_fn
-        self.device = resolve_device(server_device)
-        self.input_shape = self._checked_input_shape(input_shape)
-        self.model = self.build_model()
-        self.num_classes = int(num_classes)
-        self._shapes = self._checked_shapes()
-        self.cut_layer = cut_layer
-        self._check_cut_assignment(cut_layer)
-        self.server_stream = ServerStream(_derived_seed(seed, SERVER_STREAM_OFFSET))
-        self.fraction_train = fraction_train
-        self.min_train_nodes = min_train_nodes
-        self.min_available_nodes = min_available_nodes
-        self.fraction_evaluate = fraction_evaluate
-        self.min_evaluate_nodes = min_evaluate_nodes
-        self.history = history or RunHistory()
-        self.data_plane_factory = data_plane_factory or (lambda grid, timeout: MessageDataPlane(grid, timeout))
-        self.codec_up, self.codec_down = get_codec(codec_up), get_codec(codec_down)
-        self.gate = ReplyGate(self.model.blocks.state_dict(), block_of, self._shapes, self.server_dtype, self.num_classes,
-                              batch_size, steps_per_exchange, self.codec_up)
-        self.data_plane: Optional[DataPlane] = None
-        self.progress_interval = 10.0  # seconds between progress lines within a round
-        self.scenario = scenario
-        self.profile = profile_model(self.model, self.input_shape) if scenario is not None else None
-        self.model.blocks.to(self.device)  # after the shapes and the profile, measured on the CPU
-        self.devices: dict[int, tuple[int, Optional[DeviceProfile]]] = {}  # node -> (partition, own profile)
-        self.cuts: dict[int, int] = {}
-        self.errors: list[dict] = []
-        self._stage = "train"  # which part of the round errors belong to (train, evaluate)
-        self._sampled: list[int] = []  # this round's sampled nodes, those that sat out before training included
-        self.server_steps = 0
-        self.server_work = ServerWork()
-        self.round_planner = None  # set by flsplit.strategies.adaptive.Adaptive: plans cuts + resources
-        self.round_plan = None  # this round's plan (a flsplit.strategies.adaptive.RoundPlan) if planned
-        self.server_momentum: dict[str, torch.Tensor] = {}  # by parameter name (carry_momentum)
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.fail_untrained = bool(fail_untrained)
 
     scheme = ""  # the scheme's name in STRATEGIES and in the traffic model (flsplit.sim.traffic)
-    timing = "parallel"  # how clients' chains combine in the simulated round latency
+    schedule: type[Schedule] = PerNode  # the scheme's schedule; its class declares the round latency's timing
 
-    # ------------------------------------------------------------------ checks at construction
-    def build_model(self) -> SplitModel:
-        """``model_fn()`` on a fork of torch's generator seeded from ``seed``: the same model
-        every time, and no random stream of the caller's (the server's dropout, a client's in
-        the same process) moves."""
-        with rng.seeded(_derived_seed(self.seed, MODEL_SEED_OFFSET)):
-            built = self.model_fn()
-            if isinstance(built, SplitModel):
-                return built
-            try:  # a plain module: split as the clients split it, on an example batch of zeros
-                return split_model_of(built, torch.zeros(2, *self.input_shape))
-            except GraphSplitError as err:
-                raise ValueError(f"model_fn's {type(built).__name__} cannot be split for input_shape "
-                                 f"{self.input_shape}: {err}") from err
+    def __init__(self, settings: Optional[SplitSettings] = None, /, **fields) -> None:
+        if settings is None:
+            settings = SplitSettings(**fields)
+        elif not isinstance(settings, SplitSettings):
+            raise TypeError(f"{type(self).__name__} takes a SplitSettings or keyword arguments (model_fn=..., "
+                            f"input_shape=..., num_classes=...), got a {type(settings).__name__} positionally")
+        elif fields:
+            settings = dataclasses.replace(settings, **fields)
+        self.settings = s = settings
+        self.train_settings = s.train_settings()
+        self.device = resolve_device(s.server_device)
+        self.model = s.build_model()
+        self._shapes = s.checked_shapes(self.model)
+        check_cut_assignment(self.model, s.cut_layer)
+        self.server_stream = ServerStream(derived_seed(s.seed, SERVER_STREAM_OFFSET))
+        self.history = s.history or RunHistory()
+        self.data_plane_factory: Callable[[Grid, float], DataPlane] = s.data_plane_factory or MessageDataPlane
+        self.codec_up, self.codec_down = get_codec(s.codec_up), get_codec(s.codec_down)
+        self.gate = ReplyGate(self.model.blocks.state_dict(), block_of, self._shapes, self.server_dtype, s.num_classes,
+                              s.batch_size, s.steps_per_exchange, self.codec_up)
+        self.data_plane: Optional[DataPlane] = None
+        self.progress_interval = 10.0  # seconds between progress lines within a round
+        self.scenario = s.scenario
+        self.profile = profile_model(self.model, s.input_shape) if s.scenario is not None else None
+        self.model.blocks.to(self.device)  # after the shapes and the profile, measured on the CPU
+        self.devices: dict[int, tuple[int, Optional[DeviceProfile]]] = {}  # node -> (partition, own profile)
+        self.server_momentum: dict[str, torch.Tensor] = {}  # by parameter name (carry_momentum)
+        self.round_planner = None  # set by flsplit.strategies.adaptive.Adaptive: plans cuts + resources
+        self.round = self.new_round(0)  # the current round's exchange state
 
-    def _checked_input_shape(self, input_shape) -> tuple[int, ...]:
-        try:
-            shape = tuple(input_shape)
-        except TypeError:
-            shape = ()
-        if not shape or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in shape):
-            raise ValueError(f"input_shape must be the shape of one sample, positive integers such as (1, 28, 28), "
-                             f"got {input_shape!r}")
-        return tuple(int(d) for d in shape)
+    def __getattr__(self, name: str):  # the settings' fields, read as before: strategy.input_shape, .seed, ...
+        if name != "settings" and name in SplitSettings.__dataclass_fields__:
+            return getattr(self.settings, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    def _checked_shapes(self) -> list[tuple[int, ...]]:
-        """Per-block output shapes of one sample of ``input_shape``; its fit to the model and
-        the model's output to ``num_classes`` checked."""
-        try:
-            shapes = block_output_shapes(self.model, self.input_shape)
-        except Exception as err:  # torch's error for whatever does not fit
-            raise ValueError(f"input_shape {self.input_shape} does not fit the model: {_innermost_exception(err)}") from err
-        out, n = shapes[-1], self.num_classes
-        if out != (n,):
-            if len(out) == 1:
-                raise ValueError(f"num_classes is {n} but the model outputs {out[0]} classes (per-sample output shape {out})")
-            raise ValueError(f"num_classes is {n} but the model's per-sample output shape is {out}, not ({n},): its last "
-                             "block must output one logit per class")
-        return shapes
+    def new_round(self, server_round: int) -> RoundExchange:
+        """A round's exchange state, over the run's data plane."""
+        return RoundExchange(server_round, self.data_plane, self.gate, self.codec_down, self.devices, self.scenario,
+                             self.progress_interval)
 
-    def _cut(self, value, what: str) -> int:
-        """``value`` as a cut of the model, or ``ValueError`` saying why not (no truncation)."""
-        top = self.model.num_blocks - 1
-        names = self.model.cut_names or []
-        if isinstance(value, str) and value in names:  # a graph split's cut, by the module it sits before
-            return names.index(value) + 1
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            named = f", or the names {names}" if names else ""
-            raise ValueError(f"{what} {value!r} is not a cut layer: cuts are integers 1..{top}{named} "
-                             f"(the model has {self.model.num_blocks} blocks)")
-        if not 1 <= value <= top:
-            raise ValueError(f"{what} {value!r} is outside the model: valid cuts are 1..{top} "
-                             f"(the model has {self.model.num_blocks} blocks)")
-        return self.model.check_cut(int(value))
-
-    def _check_cut_assignment(self, spec: CutAssignment) -> None:
-        """A fixed cut or list of cuts checked against the model (a function's cuts are
-        checked each round, in ``assign_cuts``)."""
-        if callable(spec):
-            return
-        if isinstance(spec, (list, tuple)):
-            if not spec:
-                raise ValueError("cut_layer is an empty list: give one cut, or one per node (round-robin)")
-            for i, value in enumerate(spec):
-                self._cut(value, f"cut_layer[{i}]")
-        else:
-            self._cut(spec, "cut_layer")
+    # The current round's state, under the names users, tests and the planner read.
+    errors = property(lambda self: self.round.errors, doc="This round's errors (node, error, stage).")
+    cuts = property(lambda self: self.round.cuts, doc="This round's cut per node.")
+    server_steps = property(lambda self: self.round.server_steps, doc="This round's server steps.")
+    server_work = property(lambda self: self.round.server_work, doc="This round's server rows (ServerWork).")
+    round_plan = property(lambda self: self.round.plan, doc="This round's plan (flsplit.planners.online.RoundPlan) or None.")
+    reject = property(lambda self: self.round.reject, doc="Record a node's failure in this round (RoundExchange.reject).")
 
     # ------------------------------------------------------------------ pieces
     def summary(self) -> None:
         """Log the strategy's settings."""
-        log(INFO, "\t├── Scheme: %s, cut layer: %s, blocks: %d, server device: %s", type(self).__name__, self.cut_layer,
+        log(INFO, "\t├── Scheme: %s, cut layer: %s, blocks: %d, server device: %s", type(self).__name__, self.settings.cut_layer,
             self.model.num_blocks, self.device)
         for key, value in self.train_settings.items():
             log(INFO, "\t├── %s: %s", key.replace("_", "-"), value)
-        log(INFO, "\t└── fraction-train: %s, fraction-evaluate: %s", self.fraction_train, self.fraction_evaluate)
+        log(INFO, "\t└── fraction-train: %s, fraction-evaluate: %s", self.settings.fraction_train, self.settings.fraction_evaluate)
 
     def _sample(self, grid: Grid, server_round: int, fraction: float, min_nodes: int) -> list[int]:
         """Wait for enough nodes (Flower's ``sample_nodes``), then sample with a seeded RNG."""
-        _, all_nodes = sample_nodes(grid, self.min_available_nodes, 0)
+        _, all_nodes = sample_nodes(grid, self.settings.min_available_nodes, 0)
         size = min(max(int(len(all_nodes) * fraction), min_nodes), len(all_nodes))
-        return sorted(random.Random(self.seed * 100_003 + server_round).sample(sorted(all_nodes), size))
+        return sorted(random.Random(self.settings.seed * 100_003 + server_round).sample(sorted(all_nodes), size))
 
     def assign_cuts(self, server_round: int, nodes: list[int]) -> dict[int, int]:
         """Cut per node for this round (checked against the model)."""
-        spec = self.cut_layer
-        if callable(spec):
-            chosen = spec(server_round, list(nodes))
-            missing = [n for n in nodes if n not in chosen]
-            if missing:
-                raise ValueError(f"cut_layer function: round {server_round} has no cut for nodes {missing}")
-            return {n: self._cut(chosen[n], f"cut_layer function: round {server_round}, node {n}: cut") for n in nodes}
-        if isinstance(spec, (list, tuple)):
-            return {n: self._cut(spec[i % len(spec)], f"cut_layer[{i % len(spec)}]") for i, n in enumerate(sorted(nodes))}
-        return {n: self._cut(spec, "cut_layer") for n in nodes}
+        return assign_cuts(self.model, self.settings.cut_layer, server_round, nodes)
 
     def config_record(self, server_round: int, cut: int) -> ConfigRecord:
         """The ``SplitConfig`` a node gets this round."""
@@ -397,7 +176,7 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         """A server part over ``model`` (default: the global model) from the shallowest cut;
         with ``carry_momentum`` the global model's part starts from last round's momentum."""
         s = self.train_settings
-        part = _StreamServerPart(
+        part = StreamServerPart(
             model or self.model,
             min(self.cuts.values()),
             s["learning_rate"],
@@ -422,20 +201,21 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample nodes, assign cuts, and build each node's first request of the round."""
-        nodes = self._sample(grid, server_round, self.fraction_train, self.min_train_nodes)
-        self.round_plan = None
+        nodes = self._sample(grid, server_round, self.settings.fraction_train, self.settings.min_train_nodes)
+        ex = self.round
+        ex.plan = None
         if self.round_planner is not None:  # cuts (and resources) from the planner in the loop
-            self.round_plan = self.round_planner.plan_round(self, server_round, nodes)
-            nodes = list(self.round_plan.nodes)  # a node that could not be identified sits out
-            self.cuts = {n: self.model.check_cut(int(self.round_plan.cuts[n])) for n in nodes}
+            ex.plan = self.round_planner.plan_round(self, server_round, nodes)
+            nodes = list(ex.plan.nodes)  # a node that could not be identified sits out
+            ex.cuts = {n: self.model.check_cut(int(ex.plan.cuts[n])) for n in nodes}
         else:
-            self.cuts = self.assign_cuts(server_round, nodes)
+            ex.cuts = self.assign_cuts(server_round, nodes)
         # Sampled: the nodes asked to train, and those that failed before (a planner's device query).
-        self._sampled = sorted(set(nodes) | {e["node"] for e in self.errors})
-        self._configs = {n: self.config_record(server_round, c) for n, c in self.cuts.items()}
+        ex.sampled = sorted(set(nodes) | {e["node"] for e in ex.errors})
+        ex.configs = {n: self.config_record(server_round, c) for n, c in ex.cuts.items()}
         messages = []
         for node_id in nodes:
-            content = self.request(node_id)
+            content = ex.request(node_id)
             content[p.CLIENT_PART] = self.start_part(node_id, self.cuts[node_id])
             messages.append(Message(content, node_id, p.TRAIN_STEP, group_id=str(server_round)))
         return messages
@@ -474,12 +254,12 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Ask sampled nodes for the smashed data of their evaluation sets."""
-        if self.fraction_evaluate == 0.0:
+        if self.settings.fraction_evaluate == 0.0:
             return []
-        nodes = self._sample(grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes)
-        self._eval_cuts = self.assign_cuts(server_round, nodes)
+        nodes = self._sample(grid, server_round, self.settings.fraction_evaluate, self.settings.min_evaluate_nodes)
+        self.round.eval_cuts = self.assign_cuts(server_round, nodes)
         messages = []
-        for node_id, cut in self._eval_cuts.items():
+        for node_id, cut in self.round.eval_cuts.items():
             content = RecordDict({p.CONFIG: self.config_record(server_round, cut), p.CLIENT_PART: self.client_part_record(cut)})
             messages.append(Message(content, node_id, p.EVALUATE, group_id=str(server_round)))
         return messages
@@ -490,7 +270,7 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         A failed reply (an error reply: the node's ``split_eval`` handler raised, or no reply
         in time) and a refused one are recorded in the round's ``errors`` with the reason."""
         loss_sum, correct, n = 0.0, 0, 0
-        self._eval_finished = 0
+        self.round.eval_finished = 0
         for reply in replies:
             if isinstance(reply, Reply):
                 node_id, error, content = reply.node_id, reply.error, reply.content
@@ -501,7 +281,7 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
             if error is not None or content is None:
                 self.reject(node_id, f"evaluation failed: {error or 'the reply has no content'}")
                 continue
-            cut = self._eval_cuts[node_id]
+            cut = self.round.eval_cuts[node_id]
             try:
                 batches = self.gate.evaluation(content, cut)
             except p.ProtocolError as err:
@@ -509,7 +289,7 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
                 continue
             ls, c, k = evaluate_smashed(self.model, cut, batches)
             loss_sum, correct, n = loss_sum + ls, correct + c, n + k
-            self._eval_finished += 1
+            self.round.eval_finished += 1
         if n == 0:
             return None
         return MetricRecord({"eval-loss": loss_sum / n, "eval-accuracy": correct / n, "num-examples": n})
@@ -566,63 +346,58 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         trained_rounds = 0
         for server_round in range(done_rounds + 1, num_rounds + 1):
             t0 = time.perf_counter()
-            self.data_plane.traffic = Traffic()
-            self.errors, self.server_steps, self.server_work = [], 0, ServerWork()
-            self._done, self._total, self._rows, self._last_progress = {}, {}, {}, time.perf_counter()
-            self._stage, self._sampled = "train", []
-            messages = list(self.configure_train(server_round, result.arrays, ConfigRecord(), grid))
-            requests = {m.metadata.dst_node_id: m.content for m in messages}
-            done = sorted(self._train_round(server_round, requests), key=lambda r: r.node_id)  # arrival order must not matter
-            self.keep_server_momentum()
-            planes = self.data_plane.end_round()  # sessions closed, every node's state committed
-            examples = self.round_examples(done)
-            finished = self.finished_nodes(done)
-            trained_rounds += bool(finished)
-            arrays, train_metrics = self.aggregate_train(server_round, done)
+            record = self.train_round(server_round, grid)
+            trained_rounds += bool(self.finished_nodes(record.done))
+            arrays, train_metrics = self.aggregate_train(server_round, record.done)
             result.arrays = arrays
             result.train_metrics_clientapp[server_round] = train_metrics
-            self._stage = "evaluate"
-            eval_messages = list(self.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
-            fed = None
-            if eval_messages:
-                replies = self.data_plane.exchange(
-                    {m.metadata.dst_node_id: m.content for m in eval_messages}, p.EVALUATE, str(server_round)
-                )
-                if (fed := self.aggregate_evaluate(server_round, replies.values())) is not None:
-                    result.evaluate_metrics_clientapp[server_round] = fed
+            fed, eval_asked = self.evaluate_round(server_round, arrays, grid)
+            if fed is not None:
+                result.evaluate_metrics_clientapp[server_round] = fed
             central = evaluate_fn(server_round, arrays) if evaluate_fn else None
             if central is not None:
                 result.evaluate_metrics_serverapp[server_round] = central
-            entry = self.round_record(
-                server_round, t0, self.data_plane.traffic, train_metrics, central,
-                result.evaluate_metrics_clientapp.get(server_round),
-            )
-            entry["examples_per_node"] = {str(n): k for n, k in sorted(examples.items())}
-            entry["data_plane"] = {str(n): kind for n, kind in planes.items()}
-            entry.update(self.round_status(finished, len(eval_messages), fed))
-            if self.scenario is not None:
-                entry["sim"] = self.simulate_round(server_round, self.data_plane.traffic, examples)
-            if self.round_plan is not None:
-                entry["plan"] = self.round_plan.as_record()
+            entry = self.round_entry(record, t0, train_metrics, central, fed, eval_asked)
+            if record.plan is not None:
+                entry["plan"] = record.plan.as_record()
                 self.round_planner.observe(self, server_round, entry)
             self.history.add_round(entry, num_rounds)
-            if self.checkpoint_dir is not None:  # after the round is complete: planner fed, history written
+            if self.settings.checkpoint_dir is not None:  # after the round is complete: planner fed, history written
                 self.save_checkpoint(server_round)
         rounds_run = num_rounds - done_rounds
         if rounds_run > 0 and not trained_rounds:
             self.untrained(rounds_run)
         return result
 
-    def round_status(self, finished: set[int], eval_asked: int, federated: Optional[MetricRecord]) -> dict:
+    def train_round(self, server_round: int, grid: Grid) -> RoundRecord:
+        """One round's training exchanges, from sampling to the last reply, as a record."""
+        self.round = self.new_round(server_round)
+        messages = list(self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
+        done = self._train_round(server_round, {m.metadata.dst_node_id: m.content for m in messages})
+        self.keep_server_momentum()
+        return self.round.record(done)  # sessions closed, every node's state committed
+
+    def evaluate_round(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> tuple[Optional[MetricRecord], int]:
+        """Federated split evaluation after a round: the pooled metrics (or None) and the nodes asked."""
+        self.round.stage = "evaluate"
+        messages = list(self.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        if not messages:
+            return None, 0
+        replies = self.data_plane.exchange({m.metadata.dst_node_id: m.content for m in messages}, p.EVALUATE,
+                                           str(server_round))
+        return self.aggregate_evaluate(server_round, replies.values()), len(messages)
+
+    def round_status(self, record: RoundRecord, eval_asked: int, federated: Optional[MetricRecord]) -> dict:
         """The round's node counts and ``status`` for its history entry: ``error`` when no
         sampled node finished the round or every evaluation reply failed, ``warning`` when
         some node was dropped (or sat out) or some evaluation failed, else ``ok``."""
-        sampled = set(self._sampled) | finished
+        finished = self.finished_nodes(record.done)
+        sampled = set(record.sampled) | finished
         dropped = sorted(sampled - finished)
         record: dict = {"nodes_sampled": len(sampled), "nodes_finished": len(finished), "nodes_dropped": dropped}
         eval_failed = 0
         if eval_asked:
-            finished_eval = getattr(self, "_eval_finished", 0)
+            finished_eval = self.round.eval_finished
             eval_failed = eval_asked - finished_eval
             record.update(eval_nodes_sampled=eval_asked, eval_nodes_finished=finished_eval)
         if (sampled and not finished) or (eval_failed and federated is None):
@@ -645,5 +420,5 @@ class SplitStrategy(ExchangeHost, RoundAccounting, Checkpointing, Strategy):
         self.history.data["error"] = message
         self.history.save()
         log(ERROR, "[flsplit] %s", message)
-        if self.fail_untrained:
+        if self.settings.fail_untrained:
             raise RuntimeError(message)

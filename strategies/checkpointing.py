@@ -46,8 +46,6 @@ __all__ = ["Checkpointing"]
 class Checkpointing:
     """Mixin of ``SplitStrategy``: cross-round state, saved after each round, restored to resume."""
 
-    checkpoint_dir: Optional[Path] = None  # where save_checkpoint writes (None: no checkpoints)
-
     def checkpoint_config(self) -> dict:
         """The settings a run resumed from this strategy's checkpoint must share (JSON values).
 
@@ -55,7 +53,8 @@ class Checkpointing:
         """
         blocks = self.model.blocks.state_dict()
         layout = [[k, list(v.shape), str(v.dtype)] for k, v in blocks.items()]
-        cut = self.cut_layer
+        s = self.settings
+        cut = s.cut_layer
         config = {
             "strategy": type(self).__name__,
             "model": {
@@ -65,14 +64,14 @@ class Checkpointing:
                 "dtype": str(self.server_dtype),
                 "layout": hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16],  # names, shapes, dtypes
             },
-            "input_shape": list(self.input_shape),
-            "num_classes": self.num_classes,
+            "input_shape": list(s.input_shape),
+            "num_classes": s.num_classes,
             "cut_layer": "callable" if callable(cut) else (list(cut) if isinstance(cut, (list, tuple)) else int(cut)),
             "train": dict(self.train_settings),
-            "fraction_train": self.fraction_train,
-            "min_train_nodes": self.min_train_nodes,
-            "fraction_evaluate": self.fraction_evaluate,
-            "min_evaluate_nodes": self.min_evaluate_nodes,
+            "fraction_train": s.fraction_train,
+            "min_train_nodes": s.min_train_nodes,
+            "fraction_evaluate": s.fraction_evaluate,
+            "min_evaluate_nodes": s.min_evaluate_nodes,
             "scenario": self.scenario.as_dict() if self.scenario is not None else None,
         }
         if self.round_planner is not None:
@@ -110,7 +109,7 @@ class Checkpointing:
     def save_checkpoint(self, server_round: int) -> Path:
         """Write the checkpoint after ``server_round`` into ``checkpoint_dir``."""
         return save_checkpoint(
-            self.checkpoint_dir, server_round, self.checkpoint_config(), self.checkpoint_state(), self.history.data
+            Path(self.settings.checkpoint_dir), server_round, self.checkpoint_config(), self.checkpoint_state(), self.history.data
         )
 
     def resume(self, source: Union[str, Path, Checkpoint], num_rounds: int) -> int:

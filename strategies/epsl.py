@@ -69,7 +69,7 @@ class EPSL(PSL):
         self.positions = positions
         self.mechanism = mechanism
         self.scaling = scaling
-        self._rng = random.Random(self.seed)
+        self._rng = random.Random(self.settings.seed)
         self._steps = 0  # server steps so far, across rounds: where 'rotating' starts
 
     def checkpoint_config(self) -> dict:
@@ -105,7 +105,7 @@ class EPSL(PSL):
 
     def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
         self.server = self.new_server_part()
-        return Lockstep(self._step).run(self, server_round, requests)
+        return Lockstep(self._step).run(self.round, requests)
 
 
 def label_matched_positions(labels: list[torch.Tensor], m: int) -> list[list[int]]:

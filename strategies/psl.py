@@ -34,6 +34,7 @@ class PSL(SplitStrategy):
     """
 
     scheme = "psl"
+    schedule = Lockstep
 
     def __init__(self, *args, sync_clients: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -68,4 +69,4 @@ class PSL(SplitStrategy):
 
     def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
         self.server = self.new_server_part()
-        return Lockstep(lambda batches: StepGrads(self.server.step_union(batches))).run(self, server_round, requests)
+        return Lockstep(lambda batches: StepGrads(self.server.step_union(batches))).run(self.round, requests)

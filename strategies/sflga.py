@@ -24,7 +24,8 @@ class SFLGA(SplitStrategy):
     """
 
     scheme = "sflga"
+    schedule = Lockstep
 
     def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
         self.server = self.new_server_part()
-        return Lockstep(self.server.step_gradient_average).run(self, server_round, requests)
+        return Lockstep(self.server.step_gradient_average).run(self.round, requests)

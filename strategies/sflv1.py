@@ -26,12 +26,13 @@ class SFLV1(SplitStrategy):
     """
 
     scheme = "sflv1"
+    schedule = PerNode
 
     def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
         self.copies: dict[int, ServerPart] = {
             node_id: self.new_server_part(copy.deepcopy(self.model)) for node_id in requests
         }
-        done = PerNode(lambda node: self.copies[node]).run(self, server_round, requests)
+        done = PerNode(lambda node: self.copies[node]).run(self.round, requests)
         self.finished = {reply.node_id for reply in done}
         return done
 

@@ -20,7 +20,8 @@ class SFLV2(SplitStrategy):
     """
 
     scheme = "sflv2"
+    schedule = PerNode
 
     def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
         self.server = self.new_server_part()
-        return PerNode(lambda node: self.server).run(self, server_round, requests)
+        return PerNode(lambda node: self.server).run(self.round, requests)

@@ -21,11 +21,11 @@ class SL(SplitStrategy):
     """
 
     scheme = "sl"
-    timing = Relay.timing.value
+    schedule = Relay
 
     def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
         self.server = self.new_server_part()
-        return Relay(lambda node: self.server, self._hand_over, self._take_back).run(self, server_round, requests)
+        return Relay(lambda node: self.server, self._hand_over, self._take_back).run(self.round, requests)
 
     def _hand_over(self, node_id: int, content: RecordDict) -> None:
         """The relay: this client starts from the blocks the previous client trained."""
