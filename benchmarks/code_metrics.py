@@ -50,7 +50,9 @@ def _class_facts(root: Path, name: str, module: Path) -> dict:
             if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 methods.add(item.name)
                 if item.name == "__init__" and cls.name == name:
-                    args = [a.arg for a in item.args.args[1:] + item.args.kwonlyargs]
+                    a = item.args
+                    args = [x.arg for x in (a.posonlyargs + a.args)[1:] + a.kwonlyargs]
+                    args += [f"**{a.kwarg.arg}"] if a.kwarg else []
                 for sub in ast.walk(item):
                     if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == "self" \
                             and isinstance(sub.ctx, ast.Store):
