@@ -791,15 +791,23 @@ def test_clients_fail_fast_when_the_server_side_closes_mid_session(warm):
 
 
 class CrashingServer(SFLV1):
-    """SFL-V1 whose ServerApp fails at its second batch (no node can have finished)."""
+    """SFL-V1 whose ServerApp fails at its second batch (no node can have finished): the
+    round's exchange, which the schedule hands every reply, raises there."""
 
     admitted = 0
 
-    def admit(self, node_id, reply):
-        self.admitted += 1
-        if self.admitted == 2:
-            raise RuntimeError("the ServerApp crashed mid-round")
-        return super().admit(node_id, reply)
+    def new_round(self, server_round):
+        exchange = super().new_round(server_round)
+        admit = exchange.admit
+
+        def crashing_admit(node_id, reply):
+            self.admitted += 1
+            if self.admitted == 2:
+                raise RuntimeError("the ServerApp crashed mid-round")
+            return admit(node_id, reply)
+
+        exchange.admit = crashing_admit
+        return exchange
 
 
 def test_serverapp_crash_mid_round_releases_everything_and_clients_write_nothing(warm):
