@@ -1,12 +1,35 @@
 """flsplit: split learning at the network edge on Flower.
 
-The library: splitting models at a cut (``splitting``, ``zoo``), measured per-cut profiles
-(``profile``), the split exchange over Flower messages (``protocol``, ``dataplane``), the
-client and server runtimes (``client``, ``clientapp``, ``server``), layer-wise aggregation,
-data and run history; the Flower strategies, one module per scheme (``strategies``). The
-Flower app of this repository (``apps``) is not part of the installed package.
-"""
+The library, by layer (imports flow down this list's dependencies, never up):
 
+model
+    ``splitting`` (blocks and cuts; ``as_split_model``), ``graph_split`` (any ``nn.Module`` from
+    its torch.fx graph), ``zoo`` (built-in models), ``profile`` (per-cut FLOPs and sizes).
+wire
+    ``protocol`` (record names, ``SplitConfig``, checks), ``codecs``, ``wire_bytes``, ``gate``
+    (every reply checked before anything trains on it).
+planes
+    ``dataplane`` (the server half of a data plane, the traffic meter, Flower messages),
+    ``endpoint`` (the client half and its registry), ``stream/`` (the TLS session plane, both
+    halves), ``inprocess`` (a Grid for tests and benchmarks).
+runtime
+    ``trainer`` (the client's round, no Flower types), ``client`` and ``clientapp`` (the
+    ClientApp side), ``server`` (server part and step rules), ``aggregation``, ``schedules``
+    (one round over a plane; each declares its timing), ``exchange`` (a round's state as one
+    value), ``checkpoint``, ``history``, ``rng``.
+sim
+    ``sim/`` (kernels, scenario types, workloads, traffic models, the one price),
+    ``scenario`` (scenario files and run-config overrides).
+planners
+    ``planners/`` (``PlanningProblem``, ``Plan``, one registry, the solvers, planners in the loop).
+data and cli
+    ``data``, ``local_data``, ``cli`` with ``plan_command``, ``partition_command``,
+    ``report``, ``deploy_keys``; ``extras`` (optional dependencies).
+
+The Flower strategies, one module per scheme, are ``strategies`` (a link to the repository's
+``strategies/``). The Flower app of this repository (``apps``) is not part of the installed
+package.
+"""
 import os as _os
 
 # flsplit/strategies is a relative symlink to the repository's strategies/, which git, static

@@ -73,7 +73,7 @@ BCAST_CONFIG = "split.bcast.config"
 FALLBACK = "split.stream.fallback"
 
 # The device-profile keys a node reports in ``client.device`` (kebab case -> the field of
-# ``flsplit.costmodel.DeviceProfile``; tests/test_endpoint.py keeps the two equal).
+# ``flsplit.sim.scenario.DeviceProfile``; tests/test_endpoint.py keeps the two equal).
 DEVICE_KEYS = {
     "cpu-hz": "cpu_hz",
     "flops-per-cycle": "flops_per_cycle",

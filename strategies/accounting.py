@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from flsplit import protocol as p
-from flsplit.costmodel import client_flops
+from flsplit.sim.workload import client_flops
 from flsplit.dataplane import Reply, Traffic
 from flsplit.exchange import RoundRecord
 from flsplit.profile import CutProfile

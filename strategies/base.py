@@ -46,7 +46,7 @@ from flsplit import protocol as p
 from flsplit.aggregation import average_states, block_of
 from flsplit.checkpoint import Checkpoint
 from flsplit.codecs import get_codec
-from flsplit.costmodel import DeviceProfile
+from flsplit.sim.scenario import DeviceProfile
 from flsplit.dataplane import DataPlane, MessageDataPlane, Reply, innermost_error
 from flsplit.exchange import RoundExchange, RoundRecord
 from flsplit.gate import ReplyGate

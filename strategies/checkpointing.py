@@ -38,7 +38,7 @@ import torch
 from flwr.common.logger import log
 
 from flsplit.checkpoint import Checkpoint, CheckpointError, check_config, load_checkpoint, save_checkpoint
-from flsplit.costmodel import DeviceProfile
+from flsplit.sim.scenario import DeviceProfile
 
 __all__ = ["Checkpointing"]
 

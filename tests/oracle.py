@@ -1,7 +1,7 @@
 """The tests' reference oracle: the old checked pricing front, kept only to check the product.
 
 ``round_cost`` (and ``shannon_rate_bps``, ``transfer_time_s``, ``broadcast_time_s``) were
-``flsplit.costmodel``'s public functions with no product caller (``kernels.path_gain``, also
+the former ``flsplit.costmodel``'s public functions with no product caller (``kernels.path_gain``, also
 without one, was deleted); the product prices every round with ``flsplit.sim.price``. The tests
 use them as an independent, argument-checked statement of DESIGN.md 3.6 (``round_cost``
 still translates into one ``price`` call, so it checks the translation and the checks).

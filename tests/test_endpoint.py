@@ -53,14 +53,14 @@ def test_the_client_imports_no_plane_and_the_gate_neither_plane_nor_scenario():
     client = _flsplit_imports("flsplit.client")
     assert not {m for m in client if m.startswith("flsplit.stream")}, sorted(client)
     gate = _flsplit_imports("flsplit.gate")
-    assert not {m for m in gate if m.startswith(("flsplit.stream", "flsplit.scenario", "flsplit.costmodel"))}, sorted(gate)
+    assert not {m for m in gate if m.startswith(("flsplit.stream", "flsplit.scenario", "flsplit.sim.scenario"))}, sorted(gate)
     assert "flsplit.endpoint" in client
 
 
 def test_device_keys_are_the_device_profiles_fields():
     from dataclasses import fields
 
-    from flsplit.costmodel import DeviceProfile
+    from flsplit.sim.scenario import DeviceProfile
     from flsplit.scenario import DEVICE_KEYS
 
     assert p.DEVICE_KEYS == {f.name.replace("_", "-"): f.name for f in fields(DeviceProfile)} == dict(DEVICE_KEYS)
