@@ -57,10 +57,7 @@ class Crossing:
     @property
     def elements(self) -> int:
         """Values per sample."""
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return _numel(self.shape)
 
 
 def pack(*tensors: torch.Tensor) -> torch.Tensor:
@@ -340,11 +337,6 @@ class Stage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._graphs[self.training](x)
-
-    @property
-    def code(self) -> str:
-        """The generated code of the current mode's graph."""
-        return self._graphs[self.training].code
 
 
 def _split_traced(model: nn.Module, example_input: torch.Tensor, cuts: Optional[Sequence[CutPoint]]):
