@@ -9,14 +9,17 @@ round). The final weights must be equal, and so must the bytes counted.
 from __future__ import annotations
 
 import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, RecordDict
 
 from flsplit import protocol as p
 from flsplit.inprocess import InProcessGrid
 from flsplit.stream import StreamDataPlane
+from flsplit.stream.plane import _Link
 from flsplit.trainer import ClientTrainer
 from flsplit.strategies import STRATEGIES
 from tests.helpers import client_app_for, model_fn, random_data
@@ -219,3 +222,36 @@ def test_batch_norm_statistics_and_dropout_agree_on_both_planes(k):
     assert int(weights[True]["1.num_batches_tracked"]) == 2 * 3  # once per batch of a round, averaged over nodes
     for key in weights[False]:
         assert torch.equal(weights[False][key], weights[True][key]), key
+
+
+class _CarrierGrid:
+    """Stands in for the grid: the carrier of node 1 (its commit) has been answered; nothing else."""
+
+    def __init__(self) -> None:
+        self.pulls = 0
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        answer = SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="carrier-1"), has_error=lambda: False)
+        return [answer] if "carrier-1" in ids else []
+
+
+def test_a_finished_nodes_commit_is_polled_while_another_nodes_step_is_out():
+    """Node 1 has sent its last reply (its session commits); node 2's step is out and stays out
+    for longer than node 1's commit may take. The plane must still poll the grid for node 1's
+    carrier (about once a second) and return its reply, not drop node 1 at its deadline.
+    (Under SFL-V1 with a stalled node this dropped every finished node in about half the runs.)"""
+
+    grid = _CarrierGrid()
+    plane = StreamDataPlane(grid, timeout=60.0, mode="message")
+    offer = None  # read only while a session is being offered
+    now = time.monotonic()
+    held = RecordDict()
+    plane._links[1] = _Link(1, offer, "carrier-1", phase="committing", waiting=False, deadline=now + 2.5, held=held)
+    plane._links[2] = _Link(2, offer, "carrier-2", phase="open", waiting=True, deadline=now + 30.0)
+    plane._carriers = {"carrier-1": 1, "carrier-2": 2}
+    plane._last_grid_poll = now
+    replies = plane.pull()
+    assert [(r.node_id, r.error) for r in replies] == [(1, None)]
+    assert replies[0].content is held
+    assert time.monotonic() - now < 2.5  # before node 1's deadline

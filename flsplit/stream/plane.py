@@ -42,7 +42,7 @@ from flsplit.stream.tls import ServerCredentials
 __all__ = ["StreamDataPlane", "MODES"]
 
 MODES = ("auto", "stream", "message")
-_GRID_POLL_OPENING = 1.0  # seconds between grid polls for opening sessions while others step
+_GRID_POLL_WHILE_STEPPING = 1.0  # seconds between grid polls for opening or committing sessions while others step
 
 
 @dataclass
@@ -353,18 +353,19 @@ class StreamDataPlane(MessageDataPlane):
 
     def _grid_due(self, now: float) -> bool:
         """Whether to poll the grid now. A poll is a round trip to the SuperLink (tens of ms
-        in a loaded deployment), so it stays off the step path: only when something awaited
-        can come only through the grid (an ordinary reply, a commit while no session step
-        is out), and about once a second while sessions are still opening next to running
-        ones. An open session's carrier is not polled: its client hanging up shows as EOF."""
+        in a loaded deployment), so it stays off the step path: at once when what is awaited
+        can come only through the grid (an ordinary reply; a session opening or committing
+        while no session step is out), and about once a second while sessions open or commit
+        next to stepping ones. A commit must not wait for the others' steps to pause: under
+        a stalled or a long-training node a finished node's commit would otherwise outlive its
+        deadline and drop it. An open session's carrier is not polled: its client hanging up
+        shows as EOF."""
         if self._pending:
             return True
         phases = {self._links[n].phase for n in self._carriers.values() if n in self._links}
-        stepping = any(link.waiting and link.phase == "open" for link in self._links.values())
-        if "committing" in phases and not stepping:
-            return True
-        if "offered" in phases:
-            return not stepping or now - self._last_grid_poll >= _GRID_POLL_OPENING
+        if "committing" in phases or "offered" in phases:
+            stepping = any(link.waiting and link.phase == "open" for link in self._links.values())
+            return not stepping or now - self._last_grid_poll >= _GRID_POLL_WHILE_STEPPING
         return False
 
     def _poll_grid(self, force: bool = False) -> list[Reply]:
