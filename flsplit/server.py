@@ -14,6 +14,30 @@ client, the gradient of its smashed data. The scheme picks the rule:
     i.e. the union gradient of its slice times ``B / b_i``: each client then takes the step
     it would take training alone, and the sample-weighted average of the client parts after
     one step equals centralized training on the concatenated batch.
+``step_epsl``
+    EPSL: PSL, but at an aggregated sample position ``j`` the clients' logit gradients
+    ``g_ij`` are aggregated into ``G_j`` and back-propagated once, from one *linearisation
+    point* ``p_j``; the cut-layer rows found there are broadcast. The ``mechanism``
+    (``EPSL_MECHANISMS``) picks ``p_j`` from the clients' smashed rows ``s_ij``:
+
+    ``mean-activation``
+        ``p_j = (1/N) sum_i s_ij``, the clients' mean smashed data (the gradient of
+        the surrogate ``<G_j, f(p_j)>``; each client's input gets ``1/N`` of it).
+    ``client-0``
+        ``p_j = s_0j``, the first client's smashed data.
+    ``rotating``
+        ``p_j = s_rj`` with ``r = (step + k) mod N`` for the ``k``-th aggregated
+        position: each client represents ``1/N`` of the positions, and the
+        assignment moves on by one client per step.
+    ``max-loss``
+        ``p_j = s_rj`` with ``r`` the client whose sample at ``j`` has the largest
+        loss (the first such client on a tie).
+    ``gradient-weighted`` (the default)
+        ``p_j = sum_i w_ij s_ij`` with ``w_ij = |g_ij| / sum_k |g_kj|`` (the mean when
+        every ``g_ij`` is zero). For a last linear layer ``sum_i g_ij h_ij^T`` is
+        then exact whenever the clients' logit gradients are parallel.
+``step_gradient_average``
+    SFL-GA: one PSL step, then one broadcast of the position-wise average gradient.
 
 Clients may enter the server part at different cuts (heterogeneous cuts): the server holds
 all blocks from the shallowest cut on and runs a client's smashed data from its own cut.
@@ -280,24 +304,8 @@ class ServerPart:
             ``k``-th aggregated row of every client is aggregated together; this is how
             ``EPSL(positions="matched")`` aggregates rows that share a label.
         mechanism : str
-            The linearisation point ``p_j`` (``EPSL_MECHANISMS``):
-
-            ``mean-activation``
-                ``p_j = (1/N) sum_i s_ij``, the clients' mean smashed data (the gradient of
-                the surrogate ``<G_j, f(p_j)>``; each client's input gets ``1/N`` of it).
-            ``client-0``
-                ``p_j = s_0j``, the first client's smashed data.
-            ``rotating``
-                ``p_j = s_rj`` with ``r = (step + k) mod N`` for the ``k``-th aggregated
-                position: each client represents ``1/N`` of the positions, and the
-                assignment moves on by one client per step.
-            ``max-loss``
-                ``p_j = s_rj`` with ``r`` the client whose sample at ``j`` has the largest
-                loss (the first such client on a tie).
-            ``gradient-weighted`` (the default)
-                ``p_j = sum_i w_ij s_ij`` with ``w_ij = |g_ij| / sum_k |g_kj|`` (the mean when
-                every ``g_ij`` is zero). For a last linear layer ``sum_i g_ij h_ij^T`` is
-                then exact whenever the clients' logit gradients are parallel.
+            The linearisation point ``p_j``, one of ``EPSL_MECHANISMS`` (the module's
+            docstring says how each picks it); ``gradient-weighted`` by default.
         scaling : {"sum", "mean"}
             ``sum``: ``G_j = sum_i g_ij`` (the server's parameters get the weight of ``N``
             samples at ``j``, as in PSL), each client ``1/N`` of the cut-layer gradient.
