@@ -112,12 +112,7 @@ class Codec:
         Raises ``CodecError`` if the key, its scale, or the payload's dtype is not what this
         codec writes.
         """
-        if key not in record:
-            raise CodecError(f"missing key '{key}'")
-        try:
-            x = torch.from_numpy(record[key].numpy())
-        except Exception as err:  # a corrupt numpy payload
-            raise CodecError(f"cannot decode '{key}': {err}") from err
+        x = _read(record, key)
         expected = self.view_dtype or self.wire_dtype or dtype
         if x.dtype != expected:
             raise CodecError(f"{key}: wrong dtype {x.dtype}, expected {expected} (codec '{self.name}')")
@@ -126,12 +121,7 @@ class Codec:
         x = x.to(dtype)
         if self.scaled:
             scale_key = f"{key}.scale"
-            if scale_key not in record:
-                raise CodecError(f"missing key '{scale_key}' (codec '{self.name}')")
-            try:
-                scale = torch.from_numpy(record[scale_key].numpy())
-            except Exception as err:  # a corrupt numpy payload
-                raise CodecError(f"cannot decode '{scale_key}': {err}") from err
+            scale = _read(record, scale_key, f" (codec '{self.name}')")
             if scale.dtype not in (torch.float32, torch.float64):
                 raise CodecError(f"{scale_key}: wrong dtype {scale.dtype}, expected float32 or float64")
             if scale.numel() != 1 or not bool(torch.isfinite(scale).all()) or float(scale) <= 0:
@@ -143,6 +133,17 @@ class Codec:
             if not all_finite(x):
                 raise CodecError(f"{key}: decodes to values beyond {dtype}'s range (scale {float(scale):.6g})")
         return x
+
+
+def _read(record: ArrayRecord, key: str, missing_note: str = "") -> torch.Tensor:
+    """The array at ``key`` as a CPU tensor (sharing numpy's memory); ``CodecError`` if the key
+    is missing (``missing_note`` appended to that message) or its payload is corrupt."""
+    if key not in record:
+        raise CodecError(f"missing key '{key}'{missing_note}")
+    try:
+        return torch.from_numpy(record[key].numpy())
+    except Exception as err:  # a corrupt numpy payload
+        raise CodecError(f"cannot decode '{key}': {err}") from err
 
 
 def _scale_tensor(key: str, codec: str, scale: float) -> torch.Tensor:

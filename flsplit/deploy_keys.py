@@ -37,6 +37,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from flsplit.cli_args import int_at_least
+
 __all__ = ["DeploymentKeys", "make_ca", "make_server_cert", "make_node_key", "node_key_files", "make_certs",
            "add_arguments"]
 
@@ -269,24 +271,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP",
                         help="a name or address SuperNodes and the flwr CLI use to reach the SuperLink; "
                              "repeat for several (127.0.0.1 and localhost are always included)")
-    parser.add_argument("--nodes", type=_non_negative, default=2, help="SuperNode key pairs to make (default 2)")
-    parser.add_argument("--days", type=_positive, default=365, help="certificate validity in days (default 365)")
+    parser.add_argument("--nodes", type=int_at_least(0), default=2, help="SuperNode key pairs to make (default 2)")
+    parser.add_argument("--days", type=int_at_least(1), default=365, help="certificate validity in days (default 365)")
     parser.add_argument("--force", action="store_true", help="overwrite existing files")
     parser.set_defaults(handler=handle)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def handle(args: argparse.Namespace) -> int:

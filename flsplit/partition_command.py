@@ -29,6 +29,7 @@ from typing import Optional
 
 import numpy as np
 
+from flsplit.cli_args import int_at_least
 from flsplit.data import DatasetInfo, TensorData, dataset_info, load_centralized, partition_indices
 from flsplit.local_data import input_to_pixels, load_local
 
@@ -102,13 +103,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``partition`` arguments to ``parser`` and set its handler."""
     parser.description = __doc__.split("\n\n")[0].replace("``", "")
@@ -116,7 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset name (digits, ylecun/mnist, uoft-cs/cifar10); with --source it only sets "
                              "the model's input shape and scaling (default digits)")
     parser.add_argument("--source", default="", help="partition data on disk (any format data-path reads) instead")
-    parser.add_argument("--num-partitions", type=_positive_int, required=True)
+    parser.add_argument("--num-partitions", type=int_at_least(1), required=True)
     parser.add_argument("--partitioning", choices=("iid", "dirichlet"), default="iid")
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (default 0.5)")
     parser.add_argument("--seed", type=int, default=0, help="the Dirichlet draw's seed (default 0)")

@@ -14,6 +14,30 @@ client, the gradient of its smashed data. The scheme picks the rule:
     i.e. the union gradient of its slice times ``B / b_i``: each client then takes the step
     it would take training alone, and the sample-weighted average of the client parts after
     one step equals centralized training on the concatenated batch.
+``step_epsl``
+    EPSL: PSL, but at an aggregated sample position ``j`` the clients' logit gradients
+    ``g_ij`` are aggregated into ``G_j`` and back-propagated once, from one *linearisation
+    point* ``p_j``; the cut-layer rows found there are broadcast. The ``mechanism``
+    (``EPSL_MECHANISMS``) picks ``p_j`` from the clients' smashed rows ``s_ij``:
+
+    ``mean-activation``
+        ``p_j = (1/N) sum_i s_ij``, the clients' mean smashed data (the gradient of
+        the surrogate ``<G_j, f(p_j)>``; each client's input gets ``1/N`` of it).
+    ``client-0``
+        ``p_j = s_0j``, the first client's smashed data.
+    ``rotating``
+        ``p_j = s_rj`` with ``r = (step + k) mod N`` for the ``k``-th aggregated
+        position: each client represents ``1/N`` of the positions, and the
+        assignment moves on by one client per step.
+    ``max-loss``
+        ``p_j = s_rj`` with ``r`` the client whose sample at ``j`` has the largest
+        loss (the first such client on a tie).
+    ``gradient-weighted`` (the default)
+        ``p_j = sum_i w_ij s_ij`` with ``w_ij = |g_ij| / sum_k |g_kj|`` (the mean when
+        every ``g_ij`` is zero). For a last linear layer ``sum_i g_ij h_ij^T`` is
+        then exact whenever the clients' logit gradients are parallel.
+``step_gradient_average``
+    SFL-GA: one PSL step, then one broadcast of the position-wise average gradient.
 
 Clients may enter the server part at different cuts (heterogeneous cuts): the server holds
 all blocks from the shallowest cut on and runs a client's smashed data from its own cut.
@@ -21,8 +45,6 @@ all blocks from the shallowest cut on and runs a client's smashed data from its 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -33,8 +55,7 @@ from flsplit import rng
 from flsplit.protocol import SmashedBatch
 from flsplit.splitting import SplitModel
 
-__all__ = ["EPSL_MECHANISMS", "EPSL_SCALINGS", "ServerPart", "ServerStream", "StreamServerPart", "StepGrads", "StepStats",
-           "evaluate_smashed"]
+__all__ = ["EPSL_MECHANISMS", "EPSL_SCALINGS", "ServerPart", "StepGrads", "StepStats", "evaluate_smashed"]
 
 # Where EPSL back-propagates an aggregated logit gradient (ServerPart.step_epsl), and how it scales it.
 EPSL_MECHANISMS = ("mean-activation", "client-0", "rotating", "max-loss", "gradient-weighted")
@@ -283,24 +304,8 @@ class ServerPart:
             ``k``-th aggregated row of every client is aggregated together; this is how
             ``EPSL(positions="matched")`` aggregates rows that share a label.
         mechanism : str
-            The linearisation point ``p_j`` (``EPSL_MECHANISMS``):
-
-            ``mean-activation``
-                ``p_j = (1/N) sum_i s_ij``, the clients' mean smashed data (the gradient of
-                the surrogate ``<G_j, f(p_j)>``; each client's input gets ``1/N`` of it).
-            ``client-0``
-                ``p_j = s_0j``, the first client's smashed data.
-            ``rotating``
-                ``p_j = s_rj`` with ``r = (step + k) mod N`` for the ``k``-th aggregated
-                position: each client represents ``1/N`` of the positions, and the
-                assignment moves on by one client per step.
-            ``max-loss``
-                ``p_j = s_rj`` with ``r`` the client whose sample at ``j`` has the largest
-                loss (the first such client on a tie).
-            ``gradient-weighted`` (the default)
-                ``p_j = sum_i w_ij s_ij`` with ``w_ij = |g_ij| / sum_k |g_kj|`` (the mean when
-                every ``g_ij`` is zero). For a last linear layer ``sum_i g_ij h_ij^T`` is
-                then exact whenever the clients' logit gradients are parallel.
+            The linearisation point ``p_j``, one of ``EPSL_MECHANISMS`` (the module's
+            docstring says how each picks it); ``gradient-weighted`` by default.
         scaling : {"sum", "mean"}
             ``sum``: ``G_j = sum_i g_ij`` (the server's parameters get the weight of ``N``
             samples at ``j``, as in PSL), each client ``1/N`` of the cut-layer gradient.
@@ -322,32 +327,47 @@ class ServerPart:
         per_client = bool(positions) and not isinstance(positions[0], int)
         if not positions or (per_client and not any(positions)) or len(batches) == 1:
             return StepGrads(self.step_union(batches))
-        cuts = {c for c, _ in batches}
-        if len(cuts) != 1:
-            raise ValueError(f"EPSL aggregation needs one cut for all clients, got {sorted(cuts)}")
-        (cut,) = cuts
+        cut = _one_cut(batches, "EPSL aggregation")
         sizes = [b.y.shape[0] for _, b in batches]
         rows = _per_client_positions(positions, sizes)
-        n, m = len(batches), len(rows[0])
         total = sum(sizes)
         batches, device = self._on_device(batches), self.device
         self.model.blocks.train()
         self.optimizer.zero_grad(set_to_none=True)
         aggs = [torch.tensor(r, device=device) for r in rows]
         keep = [torch.ones(s, dtype=torch.bool, device=device).index_fill_(0, a, False) for s, a in zip(sizes, aggs)]
+        xs, logits = self._epsl_plain_rows(cut, batches, keep, total)
+        agg_logits, broadcast = self._epsl_aggregated_rows(cut, batches, aggs, total, mechanism, scaling, step)
+        self.optimizer.step()
+        self._epsl_record(cut, batches, keep, aggs, logits, agg_logits)
+        return StepGrads(
+            unicast=[(x.grad * (total / s)).cpu() for x, s in zip(xs, sizes)],
+            broadcast=broadcast.cpu(),
+            positions=[list(r) for r in rows],
+            scales=[total / s for s in sizes],
+        )
 
-        # Plain PSL part: the other positions of every client, one forward/backward.
+    def _epsl_plain_rows(self, cut: int, batches: list[tuple[int, SmashedBatch]], keep: list[torch.Tensor],
+                         total: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``step_epsl``'s plain PSL part: the ``keep`` rows of every client, one forward and
+        backward (loss over ``total`` samples); the leaf inputs (their ``.grad`` set) and the logits."""
         xs = [b.x[k].detach().requires_grad_(True) for (_, b), k in zip(batches, keep)]
         ys = [b.y[k] for (_, b), k in zip(batches, keep)]
         logits = self._forward(cut, torch.cat(xs))
         loss_sum = self.loss_fn(logits, torch.cat(ys))
         (loss_sum / total).backward()
+        return xs, logits
 
-        # Aggregated part: per-client logit gradients, aggregated, back-propagated once.
+    def _epsl_aggregated_rows(self, cut: int, batches: list[tuple[int, SmashedBatch]], aggs: list[torch.Tensor],
+                              total: int, mechanism: str, scaling: str, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``step_epsl``'s aggregated part: per-client logit gradients at the ``aggs`` rows,
+        aggregated and back-propagated once from the linearisation points; the ``(N*m, C)``
+        logits and the broadcast cut-layer rows."""
         with torch.no_grad():
             agg_x = torch.stack([b.x[a] for (_, b), a in zip(batches, aggs)])  # (N, m, ...)
             agg_y = torch.stack([b.y[a] for (_, b), a in zip(batches, aggs)])
             agg_logits = self._forward(cut, agg_x.flatten(0, 1))
+        n, m = agg_x.shape[:2]
         z = agg_logits.detach().requires_grad_(True)
         agg_loss = self.loss_fn(z, agg_y.flatten())
         (agg_loss / total).backward()
@@ -361,21 +381,20 @@ class ServerPart:
         else:
             self._forward(cut, point).backward(summed / n)
             broadcast = point.grad
-        self.optimizer.step()
+        return agg_logits, broadcast
 
+    def _epsl_record(self, cut: int, batches: list[tuple[int, SmashedBatch]], keep: list[torch.Tensor],
+                     aggs: list[torch.Tensor], logits: torch.Tensor, agg_logits: torch.Tensor) -> None:
+        """Count ``step_epsl``'s statistics (each client's logits put back in batch order) and rows."""
+        n, m = len(batches), len(aggs[0])
+        total = sum(b.y.shape[0] for _, b in batches)
         for i, ((c, b), k) in enumerate(zip(batches, keep)):
-            lg = torch.empty(sizes[i], logits.shape[1], dtype=logits.dtype, device=device)
+            lg = torch.empty(b.y.shape[0], logits.shape[1], dtype=logits.dtype, device=logits.device)
             lg[k] = logits.detach().split([int(kk.sum()) for kk in keep])[i]
             lg[aggs[i]] = agg_logits.unflatten(0, (n, m))[i]
             self.stats.add(float(self.loss_fn(lg, b.y)), lg, b.y, c)
         # Rows run: every sample forwarded once; the kept rows and the m aggregated rows backward.
         self.work.add(cut, total, total - n * m + m)
-        return StepGrads(
-            unicast=[(x.grad * (total / s)).cpu() for x, s in zip(xs, sizes)],
-            broadcast=broadcast.cpu(),
-            positions=[list(r) for r in rows],
-            scales=[total / s for s in sizes],
-        )
 
     @staticmethod
     def _epsl_point(mechanism: str, agg_x: torch.Tensor, agg_logits: torch.Tensor, agg_y: torch.Tensor,
@@ -410,9 +429,7 @@ class ServerPart:
         ``b_i`` (a client with a short last batch reads the rows it has). All clients must
         share one cut (the gradients must have one shape).
         """
-        cuts = {c for c, _ in batches}
-        if len(cuts) != 1:
-            raise ValueError(f"gradient aggregation needs one cut for all clients, got {sorted(cuts)}")
+        _one_cut(batches, "gradient aggregation")
         grads = self.step_union(batches)
         rows = max(g.shape[0] for g in grads)
         weighted = torch.zeros((rows, *grads[0].shape[1:]), dtype=grads[0].dtype)
@@ -450,6 +467,14 @@ def evaluate_smashed(model: SplitModel, cut: int, batches: list[SmashedBatch]) -
     return loss_sum, correct, n
 
 
+def _one_cut(batches: list[tuple[int, SmashedBatch]], rule: str) -> int:
+    """The one cut all ``batches`` share, or a ``ValueError`` naming the ``rule`` that needs it."""
+    cuts = {c for c, _ in batches}
+    if len(cuts) != 1:
+        raise ValueError(f"{rule} needs one cut for all clients, got {sorted(cuts)}")
+    return next(iter(cuts))
+
+
 def _per_client_positions(positions: list[int] | list[list[int]], sizes: list[int]) -> list[list[int]]:
     """``step_epsl``'s aggregated rows as one list per client, checked (``ValueError``)."""
     if all(isinstance(p, int) for p in positions):
@@ -464,47 +489,3 @@ def _per_client_positions(positions: list[int] | list[list[int]], sizes: list[in
         if len(set(r)) != len(r) or not all(isinstance(j, int) and 0 <= j < size for j in r):
             raise ValueError(f"client {i}'s aggregated positions {r} are not distinct rows of its batch of {size}")
     return rows
-
-
-class ServerStream:
-    """The random stream the server part's forward passes draw from: its dropout masks.
-
-    Seeded from the strategy's seed, and swapped into torch's generator (under
-    ``flsplit.rng``'s lock) for each server forward only, so the masks depend on the seed and
-    on what the server has drawn before, not on what else the process draws (a ``model_fn``
-    call, a client in the same process, the caller's own ``torch.rand``). On a CUDA server
-    part the device's generator gets the same treatment.
-    """
-
-    def __init__(self, seed: int) -> None:
-        self.seed = int(seed)
-        self.cpu = torch.Generator().manual_seed(self.seed).get_state()
-        self.cuda: dict[int, torch.Tensor] = {}
-
-    @contextmanager
-    def drawing(self, device: torch.device) -> Iterator[None]:
-        """Draws inside come from this stream; torch's own streams resume afterwards untouched."""
-        cuda = []
-        if device.type == "cuda":
-            cuda = [device.index if device.index is not None else torch.cuda.current_device()]
-        with rng.shared(), torch.random.fork_rng(devices=cuda):
-            torch.default_generator.set_state(self.cpu)
-            for index in cuda:
-                if index in self.cuda:
-                    torch.cuda.set_rng_state(self.cuda[index], index)
-                else:
-                    torch.cuda.default_generators[index].manual_seed(self.seed)
-            yield
-            self.cpu = torch.default_generator.get_state()
-            for index in cuda:
-                self.cuda[index] = torch.cuda.get_rng_state(index)
-
-
-class StreamServerPart(ServerPart):
-    """A ``ServerPart`` whose forward passes draw from its strategy's ``ServerStream``."""
-
-    stream: ServerStream
-
-    def _forward(self, cut: int, x: torch.Tensor) -> torch.Tensor:
-        with self.stream.drawing(x.device):
-            return super()._forward(cut, x)

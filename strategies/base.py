@@ -53,7 +53,8 @@ from flsplit.gate import ReplyGate
 from flsplit.history import RunHistory
 from flsplit.profile import profile_model
 from flsplit.schedules import PerNode, Schedule
-from flsplit.server import ServerPart, ServerStream, StepStats, StreamServerPart, evaluate_smashed, resolve_device
+from flsplit.server import ServerPart, StepStats, evaluate_smashed, resolve_device
+from flsplit.server_stream import ServerStream, StreamServerPart
 from flsplit.splitting import SplitModel
 
 from flsplit.strategies.accounting import RoundAccounting

@@ -51,7 +51,8 @@ def test_edgesplit_in_the_loop_plans_each_round_as_the_planner_does(tmp_path):
     assert max(r["test_accuracy"] for r in history["rounds"]) > 0.15  # it trains
 
     # flsplit report plots the cuts chosen over rounds beside accuracy
-    from flsplit.report import load_run, summarize, write_plots
+    from flsplit.report_plots import write_plots
+    from flsplit.report_runs import load_run, summarize
 
     (path,) = (tmp_path / "runs").glob("*/history.json")
     summary = summarize(load_run(path))

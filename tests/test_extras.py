@@ -165,9 +165,9 @@ def test_sflga_cvxpy_solver_names_the_planners_extra():
 
 def test_report_plots_name_the_reports_extra():
     proc = run_python("""
-        from flsplit import report
+        from flsplit import report_plots
         try:
-            report._matplotlib()
+            report_plots._matplotlib()
         except ImportError as err:
             print(err)
     """, blocked=["matplotlib"])
