@@ -161,7 +161,9 @@ def _planner(setup: PlanSetup, baseline: list) -> Callable[[int], Any]:
         from flsplit.planners.ccc import CCCAgent, CCCPlanner
 
         agent = CCCAgent.load(setup.agent_path)
-        planner = CCCPlanner(agent, profile, scenario, samples=samples, energy_budget_j=budgets, **common)
+        problem = PlanningProblem.build(profile, scenario, samples=samples, candidate_cuts=agent.candidate_cuts,
+                                        **common)
+        planner = CCCPlanner(agent, problem, energy_budget_j=budgets)
         return planner.plan
     raise ValueError(f"unknown method {setup.method!r}; choose one of {METHODS}")
 
@@ -410,14 +412,14 @@ def handle(args: argparse.Namespace) -> int:
         if args.cut is not None and args.cut >= len(profile.blocks):
             return fail(f"--cut {args.cut} is outside {args.model}: valid cuts are 1..{len(profile.blocks) - 1}")
         if args.train_agent:
-            from flsplit.planners.ccc import train_ccc_agent
+            from flsplit.planners import CCCEnvironment, PlanningProblem, train_ccc_agent
 
             start = time.perf_counter()
-            agent = train_ccc_agent(profile, scenario, num_clients=n, samples=args.samples,
-                                    episodes=args.episodes, rounds_per_episode=args.episode_rounds,
-                                    seed=args.seed, min_client_depth=args.min_client_depth,
-                                    bytes_per_element=args.bytes_per_element,
-                                    energy_budget_j=_budgets(args.energy_budget, n))
+            problem = PlanningProblem.build(profile, scenario, samples=[args.samples] * n,
+                                            bytes_per_element=args.bytes_per_element)
+            env = CCCEnvironment(problem, min_client_depth=args.min_client_depth, num_rounds=args.episode_rounds,
+                                 energy_budget_j=_budgets(args.energy_budget, n))
+            agent = train_ccc_agent(env, episodes=args.episodes, seed=args.seed)
             args.agent.parent.mkdir(parents=True, exist_ok=True)
             agent.save(args.agent)
             print(f"trained the ccc agent in {time.perf_counter() - start:.1f} s; saved to {args.agent}",

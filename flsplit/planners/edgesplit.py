@@ -52,7 +52,7 @@ from typing import Optional
 
 import numpy as np
 
-from flsplit.planners.checks import int_arg
+from flsplit.sim.checks import int_arg
 from flsplit.planners.plan import Plan
 from flsplit.planners.problem import PlanningProblem
 from flsplit.sim import kernels as k

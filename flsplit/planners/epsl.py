@@ -103,7 +103,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from flsplit.planners.checks import budget_array, int_arg, real_arg
+from flsplit.sim.checks import budget_array, int_arg, real_arg
 from flsplit.planners.plan import Plan
 from flsplit.planners.problem import PlanningProblem
 from flsplit.sim.pricing import ServerTiming

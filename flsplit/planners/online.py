@@ -39,7 +39,7 @@ from flwr.common.logger import log
 
 from flsplit.sim.pricing import RoundCost
 from flsplit.sim.scenario import Scenario
-from flsplit.planners.checks import candidate_cut_list, real_arg
+from flsplit.sim.checks import candidate_cut_list, parse_budget, real_arg
 from flsplit.planners.plan import Plan
 from flsplit.planners.registry import PLANNERS, planner_entry
 from flsplit.sim import Allocation, ServerTiming, predict_workload, price
@@ -48,7 +48,7 @@ from flsplit.sim.traffic import ElementWire
 if TYPE_CHECKING:
     from flsplit.profile import ModelProfile
 
-__all__ = ["RoundPlan", "OnlinePlanner", "ONLINE_PLANNERS", "make_online_planner", "parse_budget"]
+__all__ = ["RoundPlan", "OnlinePlanner", "ONLINE_PLANNERS", "make_online_planner"]
 
 
 @dataclass
@@ -226,28 +226,6 @@ class EdgeSplitOnline(OnlinePlanner):
         return plan_edgesplit(self.problem(scenario, server_round, client_ids, samples))
 
 
-def parse_budget(value: Union[None, str, float, Sequence[float]]) -> Union[None, float, list[float]]:
-    """An energy-budget setting: empty/None (the default), one number, or a comma list."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        parts = [p.strip() for p in value.split(",") if p.strip()]
-        if not parts:
-            return None
-        try:
-            values = [float(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"energy budget must be a number or a comma list of numbers, got {value!r}") from None
-    elif isinstance(value, (int, float)):
-        values = [float(value)]
-    else:
-        values = [float(v) for v in value]
-    for v in values:
-        if not math.isfinite(v) or v <= 0:
-            raise ValueError(f"energy budgets must be finite and > 0 J, got {v}")
-    return values[0] if len(values) == 1 else values
-
-
 def _per_client_budget(budget: Union[None, float, list[float]], client_ids: Sequence[int]) -> Optional[list[float]]:
     """Budgets of these clients: one for all, or the list indexed by client id (cycled)."""
     if budget is None:
@@ -413,14 +391,18 @@ class CCCOnline(OnlinePlanner):
 
     def _plan(self, scenario, server_round, client_ids, samples):
         from flsplit.planners.ccc import CCCPlanner
+        from flsplit.planners.problem import PlanningProblem
 
         self.check_clients(len(client_ids))
         key = (tuple(client_ids), tuple(samples), id(scenario))
         if self._planner is None or key != self._key:
             resumed, self._resumed = self._resumed, None
             scale = self._planner.loss_scale if self._planner is not None else (resumed or {}).get("loss_scale")
-            self._planner = CCCPlanner(self.agent, self.profile, scenario, samples=samples, client_ids=client_ids,
-                                       bytes_per_element=self.bytes_per_element, loss_scale=scale,
+            # CCC's allocation has no weight traffic: its problem leaves the weights out.
+            problem = PlanningProblem.build(self.profile, scenario, samples=samples, client_ids=client_ids,
+                                            server_round=server_round, bytes_per_element=self.bytes_per_element,
+                                            candidate_cuts=self.agent.candidate_cuts)
+            self._planner = CCCPlanner(self.agent, problem, loss_scale=scale,
                                        energy_budget_j=_per_client_budget(self.energy_budget, client_ids))
             if resumed is not None and resumed["clients"] == [list(client_ids), list(samples)]:
                 self._planner._proxy_loss = resumed["proxy_loss"]  # the saved planner would have been kept

@@ -67,7 +67,7 @@ from typing import Optional
 import numpy as np
 
 from flsplit.planners.plan import Plan
-from flsplit.planners.checks import budget_array
+from flsplit.sim.checks import budget_array
 from flsplit.planners.problem import PlanningProblem
 from flsplit.sim import kernels as kern
 from flsplit.sim.pricing import ServerTiming

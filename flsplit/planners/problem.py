@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from flsplit.sim.scenario import Scenario
-from flsplit.planners.checks import candidate_cut_list, int_arg, real_arg
+from flsplit.sim.checks import candidate_cut_list, int_arg, real_arg, sequence_arg
 from flsplit.planners.plan import Plan
 from flsplit.sim.pricing import Allocation, ServerTiming, price
 from flsplit.sim.traffic import ElementWire, predict_workload
@@ -50,9 +50,7 @@ def _readonly(values, dtype=float) -> np.ndarray:
 
 def sample_list(samples, *, minimum: int = 1) -> list[int]:
     """Samples per client: a non-empty sequence of integers >= ``minimum`` (``samples[i]`` named)."""
-    if isinstance(samples, (str, bytes)) or not isinstance(samples, (Sequence, np.ndarray)):
-        raise ValueError(f"samples must be a sequence of per-client sample counts, got {samples!r}")
-    values = list(samples)
+    values = sequence_arg("samples", samples)
     if not values:
         raise ValueError("samples: at least one client is needed")
     return [int_arg(f"samples[{i}]", s, minimum=minimum) for i, s in enumerate(values)]
@@ -62,9 +60,7 @@ def client_id_list(client_ids, n: int) -> list[int]:
     """Client ids (default ``0 .. n-1``): ``n`` distinct integers >= 0."""
     if client_ids is None:
         return list(range(n))
-    if isinstance(client_ids, (str, bytes)) or not isinstance(client_ids, (Sequence, np.ndarray)):
-        raise ValueError(f"client_ids must be a sequence of ints, got {client_ids!r}")
-    ids = list(client_ids)
+    ids = sequence_arg("client_ids", client_ids)
     if len(ids) != n:
         raise ValueError(f"samples has {n} entries but client_ids has {len(ids)}")
     ids = [int_arg(f"client_ids[{i}]", c, minimum=0) for i, c in enumerate(ids)]
