@@ -66,13 +66,6 @@ _VECTORISE_FROM = 64  # clients: from here on the bandwidth bisections run as nu
 _REL_IMPROVE = 1e-12  # a makespan or a client time must drop by this much to count as better
 
 
-def _rate(bandwidth: float, snr_per_hz: float) -> float:
-    """``B log2(1 + a / B)`` with ``a = p g / N0`` (0 at ``B = 0``)."""
-    if bandwidth <= 0.0:
-        return 0.0
-    return bandwidth * math.log1p(snr_per_hz / bandwidth) / _LN2
-
-
 class _Client:
     """Per-client constants of the latency model at every candidate cut."""
 
@@ -87,7 +80,7 @@ class _Client:
         d = self.bits[j]
         if d == 0.0:
             return 0.0
-        ru, rd = _rate(bandwidth, self.a_up), _rate(bandwidth, self.a_down)
+        ru, rd = k.rate_bps_scalar(bandwidth, self.a_up), k.rate_bps_scalar(bandwidth, self.a_down)
         if ru <= 0.0 or rd <= 0.0:
             return math.inf
         return d / ru + d / rd
@@ -145,8 +138,8 @@ def _min_bandwidths(
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for _ in range(_MAX_BISECT):
             xu, xd = au / b, ad / b
-            lu, ld = np.log1p(xu), np.log1p(xd)
-            ru, rd = b * lu / _LN2, b * ld / _LN2
+            lu, ld = np.log1p(xu), np.log1p(xd)  # for the slope; b > 0 inside the bracket
+            ru, rd = k.rate_bps(b, au), k.rate_bps(b, ad)
             f = d / ru + d / rd - sl
             df = -d * (lu - xu / (1.0 + xu)) / (_LN2 * ru * ru) - d * (ld - xd / (1.0 + xd)) / (_LN2 * rd * rd)
             ok = f <= 0.0

@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from flsplit.planners.problem import PlanningProblem
+from flsplit.sim import kernels as kern
 from flsplit.sim.checks import cut_arg
 
 _LN2 = math.log(2.0)
@@ -98,7 +99,7 @@ def _cut_terms(problem: PlanningProblem, cut: int, budgets: Optional[np.ndarray]
 
 
 def _broadcast_s(terms: _CutTerms, gains: np.ndarray, total: float, n0: float, server_power: float) -> float:
-    rate = total * math.log2(1.0 + server_power * float(gains.min()) / (total * n0))
+    rate = kern.rate_log2_bps(total, server_power * float(gains.min()) / (total * n0))
     if rate <= 0:
         raise ValueError("the broadcast has rate 0 (a zero channel gain)")
     return terms.broadcast_bytes * 8.0 / rate
