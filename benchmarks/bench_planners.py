@@ -12,7 +12,7 @@ Three parts (each prints a Markdown table; ``--part`` picks one):
 ``methods``
     Each method over ``--rounds`` rounds of the heterogeneous scenario (8 clients), against
     the best fixed cut (one cut for everyone, resources split evenly) of the same scheme, both
-    priced by the common cost model (``flsplit.planners.fixed.scheme_round_cost``) through
+    priced by the one price (``flsplit.sim.price``) through
     ``flsplit.plan_command.run_plans`` (what ``flsplit plan`` prints).
 ``asl``
     OPEN (ASL) against fixed-split SL under the same energy budgets, in OPEN's own model
@@ -68,10 +68,10 @@ def part_time(profile, base: Scenario, samples: int, repeats: int, sizes: list[i
     for n in sizes:
         sc = scaled_scenario(base, n)
         per_client = [samples] * n
-        fixed = best_fixed_cut(profile, sc, samples=per_client)
+        fixed = best_fixed_cut(PlanningProblem.build(profile, sc, samples=per_client))
         budgets = [1.5 * e for e in fixed.details["energy_per_client_j"]]
         row = {
-            "fixed": lambda: best_fixed_cut(profile, sc, samples=per_client),
+            "fixed": lambda: best_fixed_cut(PlanningProblem.build(profile, sc, samples=per_client)),
             "edgesplit": lambda: plan_edgesplit(PlanningProblem.build(profile, sc, samples=per_client)),
             "asl": lambda: OpenPlanner(PlanningProblem.build(profile, sc, samples=per_client), energy_budget_j=budgets,
                                        V=1.0).plan(0),

@@ -105,16 +105,18 @@ def _budgets(values: Optional[list[float]], n: int) -> Optional[list[float]]:
 def baseline_plans(setup: PlanSetup) -> tuple[int, list]:
     """The best fixed cut over the rounds (lowest mean latency) and its plan in each round."""
     from flsplit.planners.fixed import plan_fixed
+    from flsplit.planners.problem import PlanningProblem
 
     samples = [setup.samples] * setup.num_clients
     rounds = range(setup.first_round, setup.first_round + setup.rounds)
     scheme = SCHEME_OF_METHOD[setup.method]
     phi = setup.phi if scheme == "epsl" else 0.0
+    problems = [PlanningProblem.build(setup.profile, setup.scenario, samples=samples, server_round=r,
+                                      bytes_per_element=setup.bytes_per_element) for r in rounds]
     by_cut = {
         k: [
-            plan_fixed(setup.profile, setup.scenario, cut=k, samples=samples, server_round=r,
-                       bytes_per_element=setup.bytes_per_element, scheme=scheme, phi=phi)
-            for r in rounds
+            plan_fixed(problem, cut=k, scheme=scheme, phi=phi)
+            for problem in problems
         ]
         for k in range(1, len(setup.profile.blocks))
     }
@@ -139,7 +141,8 @@ def _planner(setup: PlanSetup, baseline: list) -> Callable[[int], Any]:
         raise ValueError(f"--method {setup.method} takes no energy budget (epsl, asl and ccc do)")
     if setup.method == "fixed":
         cut = setup.cut if setup.cut is not None else baseline[0].cuts[0]
-        return lambda r: plan_fixed(profile, scenario, cut=cut, samples=samples, server_round=r, **common)
+        return lambda r: plan_fixed(PlanningProblem.build(profile, scenario, samples=samples, server_round=r, **common),
+                                    cut=cut)
     if setup.method == "edgesplit":
         return lambda r: plan_edgesplit(PlanningProblem.build(profile, scenario, samples=samples, server_round=r, **common))
     if setup.method == "epsl":

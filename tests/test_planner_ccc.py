@@ -4,7 +4,7 @@ The references are computed here, independently of the planner: the SFL-GA round
 written out from its definition (DESIGN.md 3.6 and the planner's docstring) in terms of the
 bandwidth ``B``, CPU frequency ``f`` and power ``p`` (the planner works with the spectral
 efficiency instead), the fading is drawn from numpy directly, and the allocations are checked
-with ``tests.oracle.round_cost`` and ``planners.fixed.scheme_round_cost``. Brute force searches
+with ``tests.oracle.round_cost`` and ``tests.oracle.scheme_round_cost``. Brute force searches
 client 0's share of the band on a grid (refined locally), splits the rest between clients 1
 and 2 with a root finder (equal finishing times of two decreasing functions) and, under
 energy budgets, searches each client's power on a two-level grid with the fastest clock the
@@ -30,10 +30,9 @@ from flsplit.planners.ccc import (
     allocate_sflga,
     train_ccc_agent,
 )
-from flsplit.planners.fixed import scheme_round_cost
 from flsplit.planners.problem import PlanningProblem
 from flsplit.profile import BlockProfile, ModelProfile
-from tests.oracle import round_cost
+from tests.oracle import round_cost, scheme_round_cost
 
 N0 = 10.0 ** ((-174.0 - 30.0) / 10.0)  # W/Hz
 

@@ -252,6 +252,36 @@ def _best_cuts(terms: _Terms, bandwidth: list[float], current: Optional[list[int
     return [int(j) for j in best]
 
 
+def _alternate(terms: _Terms, problem: PlanningProblem,
+               max_iter: int) -> tuple[float, list[int], list[float], list[float], bool, int]:
+    """Alternate the bandwidth step (a) and the cut step (b) from each client's best cut at an
+    equal split, until the makespan stops falling or the cuts stop changing.
+
+    Returns the best ``(makespan, cut indices, bandwidths)``, the makespan of every pass,
+    whether it converged, and the number of passes.
+    """
+    n, total = problem.num_clients, problem.total_bandwidth_hz
+    cuts = _best_cuts(terms, [total / n] * n, None)
+    best: Optional[tuple[float, list[int], list[float]]] = None
+    history: list[float] = []
+    converged = False
+    iterations = 0
+    for iterations in range(1, max_iter + 1):
+        makespan, bandwidth = _allocate(terms, cuts, total)
+        history.append(makespan)
+        if best is not None and makespan >= best[0] * (1.0 - _REL_IMPROVE):
+            converged = True
+            break
+        best = (makespan, cuts, bandwidth)
+        new_cuts = _best_cuts(terms, bandwidth, cuts)
+        if new_cuts == cuts:
+            converged = True
+            break
+        cuts = new_cuts
+    assert best is not None
+    return (*best, history, converged, iterations)
+
+
 def plan_edgesplit(problem: PlanningProblem, *, max_iter: int = 50) -> Plan:
     """Cut and bandwidth share per client minimising the round's makespan (EdgeSplit).
 
@@ -290,32 +320,8 @@ def plan_edgesplit(problem: PlanningProblem, *, max_iter: int = 50) -> Plan:
     if not isinstance(problem, PlanningProblem):
         raise ValueError(f"problem must be a PlanningProblem, got {type(problem).__name__}")
 
-    n = problem.num_clients
-    total = problem.total_bandwidth_hz
     cands = list(problem.candidate_cuts)
-    terms = _Terms(problem)
-
-    # Start: each client's best cut with an equal split of the band.
-    cuts = _best_cuts(terms, [total / n] * n, None)
-    best: Optional[tuple[float, list[int], list[float]]] = None
-    history: list[float] = []
-    converged = False
-    iterations = 0
-    for iterations in range(1, max_iter + 1):
-        makespan, bandwidth = _allocate(terms, cuts, total)
-        history.append(makespan)
-        if best is not None and makespan >= best[0] * (1.0 - _REL_IMPROVE):
-            converged = True
-            break
-        best = (makespan, cuts, bandwidth)
-        new_cuts = _best_cuts(terms, bandwidth, cuts)
-        if new_cuts == cuts:
-            converged = True
-            break
-        cuts = new_cuts
-    assert best is not None
-    makespan, cuts, bandwidth = best
-
+    makespan, cuts, bandwidth, history, converged, iterations = _alternate(_Terms(problem), problem, max_iter)
     plan = Plan(
         method="edgesplit",
         cuts=[cands[j] for j in cuts],

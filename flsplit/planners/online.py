@@ -264,10 +264,13 @@ class OpenOnline(OnlinePlanner):
         new = [i for i, c in enumerate(client_ids) if c not in self.budgets]
         if new:
             from flsplit.planners.fixed import best_fixed_cut
+            from flsplit.planners.problem import PlanningProblem
 
-            base = best_fixed_cut(self.profile, scenario, samples=samples, client_ids=client_ids,
-                                  server_round=server_round, bytes_per_element=self.bytes_per_element,
-                                  candidate_cuts=self.candidate_cuts)
+            # The baseline's classic model: smashed data only (the weights are priced below).
+            base = best_fixed_cut(PlanningProblem.build(self.profile, scenario, samples=samples, client_ids=client_ids,
+                                                        server_round=server_round,
+                                                        bytes_per_element=self.bytes_per_element,
+                                                        candidate_cuts=self.candidate_cuts))
             # The baseline's energy as a training round spends it (client-part weights included).
             work = predict_workload(self.scheme, self.profile, cuts=base.cuts, samples=samples, client_ids=client_ids,
                                     wire=ElementWire(self.profile, self.bytes_per_element, include_weights=True))

@@ -6,7 +6,7 @@ round ends as early as possible, under optional per-round device energy budgets.
 
 Round model (``flsplit.sim``, DESIGN.md 3.6; exactly ``flsplit.sim.price`` with
 ``bandwidth_shares=B/W``, ``tx_power_w=p``, ``broadcast_bytes`` and the devices' ``cpu_hz``
-replaced by the chosen ``f``, i.e. ``planners.fixed.scheme_round_cost(scheme="sflga")``).
+replaced by the chosen ``f``).
 Client ``i`` with ``n_i`` samples at cut ``k``, bandwidth ``B_i``, CPU frequency ``f_i`` and
 power ``p_i``, channel gain ``g_i`` (``Scenario.channel_gain``), noise PSD ``N0``::
 
