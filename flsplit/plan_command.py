@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from flsplit.planners.registry import PLANNERS
+from flsplit.sim.checks import budget_array
 
 __all__ = ["METHODS", "PlanSetup", "add_arguments", "handle", "model_profile", "run_plans"]
 
@@ -92,14 +93,13 @@ class PlanSetup:
 
 
 def _budgets(values: Optional[list[float]], n: int) -> Optional[list[float]]:
-    """One budget for all clients or one per client."""
+    """``--energy-budget``: one budget for all clients or one per client (``budget_array``'s checks)."""
     if values is None:
         return None
-    if len(values) == 1:
-        return values * n
-    if len(values) != n:
-        raise ValueError(f"--energy-budget has {len(values)} values for {n} clients: give one, or one per client")
-    return list(values)
+    try:
+        return budget_array(values[0] if len(values) == 1 else values, n).tolist()
+    except ValueError as err:
+        raise ValueError(f"--energy-budget: {err}") from None
 
 
 def baseline_plans(setup: PlanSetup) -> tuple[int, list]:

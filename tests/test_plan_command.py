@@ -103,7 +103,7 @@ def test_text_output_has_a_row_per_client(capsys):
         (["--scenario", "homogeneous", "--method", "asl", "--cut", "2"], "--cut applies to --method fixed only"),
         (["--scenario", "homogeneous", "--method", "edgesplit", "--energy-budget", "1"], "takes no energy budget"),
         (["--scenario", "homogeneous", "--method", "asl", "--clients", "3", "--energy-budget", "1,2"],
-         "--energy-budget has 2 values for 3 clients"),
+         "--energy-budget: energy_budget_j has 2 entries for 3 clients"),
         (["--scenario", "homogeneous", "--method", "asl", "--energy-budget", "0"], "energy_budget_j"),
         (["--scenario", "homogeneous", "--method", "edgesplit", "--train-agent", "--agent", "x.pt"],
          "--train-agent trains the ccc agent"),

@@ -111,7 +111,9 @@ class CCCEnvironment:
         profile, scenario = problem.profile, problem.scenario
         self.problem = problem
         self.samples, self.client_ids = list(problem.samples), list(problem.client_ids)
-        n = len(self.samples)
+        n = self.num_clients = len(self.samples)
+        self.num_actions = len(self.candidate_cuts)
+        self.state_dim = n + 2  # the state: N log gains, the round fraction, the loss fraction
         self.allowed, self.min_client_depth = _allowed(self.candidate_cuts, len(profile.blocks), min_client_depth)
         self.num_rounds = int_arg("num_rounds", num_rounds, minimum=1)
         self.bytes_per_element = problem.bytes_per_element
@@ -145,20 +147,6 @@ class CCCEnvironment:
         self._gains_key: Optional[int] = None
         self._gains: Optional[np.ndarray] = None
         self.reset(0)
-
-    # -- sizes --
-
-    @property
-    def num_clients(self) -> int:
-        return len(self.samples)
-
-    @property
-    def num_actions(self) -> int:
-        return len(self.candidate_cuts)
-
-    @property
-    def state_dim(self) -> int:
-        return self.num_clients + 2
 
     # -- dynamics --
 

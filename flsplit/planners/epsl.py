@@ -104,7 +104,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from flsplit.sim.checks import budget_array, int_arg, real_arg
+from flsplit.sim.checks import budget_array, fraction_arg, int_arg
 from flsplit.planners.plan import Plan
 from flsplit.planners.problem import PlanningProblem
 from flsplit.sim.pricing import ServerTiming
@@ -255,9 +255,7 @@ def _check(problem: PlanningProblem, phi, max_iter) -> tuple[float, int]:
     if len(set(problem.samples)) != 1:
         raise ValueError(f"EPSL steps use one batch size: every client needs the same samples, got {list(problem.samples)}")
     max_iter = int_arg("max_iter", max_iter, minimum=1)
-    phi = real_arg("phi", phi, finite=False)
-    if not 0.0 <= phi <= 1.0:  # also rejects NaN
-        raise ValueError(f"phi must be in [0, 1], got {phi}")
+    phi = fraction_arg("phi", phi)
     channel = problem.scenario.channel
     if not channel.ofdma:
         raise ValueError(

@@ -17,11 +17,9 @@ Example::
 
 from __future__ import annotations
 
-import numbers
-
 from flsplit.planners.plan import Plan
 from flsplit.planners.problem import PlanningProblem
-from flsplit.sim.checks import cut_arg
+from flsplit.sim.checks import cut_arg, fraction_arg
 from flsplit.sim.pricing import Allocation, RoundCost, ServerTiming, price, price_totals
 from flsplit.sim.traffic import ElementWire, predict_workload
 from flsplit.sim.workload import RoundWorkload
@@ -38,8 +36,7 @@ def _check(problem: PlanningProblem, scheme: str, phi: float) -> None:
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     if scheme == "epsl":
-        if isinstance(phi, bool) or not isinstance(phi, numbers.Real) or not 0.0 <= phi <= 1.0:
-            raise ValueError(f"phi must be in [0, 1], got {phi!r}")
+        fraction_arg("phi", phi)
         if len(set(problem.samples)) > 1:
             raise ValueError(f"epsl steps need one batch size for all clients, got samples {list(problem.samples)}")
     elif phi != 0.0:

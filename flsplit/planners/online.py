@@ -39,7 +39,7 @@ from flwr.common.logger import log
 
 from flsplit.sim.pricing import RoundCost
 from flsplit.sim.scenario import Scenario
-from flsplit.sim.checks import candidate_cut_list, parse_budget, real_arg
+from flsplit.sim.checks import candidate_cut_list, fraction_arg, parse_budget, real_arg
 from flsplit.planners.plan import Plan
 from flsplit.planners.registry import PLANNERS, planner_entry
 from flsplit.sim import Allocation, ServerTiming, predict_workload, price
@@ -332,9 +332,7 @@ class EPSLOnline(OnlinePlanner):
 
     def __init__(self, profile, scenario, *, phi: float = 0.5, energy_budget_j=None, **kwargs) -> None:
         super().__init__(profile, scenario, **kwargs)
-        self._phi = real_arg("phi", phi)
-        if not 0.0 <= self._phi <= 1.0:
-            raise ValueError(f"phi must be in [0, 1], got {phi}")
+        self._phi = fraction_arg("phi", phi)
         if not scenario.channel.ofdma:
             raise ValueError("planner 'epsl' assigns OFDMA subchannels: the scenario needs num-subchannels "
                              "and subchannel-bandwidth-hz (it has a shared band)")

@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-__all__ = ["BudgetArg", "budget_array", "candidate_cut_list", "cut_arg", "cut_list", "int_arg", "parse_budget",
+__all__ = ["BudgetArg", "budget_array", "candidate_cut_list", "column_arg", "cut_arg", "cut_list", "fraction_arg", "int_arg", "parse_budget",
            "real_arg", "sequence_arg"]
 
 BudgetArg = Union[None, float, Sequence[Optional[float]]]
@@ -46,6 +46,38 @@ def real_arg(name: str, value, *, finite: bool = True, positive: bool = False, n
         raise ValueError(f"{name} must be > 0, got {v}")
     if nonnegative and v < 0:
         raise ValueError(f"{name} must be >= 0, got {v}")
+    return v
+
+
+def column_arg(name: str, values, n: int, *, minimum: float = 0.0, positive: bool = False,
+               integer: bool = False) -> np.ndarray:
+    """One per-client column as a read-only float (or, with ``integer``, int64) array of ``n``
+    entries, each finite and ``>= minimum`` (``> 0`` with ``positive``)."""
+    try:
+        arr = np.array(values, dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be numbers, got {values!r}") from None
+    if arr.shape != (n,):
+        raise ValueError(f"{name} has {arr.size} entries for {n} clients")
+    bad = ~np.isfinite(arr) | ((arr <= 0) if positive else (arr < minimum))
+    if bad.any():
+        i = int(np.argmax(bad))
+        bound = "> 0" if positive else f">= {minimum:g}"
+        raise ValueError(f"{name}[{i}] must be finite and {bound}, got {float(arr[i])!r}")
+    if integer:
+        if np.any(arr != np.floor(arr)):
+            i = int(np.argmax(arr != np.floor(arr)))
+            raise ValueError(f"{name}[{i}] must be an integer, got {float(arr[i])!r}")
+        arr = arr.astype(np.int64)
+    arr.setflags(write=False)
+    return arr
+
+
+def fraction_arg(name: str, value) -> float:
+    """``value`` as a float in ``[0, 1]`` (EPSL's aggregated fraction ``phi``)."""
+    v = real_arg(name, value, finite=False)
+    if not 0.0 <= v <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     return v
 
 
