@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from flsplit.planners.registry import PLANNERS
-from flsplit.sim.checks import budget_array
+from flsplit.sim.checks import budget_array, cut_arg
 
 __all__ = ["METHODS", "PlanSetup", "add_arguments", "handle", "model_profile", "run_plans"]
 
@@ -412,8 +412,8 @@ def handle(args: argparse.Namespace) -> int:
         scenario = load_scenario(args.scenario)
         profile = model_profile(args.model, args.input_shape)
         n = args.clients if args.clients is not None else len(scenario.devices)
-        if args.cut is not None and args.cut >= len(profile.blocks):
-            return fail(f"--cut {args.cut} is outside {args.model}: valid cuts are 1..{len(profile.blocks) - 1}")
+        if args.cut is not None:
+            cut_arg("--cut", args.cut, len(profile.blocks))
         if args.train_agent:
             from flsplit.planners import CCCEnvironment, PlanningProblem, train_ccc_agent
 

@@ -96,7 +96,7 @@ def test_text_output_has_a_row_per_client(capsys):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--scenario", "homogeneous", "--method", "fixed", "--cut", "9"], "--cut 9 is outside digits-cnn"),
+        (["--scenario", "homogeneous", "--method", "fixed", "--cut", "9"], "--cut 9 is outside the model: valid cuts are 1..8"),
         (["--scenario", "no-such", "--method", "fixed"], "neither a shipped scenario"),
         (["--scenario", "homogeneous", "--method", "edgesplit", "--phi", "0.5"], "--phi applies to --method epsl"),
         (["--scenario", "homogeneous", "--method", "fixed", "--phi", "0.5"], "--phi applies to --method epsl"),

@@ -105,7 +105,7 @@ from typing import Optional, Union
 import numpy as np
 
 from flsplit.sim.checks import budget_array, fraction_arg, int_arg
-from flsplit.planners.plan import Plan
+from flsplit.planners.plan import Plan, client_costs
 from flsplit.planners.problem import PlanningProblem
 from flsplit.sim.pricing import ServerTiming
 from flsplit.planners.epsl_steps import (
@@ -207,7 +207,6 @@ def _plan(problem: PlanningProblem, prob: _Problem, search: "_Search", x_cap: np
         return problem.price_plan(draft, scheme="epsl", phi=phi, server_timing=ServerTiming.AFTER_CLIENTS)
 
     cost, p = _respect_budgets(cost_fn, p, budgets)
-    clients = cost.clients
     power_step = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in info.items()}
     extra = {} if math.isclose(objective, cost.round_latency_s, rel_tol=1e-9) else {"objective_latency_s": objective}
     cands = list(problem.candidate_cuts)
@@ -230,11 +229,7 @@ def _plan(problem: PlanningProblem, prob: _Problem, search: "_Search", x_cap: np
             "samples": problem.samples[0],
             "candidate_cuts": cands,
             "cut_latency_s": {k: search.cut_latency.get(k) for k in cands},
-            "client_latency_s": [c.latency_s for c in clients],
-            "energy_per_client_j": [c.energy_j for c in clients],
-            "compute_s": [c.compute_latency_s for c in clients],
-            "uplink_s": [c.uplink_latency_s for c in clients],
-            "downlink_s": [c.downlink_latency_s for c in clients],
+            **client_costs(cost),
             "broadcast_s": cost.broadcast_latency_s,
             "server_s": cost.server_latency_s,
             "energy_budget_j": None if budgets is None else budgets.tolist(),

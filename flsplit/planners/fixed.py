@@ -17,10 +17,10 @@ Example::
 
 from __future__ import annotations
 
-from flsplit.planners.plan import Plan
+from flsplit.planners.plan import Plan, client_costs
 from flsplit.planners.problem import PlanningProblem
 from flsplit.sim.checks import cut_arg, fraction_arg
-from flsplit.sim.pricing import Allocation, RoundCost, ServerTiming, price, price_totals
+from flsplit.sim.pricing import Allocation, ServerTiming, price, price_totals
 from flsplit.sim.traffic import ElementWire, predict_workload
 from flsplit.sim.workload import RoundWorkload
 
@@ -96,18 +96,6 @@ def plan_fixed(problem: PlanningProblem, *, cut: int, scheme: str = "psl", phi: 
         details={"scheme": scheme, "phi": phi, "timing": cost.timing, "client_ids": ids, **costs,
                  "server_s": cost.server_latency_s, "energy_per_client_j": energy},
     )
-
-
-def client_costs(cost: RoundCost) -> dict[str, list[float]]:
-    """A price's per-client numbers as a plan's ``details`` name them (the same names in every planner)."""
-    clients = cost.clients
-    return {
-        "client_latency_s": [c.latency_s for c in clients],
-        "compute_s": [c.compute_latency_s for c in clients],
-        "uplink_s": [c.uplink_latency_s for c in clients],
-        "downlink_s": [c.downlink_latency_s for c in clients],
-        "energy_per_client_j": [c.energy_j for c in clients],
-    }
 
 
 def best_fixed_cut(problem: PlanningProblem, *, scheme: str = "psl", phi: float = 0.0) -> Plan:

@@ -39,7 +39,7 @@ from flwr.common.logger import log
 
 from flsplit.sim.pricing import RoundCost
 from flsplit.sim.scenario import Scenario
-from flsplit.sim.checks import candidate_cut_list, fraction_arg, parse_budget, real_arg
+from flsplit.sim.checks import candidate_cut_list, cut_arg, fraction_arg, parse_budget, real_arg
 from flsplit.planners.plan import Plan
 from flsplit.planners.registry import PLANNERS, planner_entry
 from flsplit.sim import Allocation, ServerTiming, predict_workload, price
@@ -372,10 +372,8 @@ class CCCOnline(OnlinePlanner):
             raise ValueError("planner 'ccc' needs a trained agent: train one with "
                              "'flsplit plan --method ccc --train-agent --agent PATH' and set planner-agent")
         self.agent = CCCAgent.load(agent_path)
-        bad = [k for k in self.agent.candidate_cuts if not 1 <= k <= len(profile.blocks) - 1]
-        if bad:
-            raise ValueError(f"the CCC agent at {agent_path} was trained for cuts {list(self.agent.candidate_cuts)}; "
-                             f"cuts {bad} are outside this model (1..{len(profile.blocks) - 1})")
+        for k in self.agent.candidate_cuts:
+            cut_arg(f"the CCC agent at {agent_path} was trained for cut", k, len(profile.blocks))
         if self.cuts_given and sorted(self.agent.candidate_cuts) != self.candidate_cuts:
             raise ValueError(f"the CCC agent at {agent_path} chooses among cuts {sorted(self.agent.candidate_cuts)}, "
                              f"not the run's candidate cuts {self.candidate_cuts}: retrain it with those cuts")
