@@ -104,7 +104,7 @@ def node_samples(common: dict) -> list[int]:
 
 def best_cuts(samples: list[int], rounds: int, phi: float) -> dict:
     """Per baseline scheme, the best uniform cut over rounds 1..R (mean latency) and all cut latencies."""
-    from flsplit.planners import best_fixed_cut
+    from flsplit.planners import PlanningProblem, best_fixed_cut
     from flsplit.profile import profile_model
     from flsplit.scenario import load_scenario
     from flsplit.zoo import build_model
@@ -118,8 +118,8 @@ def best_cuts(samples: list[int], rounds: int, phi: float) -> dict:
         picks = []
         for r in range(1, rounds + 1):
             s = samples if scheme != "epsl" else [max(samples)] * len(samples)  # EPSL steps in lockstep
-            plan = best_fixed_cut(profile, scenario, samples=s, client_ids=list(range(NODES)), server_round=r,
-                                  scheme=scheme, **kw)
+            problem = PlanningProblem.build(profile, scenario, samples=s, client_ids=list(range(NODES)), server_round=r)
+            plan = best_fixed_cut(problem, scheme=scheme, **kw)
             picks.append(plan.cuts[0])
             for k, v in plan.details["latency_by_cut"].items():
                 by_cut[int(k)].append(v)

@@ -12,7 +12,7 @@ Three parts (each prints a Markdown table; ``--part`` picks one):
 ``methods``
     Each method over ``--rounds`` rounds of the heterogeneous scenario (8 clients), against
     the best fixed cut (one cut for everyone, resources split evenly) of the same scheme, both
-    priced by the common cost model (``flsplit.planners.fixed.scheme_round_cost``) through
+    priced by the one price (``flsplit.sim.price``) through
     ``flsplit.plan_command.run_plans`` (what ``flsplit plan`` prints).
 ``asl``
     OPEN (ASL) against fixed-split SL under the same energy budgets, in OPEN's own model
@@ -59,7 +59,7 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 def part_time(profile, base: Scenario, samples: int, repeats: int, sizes: list[int]) -> None:
-    from flsplit.planners.ccc import CCCPlanner, train_ccc_agent
+    from flsplit.planners.ccc import CCCEnvironment, CCCPlanner, train_ccc_agent
     from flsplit.planners.epsl import plan_epsl
 
     print(f"\n### Planning time per round (s), median of {repeats}; {len(profile.blocks) - 1} candidate cuts\n")
@@ -68,10 +68,10 @@ def part_time(profile, base: Scenario, samples: int, repeats: int, sizes: list[i
     for n in sizes:
         sc = scaled_scenario(base, n)
         per_client = [samples] * n
-        fixed = best_fixed_cut(profile, sc, samples=per_client)
+        fixed = best_fixed_cut(PlanningProblem.build(profile, sc, samples=per_client))
         budgets = [1.5 * e for e in fixed.details["energy_per_client_j"]]
         row = {
-            "fixed": lambda: best_fixed_cut(profile, sc, samples=per_client),
+            "fixed": lambda: best_fixed_cut(PlanningProblem.build(profile, sc, samples=per_client)),
             "edgesplit": lambda: plan_edgesplit(PlanningProblem.build(profile, sc, samples=per_client)),
             "asl": lambda: OpenPlanner(PlanningProblem.build(profile, sc, samples=per_client), energy_budget_j=budgets,
                                        V=1.0).plan(0),
@@ -87,22 +87,22 @@ def part_time(profile, base: Scenario, samples: int, repeats: int, sizes: list[i
                 cells.append(f"n/a ({err})")
         start = time.perf_counter()
         episodes = 600 if n <= 10 else 5  # the training time is reported for the full run only
-        agent = train_ccc_agent(profile, sc, num_clients=n, samples=samples, episodes=episodes,
-                                rounds_per_episode=20, seed=0)
+        problem = PlanningProblem.build(profile, sc, samples=per_client)
+        agent = train_ccc_agent(CCCEnvironment(problem, num_rounds=20), episodes=episodes, seed=0)
         train_s = time.perf_counter() - start
-        planner = CCCPlanner(agent, profile, sc, samples=per_client)
+        planner = CCCPlanner(agent, problem)
         cells.append(f"{_median_seconds(lambda: planner.plan(0), repeats):.3f}")
         cells.append(f"{train_s:.1f} ({episodes} episodes x 20 rounds)")
         print(f"| {n} | " + " | ".join(cells) + " |")
 
 
 def part_methods(profile, scenario: Scenario, samples: int, rounds: int, agent_path: Path) -> None:
-    from flsplit.planners.ccc import train_ccc_agent
+    from flsplit.planners.ccc import CCCEnvironment, train_ccc_agent
 
     n = len(scenario.devices)
     start = time.perf_counter()
-    agent = train_ccc_agent(profile, scenario, num_clients=n, samples=samples, episodes=600,
-                            rounds_per_episode=20, seed=0)
+    env = CCCEnvironment(PlanningProblem.build(profile, scenario, samples=[samples] * n), num_rounds=20)
+    agent = train_ccc_agent(env, episodes=600, seed=0)
     agent.save(agent_path)
     print(f"\n(ccc agent: 600 episodes x 20 rounds trained in {time.perf_counter() - start:.1f} s)")
     print(f"\n### Predicted round latency and device energy, mean of {rounds} rounds, {n} clients x "
@@ -132,8 +132,8 @@ def part_methods(profile, scenario: Scenario, samples: int, rounds: int, agent_p
               f"{s['latency_change_pct']:+.1f} % | {s['energy_change_pct']:+.1f} % | {own:.4g} |")
         if method == "ccc":  # the convex allocation alone, at the best fixed cut
             k = out["best_fixed_cut"]
-            alloc = [allocate_sflga(profile, scenario, cut=k, samples=[samples] * n, server_round=r)
-                     for r in range(rounds)]
+            alloc = [allocate_sflga(PlanningProblem.build(profile, scenario, samples=[samples] * n, server_round=r),
+                                    cut=k) for r in range(rounds)]
             lat = float(np.mean([p.latency_s for p in alloc]))
             energy = float(np.mean([p.energy_j for p in alloc]))
             print(f"| sflga allocation at cut {k} | sflga | {lat:.4g} | {energy:.4g} | {k} | "

@@ -55,13 +55,14 @@ def _strip(value):
 def _agent(path: Path) -> Path:
     """A small CCC agent for 4 clients of edge-diverse (fixed seed), as tests/test_adaptive.py trains."""
     from apps.task import RunSettings, make_model_fn
-    from flsplit.planners import train_ccc_agent
+    from flsplit.planners import CCCEnvironment, PlanningProblem, train_ccc_agent
     from flsplit.profile import profile_model
     from flsplit.scenario import load_scenario
 
     profile = profile_model(make_model_fn(RunSettings({}))(), (1, 8, 8))
-    agent = train_ccc_agent(profile, load_scenario("edge-diverse"), num_clients=4, samples=COMMON["max-steps"] * COMMON["batch-size"],
-                            episodes=15, rounds_per_episode=5, seed=0, client_ids=[0, 1, 2, 3])
+    problem = PlanningProblem.build(profile, load_scenario("edge-diverse"),
+                                    samples=[COMMON["max-steps"] * COMMON["batch-size"]] * 4, client_ids=[0, 1, 2, 3])
+    agent = train_ccc_agent(CCCEnvironment(problem, num_rounds=5), episodes=15, seed=0)
     agent.save(path)
     return path
 

@@ -42,6 +42,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from flsplit.cli_args import int_at_least
 from flsplit.planners.registry import PLANNERS
+from flsplit.sim.checks import budget_array, cut_arg
 
 __all__ = ["METHODS", "PlanSetup", "add_arguments", "handle", "model_profile", "run_plans"]
 
@@ -93,29 +94,30 @@ class PlanSetup:
 
 
 def _budgets(values: Optional[list[float]], n: int) -> Optional[list[float]]:
-    """One budget for all clients or one per client."""
+    """``--energy-budget``: one budget for all clients or one per client (``budget_array``'s checks)."""
     if values is None:
         return None
-    if len(values) == 1:
-        return values * n
-    if len(values) != n:
-        raise ValueError(f"--energy-budget has {len(values)} values for {n} clients: give one, or one per client")
-    return list(values)
+    try:
+        return budget_array(values[0] if len(values) == 1 else values, n).tolist()
+    except ValueError as err:
+        raise ValueError(f"--energy-budget: {err}") from None
 
 
 def baseline_plans(setup: PlanSetup) -> tuple[int, list]:
     """The best fixed cut over the rounds (lowest mean latency) and its plan in each round."""
     from flsplit.planners.fixed import plan_fixed
+    from flsplit.planners.problem import PlanningProblem
 
     samples = [setup.samples] * setup.num_clients
     rounds = range(setup.first_round, setup.first_round + setup.rounds)
     scheme = SCHEME_OF_METHOD[setup.method]
     phi = setup.phi if scheme == "epsl" else 0.0
+    problems = [PlanningProblem.build(setup.profile, setup.scenario, samples=samples, server_round=r,
+                                      bytes_per_element=setup.bytes_per_element) for r in rounds]
     by_cut = {
         k: [
-            plan_fixed(setup.profile, setup.scenario, cut=k, samples=samples, server_round=r,
-                       bytes_per_element=setup.bytes_per_element, scheme=scheme, phi=phi)
-            for r in rounds
+            plan_fixed(problem, cut=k, scheme=scheme, phi=phi)
+            for problem in problems
         ]
         for k in range(1, len(setup.profile.blocks))
     }
@@ -140,7 +142,8 @@ def _planner(setup: PlanSetup, baseline: list) -> Callable[[int], Any]:
         raise ValueError(f"--method {setup.method} takes no energy budget (epsl, asl and ccc do)")
     if setup.method == "fixed":
         cut = setup.cut if setup.cut is not None else baseline[0].cuts[0]
-        return lambda r: plan_fixed(profile, scenario, cut=cut, samples=samples, server_round=r, **common)
+        return lambda r: plan_fixed(PlanningProblem.build(profile, scenario, samples=samples, server_round=r, **common),
+                                    cut=cut)
     if setup.method == "edgesplit":
         return lambda r: plan_edgesplit(PlanningProblem.build(profile, scenario, samples=samples, server_round=r, **common))
     if setup.method == "epsl":
@@ -162,7 +165,9 @@ def _planner(setup: PlanSetup, baseline: list) -> Callable[[int], Any]:
         from flsplit.planners.ccc import CCCAgent, CCCPlanner
 
         agent = CCCAgent.load(setup.agent_path)
-        planner = CCCPlanner(agent, profile, scenario, samples=samples, energy_budget_j=budgets, **common)
+        problem = PlanningProblem.build(profile, scenario, samples=samples, candidate_cuts=agent.candidate_cuts,
+                                        **common)
+        planner = CCCPlanner(agent, problem, energy_budget_j=budgets)
         return planner.plan
     raise ValueError(f"unknown method {setup.method!r}; choose one of {METHODS}")
 
@@ -393,17 +398,17 @@ def handle(args: argparse.Namespace) -> int:
         scenario = load_scenario(args.scenario)
         profile = model_profile(args.model, args.input_shape)
         n = args.clients if args.clients is not None else len(scenario.devices)
-        if args.cut is not None and args.cut >= len(profile.blocks):
-            return fail(f"--cut {args.cut} is outside {args.model}: valid cuts are 1..{len(profile.blocks) - 1}")
+        if args.cut is not None:
+            cut_arg("--cut", args.cut, len(profile.blocks))
         if args.train_agent:
-            from flsplit.planners.ccc import train_ccc_agent
+            from flsplit.planners import CCCEnvironment, PlanningProblem, train_ccc_agent
 
             start = time.perf_counter()
-            agent = train_ccc_agent(profile, scenario, num_clients=n, samples=args.samples,
-                                    episodes=args.episodes, rounds_per_episode=args.episode_rounds,
-                                    seed=args.seed, min_client_depth=args.min_client_depth,
-                                    bytes_per_element=args.bytes_per_element,
-                                    energy_budget_j=_budgets(args.energy_budget, n))
+            problem = PlanningProblem.build(profile, scenario, samples=[args.samples] * n,
+                                            bytes_per_element=args.bytes_per_element)
+            env = CCCEnvironment(problem, min_client_depth=args.min_client_depth, num_rounds=args.episode_rounds,
+                                 energy_budget_j=_budgets(args.energy_budget, n))
+            agent = train_ccc_agent(env, episodes=args.episodes, seed=args.seed)
             args.agent.parent.mkdir(parents=True, exist_ok=True)
             agent.save(args.agent)
             print(f"trained the ccc agent in {time.perf_counter() - start:.1f} s; saved to {args.agent}",

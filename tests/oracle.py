@@ -1,7 +1,8 @@
 """The tests' reference oracle: the old checked pricing front, kept only to check the product.
 
 ``round_cost`` (and ``shannon_rate_bps``, ``transfer_time_s``, ``broadcast_time_s``) were
-the former ``flsplit.costmodel``'s public functions with no product caller (``kernels.path_gain``, also
+the former ``flsplit.costmodel``'s public functions, and ``scheme_round_cost`` the former
+``flsplit.planners.fixed``'s, with no product caller (``kernels.path_gain``, also
 without one, was deleted); the product prices every round with ``flsplit.sim.price``. The tests
 use them as an independent, argument-checked statement of DESIGN.md 3.6 (``round_cost``
 still translates into one ``price`` call, so it checks the translation and the checks).
@@ -17,11 +18,12 @@ import numpy as np
 from flsplit.sim import kernels
 from flsplit.sim.checks import int_arg as _integer
 from flsplit.sim.checks import real_arg as _number
-from flsplit.sim.pricing import Allocation, RoundCost, price
+from flsplit.sim.pricing import Allocation, RoundCost, ServerTiming, price
 from flsplit.sim.scenario import Scenario, _check_length
+from flsplit.sim.traffic import ElementWire, predict_workload
 from flsplit.sim.workload import RoundWorkload
 
-__all__ = ["round_cost", "shannon_rate_bps", "transfer_time_s", "broadcast_time_s", "TIMING_RULES"]
+__all__ = ["round_cost", "scheme_round_cost", "shannon_rate_bps", "transfer_time_s", "broadcast_time_s", "TIMING_RULES"]
 
 TIMING_RULES = ("parallel", "sequential")
 
@@ -179,3 +181,37 @@ def _broadcast_receivers(receivers: Optional[Sequence[int]], n: int, broadcast_b
     if broadcast_bytes > 0 and not idx:
         raise ValueError("broadcast_bytes > 0 needs at least one receiver")
     return np.array(idx, dtype=int)
+
+
+def scheme_round_cost(
+    profile,
+    scenario: Scenario,
+    *,
+    cuts: Sequence[int],
+    samples: Sequence[int],
+    client_ids: Optional[Sequence[int]] = None,
+    server_round: int = 0,
+    bytes_per_element: float = 4.0,
+    scheme: str = "psl",
+    phi: float = 0.0,
+    bandwidth_shares: Optional[Sequence[float]] = None,
+    subchannels: Optional[Sequence[int]] = None,
+    tx_power_w: Optional[Sequence[float]] = None,
+    server_timing: ServerTiming = ServerTiming.AFTER_CLIENTS,
+) -> RoundCost:
+    """The price of one round of ``scheme`` with these cuts and this allocation (the former
+    ``flsplit.planners.fixed.scheme_round_cost``, with no product caller).
+
+    ``predict_workload`` (the scheme's traffic model, ``ElementWire``) priced by ``price``;
+    the allocation as ``Allocation`` holds it (default: an even split at maximum power).
+    """
+    ids = list(range(len(samples))) if client_ids is None else list(client_ids)
+    work = predict_workload(
+        scheme, profile, cuts=list(cuts), samples=list(samples), client_ids=ids, phi=phi,
+        wire=ElementWire(profile, float(bytes_per_element)),
+    )
+    bandwidth = None
+    if bandwidth_shares is not None or subchannels is None:
+        bandwidth = scenario.channel.client_bandwidths_hz(len(ids), shares=bandwidth_shares, exclusive=scheme == "sl")
+    allocation = Allocation(bandwidth_hz=bandwidth, subchannels=subchannels, tx_power_w=tx_power_w)
+    return price(work, scenario, allocation, server_round=server_round, server_timing=server_timing)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flsplit.planners import CCCAgent, OpenPlanner, PlanningProblem, plan_edgesplit, plan_epsl, train_ccc_agent
+from flsplit.planners import CCCAgent, CCCEnvironment, OpenPlanner, PlanningProblem, plan_edgesplit, plan_epsl, train_ccc_agent
 from flsplit.profile import profile_model
 from flsplit.scenario import load_scenario
 from flsplit.zoo import build_model
@@ -107,8 +107,9 @@ def test_epsl_resource_management_in_the_loop(tmp_path):
 @pytest.fixture(scope="module")
 def agent_path(tmp_path_factory):
     """A small CCC agent for 4 clients of the edge-diverse scenario (trained before the run)."""
-    agent = train_ccc_agent(_profile(), load_scenario("edge-diverse"), num_clients=4, samples=STEPS * BATCH,
-                            episodes=15, rounds_per_episode=5, seed=0, client_ids=[0, 1, 2, 3])
+    problem = PlanningProblem.build(_profile(), load_scenario("edge-diverse"), samples=[STEPS * BATCH] * 4,
+                                    client_ids=[0, 1, 2, 3])
+    agent = train_ccc_agent(CCCEnvironment(problem, num_rounds=5), episodes=15, seed=0)
     path = tmp_path_factory.mktemp("agent") / "ccc.pt"
     agent.save(path)
     return path

@@ -53,12 +53,12 @@ def _sflga_with_ccc(**kwargs):
 @pytest.fixture(scope="module")
 def ccc_agent(tmp_path_factory):
     """A small CCC agent for the 3 clients (how well it plans does not matter here)."""
-    from flsplit.planners import train_ccc_agent
+    from flsplit.planners import CCCEnvironment, PlanningProblem, train_ccc_agent
     from flsplit.profile import profile_model
 
-    agent = train_ccc_agent(profile_model(model_fn(), (1, 8, 8)), load_scenario("edge-diverse"), num_clients=3,
-                            samples=SETTINGS["max_steps"] * SETTINGS["batch_size"], episodes=3, rounds_per_episode=3,
-                            seed=0, client_ids=[0, 1, 2])
+    problem = PlanningProblem.build(profile_model(model_fn(), (1, 8, 8)), load_scenario("edge-diverse"),
+                                    samples=[SETTINGS["max_steps"] * SETTINGS["batch_size"]] * 3, client_ids=[0, 1, 2])
+    agent = train_ccc_agent(CCCEnvironment(problem, num_rounds=3), episodes=3, seed=0)
     path = tmp_path_factory.mktemp("agent") / "ccc.pt"
     agent.save(path)
     _AGENT["path"] = str(path)

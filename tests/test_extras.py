@@ -148,13 +148,14 @@ def test_sflga_cvxpy_solver_names_the_planners_extra():
     proc = run_python("""
         from flsplit.extras import MissingExtra
         from flsplit.plan_command import model_profile
+        from flsplit.planners import PlanningProblem
         from flsplit.planners.sflga_allocation import allocate_sflga
         from flsplit.scenario import load_scenario
 
-        profile, scenario = model_profile("digits-cnn"), load_scenario("heterogeneous")
-        allocate_sflga(profile, scenario, cut=1, samples=[64] * 3)  # the exact solver: no cvxpy
+        problem = PlanningProblem.build(model_profile("digits-cnn"), load_scenario("heterogeneous"), samples=[64] * 3)
+        allocate_sflga(problem, cut=1)  # the exact solver: no cvxpy
         try:
-            allocate_sflga(profile, scenario, cut=1, samples=[64] * 3, solver="cvxpy")
+            allocate_sflga(problem, cut=1, solver="cvxpy")
         except MissingExtra as err:
             print(type(err).__mro__[1].__name__, err.name, err)
     """, blocked=["cvxpy"])

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from flsplit.cli import main
-from flsplit.planners import plan_fixed
-from flsplit.planners.fixed import scheme_round_cost
+from flsplit.planners import PlanningProblem, plan_fixed
+from tests.oracle import scheme_round_cost
 from flsplit.plan_command import model_profile
 from flsplit.scenario import load_scenario
 
@@ -38,7 +38,7 @@ def test_fixed_reports_the_cut_and_the_best_fixed_cut(capsys, profile):
     out = run_json(capsys, "--scenario", "heterogeneous", "--method", "fixed", "--cut", "3", "--clients", "4",
                    "--samples", "32", "--rounds", "2")
     by_cut = {
-        k: [plan_fixed(profile, scenario, cut=k, samples=[32] * 4, server_round=r) for r in (0, 1)]
+        k: [plan_fixed(PlanningProblem.build(profile, scenario, samples=[32] * 4, server_round=r), cut=k) for r in (0, 1)]
         for k in range(1, 9)
     }
     best = min(by_cut, key=lambda k: sum(p.latency_s for p in by_cut[k]))
@@ -73,7 +73,8 @@ def test_asl_carries_its_queues_across_rounds_under_the_baseline_budgets(capsys,
     rounds = out["rounds"]
     # Default budgets: each device's mean energy at the best fixed cut over the same rounds.
     best = out["best_fixed_cut"]
-    fixed = [plan_fixed(profile, scenario, cut=best, samples=[64] * 3, server_round=r) for r in range(3)]
+    fixed = [plan_fixed(PlanningProblem.build(profile, scenario, samples=[64] * 3, server_round=r), cut=best)
+             for r in range(3)]
     budgets = [sum(p.details["energy_per_client_j"][i] for p in fixed) / 3 for i in range(3)]
     assert rounds[0]["plan"]["details"]["energy_budget_j"] == pytest.approx(budgets, rel=1e-12)
     assert rounds[0]["plan"]["details"]["queues_before"] == [0.0, 0.0, 0.0]
@@ -95,14 +96,14 @@ def test_text_output_has_a_row_per_client(capsys):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--scenario", "homogeneous", "--method", "fixed", "--cut", "9"], "--cut 9 is outside digits-cnn"),
+        (["--scenario", "homogeneous", "--method", "fixed", "--cut", "9"], "--cut 9 is outside the model: valid cuts are 1..8"),
         (["--scenario", "no-such", "--method", "fixed"], "neither a shipped scenario"),
         (["--scenario", "homogeneous", "--method", "edgesplit", "--phi", "0.5"], "--phi applies to --method epsl"),
         (["--scenario", "homogeneous", "--method", "fixed", "--phi", "0.5"], "--phi applies to --method epsl"),
         (["--scenario", "homogeneous", "--method", "asl", "--cut", "2"], "--cut applies to --method fixed only"),
         (["--scenario", "homogeneous", "--method", "edgesplit", "--energy-budget", "1"], "takes no energy budget"),
         (["--scenario", "homogeneous", "--method", "asl", "--clients", "3", "--energy-budget", "1,2"],
-         "--energy-budget has 2 values for 3 clients"),
+         "--energy-budget: energy_budget_j has 2 entries for 3 clients"),
         (["--scenario", "homogeneous", "--method", "asl", "--energy-budget", "0"], "energy_budget_j"),
         (["--scenario", "homogeneous", "--method", "edgesplit", "--train-agent", "--agent", "x.pt"],
          "--train-agent trains the ccc agent"),
@@ -156,7 +157,8 @@ def test_epsl_plan_equals_the_cost_model_and_respects_budgets(capsys, profile):
     assert plan["latency_s"] == pytest.approx(cost.round_latency_s, rel=1e-9)
     assert all(c.energy_j <= 0.002 * (1 + 1e-9) for c in cost.clients)
     # The baseline is EPSL at one cut with an even split, at the same phi.
-    base = plan_fixed(profile, scenario, cut=out["best_fixed_cut"], samples=[64] * 4, scheme="epsl", phi=0.5)
+    base = plan_fixed(PlanningProblem.build(profile, scenario, samples=[64] * 4), cut=out["best_fixed_cut"],
+                      scheme="epsl", phi=0.5)
     assert entry["baseline_latency_s"] == pytest.approx(base.latency_s, rel=1e-12)
 
 

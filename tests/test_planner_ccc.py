@@ -4,7 +4,7 @@ The references are computed here, independently of the planner: the SFL-GA round
 written out from its definition (DESIGN.md 3.6 and the planner's docstring) in terms of the
 bandwidth ``B``, CPU frequency ``f`` and power ``p`` (the planner works with the spectral
 efficiency instead), the fading is drawn from numpy directly, and the allocations are checked
-with ``tests.oracle.round_cost`` and ``planners.fixed.scheme_round_cost``. Brute force searches
+with ``tests.oracle.round_cost`` and ``tests.oracle.scheme_round_cost``. Brute force searches
 client 0's share of the band on a grid (refined locally), splits the rest between clients 1
 and 2 with a root finder (equal finishing times of two decreasing functions) and, under
 energy budgets, searches each client's power on a two-level grid with the fastest clock the
@@ -30,11 +30,42 @@ from flsplit.planners.ccc import (
     allocate_sflga,
     train_ccc_agent,
 )
-from flsplit.planners.fixed import scheme_round_cost
+from flsplit.planners.problem import PlanningProblem
 from flsplit.profile import BlockProfile, ModelProfile
-from tests.oracle import round_cost
+from tests.oracle import round_cost, scheme_round_cost
 
 N0 = 10.0 ** ((-174.0 - 30.0) / 10.0)  # W/Hz
+
+# --- the problem-based API, called with the problem's keywords --------------------------------
+
+
+def allocate(profile, scenario, *, cut, energy_budget_j=None, solver="exact", **problem):
+    """``allocate_sflga`` on ``PlanningProblem.build(profile, scenario, **problem)``."""
+    return allocate_sflga(PlanningProblem.build(profile, scenario, **problem), cut=cut,
+                          energy_budget_j=energy_budget_j, solver=solver)
+
+
+def environment(profile, scenario, *, samples, client_ids=None, candidate_cuts=None, **options):
+    """A ``CCCEnvironment`` of these clients and cuts."""
+    problem = PlanningProblem.build(profile, scenario, samples=samples, client_ids=client_ids,
+                                    candidate_cuts=candidate_cuts)
+    return CCCEnvironment(problem, **options)
+
+
+def train(profile, scenario, *, num_clients, samples, episodes, rounds_per_episode, seed, client_ids=None,
+          candidate_cuts=None, min_client_depth=1, energy_budget_j=None, **agent_options):
+    """``train_ccc_agent`` on ``environment(...)`` (``samples``: one for all or one per client)."""
+    samples = [samples] * num_clients if isinstance(samples, int) else samples
+    env = environment(profile, scenario, samples=samples, client_ids=client_ids, candidate_cuts=candidate_cuts,
+                      min_client_depth=min_client_depth, num_rounds=rounds_per_episode,
+                      energy_budget_j=energy_budget_j)
+    return train_ccc_agent(env, episodes=episodes, seed=seed, **agent_options)
+
+
+def ccc_planner(agent, profile, scenario, *, samples, energy_budget_j=None):
+    """A ``CCCPlanner`` of these clients, the agent's cuts as the candidates."""
+    problem = PlanningProblem.build(profile, scenario, samples=samples, candidate_cuts=agent.candidate_cuts)
+    return CCCPlanner(agent, problem, energy_budget_j=energy_budget_j)
 
 
 @pytest.fixture(autouse=True)
@@ -216,9 +247,9 @@ def test_allocation_matches_brute_force_on_20_random_instances(with_budgets):
     ratios, naive_gaps, binding = [], [], 0
     for seed in range(20):
         profile, scenario, samples, cut = random_instance(seed)
-        free = allocate_sflga(profile, scenario, cut=cut, samples=samples)
+        free = allocate(profile, scenario, cut=cut, samples=samples)
         budgets = budgets_for(free, seed) if with_budgets else None
-        plan = allocate_sflga(profile, scenario, cut=cut, samples=samples, energy_budget_j=budgets)
+        plan = allocate(profile, scenario, cut=cut, samples=samples, energy_budget_j=budgets)
         clients = [Client(profile, scenario, samples[i], cut, i) for i in range(3)]
         total = scenario.channel.total_bandwidth_hz
         bc, srv = fixed_terms(profile, scenario, samples, cut)
@@ -253,7 +284,7 @@ def test_allocation_matches_brute_force_on_20_random_instances(with_budgets):
 @pytest.mark.parametrize("seed", [0, 5, 11])
 def test_no_budget_kkt_equal_finish_times_full_band_full_clock_and_power(seed):
     profile, scenario, samples, cut = random_instance(seed, num_clients=5)
-    plan = allocate_sflga(profile, scenario, cut=cut, samples=samples)
+    plan = allocate(profile, scenario, cut=cut, samples=samples)
     clients = [Client(profile, scenario, samples[i], cut, i) for i in range(5)]
     total = scenario.channel.total_bandwidth_hz
     assert sum(plan.bandwidth_hz) == pytest.approx(total, rel=1e-12)
@@ -272,9 +303,9 @@ def test_no_budget_kkt_equal_finish_times_full_band_full_clock_and_power(seed):
 @pytest.mark.parametrize("seed", [1, 2])
 def test_budgeted_plan_has_equal_finish_times_and_meets_budgets(seed):
     profile, scenario, samples, cut = random_instance(seed, num_clients=4)
-    free = allocate_sflga(profile, scenario, cut=cut, samples=samples)
+    free = allocate(profile, scenario, cut=cut, samples=samples)
     budgets = [0.6 * e for e in free.details["energy_per_client_j"]]
-    plan = allocate_sflga(profile, scenario, cut=cut, samples=samples, energy_budget_j=budgets)
+    plan = allocate(profile, scenario, cut=cut, samples=samples, energy_budget_j=budgets)
     clients = [Client(profile, scenario, samples[i], cut, i) for i in range(4)]
     f, p, b = plan.details["cpu_hz"], plan.tx_power_w, plan.bandwidth_hz
     times = [c.time(b[i], f[i], p[i]) for i, c in enumerate(clients)]
@@ -296,7 +327,7 @@ def test_random_budgets_give_equal_finish_times_and_per_client_optimality():
         n = int(rng.integers(2, 7))
         profile, scenario, samples, cut = random_instance(100 + seed, num_clients=n, ofdma=bool(seed % 2))
         server_round = seed % 5
-        free = allocate_sflga(profile, scenario, cut=cut, samples=samples, server_round=server_round)
+        free = allocate(profile, scenario, cut=cut, samples=samples, server_round=server_round)
         clients = [Client(profile, scenario, samples[i], cut, i, server_round=server_round) for i in range(n)]
         e0 = [c.bits * N0 * math.log(2) / c.g for c in clients]
         budgets = []
@@ -308,7 +339,7 @@ def test_random_budgets_give_equal_finish_times_and_per_client_optimality():
                 budgets.append(e0[i] * (1 + 10 ** rng.uniform(-3, 1)))
             else:
                 budgets.append(free.details["energy_per_client_j"][i] * float(rng.uniform(0.05, 1.5)))
-        plan = allocate_sflga(profile, scenario, cut=cut, samples=samples, server_round=server_round,
+        plan = allocate(profile, scenario, cut=cut, samples=samples, server_round=server_round,
                               energy_budget_j=budgets)
         f, p, b = plan.details["cpu_hz"], plan.tx_power_w, plan.bandwidth_hz
         times = [c.time(b[i], f[i], p[i]) for i, c in enumerate(clients)]
@@ -332,9 +363,9 @@ def test_prediction_equals_the_cost_model(seed, ofdma, with_budgets):
     kwargs = dict(cut=cut, samples=samples, client_ids=ids, server_round=3)
     budgets = None
     if with_budgets:
-        free = allocate_sflga(profile, scenario, **kwargs)
+        free = allocate(profile, scenario, **kwargs)
         budgets = [0.7 * e for e in free.details["energy_per_client_j"]]
-    plan = allocate_sflga(profile, scenario, energy_budget_j=budgets, **kwargs)
+    plan = allocate(profile, scenario, energy_budget_j=budgets, **kwargs)
     rc, sc = costmodel_check(plan, profile, scenario, samples, cut, server_round=3)
     for priced in (rc, sc):
         assert priced.round_latency_s == pytest.approx(plan.latency_s, rel=1e-6)
@@ -348,9 +379,9 @@ def test_prediction_equals_the_cost_model(seed, ofdma, with_budgets):
 
 def test_infinite_and_none_budgets_equal_the_unconstrained_plan():
     profile, scenario, samples, cut = random_instance(9)
-    free = allocate_sflga(profile, scenario, cut=cut, samples=samples)
+    free = allocate(profile, scenario, cut=cut, samples=samples)
     for budgets in ([None, None, None], math.inf, [1e9, None, math.inf]):
-        plan = allocate_sflga(profile, scenario, cut=cut, samples=samples, energy_budget_j=budgets)
+        plan = allocate(profile, scenario, cut=cut, samples=samples, energy_budget_j=budgets)
         assert plan.latency_s == pytest.approx(free.latency_s, rel=1e-9)
         assert plan.bandwidth_hz == pytest.approx(free.bandwidth_hz, rel=1e-6)
 
@@ -358,15 +389,15 @@ def test_infinite_and_none_budgets_equal_the_unconstrained_plan():
 @pytest.mark.parametrize("seed", [0, 4, 12])
 def test_cvxpy_program_agrees_without_budgets_and_bounds_with_them(seed):
     profile, scenario, samples, cut = random_instance(seed)
-    exact = allocate_sflga(profile, scenario, cut=cut, samples=samples)
-    convex = allocate_sflga(profile, scenario, cut=cut, samples=samples, solver="cvxpy")
+    exact = allocate(profile, scenario, cut=cut, samples=samples)
+    convex = allocate(profile, scenario, cut=cut, samples=samples, solver="cvxpy")
     assert convex.latency_s == pytest.approx(exact.latency_s, rel=1e-5)
     assert convex.latency_s >= exact.latency_s * (1 - 1e-9)
     budgets = [1.1 * e for e in exact.details["energy_per_client_j"]]
     budgets[0] *= 0.7
-    with_b = allocate_sflga(profile, scenario, cut=cut, samples=samples, energy_budget_j=budgets)
+    with_b = allocate(profile, scenario, cut=cut, samples=samples, energy_budget_j=budgets)
     try:
-        convex_b = allocate_sflga(profile, scenario, cut=cut, samples=samples, energy_budget_j=budgets, solver="cvxpy")
+        convex_b = allocate(profile, scenario, cut=cut, samples=samples, energy_budget_j=budgets, solver="cvxpy")
     except ValueError as err:  # power at its maximum cannot meet the budget at all
         assert "energy_budget_j" in str(err)
     else:
@@ -389,20 +420,20 @@ def _bad_band(value: float) -> Scenario:
 def test_rejects_zero_bandwidth(value):
     profile, _, samples, cut = random_instance(0)
     with pytest.raises(ValueError, match="bandwidth"):
-        allocate_sflga(profile, _bad_band(value), cut=cut, samples=samples)
+        allocate(profile, _bad_band(value), cut=cut, samples=samples)
 
 
 def test_infeasible_budget_names_the_client():
     profile, scenario, samples, cut = random_instance(2)
     clients = [Client(profile, scenario, samples[i], cut, i) for i in range(3)]
     e0 = clients[1].bits * N0 * math.log(2) / clients[1].g  # the Shannon-limit energy
-    free = allocate_sflga(profile, scenario, cut=cut, samples=samples)
+    free = allocate(profile, scenario, cut=cut, samples=samples)
     budgets = list(free.details["energy_per_client_j"])
     budgets[1] = 0.99 * e0
     with pytest.raises(ValueError, match=r"energy_budget_j\[1\].*client 1"):
-        allocate_sflga(profile, scenario, cut=cut, samples=samples, energy_budget_j=budgets)
+        allocate(profile, scenario, cut=cut, samples=samples, energy_budget_j=budgets)
     budgets[1] = 1.001 * e0  # just above: feasible, slowly
-    plan = allocate_sflga(profile, scenario, cut=cut, samples=samples, energy_budget_j=budgets)
+    plan = allocate(profile, scenario, cut=cut, samples=samples, energy_budget_j=budgets)
     assert math.isfinite(plan.latency_s) and plan.latency_s > free.latency_s
     assert plan.details["energy_per_client_j"][1] <= budgets[1] * (1 + 1e-9)
 
@@ -429,7 +460,7 @@ def test_allocation_rejects_bad_input(kwargs, match):
     profile, scenario, samples, _ = random_instance(0)
     args = {"cut": 2, "samples": samples, **kwargs}
     with pytest.raises(ValueError, match=match):
-        allocate_sflga(profile, scenario, **args)
+        allocate(profile, scenario, **args)
 
 
 def test_never_a_nan_plan_on_extreme_instances():
@@ -441,12 +472,12 @@ def test_never_a_nan_plan_on_extreme_instances():
         scenario = Scenario(tuple(devices), scenario.server, scenario.channel, scenario.seed)
         samples = [samples[0] * 50, *samples[1:]]
         for r in range(3):
-            plan = allocate_sflga(profile, scenario, cut=cut, samples=samples, server_round=r)
+            plan = allocate(profile, scenario, cut=cut, samples=samples, server_round=r)
             values = [plan.latency_s, plan.energy_j, *plan.bandwidth_hz, *plan.tx_power_w, *plan.details["cpu_hz"]]
             assert all(math.isfinite(v) and v > 0 for v in values)
             budgets = [2 * e for e in plan.details["energy_per_client_j"]]
             budgets[1] = plan.details["energy_per_client_j"][1] * 0.5
-            planned = allocate_sflga(profile, scenario, cut=cut, samples=samples, server_round=r,
+            planned = allocate(profile, scenario, cut=cut, samples=samples, server_round=r,
                                      energy_budget_j=budgets)
             values = [planned.latency_s, planned.energy_j, *planned.bandwidth_hz, *planned.tx_power_w]
             assert all(math.isfinite(v) and v > 0 for v in values)
@@ -514,11 +545,11 @@ def learning_instance():
 
 def test_environment_state_reward_and_loss_model_by_hand():
     profile, scenario = learning_instance()
-    env = CCCEnvironment(profile, scenario, samples=[32, 16, 48], min_client_depth=2, num_rounds=4,
+    env = environment(profile, scenario, samples=[32, 16, 48], min_client_depth=2, num_rounds=4,
                          w_lat=2.0, w_conv=3.0, eta=0.2, rho=0.7)
     # latency_ref: the best allowed cut's optimal latency without fading.
     still = Scenario(scenario.devices, scenario.server, replace(scenario.channel, fading="none"), scenario.seed)
-    ref = min(allocate_sflga(profile, still, cut=k, samples=[32, 16, 48]).latency_s for k in (2, 3, 4))
+    ref = min(allocate(profile, still, cut=k, samples=[32, 16, 48]).latency_s for k in (2, 3, 4))
     assert env.latency_ref == pytest.approx(ref, rel=1e-9)
     total = sum(b.param_bytes for b in profile.blocks)
     frac = {k: sum(b.param_bytes for b in profile.blocks[:k]) / total for k in (2, 3, 4)}
@@ -533,7 +564,7 @@ def test_environment_state_reward_and_loss_model_by_hand():
         expected = [(math.log(g) - mu) / sigma for g in gains] + [t / 4, loss]
         assert state == pytest.approx(np.array(expected, dtype=np.float32), rel=1e-5, abs=1e-6)
         k = env.candidate_cuts[action]
-        lat = allocate_sflga(profile, scenario, cut=k, samples=[32, 16, 48], server_round=key).latency_s
+        lat = allocate(profile, scenario, cut=k, samples=[32, 16, 48], server_round=key).latency_s
         loss = loss * (1 - 0.2 * (1 - 0.7 * frac[k]))
         assert env.reward_of(action) == pytest.approx(-(2.0 * lat / ref + 3.0 * loss), rel=1e-9)
         state, reward, done, info = env.step(action)
@@ -546,7 +577,7 @@ def test_environment_penalises_an_infeasible_cut_and_does_not_train():
     profile, scenario = learning_instance()
     c3 = [Client(profile, scenario, 32, 3, i, server_round=0) for i in range(3)]
     budgets = [0.5 * c.bits * N0 * math.log(2) / c.g for c in c3]  # cut 3 can never meet these
-    env = CCCEnvironment(profile, scenario, samples=[32] * 3, min_client_depth=2, num_rounds=3,
+    env = environment(profile, scenario, samples=[32] * 3, min_client_depth=2, num_rounds=3,
                          energy_budget_j=budgets, infeasible_penalty=10.0)
     env.reset(0)
     assert math.isinf(env.latency(2)) and math.isfinite(env.latency(1))
@@ -559,10 +590,10 @@ def test_environment_penalises_an_infeasible_cut_and_does_not_train():
 def test_agent_learns_the_best_allowed_cut_and_never_picks_a_masked_one():
     profile, scenario = learning_instance()
     start = time.perf_counter()
-    agent = train_ccc_agent(profile, scenario, num_clients=3, samples=32, episodes=40, rounds_per_episode=10,
+    agent = train(profile, scenario, num_clients=3, samples=32, episodes=40, rounds_per_episode=10,
                             seed=0, min_client_depth=2, batch_size=32, target_sync=50)
     elapsed = time.perf_counter() - start
-    env = CCCEnvironment(profile, scenario, samples=[32] * 3, min_client_depth=2, num_rounds=10)
+    env = environment(profile, scenario, samples=[32] * 3, min_client_depth=2, num_rounds=10)
     assert env.candidate_cuts == [1, 2, 3, 4] and env.allowed.tolist() == [False, True, True, True]
     # Cut 1 really is the fastest: the mask, not the reward, keeps the agent off it.
     env.reset(500)
@@ -594,20 +625,20 @@ def test_training_is_deterministic_and_leaves_global_rng_alone():
     profile, scenario = learning_instance()
     torch_state, np_state = torch.random.get_rng_state(), np.random.get_state()
     kwargs = dict(num_clients=3, samples=[16, 32, 48], episodes=6, rounds_per_episode=8, seed=5, batch_size=16)
-    a = train_ccc_agent(profile, scenario, **kwargs)
-    b = train_ccc_agent(profile, scenario, **kwargs)
+    a = train(profile, scenario, **kwargs)
+    b = train(profile, scenario, **kwargs)
     for (ka, va), (kb, vb) in zip(a.online.state_dict().items(), b.online.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
     assert a.history == b.history
     assert torch.equal(torch.random.get_rng_state(), torch_state)
     assert np.array_equal(np.random.get_state()[1], np_state[1])
-    c = train_ccc_agent(profile, scenario, **{**kwargs, "seed": 6})
+    c = train(profile, scenario, **{**kwargs, "seed": 6})
     assert not torch.equal(a.online[0].weight, c.online[0].weight)
 
 
 def test_save_load_round_trip_and_mismatches(tmp_path):
     profile, scenario = learning_instance()
-    agent = train_ccc_agent(profile, scenario, num_clients=3, samples=32, episodes=3, rounds_per_episode=8,
+    agent = train(profile, scenario, num_clients=3, samples=32, episodes=3, rounds_per_episode=8,
                             seed=1, min_client_depth=2, batch_size=8)
     path = tmp_path / "agent.pt"
     agent.save(path)
@@ -624,10 +655,10 @@ def test_save_load_round_trip_and_mismatches(tmp_path):
     with pytest.raises(ValueError, match="cuts"):
         CCCAgent.load(path, candidate_cuts=[2, 3, 4])
     with pytest.raises(ValueError, match="trained for 3 clients"):
-        CCCPlanner(loaded, profile, scenario, samples=[32, 32])
+        ccc_planner(loaded, profile, scenario, samples=[32, 32])
     short = ModelProfile(profile.blocks[:3])  # cuts 1..2 only: the agent's cut 3 and 4 are not there
     with pytest.raises(ValueError, match="outside the model"):
-        CCCPlanner(loaded, short, scenario, samples=[32, 32, 32])
+        ccc_planner(loaded, short, scenario, samples=[32, 32, 32])
 
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
@@ -653,9 +684,9 @@ def test_save_load_round_trip_and_mismatches(tmp_path):
 
 def test_planner_plans_greedy_allowed_cuts_priced_by_the_cost_model():
     profile, scenario = learning_instance()
-    agent = train_ccc_agent(profile, scenario, num_clients=3, samples=32, episodes=20, rounds_per_episode=10,
+    agent = train(profile, scenario, num_clients=3, samples=32, episodes=20, rounds_per_episode=10,
                             seed=0, min_client_depth=2, batch_size=32, target_sync=50)
-    planner = CCCPlanner(agent, profile, scenario, samples=[32] * 3)
+    planner = ccc_planner(agent, profile, scenario, samples=[32] * 3)
     for r in range(6):
         plan = planner.plan(r, recent_loss=None if r % 2 else 2.3 / (r + 1))
         d = plan.details
@@ -663,7 +694,7 @@ def test_planner_plans_greedy_allowed_cuts_priced_by_the_cost_model():
         q = np.array(d["q_values"])
         assert d["action"] == int(np.argmax(np.where(d["allowed"], q, -np.inf)))
         assert not d["fallback"]
-        same = allocate_sflga(profile, scenario, cut=plan.cuts[0], samples=[32] * 3, server_round=r)
+        same = allocate(profile, scenario, cut=plan.cuts[0], samples=[32] * 3, server_round=r)
         assert plan.latency_s == pytest.approx(same.latency_s, rel=1e-12)
         rc, _ = costmodel_check(plan, profile, scenario, [32] * 3, plan.cuts[0], server_round=r)
         assert rc.round_latency_s == pytest.approx(plan.latency_s, rel=1e-6)
@@ -680,7 +711,7 @@ def test_planner_loss_feature_follows_the_proxy_or_the_reported_loss():
     agent = CCCAgent(num_clients=3, candidate_cuts=[1, 2, 3, 4], min_client_depth=2, seed=0,
                      reward={"w_lat": 1.0, "w_conv": 1.0, "eta": 0.2, "rho": 0.5})
     total = sum(b.param_bytes for b in profile.blocks)
-    planner = CCCPlanner(agent, profile, scenario, samples=[32] * 3)
+    planner = ccc_planner(agent, profile, scenario, samples=[32] * 3)
     first = planner.plan(0)
     assert first.details["loss_fraction"] == 1.0 and first.details["state"][-1] == 1.0
     k = first.cuts[0]
@@ -703,10 +734,10 @@ def test_planner_falls_back_when_the_greedy_cut_is_infeasible():
     budgets = [0.5 * c.bits * N0 * math.log(2) / c.g for c in c3]
     c2 = [Client(profile, scenario, 32, 2, i) for i in range(3)]
     assert all(b > 10 * c.bits * N0 * math.log(2) / c.g for b, c in zip(budgets, c2))  # feasible (slower clock)
-    planner = CCCPlanner(agent, profile, scenario, samples=[32] * 3, energy_budget_j=budgets)
+    planner = ccc_planner(agent, profile, scenario, samples=[32] * 3, energy_budget_j=budgets)
     plan = planner.plan(0)
     assert plan.cuts == [2, 2, 2] and plan.details["fallback"] and plan.details["action"] == 1
-    tight = CCCPlanner(agent, profile, scenario, samples=[32] * 3, energy_budget_j=1e-15)
+    tight = ccc_planner(agent, profile, scenario, samples=[32] * 3, energy_budget_j=1e-15)
     with pytest.raises(ValueError, match="no allowed cut is feasible"):
         tight.plan(0)
 
@@ -718,7 +749,8 @@ def test_planner_falls_back_when_the_greedy_cut_is_infeasible():
         ({"min_client_depth": 0}, "min_client_depth"),
         ({"candidate_cuts": [1]}, "no candidate cut keeps"),
         ({"candidate_cuts": [0, 2]}, "outside the model"),
-        ({"samples": [32, 32]}, "samples has 2 entries"),
+        ({"client_ids": [0, 1]}, "client_ids"),
+        ({"hiden": [8]}, "unknown agent option"),
         ({"episodes": 0}, "episodes"),
     ],
 )
@@ -727,4 +759,4 @@ def test_training_rejects_bad_input(kwargs, match):
     args = dict(num_clients=3, samples=32, episodes=1, rounds_per_episode=2, seed=0, min_client_depth=2)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        train_ccc_agent(profile, scenario, **args)
+        train(profile, scenario, **args)

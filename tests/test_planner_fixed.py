@@ -12,8 +12,8 @@ import math
 import pytest
 
 from flsplit.sim.scenario import Channel, DeviceProfile, Scenario, ServerProfile
-from flsplit.planners import best_fixed_cut, plan_fixed
-from flsplit.planners.fixed import scheme_round_cost
+from flsplit.planners import PlanningProblem, best_fixed_cut, plan_fixed
+from tests.oracle import scheme_round_cost
 from flsplit.profile import BlockProfile, ModelProfile
 
 N0 = 10.0 ** ((-174.0 - 30.0) / 10.0)
@@ -32,6 +32,10 @@ SERVER = ServerProfile(cpu_hz=10e9, flops_per_cycle=4, tx_power_w=1.0)
 BAND = Scenario(DEVICES, SERVER, Channel(bandwidth_hz=10e6, fading="none"))
 OFDMA = Scenario(DEVICES, SERVER, Channel(num_subchannels=4, subchannel_bandwidth_hz=2.5e6, fading="none"))
 SAMPLES = [16, 16]
+
+
+def problem(scenario: Scenario, samples=SAMPLES, **kwargs) -> PlanningProblem:
+    return PlanningProblem.build(PROFILE, scenario, samples=samples, **kwargs)
 
 
 def gain(d: DeviceProfile) -> float:
@@ -71,7 +75,7 @@ def hand(cut: int, scheme: str, phi: float = 0.0, bandwidth=(5e6, 5e6), bpe: flo
 @pytest.mark.parametrize("cut", [1, 2, 3])
 @pytest.mark.parametrize("scheme,phi", [("psl", 0.0), ("epsl", 0.0), ("epsl", 0.5), ("epsl", 1.0), ("sflga", 0.0)])
 def test_parallel_schemes_match_hand_computation(cut, scheme, phi):
-    plan = plan_fixed(PROFILE, BAND, cut=cut, samples=SAMPLES, scheme=scheme, phi=phi)
+    plan = plan_fixed(problem(BAND), cut=cut, scheme=scheme, phi=phi)
     latency, energy = hand(cut, scheme, phi)
     assert plan.latency_s == pytest.approx(latency, rel=1e-12)
     assert plan.energy_j == pytest.approx(energy, rel=1e-12)
@@ -80,7 +84,7 @@ def test_parallel_schemes_match_hand_computation(cut, scheme, phi):
 
 
 def test_sequential_sl_gives_each_client_the_whole_band():
-    plan = plan_fixed(PROFILE, BAND, cut=2, samples=SAMPLES, scheme="sl")
+    plan = plan_fixed(problem(BAND), cut=2, scheme="sl")
     latency, energy = hand(2, "sl", bandwidth=(10e6, 10e6))
     assert plan.latency_s == pytest.approx(latency, rel=1e-12)
     assert plan.energy_j == pytest.approx(energy, rel=1e-12)
@@ -101,7 +105,7 @@ def test_mixed_cuts_add_each_clients_server_work():
 
 
 def test_best_fixed_cut_is_the_fastest_of_all_cuts():
-    plan = best_fixed_cut(PROFILE, BAND, samples=SAMPLES)
+    plan = best_fixed_cut(problem(BAND))
     by_hand = {k: hand(k, "psl")[0] for k in (1, 2, 3)}
     assert plan.cuts[0] == min(by_hand, key=by_hand.get)
     assert plan.latency_s == pytest.approx(min(by_hand.values()), rel=1e-12)
@@ -116,7 +120,7 @@ def test_best_fixed_cut_is_the_fastest_of_all_cuts():
         (dict(cut=2, scheme="fedavg"), "scheme must be one of"),
         (dict(cut=2, scheme="epsl", phi=1.5), "phi must be in"),
         (dict(cut=2, scheme="psl", phi=0.5), "phi applies to scheme 'epsl' only"),
-        (dict(cut=2, samples=[16, 0]), r"samples\[1\] must be a positive integer"),
+        (dict(cut=2, samples=[16, 0]), r"samples\[1\] must be >= 1"),
         (dict(cut=2, samples=[]), "at least one client"),
         (dict(cut=2, client_ids=[0, 0]), "client_ids must be distinct"),
         (dict(cut=2, bytes_per_element=float("nan")), "bytes_per_element"),
@@ -124,6 +128,7 @@ def test_best_fixed_cut_is_the_fastest_of_all_cuts():
     ],
 )
 def test_bad_input_is_refused(kwargs, match):
-    kwargs = {"samples": SAMPLES, **kwargs}
+    kwargs = dict(kwargs)
+    plan_args = {k: kwargs.pop(k) for k in ("cut", "scheme", "phi") if k in kwargs}
     with pytest.raises(ValueError, match=match):
-        plan_fixed(PROFILE, BAND, **kwargs)
+        plan_fixed(problem(BAND, **kwargs), **plan_args)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from flsplit.sim.scenario import Channel, DeviceProfile, Scenario, ServerProfile
-from flsplit.planners.ccc import CCCPlanner, train_ccc_agent
+from flsplit.planners.ccc import CCCEnvironment, CCCPlanner, train_ccc_agent
 from flsplit.planners.edgesplit import plan_edgesplit
 from flsplit.planners.epsl import plan_epsl
 from flsplit.planners.open import OpenPlanner
@@ -175,10 +175,11 @@ def test_sflga_allocation_reports_the_price(budget):
     sc = scenario(5, ofdma=False)
     samples = [16, 32, 32, 48, 16]
     budgets = None
+    problem = PlanningProblem.build(PROFILE, sc, samples=samples, server_round=4)
     if budget:
-        free = allocate_sflga(PROFILE, sc, cut=2, samples=samples, server_round=4)
+        free = allocate_sflga(problem, cut=2)
         budgets = [budget * e for e in free.details["energy_per_client_j"]]
-    plan = allocate_sflga(PROFILE, sc, cut=2, samples=samples, server_round=4, energy_budget_j=budgets)
+    plan = allocate_sflga(problem, cut=2, energy_budget_j=budgets)
     cost = priced(plan, sc, scheme="sflga", samples=samples, timing=ServerTiming.AFTER_CLIENTS, server_round=4)
     assert plan.scheme == "sflga" and plan.server_timing == "after-clients"
     assert plan.latency_s == pytest.approx(cost.round_latency_s, rel=1e-9)
@@ -188,8 +189,9 @@ def test_sflga_allocation_reports_the_price(budget):
 def test_ccc_planner_reports_the_price():
     sc = scenario(3, ofdma=False)
     samples = [32, 16, 48]
-    agent = train_ccc_agent(PROFILE, sc, num_clients=3, samples=samples, episodes=2, rounds_per_episode=3, seed=0)
-    planner = CCCPlanner(agent, PROFILE, sc, samples=samples)
+    problem = PlanningProblem.build(PROFILE, sc, samples=samples)
+    agent = train_ccc_agent(CCCEnvironment(problem, num_rounds=3), episodes=2, seed=0)
+    planner = CCCPlanner(agent, problem)
     for r in range(3):
         plan = planner.plan(r)
         cost = priced(plan, sc, scheme="sflga", samples=samples, timing=ServerTiming.AFTER_CLIENTS, server_round=r)

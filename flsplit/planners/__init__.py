@@ -15,7 +15,7 @@ puts a planner in the loop of a training run.
 
 ``PLANNERS`` (``flsplit.planners.registry``) is the one table of planner names (``PlannerName``)
 that ``flwr run`` and ``flsplit plan`` both read. The modules, one job each: ``problem`` and
-``plan`` (the input and output), ``checks``, ``registry``, ``fixed``, ``edgesplit``, ``epsl``,
+``plan`` (the input and output; their checks are ``flsplit.sim.checks``), ``registry``, ``fixed``, ``edgesplit``, ``epsl``,
 ``epsl_steps``, ``open``, ``sflga_terms`` / ``sflga_solvers`` / ``sflga_allocation``, ``ccc_env`` /
 ``ccc_agent`` / ``ccc``, ``online``.
 """

@@ -64,31 +64,17 @@ infeasible in that round) and allocates with ``allocate_sflga``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 
-from flsplit.sim.scenario import Scenario
-from flsplit.planners.checks import budget_array, int_arg, real_arg
+from flsplit.planners.ccc_agent import CCCAgent, train_ccc_agent
+from flsplit.planners.ccc_env import CCCEnvironment, _client_fraction, _state_vector
 from flsplit.planners.plan import Plan
 from flsplit.planners.problem import PlanningProblem
 from flsplit.planners.sflga_allocation import _plan_from, allocate_sflga
-from flsplit.planners.sflga_terms import (
-    _cut_arg,
-    _cut_terms,
-    _ids_arg,
-    _Infeasible,
-    _samples_arg,
-    _total_band,
-    BudgetArg,
-)
-
-from flsplit.planners.ccc_agent import CCCAgent, train_ccc_agent
-from flsplit.planners.ccc_env import CCCEnvironment, _state_vector, _client_fraction
-
-if TYPE_CHECKING:
-    from flsplit.profile import ModelProfile
+from flsplit.planners.sflga_terms import _cut_terms, _Infeasible, sflga_problem
+from flsplit.sim.checks import BudgetArg, budget_array, cut_arg, int_arg, real_arg
 
 __all__ = [
     "allocate_sflga",
@@ -108,17 +94,12 @@ class CCCPlanner:
     Parameters
     ----------
     agent : CCCAgent
-        A trained agent for ``len(samples)`` clients.
-    profile : ModelProfile
-        The model's profile (the agent's candidate cuts must be cuts of it).
-    scenario : Scenario
-        Devices, server and channel.
-    samples : sequence of int
-        Samples per client per round.
-    client_ids : sequence of int, optional
-        Scenario client ids; default ``0 .. N-1``.
-    bytes_per_element : float
-        Wire size of one smashed element.
+        A trained agent for ``problem.num_clients`` clients.
+    problem : PlanningProblem
+        The clients to plan, checked once, with the agent's cuts as its candidates
+        (``PlanningProblem.build(profile, scenario, samples=..., client_ids=...,
+        bytes_per_element=..., candidate_cuts=agent.candidate_cuts)``); its ``server_round``
+        is ignored: ``plan`` takes the round.
     energy_budget_j : float or sequence of float, optional
         Per-round device energy budgets (see ``allocate_sflga``).
     loss_scale : float, optional
@@ -134,43 +115,31 @@ class CCCPlanner:
     def __init__(
         self,
         agent: CCCAgent,
-        profile: "ModelProfile",
-        scenario: Scenario,
+        problem: PlanningProblem,
         *,
-        samples: Sequence[int],
-        client_ids: Optional[Sequence[int]] = None,
-        bytes_per_element: float = 4.0,
         energy_budget_j: BudgetArg = None,
         loss_scale: Optional[float] = None,
     ) -> None:
         if not isinstance(agent, CCCAgent):
             raise ValueError(f"agent must be a CCCAgent, got {type(agent).__name__}")
-        self.samples = _samples_arg(samples)
-        n = len(self.samples)
+        sflga_problem(problem, [])
+        n = problem.num_clients
         if n != agent.num_clients:
             raise ValueError(f"the agent was trained for {agent.num_clients} clients, got samples for {n}")
-        self.client_ids = _ids_arg(client_ids, n)
-        num_blocks = len(profile.blocks)
+        num_blocks = len(problem.profile.blocks)
         for k in agent.candidate_cuts:
-            _cut_arg("the agent's candidate cut", k, num_blocks)
-        self.bytes_per_element = real_arg("bytes_per_element", bytes_per_element, positive=True)
+            cut_arg("the agent's candidate cut", k, num_blocks)
+        if list(problem.candidate_cuts) != sorted(agent.candidate_cuts):
+            raise ValueError(f"the problem's candidate cuts {list(problem.candidate_cuts)} are not the agent's "
+                             f"{sorted(agent.candidate_cuts)}: build it with candidate_cuts=agent.candidate_cuts")
         self.budgets = budget_array(energy_budget_j, n, allow_unlimited=True)
         self.loss_scale = None if loss_scale is None else real_arg("loss_scale", loss_scale, positive=True)
-        _total_band(scenario)
-        # The round's constants, checked once (the agent's cuts are the candidates).
-        self.problem = PlanningProblem.build(
-            profile, scenario, samples=self.samples, client_ids=self.client_ids,
-            bytes_per_element=self.bytes_per_element, candidate_cuts=agent.candidate_cuts,
-        )
+        self.problem = problem
         self.agent = agent
-        self.profile = profile
-        self.scenario = scenario
-        self._terms = {
-            j: _cut_terms(profile, scenario, k, self.samples, self.client_ids, self.bytes_per_element, self.budgets)
-            for j, k in enumerate(agent.candidate_cuts)
-            if agent.allowed[j]
-        }
-        self._fraction = [_client_fraction(profile, k) for k in agent.candidate_cuts]
+        self.samples, self.client_ids = list(problem.samples), list(problem.client_ids)
+        self._terms = {j: _cut_terms(problem, k, self.budgets)
+                       for j, k in enumerate(agent.candidate_cuts) if agent.allowed[j]}
+        self._fraction = [_client_fraction(problem.profile, k) for k in agent.candidate_cuts]
         self._proxy_loss = 1.0
 
     def plan(self, server_round: int, recent_loss: Optional[float] = None) -> Plan:
@@ -209,7 +178,7 @@ class CCCPlanner:
         for rank, j in enumerate(order):
             try:
                 plan = _plan_from(
-                    self._terms[j], gains, self.scenario, self.client_ids, "exact",
+                    self._terms[j], gains, "exact",
                     extra={
                         "q_values": q.tolist(),
                         "action": int(j),

@@ -9,18 +9,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
-from flsplit.sim.scenario import Scenario
-from flsplit.planners.checks import int_arg, real_arg
-from flsplit.planners.sflga_terms import _samples_arg, _sequence, BudgetArg
-
 from flsplit.planners.ccc_env import _FORMAT, _VERSION, CCCEnvironment, _FADING_STD
-
-if TYPE_CHECKING:
-    from flsplit.profile import ModelProfile
+from flsplit.sim.checks import int_arg, real_arg, sequence_arg
 
 __all__ = ["CCCAgent", "train_ccc_agent"]
 
@@ -99,7 +93,7 @@ class CCCAgent:
         import torch
 
         self.num_clients = int_arg("num_clients", num_clients, minimum=1)
-        cuts = _sequence("candidate_cuts", candidate_cuts)
+        cuts = sequence_arg("candidate_cuts", candidate_cuts)
         if not cuts:
             raise ValueError("candidate_cuts is empty")
         self.candidate_cuts = [int_arg(f"candidate_cuts[{i}]", k, minimum=1) for i, k in enumerate(cuts)]
@@ -112,7 +106,7 @@ class CCCAgent:
                 f"no candidate cut keeps min_client_depth={self.min_client_depth} blocks: {self.candidate_cuts}"
             )
         self.num_rounds = int_arg("num_rounds", num_rounds, minimum=1)
-        self.hidden = [int_arg(f"hidden[{i}]", h, minimum=1) for i, h in enumerate(_sequence("hidden", hidden))]
+        self.hidden = [int_arg(f"hidden[{i}]", h, minimum=1) for i, h in enumerate(sequence_arg("hidden", hidden))]
         self.gamma = real_arg("gamma", gamma, nonnegative=True)
         if self.gamma >= 1:
             raise ValueError(f"gamma must be < 1, got {self.gamma}")
@@ -347,106 +341,96 @@ class CCCAgent:
         return agent
 
 
+_AGENT_OPTIONS = ("hidden", "gamma", "lr", "batch_size", "buffer_size", "target_sync")
+
+
 def train_ccc_agent(
-    profile: "ModelProfile",
-    scenario: Scenario,
+    env: CCCEnvironment,
     *,
-    num_clients: int,
-    samples: Union[int, Sequence[int]],
     episodes: int,
-    rounds_per_episode: int,
     seed: int,
-    min_client_depth: int = 1,
-    client_ids: Optional[Sequence[int]] = None,
-    candidate_cuts: Optional[Sequence[int]] = None,
-    bytes_per_element: float = 4.0,
-    energy_budget_j: BudgetArg = None,
-    w_lat: float = 1.0,
-    w_conv: float = 1.0,
-    eta: float = 0.1,
-    rho: float = 0.5,
-    hidden: Sequence[int] = (64, 64),
-    gamma: float = 0.9,
-    lr: float = 1e-3,
-    batch_size: int = 64,
-    buffer_size: int = 10_000,
-    target_sync: int = 100,
     eps_start: float = 1.0,
     eps_end: float = 0.05,
     eps_decay_fraction: float = 0.6,
+    **agent_options: Any,
 ) -> CCCAgent:
-    """Train a CCC agent offline on the simulator (``CCCEnvironment``).
+    """Train a CCC agent offline on the simulator ``env``.
 
     Parameters
     ----------
-    profile, scenario
-        The model's profile and the simulated deployment.
-    num_clients : int
-        Clients per round.
-    samples : int or sequence of int
-        Samples per client per round (one for all, or one per client).
-    episodes, rounds_per_episode : int
+    env : CCCEnvironment
+        The simulated rounds (``CCCEnvironment(PlanningProblem.build(profile, scenario,
+        samples=[n] * N, client_ids=...), min_client_depth=..., num_rounds=R,
+        energy_budget_j=...)``): the clients, the candidate cuts and their mask, the reward.
+    episodes : int
         Training length: episode ``e`` plays fading rounds ``e * R .. e * R + R - 1``.
     seed : int
         Seeds the weights, exploration and replay sampling (training is deterministic on the
         CPU for a seed; torch's and numpy's global random states are not used).
-    min_client_depth : int
-        Privacy bound (cuts below it are never chosen).
-    client_ids, candidate_cuts, bytes_per_element, energy_budget_j
-        As in ``CCCEnvironment``.
-    w_lat, w_conv, eta, rho
-        Reward weights and loss model (module docstring).
-    hidden, gamma, lr, batch_size, buffer_size, target_sync
-        As in ``CCCAgent``.
     eps_start, eps_end, eps_decay_fraction : float
         Epsilon decays linearly from ``eps_start`` to ``eps_end`` over that fraction of the steps.
+    **agent_options
+        ``hidden``, ``gamma``, ``lr``, ``batch_size``, ``buffer_size``, ``target_sync``: as in
+        ``CCCAgent``.
 
     Returns
     -------
     CCCAgent
         With ``history["episode_return"]`` (sum of rewards per episode) and ``history["loss"]``
         (mean Huber loss per episode).
+
+    Example::
+
+        problem = PlanningProblem.build(profile, scenario, samples=[32] * 4)
+        agent = train_ccc_agent(CCCEnvironment(problem, num_rounds=10), episodes=200, seed=0)
     """
-    n = int_arg("num_clients", num_clients, minimum=1)
+    if not isinstance(env, CCCEnvironment):
+        raise ValueError(f"env must be a CCCEnvironment, got {type(env).__name__}")
+    unknown = sorted(set(agent_options) - set(_AGENT_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown agent option(s) {unknown}: choose among {list(_AGENT_OPTIONS)}")
     episodes = int_arg("episodes", episodes, minimum=1)
-    rounds = int_arg("rounds_per_episode", rounds_per_episode, minimum=1)
     seed = int_arg("seed", seed, minimum=0)
     eps_start = real_arg("eps_start", eps_start, nonnegative=True)
     eps_end = real_arg("eps_end", eps_end, nonnegative=True)
     decay = real_arg("eps_decay_fraction", eps_decay_fraction, positive=True)
     if eps_start > 1 or eps_end > 1:
         raise ValueError("eps_start and eps_end must be in [0, 1]")
-    env = CCCEnvironment(
-        profile, scenario, samples=_samples_arg(samples, n), client_ids=client_ids, candidate_cuts=candidate_cuts,
-        min_client_depth=min_client_depth, num_rounds=rounds, bytes_per_element=bytes_per_element,
-        energy_budget_j=energy_budget_j, w_lat=w_lat, w_conv=w_conv, eta=eta, rho=rho,
-    )
     agent = CCCAgent(
-        num_clients=n, candidate_cuts=env.candidate_cuts, min_client_depth=env.min_client_depth,
-        num_rounds=rounds, hidden=hidden, gamma=gamma, lr=lr, batch_size=batch_size, buffer_size=buffer_size,
-        target_sync=target_sync, seed=seed, log_gain_mean=env.log_gain_mean, log_gain_scale=env.log_gain_scale,
+        num_clients=env.num_clients, candidate_cuts=env.candidate_cuts, min_client_depth=env.min_client_depth,
+        num_rounds=env.num_rounds, seed=seed, log_gain_mean=env.log_gain_mean, log_gain_scale=env.log_gain_scale,
         reward={"w_lat": env.w_lat, "w_conv": env.w_conv, "eta": env.eta, "rho": env.rho,
                 "infeasible_penalty": env.infeasible_penalty},
+        **agent_options,
     )
     rng = np.random.default_rng([seed, 1])
-    total_steps = episodes * rounds
-    decay_steps = max(1.0, decay * total_steps)
+    decay_steps = max(1.0, decay * (episodes * env.num_rounds))
     step = 0
     for episode in range(episodes):
-        state = env.reset(episode)
-        ret, losses = 0.0, []
-        done = False
-        while not done:
-            eps = eps_end + (eps_start - eps_end) * max(0.0, 1.0 - step / decay_steps)
-            action = agent.act(state, eps, rng)
-            next_state, reward, done, _ = env.step(action)
-            agent.remember(state, action, reward, next_state, done)
-            loss = agent.learn(rng)
-            if loss is not None:
-                losses.append(loss)
-            ret += reward
-            state = next_state
-            step += 1
+        ret, losses, step = _play_episode(env, agent, episode, rng, step,
+                                          lambda t: eps_end + (eps_start - eps_end) * max(0.0, 1.0 - t / decay_steps))
         agent.history["episode_return"].append(ret)
         agent.history["loss"].append(float(np.mean(losses)) if losses else math.nan)
     return agent
+
+
+def _play_episode(env: CCCEnvironment, agent: CCCAgent, episode: int, rng: np.random.Generator, step: int,
+                  epsilon) -> tuple[float, list[float], int]:
+    """One training episode: act epsilon-greedily (``epsilon(step)``), remember, learn.
+
+    Returns the episode's return, its Huber losses and the global step count after it.
+    """
+    state = env.reset(episode)
+    ret, losses = 0.0, []
+    done = False
+    while not done:
+        action = agent.act(state, epsilon(step), rng)
+        next_state, reward, done, _ = env.step(action)
+        agent.remember(state, action, reward, next_state, done)
+        loss = agent.learn(rng)
+        if loss is not None:
+            losses.append(loss)
+        ret += reward
+        state = next_state
+        step += 1
+    return ret, losses, step

@@ -14,18 +14,10 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from flsplit.sim.scenario import Scenario
-from flsplit.planners.checks import budget_array, int_arg, real_arg
+from flsplit.planners.problem import PlanningProblem
 from flsplit.planners.sflga_solvers import _evaluate, _solve
-from flsplit.planners.sflga_terms import (
-    _cut_arg,
-    _cut_terms,
-    _ids_arg,
-    _Infeasible,
-    _samples_arg,
-    _sequence,
-    _total_band,
-    BudgetArg,
-)
+from flsplit.planners.sflga_terms import _cut_terms, _Infeasible, sflga_problem
+from flsplit.sim.checks import BudgetArg, budget_array, int_arg, real_arg
 
 if TYPE_CHECKING:
     from flsplit.profile import ModelProfile
@@ -60,27 +52,18 @@ def _client_fraction(profile: "ModelProfile", cut: int) -> float:
     return sum(b.param_bytes for b in profile.blocks[:cut]) / total
 
 
-def _candidates(profile: "ModelProfile", candidate_cuts, min_client_depth) -> tuple[list[int], np.ndarray, int]:
-    num_blocks = len(profile.blocks)
-    if num_blocks < 2:
-        raise ValueError(f"the model has {num_blocks} block(s): no cut is possible")
+def _allowed(cands: Sequence[int], num_blocks: int, min_client_depth) -> tuple[np.ndarray, int]:
+    """The action mask of the privacy bound: cuts that keep ``min_client_depth`` blocks on the client."""
     depth = int_arg("min_client_depth", min_client_depth, minimum=1)
     if depth > num_blocks - 1:
         raise ValueError(
             f"min_client_depth={depth} is beyond the model: the client can keep at most {num_blocks - 1} "
             f"of its {num_blocks} blocks"
         )
-    if candidate_cuts is None:
-        cands = list(range(1, num_blocks))
-    else:
-        raw = _sequence("candidate_cuts", candidate_cuts)
-        if not raw:
-            raise ValueError("candidate_cuts is empty")
-        cands = sorted({_cut_arg("candidate_cuts: cut", k, num_blocks) for k in raw})
     allowed = np.array([k >= depth for k in cands], dtype=bool)
     if not allowed.any():
-        raise ValueError(f"no candidate cut keeps min_client_depth={depth} blocks on the client: {cands}")
-    return cands, allowed, depth
+        raise ValueError(f"no candidate cut keeps min_client_depth={depth} blocks on the client: {list(cands)}")
+    return allowed, depth
 
 
 class CCCEnvironment:
@@ -88,16 +71,11 @@ class CCCEnvironment:
 
     Parameters
     ----------
-    profile : ModelProfile
-        Per-block costs of the model.
-    scenario : Scenario
-        Devices, server and channel; its seed keys the fading of every simulated round.
-    samples : sequence of int
-        Samples per client per round (one entry per client).
-    client_ids : sequence of int, optional
-        Scenario client ids (device profile and fading key); default ``0 .. N-1``.
-    candidate_cuts : sequence of int, optional
-        The actions; default every cut ``1 .. L-1``.
+    problem : PlanningProblem
+        The clients (samples per round, scenario client ids: device profile and fading key),
+        the bytes per element and the actions (``candidate_cuts``), checked once; its
+        ``server_round`` is not used (the scenario's seed keys the fading of every simulated
+        round, see ``fading_key``).
     min_client_depth : int
         Privacy bound: the client keeps at least this many blocks, so cuts below it are masked.
     num_rounds : int
@@ -118,15 +96,10 @@ class CCCEnvironment:
 
     def __init__(
         self,
-        profile: "ModelProfile",
-        scenario: Scenario,
+        problem: PlanningProblem,
         *,
-        samples: Sequence[int],
-        client_ids: Optional[Sequence[int]] = None,
-        candidate_cuts: Optional[Sequence[int]] = None,
         min_client_depth: int = 1,
         num_rounds: int = 20,
-        bytes_per_element: float = 4.0,
         energy_budget_j: BudgetArg = None,
         w_lat: float = 1.0,
         w_conv: float = 1.0,
@@ -134,13 +107,16 @@ class CCCEnvironment:
         rho: float = 0.5,
         infeasible_penalty: float = 10.0,
     ) -> None:
-        self.samples = _samples_arg(samples)
-        n = len(self.samples)
-        self.client_ids = _ids_arg(client_ids, n)
-        self.candidate_cuts, self.allowed, self.min_client_depth = _candidates(profile, candidate_cuts,
-                                                                                min_client_depth)
+        self.candidate_cuts = sflga_problem(problem, problem.candidate_cuts)
+        profile, scenario = problem.profile, problem.scenario
+        self.problem = problem
+        self.samples, self.client_ids = list(problem.samples), list(problem.client_ids)
+        n = self.num_clients = len(self.samples)
+        self.num_actions = len(self.candidate_cuts)
+        self.state_dim = n + 2  # the state: N log gains, the round fraction, the loss fraction
+        self.allowed, self.min_client_depth = _allowed(self.candidate_cuts, len(profile.blocks), min_client_depth)
         self.num_rounds = int_arg("num_rounds", num_rounds, minimum=1)
-        self.bytes_per_element = real_arg("bytes_per_element", bytes_per_element, positive=True)
+        self.bytes_per_element = problem.bytes_per_element
         self.budgets = budget_array(energy_budget_j, n, allow_unlimited=True)
         self.w_lat = real_arg("w_lat", w_lat, nonnegative=True)
         self.w_conv = real_arg("w_conv", w_conv, nonnegative=True)
@@ -155,12 +131,9 @@ class CCCEnvironment:
         self.infeasible_penalty = real_arg("infeasible_penalty", infeasible_penalty, positive=True)
         self.profile = profile
         self.scenario = scenario
-        self.total = _total_band(scenario)
+        self.total = problem.total_bandwidth_hz
         self.n0 = scenario.channel.noise_psd_w_per_hz
-        self.terms = [
-            _cut_terms(profile, scenario, k, self.samples, self.client_ids, self.bytes_per_element, self.budgets)
-            for k in self.candidate_cuts
-        ]
+        self.terms = [_cut_terms(problem, k, self.budgets) for k in self.candidate_cuts]
         self.client_fraction = np.array([_client_fraction(profile, k) for k in self.candidate_cuts])
         mean_gains = _path_loss_gains(scenario, self.client_ids)
         self.log_gain_mean = float(np.mean(np.log(mean_gains))) - _EULER_GAMMA
@@ -174,20 +147,6 @@ class CCCEnvironment:
         self._gains_key: Optional[int] = None
         self._gains: Optional[np.ndarray] = None
         self.reset(0)
-
-    # -- sizes --
-
-    @property
-    def num_clients(self) -> int:
-        return len(self.samples)
-
-    @property
-    def num_actions(self) -> int:
-        return len(self.candidate_cuts)
-
-    @property
-    def state_dim(self) -> int:
-        return self.num_clients + 2
 
     # -- dynamics --
 

@@ -52,7 +52,7 @@ from typing import Optional
 
 import numpy as np
 
-from flsplit.planners.checks import int_arg
+from flsplit.sim.checks import int_arg
 from flsplit.planners.plan import Plan
 from flsplit.planners.problem import PlanningProblem
 from flsplit.sim import kernels as k
@@ -64,13 +64,6 @@ _LN2 = math.log(2.0)
 _MAX_BISECT = 300  # bisection steps (stops earlier when the interval stops shrinking)
 _VECTORISE_FROM = 64  # clients: from here on the bandwidth bisections run as numpy arrays
 _REL_IMPROVE = 1e-12  # a makespan or a client time must drop by this much to count as better
-
-
-def _rate(bandwidth: float, snr_per_hz: float) -> float:
-    """``B log2(1 + a / B)`` with ``a = p g / N0`` (0 at ``B = 0``)."""
-    if bandwidth <= 0.0:
-        return 0.0
-    return bandwidth * math.log1p(snr_per_hz / bandwidth) / _LN2
 
 
 class _Client:
@@ -87,7 +80,7 @@ class _Client:
         d = self.bits[j]
         if d == 0.0:
             return 0.0
-        ru, rd = _rate(bandwidth, self.a_up), _rate(bandwidth, self.a_down)
+        ru, rd = k.rate_bps_scalar(bandwidth, self.a_up), k.rate_bps_scalar(bandwidth, self.a_down)
         if ru <= 0.0 or rd <= 0.0:
             return math.inf
         return d / ru + d / rd
@@ -145,8 +138,8 @@ def _min_bandwidths(
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for _ in range(_MAX_BISECT):
             xu, xd = au / b, ad / b
-            lu, ld = np.log1p(xu), np.log1p(xd)
-            ru, rd = b * lu / _LN2, b * ld / _LN2
+            lu, ld = np.log1p(xu), np.log1p(xd)  # for the slope; b > 0 inside the bracket
+            ru, rd = k.rate_bps(b, au), k.rate_bps(b, ad)
             f = d / ru + d / rd - sl
             df = -d * (lu - xu / (1.0 + xu)) / (_LN2 * ru * ru) - d * (ld - xd / (1.0 + xd)) / (_LN2 * rd * rd)
             ok = f <= 0.0
@@ -259,6 +252,36 @@ def _best_cuts(terms: _Terms, bandwidth: list[float], current: Optional[list[int
     return [int(j) for j in best]
 
 
+def _alternate(terms: _Terms, problem: PlanningProblem,
+               max_iter: int) -> tuple[float, list[int], list[float], list[float], bool, int]:
+    """Alternate the bandwidth step (a) and the cut step (b) from each client's best cut at an
+    equal split, until the makespan stops falling or the cuts stop changing.
+
+    Returns the best ``(makespan, cut indices, bandwidths)``, the makespan of every pass,
+    whether it converged, and the number of passes.
+    """
+    n, total = problem.num_clients, problem.total_bandwidth_hz
+    cuts = _best_cuts(terms, [total / n] * n, None)
+    best: Optional[tuple[float, list[int], list[float]]] = None
+    history: list[float] = []
+    converged = False
+    iterations = 0
+    for iterations in range(1, max_iter + 1):
+        makespan, bandwidth = _allocate(terms, cuts, total)
+        history.append(makespan)
+        if best is not None and makespan >= best[0] * (1.0 - _REL_IMPROVE):
+            converged = True
+            break
+        best = (makespan, cuts, bandwidth)
+        new_cuts = _best_cuts(terms, bandwidth, cuts)
+        if new_cuts == cuts:
+            converged = True
+            break
+        cuts = new_cuts
+    assert best is not None
+    return (*best, history, converged, iterations)
+
+
 def plan_edgesplit(problem: PlanningProblem, *, max_iter: int = 50) -> Plan:
     """Cut and bandwidth share per client minimising the round's makespan (EdgeSplit).
 
@@ -297,32 +320,8 @@ def plan_edgesplit(problem: PlanningProblem, *, max_iter: int = 50) -> Plan:
     if not isinstance(problem, PlanningProblem):
         raise ValueError(f"problem must be a PlanningProblem, got {type(problem).__name__}")
 
-    n = problem.num_clients
-    total = problem.total_bandwidth_hz
     cands = list(problem.candidate_cuts)
-    terms = _Terms(problem)
-
-    # Start: each client's best cut with an equal split of the band.
-    cuts = _best_cuts(terms, [total / n] * n, None)
-    best: Optional[tuple[float, list[int], list[float]]] = None
-    history: list[float] = []
-    converged = False
-    iterations = 0
-    for iterations in range(1, max_iter + 1):
-        makespan, bandwidth = _allocate(terms, cuts, total)
-        history.append(makespan)
-        if best is not None and makespan >= best[0] * (1.0 - _REL_IMPROVE):
-            converged = True
-            break
-        best = (makespan, cuts, bandwidth)
-        new_cuts = _best_cuts(terms, bandwidth, cuts)
-        if new_cuts == cuts:
-            converged = True
-            break
-        cuts = new_cuts
-    assert best is not None
-    makespan, cuts, bandwidth = best
-
+    makespan, cuts, bandwidth, history, converged, iterations = _alternate(_Terms(problem), problem, max_iter)
     plan = Plan(
         method="edgesplit",
         cuts=[cands[j] for j in cuts],

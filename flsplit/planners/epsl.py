@@ -99,12 +99,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import numpy as np
 
-from flsplit.planners.checks import budget_array, int_arg, real_arg
-from flsplit.planners.plan import Plan
+from flsplit.sim.checks import budget_array, fraction_arg, int_arg
+from flsplit.planners.plan import Plan, client_costs
 from flsplit.planners.problem import PlanningProblem
 from flsplit.sim.pricing import ServerTiming
 from flsplit.planners.epsl_steps import (
@@ -175,21 +176,82 @@ def plan_epsl(
     RuntimeError
         With energy budgets, if cvxpy has none of the exponential-cone solvers CLARABEL, ECOS, SCS.
     """
-    # -- arguments --
+    phi, max_iter = _check(problem, phi, max_iter)
+    ids, n = list(problem.client_ids), problem.num_clients
+    budgets = budget_array(energy_budget_j, n)
+
+    prob = _Problem(problem, budgets)
+    cuts = [_CutData(problem.profile.cut(k), samples=problem.samples[0], n_clients=n, phi=phi,
+                     bpe=problem.bytes_per_element, devices=prob.devices, server=prob.server, gains=prob.gains,
+                     n0=prob.n0, total_bandwidth=prob.total_bandwidth, budgets=budgets)
+            for k in problem.candidate_cuts]
+    if not any(cd.feasible for cd in cuts):
+        raise ValueError(_infeasible_message(cuts, ids, budgets))
+    x_caps = {cd.k: prob.snr_caps(cd) for cd in cuts if cd.feasible}
+    search = _descend(prob, cuts, x_caps, max_iter)
+    return _plan(problem, prob, search, x_caps[search.best[1].k], phi, budgets)
+
+
+def _plan(problem: PlanningProblem, prob: _Problem, search: "_Search", x_cap: np.ndarray, phi: float,
+          budgets: Optional[np.ndarray]) -> Plan:
+    """The search's cut and subchannels with the power step's powers (within the budgets),
+    priced by the one price (EPSL traffic with ``phi``, the server after the clients)."""
+    objective, cd, m, _ = search.best
+    n, ids = problem.num_clients, list(problem.client_ids)
+    program = _PowerProgram(n) if budgets is not None else None
+    p, info = _power_step(prob, cd, m, x_cap, program)
+
+    def cost_fn(powers: np.ndarray):
+        draft = Plan(method="epsl", cuts=[cd.k] * n, latency_s=0.0, energy_j=0.0,
+                     subchannels=[int(v) for v in m], tx_power_w=[float(v) for v in powers])
+        return problem.price_plan(draft, scheme="epsl", phi=phi, server_timing=ServerTiming.AFTER_CLIENTS)
+
+    cost, p = _respect_budgets(cost_fn, p, budgets)
+    power_step = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in info.items()}
+    extra = {} if math.isclose(objective, cost.round_latency_s, rel_tol=1e-9) else {"objective_latency_s": objective}
+    cands = list(problem.candidate_cuts)
+    return Plan(
+        method="epsl",
+        cuts=[cd.k] * n,
+        latency_s=float(cost.round_latency_s),
+        energy_j=float(cost.total_energy_j),
+        subchannels=[int(v) for v in m],
+        tx_power_w=[float(v) for v in p],
+        server_timing=ServerTiming.AFTER_CLIENTS.value,
+        scheme="epsl",
+        details={
+            **extra,
+            "iterations": search.iterations,
+            "converged": search.converged,
+            "latency_history": search.history,
+            "client_ids": ids,
+            "phi": phi,
+            "samples": problem.samples[0],
+            "candidate_cuts": cands,
+            "cut_latency_s": {k: search.cut_latency.get(k) for k in cands},
+            **client_costs(cost),
+            "broadcast_s": cost.broadcast_latency_s,
+            "server_s": cost.server_latency_s,
+            "energy_budget_j": None if budgets is None else budgets.tolist(),
+            "budget_binding": [bool(math.isfinite(x) and pi < pm) for x, pi, pm in zip(x_cap, p, prob.pmax)],
+            "solver": program.solver if program is not None else None,
+            "power_step": power_step,
+            "model": "one cut for all; uplink n*s*bpe bytes per client, unicast downlink (1-phi)*n*s*bpe, "
+            "broadcast phi*n*s*bpe over the whole band at the weakest receiver; server backward "
+            "(1-phi)*N*n + phi*n samples; parallel timing",
+        },
+    )
+
+
+def _check(problem: PlanningProblem, phi, max_iter) -> tuple[float, int]:
+    """EPSL's own conditions on the (checked) problem, and its options: ``(phi, max_iter)``."""
     if not isinstance(problem, PlanningProblem):
         raise ValueError(f"problem must be a PlanningProblem, got {type(problem).__name__}")
     if len(set(problem.samples)) != 1:
         raise ValueError(f"EPSL steps use one batch size: every client needs the same samples, got {list(problem.samples)}")
-    profile, scenario = problem.profile, problem.scenario
-    ids = list(problem.client_ids)
-    n = len(ids)
-    samples = problem.samples[0]
-    bpe = problem.bytes_per_element
     max_iter = int_arg("max_iter", max_iter, minimum=1)
-    phi = real_arg("phi", phi, finite=False)
-    if not 0.0 <= phi <= 1.0:  # also rejects NaN
-        raise ValueError(f"phi must be in [0, 1], got {phi}")
-    channel = scenario.channel
+    phi = fraction_arg("phi", phi)
+    channel = problem.scenario.channel
     if not channel.ofdma:
         raise ValueError(
             "EPSL assigns OFDMA subchannels: the scenario's channel needs num_subchannels and "
@@ -198,37 +260,30 @@ def plan_epsl(
     w = channel.subchannel_bandwidth_hz
     if w is None or not math.isfinite(w) or w <= 0:
         raise ValueError(f"subchannel bandwidth must be > 0 Hz, got {w}")
-    if channel.num_subchannels < n:
+    if channel.num_subchannels < problem.num_clients:
         raise ValueError(
             f"EPSL gives every client at least one subchannel: {channel.num_subchannels} subchannels "
-            f"for {n} clients"
+            f"for {problem.num_clients} clients"
         )
-    cands = list(problem.candidate_cuts)
-    budgets = budget_array(energy_budget_j, n)
+    return phi, max_iter
 
-    # -- constants --
-    prob = _Problem(problem, budgets)
-    cuts = [
-        _CutData(
-            profile.cut(k),
-            samples=samples,
-            n_clients=n,
-            phi=phi,
-            bpe=bpe,
-            devices=prob.devices,
-            server=prob.server,
-            gains=prob.gains,
-            n0=prob.n0,
-            total_bandwidth=prob.total_bandwidth,
-            budgets=budgets,
-        )
-        for k in cands
-    ]
-    if not any(cd.feasible for cd in cuts):
-        raise ValueError(_infeasible_message(cuts, ids, budgets))
-    x_caps = {cd.k: prob.snr_caps(cd) for cd in cuts if cd.feasible}
 
-    # -- block-coordinate descent --
+@dataclass
+class _Search:
+    """The block-coordinate descent's outcome: the best ``(latency, cut data, subchannels,
+    powers)``, the best latency per pass and per cut, and how it stopped."""
+
+    best: tuple
+    history: list[float]
+    cut_latency: dict[int, Optional[float]]
+    converged: bool
+    iterations: int
+
+
+def _descend(prob: _Problem, cuts: list[_CutData], x_caps: dict[int, np.ndarray], max_iter: int) -> _Search:
+    """Block-coordinate descent over the cuts (module docstring): per pass, every feasible
+    candidate cut with its subchannel step and its power step; stops when a pass no longer
+    improves the best latency."""
     best: Optional[tuple] = None
     history: list[float] = []
     cut_latency: dict[int, Optional[float]] = {}
@@ -263,56 +318,7 @@ def plan_epsl(
             break
         best = incumbent
     assert best is not None
-    objective, cd, m, p = best
-    program = _PowerProgram(n) if budgets is not None else None
-    p, info = _power_step(prob, cd, m, x_caps[cd.k], program)
-
-    # -- the plan, priced by the one price (EPSL traffic with phi, server after the clients) --
-    def cost_fn(powers: np.ndarray):
-        draft = Plan(method="epsl", cuts=[cd.k] * n, latency_s=0.0, energy_j=0.0,
-                     subchannels=[int(v) for v in m], tx_power_w=[float(v) for v in powers])
-        return problem.price_plan(draft, scheme="epsl", phi=phi, server_timing=ServerTiming.AFTER_CLIENTS)
-
-    cost, p = _respect_budgets(cost_fn, p, budgets)
-    clients = cost.clients
-    x_cap = x_caps[cd.k]
-    power_step = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in info.items()}
-    extra = {} if math.isclose(objective, cost.round_latency_s, rel_tol=1e-9) else {"objective_latency_s": objective}
-    return Plan(
-        method="epsl",
-        cuts=[cd.k] * n,
-        latency_s=float(cost.round_latency_s),
-        energy_j=float(cost.total_energy_j),
-        subchannels=[int(v) for v in m],
-        tx_power_w=[float(v) for v in p],
-        server_timing=ServerTiming.AFTER_CLIENTS.value,
-        scheme="epsl",
-        details={
-            **extra,
-            "iterations": iterations,
-            "converged": converged,
-            "latency_history": history,
-            "client_ids": ids,
-            "phi": phi,
-            "samples": samples,
-            "candidate_cuts": cands,
-            "cut_latency_s": {k: cut_latency.get(k) for k in cands},
-            "client_latency_s": [c.latency_s for c in clients],
-            "energy_per_client_j": [c.energy_j for c in clients],
-            "compute_s": [c.compute_latency_s for c in clients],
-            "uplink_s": [c.uplink_latency_s for c in clients],
-            "downlink_s": [c.downlink_latency_s for c in clients],
-            "broadcast_s": cost.broadcast_latency_s,
-            "server_s": cost.server_latency_s,
-            "energy_budget_j": None if budgets is None else budgets.tolist(),
-            "budget_binding": [bool(math.isfinite(x) and pi < pm) for x, pi, pm in zip(x_cap, p, prob.pmax)],
-            "solver": program.solver if program is not None else None,
-            "power_step": power_step,
-            "model": "one cut for all; uplink n*s*bpe bytes per client, unicast downlink (1-phi)*n*s*bpe, "
-            "broadcast phi*n*s*bpe over the whole band at the weakest receiver; server backward "
-            "(1-phi)*N*n + phi*n samples; parallel timing",
-        },
-    )
+    return _Search(best, history, cut_latency, converged, iterations)
 
 
 def _infeasible_message(cuts: list[_CutData], ids: list[int], budgets: np.ndarray) -> str:

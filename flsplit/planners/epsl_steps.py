@@ -70,7 +70,7 @@ class _CutData:
         self.compute_j = kern.compute_energy_j(self.client_flops, devices.cpu_hz, devices.flops_per_cycle, devices.kappa)
         self.server_s = server.compute_time_s(self.server_flops)
         if self.broadcast_bytes > 0:
-            weakest = total_bandwidth * math.log2(1.0 + server.tx_power_w * float(gains.min()) / (total_bandwidth * n0))
+            weakest = kern.rate_log2_bps(total_bandwidth, server.tx_power_w * float(gains.min()) / (total_bandwidth * n0))
             self.broadcast_s = self.broadcast_bytes * 8.0 / weakest
         else:
             self.broadcast_s = 0.0
@@ -148,10 +148,10 @@ class _Problem:
     def chains(self, cd: _CutData, m: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, ...]:
         """(compute, uplink, downlink incl. broadcast, chain) seconds per client."""
         b = m * self.w
-        up = np.zeros(self.n) if cd.bits == 0 else cd.bits / (b * np.log2(1.0 + p * self.gains / (b * self.n0)))
+        up = np.zeros(self.n) if cd.bits == 0 else cd.bits / kern.rate_log2_bps(b, p * self.gains / (b * self.n0))
         down = np.full(self.n, cd.broadcast_s)
         if cd.down_bits > 0:
-            down = down + cd.down_bits / (b * np.log2(1.0 + self.server.tx_power_w * self.gains / (b * self.n0)))
+            down = down + cd.down_bits / kern.rate_log2_bps(b, self.server.tx_power_w * self.gains / (b * self.n0))
         return cd.compute_s, up, down, cd.compute_s + up + down
 
     # -- subchannel step --
@@ -173,9 +173,9 @@ class _Problem:
             p = self.pmax[i] if not math.isfinite(x_cap[i]) else min(self.pmax[i], x_cap[i] * b * n0 / g)
             t = cd.compute_s[i] + cd.broadcast_s
             if cd.bits > 0:
-                t += cd.bits / (b * math.log2(1.0 + p * g / (b * n0)))
+                t += cd.bits / kern.rate_log2_bps(b, p * g / (b * n0))
             if cd.down_bits > 0:
-                t += cd.down_bits / (b * math.log2(1.0 + ps * g / (b * n0)))
+                t += cd.down_bits / kern.rate_log2_bps(b, ps * g / (b * n0))
             heapq.heappush(heap, (-t, i))
         return m.astype(int)
 

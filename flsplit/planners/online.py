@@ -39,7 +39,7 @@ from flwr.common.logger import log
 
 from flsplit.sim.pricing import RoundCost
 from flsplit.sim.scenario import Scenario
-from flsplit.planners.checks import candidate_cut_list, real_arg
+from flsplit.sim.checks import candidate_cut_list, cut_arg, fraction_arg, parse_budget, real_arg
 from flsplit.planners.plan import Plan
 from flsplit.planners.registry import PLANNERS, planner_entry
 from flsplit.sim import Allocation, ServerTiming, predict_workload, price
@@ -48,7 +48,7 @@ from flsplit.sim.traffic import ElementWire
 if TYPE_CHECKING:
     from flsplit.profile import ModelProfile
 
-__all__ = ["RoundPlan", "OnlinePlanner", "ONLINE_PLANNERS", "make_online_planner", "parse_budget"]
+__all__ = ["RoundPlan", "OnlinePlanner", "ONLINE_PLANNERS", "make_online_planner"]
 
 
 @dataclass
@@ -226,28 +226,6 @@ class EdgeSplitOnline(OnlinePlanner):
         return plan_edgesplit(self.problem(scenario, server_round, client_ids, samples))
 
 
-def parse_budget(value: Union[None, str, float, Sequence[float]]) -> Union[None, float, list[float]]:
-    """An energy-budget setting: empty/None (the default), one number, or a comma list."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        parts = [p.strip() for p in value.split(",") if p.strip()]
-        if not parts:
-            return None
-        try:
-            values = [float(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"energy budget must be a number or a comma list of numbers, got {value!r}") from None
-    elif isinstance(value, (int, float)):
-        values = [float(value)]
-    else:
-        values = [float(v) for v in value]
-    for v in values:
-        if not math.isfinite(v) or v <= 0:
-            raise ValueError(f"energy budgets must be finite and > 0 J, got {v}")
-    return values[0] if len(values) == 1 else values
-
-
 def _per_client_budget(budget: Union[None, float, list[float]], client_ids: Sequence[int]) -> Optional[list[float]]:
     """Budgets of these clients: one for all, or the list indexed by client id (cycled)."""
     if budget is None:
@@ -286,10 +264,13 @@ class OpenOnline(OnlinePlanner):
         new = [i for i, c in enumerate(client_ids) if c not in self.budgets]
         if new:
             from flsplit.planners.fixed import best_fixed_cut
+            from flsplit.planners.problem import PlanningProblem
 
-            base = best_fixed_cut(self.profile, scenario, samples=samples, client_ids=client_ids,
-                                  server_round=server_round, bytes_per_element=self.bytes_per_element,
-                                  candidate_cuts=self.candidate_cuts)
+            # The baseline's classic model: smashed data only (the weights are priced below).
+            base = best_fixed_cut(PlanningProblem.build(self.profile, scenario, samples=samples, client_ids=client_ids,
+                                                        server_round=server_round,
+                                                        bytes_per_element=self.bytes_per_element,
+                                                        candidate_cuts=self.candidate_cuts))
             # The baseline's energy as a training round spends it (client-part weights included).
             work = predict_workload(self.scheme, self.profile, cuts=base.cuts, samples=samples, client_ids=client_ids,
                                     wire=ElementWire(self.profile, self.bytes_per_element, include_weights=True))
@@ -351,9 +332,7 @@ class EPSLOnline(OnlinePlanner):
 
     def __init__(self, profile, scenario, *, phi: float = 0.5, energy_budget_j=None, **kwargs) -> None:
         super().__init__(profile, scenario, **kwargs)
-        self._phi = real_arg("phi", phi)
-        if not 0.0 <= self._phi <= 1.0:
-            raise ValueError(f"phi must be in [0, 1], got {phi}")
+        self._phi = fraction_arg("phi", phi)
         if not scenario.channel.ofdma:
             raise ValueError("planner 'epsl' assigns OFDMA subchannels: the scenario needs num-subchannels "
                              "and subchannel-bandwidth-hz (it has a shared band)")
@@ -393,10 +372,8 @@ class CCCOnline(OnlinePlanner):
             raise ValueError("planner 'ccc' needs a trained agent: train one with "
                              "'flsplit plan --method ccc --train-agent --agent PATH' and set planner-agent")
         self.agent = CCCAgent.load(agent_path)
-        bad = [k for k in self.agent.candidate_cuts if not 1 <= k <= len(profile.blocks) - 1]
-        if bad:
-            raise ValueError(f"the CCC agent at {agent_path} was trained for cuts {list(self.agent.candidate_cuts)}; "
-                             f"cuts {bad} are outside this model (1..{len(profile.blocks) - 1})")
+        for k in self.agent.candidate_cuts:
+            cut_arg(f"the CCC agent at {agent_path} was trained for cut", k, len(profile.blocks))
         if self.cuts_given and sorted(self.agent.candidate_cuts) != self.candidate_cuts:
             raise ValueError(f"the CCC agent at {agent_path} chooses among cuts {sorted(self.agent.candidate_cuts)}, "
                              f"not the run's candidate cuts {self.candidate_cuts}: retrain it with those cuts")
@@ -413,14 +390,18 @@ class CCCOnline(OnlinePlanner):
 
     def _plan(self, scenario, server_round, client_ids, samples):
         from flsplit.planners.ccc import CCCPlanner
+        from flsplit.planners.problem import PlanningProblem
 
         self.check_clients(len(client_ids))
         key = (tuple(client_ids), tuple(samples), id(scenario))
         if self._planner is None or key != self._key:
             resumed, self._resumed = self._resumed, None
             scale = self._planner.loss_scale if self._planner is not None else (resumed or {}).get("loss_scale")
-            self._planner = CCCPlanner(self.agent, self.profile, scenario, samples=samples, client_ids=client_ids,
-                                       bytes_per_element=self.bytes_per_element, loss_scale=scale,
+            # CCC's allocation has no weight traffic: its problem leaves the weights out.
+            problem = PlanningProblem.build(self.profile, scenario, samples=samples, client_ids=client_ids,
+                                            server_round=server_round, bytes_per_element=self.bytes_per_element,
+                                            candidate_cuts=self.agent.candidate_cuts)
+            self._planner = CCCPlanner(self.agent, problem, loss_scale=scale,
                                        energy_budget_j=_per_client_budget(self.energy_budget, client_ids))
             if resumed is not None and resumed["clients"] == [list(client_ids), list(samples)]:
                 self._planner._proxy_loss = resumed["proxy_loss"]  # the saved planner would have been kept

@@ -60,14 +60,13 @@ gradients' downlink that this model leaves out, is ``details["priced_latency_s"]
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
 
 from flsplit.planners.plan import Plan
-from flsplit.planners.checks import budget_array
+from flsplit.sim.checks import budget_array, int_arg, real_arg, sequence_arg
 from flsplit.planners.problem import PlanningProblem
 from flsplit.sim import kernels as kern
 from flsplit.sim.pricing import ServerTiming
@@ -192,24 +191,15 @@ class OpenPlanner:
         if energy_budget_j is None:
             raise ValueError("energy_budget_j: OPEN needs a long-term energy budget per device")
         self.energy_budget_j = budget_array(energy_budget_j, n)
-        if isinstance(V, bool) or not isinstance(V, (int, float, np.integer, np.floating)):
-            raise ValueError(f"V must be a number, got {V!r}")
-        if not math.isfinite(float(V)) or float(V) < 0:
-            raise ValueError(f"V must be finite and >= 0, got {V!r}")
-        self.V = float(V)
-        if isinstance(max_enumeration, bool) or not isinstance(max_enumeration, int) or max_enumeration < 1:
-            raise ValueError(f"max_enumeration must be a positive integer, got {max_enumeration!r}")
-        self.max_enumeration = max_enumeration
+        self.V = real_arg("V", V, nonnegative=True)
+        self.max_enumeration = int_arg("max_enumeration", max_enumeration, minimum=1)
         if initial_queues is None:
             self._queues = np.zeros(n)
         else:
-            q = list(initial_queues)
+            q = sequence_arg("initial_queues", initial_queues)
             if len(q) != n:
                 raise ValueError(f"initial_queues has {len(q)} entries for {n} clients")
-            q_arr = np.array(q, dtype=float)
-            if np.any(~np.isfinite(q_arr)) or np.any(q_arr < 0):
-                raise ValueError(f"initial_queues must be finite and >= 0, got {q}")
-            self._queues = q_arr
+            self._queues = np.array([real_arg(f"initial_queues[{i}]", v, nonnegative=True) for i, v in enumerate(q)])
         self.problem = problem
         self.profile = problem.profile
         self.scenario = problem.scenario
@@ -241,9 +231,7 @@ class OpenPlanner:
             ``compute_s``, ``uplink_s``, ``ready_s`` (``a = compute + uplink``),
             ``server_s`` (``w``: server time with the whole server), ``energy_j``.
         """
-        if isinstance(server_round, bool) or not isinstance(server_round, (int, np.integer)) or server_round < 0:
-            raise ValueError(f"server_round must be a non-negative integer, got {server_round!r}")
-        problem = self.problem.at_round(int(server_round))
+        problem = self.problem.at_round(server_round)
         n = self.num_clients
         bandwidth = self.scenario.channel.client_bandwidths_hz(n)
         samples = problem.samples_array[:, None]

@@ -1,9 +1,12 @@
-"""The plan every planner returns."""
+"""The plan every planner returns, and the per-client numbers its ``details`` carry (one name each)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from flsplit.sim.pricing import RoundCost
 
 
 @dataclass(frozen=True)
@@ -55,3 +58,15 @@ class Plan:
     def as_dict(self) -> dict:
         """Plain dict for JSON."""
         return asdict(self)
+
+
+def client_costs(cost: RoundCost) -> dict[str, list[float]]:
+    """A price's per-client numbers as a plan's ``details`` name them (the same names in every planner)."""
+    clients = cost.clients
+    return {
+        "client_latency_s": [c.latency_s for c in clients],
+        "compute_s": [c.compute_latency_s for c in clients],
+        "uplink_s": [c.uplink_latency_s for c in clients],
+        "downlink_s": [c.downlink_latency_s for c in clients],
+        "energy_per_client_j": [c.energy_j for c in clients],
+    }

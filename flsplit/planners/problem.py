@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from flsplit.sim.scenario import Scenario
-from flsplit.planners.checks import candidate_cut_list, int_arg, real_arg
+from flsplit.sim.checks import candidate_cut_list, int_arg, real_arg, sequence_arg
 from flsplit.planners.plan import Plan
 from flsplit.sim.pricing import Allocation, ServerTiming, price
 from flsplit.sim.traffic import ElementWire, predict_workload
@@ -50,9 +50,7 @@ def _readonly(values, dtype=float) -> np.ndarray:
 
 def sample_list(samples, *, minimum: int = 1) -> list[int]:
     """Samples per client: a non-empty sequence of integers >= ``minimum`` (``samples[i]`` named)."""
-    if isinstance(samples, (str, bytes)) or not isinstance(samples, (Sequence, np.ndarray)):
-        raise ValueError(f"samples must be a sequence of per-client sample counts, got {samples!r}")
-    values = list(samples)
+    values = sequence_arg("samples", samples)
     if not values:
         raise ValueError("samples: at least one client is needed")
     return [int_arg(f"samples[{i}]", s, minimum=minimum) for i, s in enumerate(values)]
@@ -62,9 +60,7 @@ def client_id_list(client_ids, n: int) -> list[int]:
     """Client ids (default ``0 .. n-1``): ``n`` distinct integers >= 0."""
     if client_ids is None:
         return list(range(n))
-    if isinstance(client_ids, (str, bytes)) or not isinstance(client_ids, (Sequence, np.ndarray)):
-        raise ValueError(f"client_ids must be a sequence of ints, got {client_ids!r}")
-    ids = list(client_ids)
+    ids = sequence_arg("client_ids", client_ids)
     if len(ids) != n:
         raise ValueError(f"samples has {n} entries but client_ids has {len(ids)}")
     ids = [int_arg(f"client_ids[{i}]", c, minimum=0) for i, c in enumerate(ids)]
@@ -154,9 +150,7 @@ class PlanningProblem:
         samples_ = sample_list(samples, minimum=min_samples)
         ids = client_id_list(client_ids, len(samples_))
         server_round = int_arg("server_round", server_round, minimum=0)
-        bpe = real_arg("bytes_per_element", bytes_per_element, finite=False)
-        if not (math.isfinite(bpe) and bpe > 0):
-            raise ValueError(f"bytes_per_element must be > 0, got {bpe}")
+        bpe = real_arg("bytes_per_element", bytes_per_element, positive=True)
         cands = candidate_cut_list(len(profile.blocks), candidate_cuts)
         total = scenario.channel.total_bandwidth_hz
         if total is None or not isinstance(total, numbers.Real) or not math.isfinite(total) or total <= 0:
@@ -263,24 +257,17 @@ class PlanningProblem:
         return price(work, self.scenario, Allocation.from_plan(plan), server_round=self.server_round,
                      server_timing=server_timing)
 
-    def with_price(
-        self,
-        plan: Plan,
-        *,
-        scheme: str,
-        phi: float = 0.0,
-        server_timing: ServerTiming = ServerTiming.AFTER_CLIENTS,
-        report: bool = True,
-    ) -> Plan:
+    def with_price(self, plan: Plan, *, report: bool = True, **pricing) -> Plan:
         """``plan`` with the one price's latency and energy, its scheme and server timing.
 
+        ``pricing`` are ``price_plan``'s keywords (``scheme``, ``phi``, ``server_timing``).
         The planner's own (search) latency goes to ``details["objective_latency_s"]`` when it
         differs from the price by more than rounding. With ``report=False`` the plan keeps its
         own numbers and the price goes to ``details["priced_latency_s"]`` and
         ``details["priced_energy_j"]`` instead (OPEN: see ``flsplit.planners.open``).
         """
-        timing = ServerTiming(server_timing)
-        cost = self.price_plan(plan, scheme=scheme, phi=phi, server_timing=timing)
+        cost = self.price_plan(plan, **pricing)
+        scheme, timing = pricing["scheme"], ServerTiming(cost.server_timing)
         details = dict(plan.details)
         if report:
             if not math.isclose(plan.latency_s, cost.round_latency_s, rel_tol=1e-9):

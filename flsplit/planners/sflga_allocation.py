@@ -6,7 +6,7 @@ round ends as early as possible, under optional per-round device energy budgets.
 
 Round model (``flsplit.sim``, DESIGN.md 3.6; exactly ``flsplit.sim.price`` with
 ``bandwidth_shares=B/W``, ``tx_power_w=p``, ``broadcast_bytes`` and the devices' ``cpu_hz``
-replaced by the chosen ``f``, i.e. ``planners.fixed.scheme_round_cost(scheme="sflga")``).
+replaced by the chosen ``f``).
 Client ``i`` with ``n_i`` samples at cut ``k``, bandwidth ``B_i``, CPU frequency ``f_i`` and
 power ``p_i``, channel gain ``g_i`` (``Scenario.channel_gain``), noise PSD ``N0``::
 
@@ -90,44 +90,24 @@ the front ``allocate_sflga`` and its plan.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 
-from flsplit.sim.scenario import Scenario
-from flsplit.planners.checks import budget_array
 from flsplit.planners.plan import Plan
 from flsplit.planners.problem import PlanningProblem
+from flsplit.planners.sflga_solvers import _evaluate, _solve
+from flsplit.planners.sflga_terms import _cut_terms, _CutTerms, sflga_problem
+from flsplit.sim.checks import BudgetArg, budget_array
 from flsplit.sim.pricing import ServerTiming
-
-from flsplit.planners.sflga_terms import (
-    _cut_arg,
-    _cut_terms,
-    _CutTerms,
-    _total_band,
-    BudgetArg,
-)
-from flsplit.planners.sflga_solvers import (
-    _evaluate,
-    _solve,
-)
-
-if TYPE_CHECKING:
-    from flsplit.profile import ModelProfile
 
 __all__ = ["allocate_sflga"]
 
 
 def allocate_sflga(
-    profile: "ModelProfile",
-    scenario: Scenario,
+    problem: PlanningProblem,
     *,
     cut: int,
-    samples: Sequence[int],
-    client_ids: Optional[Sequence[int]] = None,
-    server_round: int = 0,
-    bytes_per_element: float = 4.0,
     energy_budget_j: BudgetArg = None,
     solver: str = "exact",
 ) -> Plan:
@@ -135,22 +115,14 @@ def allocate_sflga(
 
     Parameters
     ----------
-    profile : ModelProfile
-        Per-block FLOPs and sizes of the model (``flsplit.profile.profile_model``).
-    scenario : Scenario
-        Devices, server and channel; the band ``channel.total_bandwidth_hz`` is shared (an
-        OFDMA band is treated as continuous).
+    problem : PlanningProblem
+        The round, checked once (``PlanningProblem.build(profile, scenario, samples=...,
+        client_ids=..., server_round=..., bytes_per_element=...)``; every client trains on at
+        least one sample). The band ``channel.total_bandwidth_hz`` is shared (an OFDMA band is
+        treated as continuous). The allocation's model has no weight traffic; the reported
+        price counts it where the problem does (``include_weights``).
     cut : int
-        The round's cut (``1 .. L-1``), the same for every client.
-    samples : sequence of int
-        Samples each client trains on in the round (each >= 1).
-    client_ids : sequence of int, optional
-        Client (partition) ids selecting device profiles and keying the fading; default
-        ``0 .. len(samples) - 1``.
-    server_round : int
-        Round number (keys the fading).
-    bytes_per_element : float
-        Wire size of one smashed element (4 for fp32).
+        The round's cut, the same for every client: one of ``problem.candidate_cuts``.
     energy_budget_j : float or sequence of float, optional
         Per-round device energy budget in J: one for all clients or one per client (``None``
         or ``inf`` entries: no budget). Compute plus transmit energy must stay within it.
@@ -173,26 +145,27 @@ def allocate_sflga(
     Raises
     ------
     ValueError
-        A cut outside the model, a non-positive bandwidth, malformed samples / ids / budgets,
-        or a budget no allocation can meet (the message names the client).
+        A cut that is not a candidate of the problem, a client without samples, malformed
+        budgets, or a budget no allocation can meet (the message names the client).
+
+    Example::
+
+        problem = PlanningProblem.build(profile, scenario, samples=[32] * 4, server_round=2)
+        plan = allocate_sflga(problem, cut=3, energy_budget_j=0.5)
     """
     if solver not in ("exact", "cvxpy"):
         raise ValueError(f"solver must be 'exact' or 'cvxpy', got {solver!r}")
-    cut = _cut_arg("cut", cut, len(profile.blocks))
-    problem = PlanningProblem.build(
-        profile, scenario, samples=samples, client_ids=client_ids, server_round=server_round,
-        bytes_per_element=bytes_per_element, candidate_cuts=[cut],
-    )
-    samples, ids = list(problem.samples), list(problem.client_ids)
-    budgets = budget_array(energy_budget_j, len(samples), allow_unlimited=True)
-    terms = _cut_terms(profile, scenario, cut, samples, ids, problem.bytes_per_element, budgets)
-    return _plan_from(terms, np.array(problem.gains), scenario, ids, solver, problem=problem)
+    cut = sflga_problem(problem, [cut])[0]
+    budgets = budget_array(energy_budget_j, problem.num_clients, allow_unlimited=True)
+    terms = _cut_terms(problem, cut, budgets)
+    return _plan_from(terms, np.array(problem.gains), solver, problem=problem)
 
 
-def _plan_from(terms: _CutTerms, gains: np.ndarray, scenario: Scenario, ids: list[int], solver: str,
-               extra: Optional[dict] = None, *, problem: PlanningProblem) -> Plan:
+def _plan_from(terms: _CutTerms, gains: np.ndarray, solver: str, extra: Optional[dict] = None, *,
+               problem: PlanningProblem) -> Plan:
     """The allocation at ``terms.cut``, as a plan priced by the one price (``problem``'s round)."""
-    total = _total_band(scenario)
+    scenario, ids = problem.scenario, list(problem.client_ids)
+    total = problem.total_bandwidth_hz
     n0 = scenario.channel.noise_psd_w_per_hz
     if not np.all(gains > 0):
         raise ValueError("channel gains must be > 0")

@@ -15,6 +15,7 @@ import numpy as np
 from scipy.special import lambertw
 
 from flsplit.extras import require
+from flsplit.sim import kernels as kern
 
 from flsplit.planners.sflga_terms import (
     _BISECT,
@@ -327,7 +328,7 @@ def _solve_fast(terms: _CutTerms, gains: np.ndarray, total: float, n0: float) ->
             return band, -d_band * rate / slack  # dB/dT = dB/drate * (-rate / slack)
 
     def chain(bandwidth: float) -> np.ndarray:
-        return terms.tc_min + terms.bits / (bandwidth * np.log2(1.0 + k / bandwidth))
+        return terms.tc_min + terms.bits / kern.rate_log2_bps(bandwidth, k / bandwidth)
 
     lo = float(chain(total).max())
     hi = max(lo, float(chain(total / n).max()))
@@ -357,8 +358,8 @@ def _solve_budgeted(terms: _CutTerms, gains: np.ndarray, total: float, n0: float
             "however slowly it transmits"
         )
     k = terms.pmax * gains / n0
-    lo = float((terms.tc_min + terms.bits / (total * np.log2(1.0 + k / total))).max())
-    hi = float((terms.tc_min + terms.bits / (total / n * np.log2(1.0 + k * n / total))).max())
+    lo = float((terms.tc_min + terms.bits / kern.rate_log2_bps(total, k / total)).max())
+    hi = float((terms.tc_min + terms.bits / kern.rate_log2_bps(total / n, k * n / total)).max())
     hi = max(hi, lo)
 
     memo: dict[float, tuple[np.ndarray, np.ndarray]] = {}
@@ -398,7 +399,7 @@ def _solve_cvxpy(terms: _CutTerms, gains: np.ndarray, total: float, n0: float, i
     n = len(gains)
     k = terms.pmax * gains / n0  # Hz
     # Normalised units: bandwidth / W, time / a feasible no-budget makespan, energy / budget.
-    t0 = float((terms.tc_min + terms.bits / (total / n * np.log2(1.0 + k * n / total))).max())
+    t0 = float((terms.tc_min + terms.bits / kern.rate_log2_bps(total / n, k * n / total)).max())
     b = cp.Variable(n, pos=True)
     f = cp.Variable(n, pos=True)  # f / cpu_hz
     t = cp.Variable()
@@ -412,7 +413,7 @@ def _solve_cvxpy(terms: _CutTerms, gains: np.ndarray, total: float, n0: float, i
             if not math.isfinite(e):
                 continue
             # The least transmit energy at full power needs the whole band.
-            least = terms.pmax[i] * terms.bits[i] / (total * math.log2(1.0 + k[i] / total))
+            least = terms.pmax[i] * terms.bits[i] / kern.rate_log2_bps(total, k[i] / total)
             if least >= e:
                 raise _Infeasible(
                     f"energy_budget_j[{i}] = {e:.6g} J of client {ids[i]} is infeasible at cut {terms.cut} "
@@ -439,7 +440,7 @@ def _solve_cvxpy(terms: _CutTerms, gains: np.ndarray, total: float, n0: float, i
 def _evaluate(terms: _CutTerms, alloc: _Allocation, gains: np.ndarray, total: float, n0: float,
               server_power: float) -> dict[str, Any]:
     """Per-client times and energies of an allocation (the cost model's arithmetic)."""
-    rate = alloc.bandwidth * np.log2(1.0 + alloc.power * gains / (alloc.bandwidth * n0))
+    rate = kern.rate_log2_bps(alloc.bandwidth, alloc.power * gains / (alloc.bandwidth * n0))
     up = terms.bits / rate
     compute = terms.cycles / alloc.cpu_hz
     bc = _broadcast_s(terms, gains, total, n0, server_power)

@@ -2,17 +2,19 @@
 
 - ``workload``: ``RoundWorkload`` (per client: cut, FLOPs, bytes; broadcast; server FLOPs;
   timing rule);
-- ``traffic``: each scheme's traffic model (``predict_workload`` with a ``WireModel``) and the
-  workload of a finished round (``measured_workload``);
+- ``schemes``: each scheme's traffic model beside its timing rule, one table keyed by scheme;
+- ``traffic``: the workload a round will do (``predict_workload``: a scheme's traffic model
+  with a ``WireModel``) and the workload of a finished round (``measured_workload``);
 - ``pricing``: ``price(workload, scenario, allocation)``, the one pricing function;
 - ``kernels``: the vectorised, unchecked physics the pricing and the planners call.
 
 - ``scenario``: the scenario types (``Scenario``: devices, server, channel), checked once and
   loaded from files by ``flsplit.scenario``;
-- ``checks``: the argument checks of the checked edges.
+- ``checks``: the argument checks of the checked edges (numbers, cuts, energy budgets), the
+  one family of the simulator and the planners.
 
-Imports flow one way: ``kernels``, ``checks`` <- ``scenario`` <- ``workload`` <- ``traffic``,
-``pricing``; the planners import from here, never the reverse.
+Imports flow one way: ``kernels``, ``checks`` <- ``scenario`` <- ``workload`` <- ``schemes`` <-
+``traffic``, ``pricing``; the planners import from here, never the reverse.
 """
 
 from flsplit.sim.pricing import Allocation, ServerTiming, price, price_totals

@@ -1,7 +1,9 @@
 """Physics kernels of the wireless edge model: vectorised, unchecked, numpy only.
 
 These are the formulas of DESIGN.md 3.6 written once, element-wise on arrays, for the inner
-loops of the pricing function and of the planners. They do **not** check their arguments
+loops of the pricing function and of the planners; the only place the Shannon rate is written
+(``rate_bps``; ``rate_bps_scalar`` and ``rate_log2_bps`` are the same rate in the forms some
+planners have always used, kept for bit-identical plans). They do **not** check their arguments
 (like ``torch.optim``'s functional kernels under the checked optimizer classes): callers
 validate once, at the edge (``flsplit.sim.pricing.price``, ``flsplit.planners.problem``), and
 then call these as often as they like.
@@ -19,6 +21,8 @@ __all__ = [
     "LN2",
     "snr_per_hz",
     "rate_bps",
+    "rate_bps_scalar",
+    "rate_log2_bps",
     "transfer_s",
     "compute_s",
     "compute_energy_j",
@@ -41,6 +45,30 @@ def rate_bps(bandwidth_hz, a):
     with np.errstate(divide="ignore", invalid="ignore"):
         r = b * np.log1p(np.asarray(a, dtype=float) / b) / LN2
     return np.where(b > 0, r, 0.0)
+
+
+def rate_bps_scalar(bandwidth_hz: float, a: float) -> float:
+    """``rate_bps`` on Python floats (``math.log1p``), for the scalar inner loops of a planner.
+
+    numpy's vectorised ``log1p`` and ``math.log1p`` may differ in the last bit; EdgeSplit's
+    small-instance loop has always used ``math``, and its plans stay bit-identical.
+    """
+    if bandwidth_hz <= 0.0:
+        return 0.0
+    return bandwidth_hz * math.log1p(a / bandwidth_hz) / LN2
+
+
+def rate_log2_bps(bandwidth_hz, snr):
+    """Shannon rate ``B log2(1 + snr)`` with the SNR ``snr = p g / (B N0)`` already formed.
+
+    The SFL-GA and EPSL planners' form (``log2(1 + x)`` differs from ``rate_bps``'s
+    ``log1p(x) / ln 2`` in the last bit), kept so that their plans, and the CCC agent trained
+    on them, stay bit-identical to the history. Floats (numpy scalars included) go through
+    ``math.log2``, arrays through ``np.log2``, as those planners always computed them.
+    """
+    if isinstance(snr, float):
+        return bandwidth_hz * math.log2(1.0 + snr)
+    return bandwidth_hz * np.log2(1.0 + snr)
 
 
 def transfer_s(num_bytes, rate):

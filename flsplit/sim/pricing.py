@@ -39,6 +39,7 @@ from typing import Any, Optional
 import numpy as np
 
 from flsplit.sim import kernels as k
+from flsplit.sim.checks import column_arg
 from flsplit.sim.scenario import Scenario
 from flsplit.sim.workload import RoundWorkload, Timing
 
@@ -50,17 +51,6 @@ class ServerTiming(str, Enum):
 
     AFTER_CLIENTS = "after-clients"
     PER_CLIENT = "per-client"
-
-
-def _floats(name: str, values, n: int, *, positive: bool = False) -> np.ndarray:
-    arr = np.asarray(list(values), dtype=float) if not isinstance(values, np.ndarray) else values.astype(float)
-    if arr.shape != (n,):
-        raise ValueError(f"{name} has {arr.size} entries for {n} clients")
-    bad = ~np.isfinite(arr) | ((arr <= 0) if positive else (arr < 0))
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise ValueError(f"{name}[{i}] must be finite and {'> 0' if positive else '>= 0'}, got {arr[i]}")
-    return arr
 
 
 @dataclass(frozen=True)
@@ -217,7 +207,7 @@ def price(
     >>> work = predict_workload("psl", profile, cuts=[2, 2], samples=[64, 64])  # doctest: +SKIP
     >>> price(work, scenario, Allocation(bandwidth_hz=[5e6, 15e6])).round_latency_s  # doctest: +SKIP
     """
-    cols = _price_columns(workload, scenario, allocation, server_round, server_timing)
+    cols = _price_columns(workload, scenario, allocation, server_round=server_round, server_timing=server_timing)
     ids, n = cols["client_ids"], len(cols["client_ids"])
     costs = tuple(
         ClientCost(
@@ -256,22 +246,17 @@ def price(
     )
 
 
-def price_totals(
-    workload: RoundWorkload,
-    scenario: Scenario,
-    allocation: Optional[Allocation] = None,
-    *,
-    server_round: int = 0,
-    server_timing: ServerTiming = ServerTiming.AFTER_CLIENTS,
-) -> tuple[float, float]:
+def price_totals(workload: RoundWorkload, scenario: Scenario, allocation: Optional[Allocation] = None,
+                 **options) -> tuple[float, float]:
     """``price``'s round latency and total device energy alone (no per-client records):
-    the same arithmetic, for searches that price many candidates."""
-    cols = _price_columns(workload, scenario, allocation, server_round, server_timing)
+    the same arithmetic, for searches that price many candidates. ``options`` are
+    ``price``'s keywords (``server_round``, ``server_timing``)."""
+    cols = _price_columns(workload, scenario, allocation, **options)
     return cols["round_latency_s"], cols["total_energy_j"]
 
 
-def _price_columns(workload: RoundWorkload, scenario: Scenario, allocation: Optional[Allocation],
-                   server_round: int, server_timing) -> dict:
+def _price_columns(workload: RoundWorkload, scenario: Scenario, allocation: Optional[Allocation], *,
+                   server_round: int = 0, server_timing: ServerTiming = ServerTiming.AFTER_CLIENTS) -> dict:
     """The price's arithmetic on columns: arguments checked once, then the kernels."""
     try:
         server_timing = ServerTiming(server_timing)
@@ -279,32 +264,12 @@ def _price_columns(workload: RoundWorkload, scenario: Scenario, allocation: Opti
         raise ValueError(f"server_timing must be one of {[t.value for t in ServerTiming]}, got {server_timing!r}") from None
     if isinstance(server_round, bool) or not isinstance(server_round, (int, np.integer)) or server_round < 0:
         raise ValueError(f"server_round must be a non-negative integer, got {server_round!r}")
-    alloc = allocation or Allocation()
     ids = workload.client_ids
     n = len(ids)
     dev = scenario.device_columns(ids)
     channel = scenario.channel
     sequential = workload.timing == Timing.SEQUENTIAL
-
-    # -- the allocation, checked once --
-    pmax, fmax = dev["tx_power_w"], dev["cpu_hz"]
-    power = pmax if alloc.tx_power_w is None else _floats("tx_power_w", alloc.tx_power_w, n, positive=True)
-    cpu = fmax if alloc.cpu_hz is None else _floats("cpu_hz", alloc.cpu_hz, n, positive=True)
-    over = cpu > fmax * (1.0 + 1e-9)  # DVFS lowers a clock; no device runs above its own
-    if over.any():
-        i = int(np.argmax(over))
-        raise ValueError(f"cpu_hz[{i}] = {cpu[i]} is above client {ids[i]}'s clock {fmax[i]}")
-    if alloc.bandwidth_hz is not None:
-        bandwidth = _floats("bandwidth_hz", alloc.bandwidth_hz, n)
-        # Clients in parallel share the band; clients taking turns may each use all of it.
-        used = bandwidth.max(initial=0.0) if sequential else bandwidth.sum()
-        if used > channel.total_bandwidth_hz * (1.0 + 1e-9):
-            raise ValueError(f"bandwidth_hz uses {used} Hz, more than the band ({channel.total_bandwidth_hz} Hz)")
-    else:
-        bandwidth = channel.client_bandwidths_hz(n, subchannels=alloc.subchannels, exclusive=sequential)
-    shares = np.ones(n) if alloc.server_cpu_share is None else _floats("server_cpu_share", alloc.server_cpu_share, n)
-    if alloc.server_cpu_share is not None and shares.sum() > 1.0 + 1e-9:
-        raise ValueError(f"server_cpu_share sums to {shares.sum()}, more than 1")
+    power, cpu, bandwidth, shares = _allocation_columns(allocation or Allocation(), scenario, ids, dev, sequential)
 
     # -- the kernels, vectorised --
     flops, up_bytes, down_bytes = workload.flops, workload.uplink_bytes, workload.downlink_bytes
@@ -333,19 +298,8 @@ def _price_columns(workload: RoundWorkload, scenario: Scenario, allocation: Opti
             raise ValueError("the broadcast cannot be sent at rate 0")
     down_total = down_time + np.where(receivers, broadcast, 0.0)
 
-    speed = scenario.server.flops_per_s
-    own_server = np.zeros(n)
-    rest_flops = workload.server_flops
-    if server_timing == ServerTiming.PER_CLIENT:
-        work = workload.client_server_flops
-        idle = (work > 0) & (shares <= 0)
-        if idle.any():
-            raise ValueError(f"client {ids[int(np.argmax(idle))]} has server work but a server CPU share of 0")
-        with np.errstate(divide="ignore", invalid="ignore"):
-            own_server = np.where(work > 0, work / speed / shares, 0.0)
-        rest_flops = max(workload.server_flops - float(work.sum()), 0.0)
+    own_server, server_time = _server_times(workload, scenario.server.flops_per_s, shares, server_timing)
     chains = compute + up_time + own_server + down_total
-    server_time = rest_flops / speed
     if sequential:
         clients_time = float(chains.sum()) - broadcast * max(int(receivers.sum()) - 1, 0)
     else:
@@ -359,3 +313,48 @@ def _price_columns(workload: RoundWorkload, scenario: Scenario, allocation: Opti
         "server_time": server_time, "broadcast": broadcast, "round_latency_s": clients_time + server_time,
         "total_energy_j": float(sum(energy.tolist())),
     }
+
+
+def _allocation_columns(alloc: Allocation, scenario: Scenario, ids: np.ndarray, dev: dict,
+                        sequential: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The allocation as per-client columns, checked once: ``(power, cpu, bandwidth, shares)``
+    (defaults: each device's maximum power and clock, the channel's split, the whole server)."""
+    n = len(ids)
+    channel = scenario.channel
+    pmax, fmax = dev["tx_power_w"], dev["cpu_hz"]
+    power = pmax if alloc.tx_power_w is None else column_arg("tx_power_w", alloc.tx_power_w, n, positive=True)
+    cpu = fmax if alloc.cpu_hz is None else column_arg("cpu_hz", alloc.cpu_hz, n, positive=True)
+    over = cpu > fmax * (1.0 + 1e-9)  # DVFS lowers a clock; no device runs above its own
+    if over.any():
+        i = int(np.argmax(over))
+        raise ValueError(f"cpu_hz[{i}] = {cpu[i]} is above client {ids[i]}'s clock {fmax[i]}")
+    if alloc.bandwidth_hz is not None:
+        bandwidth = column_arg("bandwidth_hz", alloc.bandwidth_hz, n)
+        # Clients in parallel share the band; clients taking turns may each use all of it.
+        used = bandwidth.max(initial=0.0) if sequential else bandwidth.sum()
+        if used > channel.total_bandwidth_hz * (1.0 + 1e-9):
+            raise ValueError(f"bandwidth_hz uses {used} Hz, more than the band ({channel.total_bandwidth_hz} Hz)")
+    else:
+        bandwidth = channel.client_bandwidths_hz(n, subchannels=alloc.subchannels, exclusive=sequential)
+    shares = np.ones(n) if alloc.server_cpu_share is None else column_arg("server_cpu_share", alloc.server_cpu_share, n)
+    if alloc.server_cpu_share is not None and shares.sum() > 1.0 + 1e-9:
+        raise ValueError(f"server_cpu_share sums to {shares.sum()}, more than 1")
+    return power, cpu, bandwidth, shares
+
+
+def _server_times(workload: RoundWorkload, speed: float, shares: np.ndarray,
+                  server_timing: ServerTiming) -> tuple[np.ndarray, float]:
+    """Per-client server seconds inside the chains (``per-client``: each client's work at its
+    CPU share; else none) and the server seconds after the clients (the rest of its work)."""
+    own_server = np.zeros(len(workload.client_ids))
+    rest_flops = workload.server_flops
+    if server_timing == ServerTiming.PER_CLIENT:
+        work = workload.client_server_flops
+        idle = (work > 0) & (shares <= 0)
+        if idle.any():
+            raise ValueError(f"client {workload.client_ids[int(np.argmax(idle))]} has server work but a server "
+                             "CPU share of 0")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            own_server = np.where(work > 0, work / speed / shares, 0.0)
+        rest_flops = max(workload.server_flops - float(work.sum()), 0.0)
+    return own_server, rest_flops / speed

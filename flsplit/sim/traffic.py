@@ -1,8 +1,9 @@
 """Traffic models: the workload a round of a scheme does, predicted or measured.
 
-``predict_workload`` is each scheme's traffic model (which batches go up, which gradients
+``predict_workload`` runs each scheme's traffic model (which batches go up, which gradients
 come down, what is broadcast, which rows the server runs) with a ``WireModel`` giving the
-bytes of each piece; ``measured_workload`` builds the same ``RoundWorkload`` from what a
+bytes of each piece (the traffic models, one table keyed by scheme beside each scheme's
+timing rule, are ``flsplit.sim.schemes``); ``measured_workload`` builds the same ``RoundWorkload`` from what a
 finished round measured. EPSL's server work follows the paper's count: ``N b`` rows
 forwarded and ``(1 - phi) N b + phi b`` back-propagated per step (``ServerPart`` counts what it
 runs the same way). Per-client server FLOPs are the nominal ``samples x (forward +
@@ -12,36 +13,21 @@ data.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Protocol
 
 import numpy as np
 
-from flsplit.sim.checks import cut_list
-from flsplit.sim.workload import RoundWorkload, Timing, _column, _int, _nonneg
+from flsplit.sim.checks import column_arg, cut_list, fraction_arg, int_arg, real_arg
+from flsplit.sim.schemes import SCHEME_MODELS, SCHEMES, TIMING_OF, SchemeRound, Traffic
+from flsplit.sim.workload import RoundWorkload, Timing
 
 if TYPE_CHECKING:  # pure: the profile is only read, torch is never imported here
     from flsplit.profile import CutProfile, ModelProfile
 
 __all__ = ["TIMING_OF", "SCHEMES", "WireModel", "ElementWire", "split_batches", "predict_workload",
            "measured_workload"]
-
-# The schedule of each scheme and hence its timing rule.
-TIMING_OF: dict[str, Timing] = {
-    "sl": Timing.SEQUENTIAL,
-    "sflv1": Timing.PARALLEL,
-    "sflv2": Timing.PARALLEL,
-    "psl": Timing.PARALLEL,
-    "epsl": Timing.PARALLEL,
-    "sflga": Timing.PARALLEL,
-    "async": Timing.PARALLEL,
-}
-SCHEMES = tuple(TIMING_OF)
-
-
 
 class WireModel(Protocol):
     """Bytes on the wire of the pieces of a round (a traffic model's unit costs)."""
@@ -156,20 +142,32 @@ def predict_workload(
     >>> w = predict_workload("psl", profile, cuts=[2, 3], samples=[64, 64])  # doctest: +SKIP
     >>> price(w, scenario).round_latency_s  # doctest: +SKIP
     """
-    if scheme not in TIMING_OF:
+    if scheme not in SCHEME_MODELS:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    samples, cuts, ids, batch_size, states = _checked(scheme, profile, cuts, samples, client_ids, batch_size, phi,
+                                                      states)
+    wire = wire or ElementWire(profile)
+    if (type(wire) is ElementWire and batch_size is None and scheme not in ("epsl", "sflga")
+            and all(v == "A" for v in states.values())):
+        return _predict_elementwise(scheme, profile, wire, cuts, samples, ids)
+    round_ = SchemeRound(wire, cuts, samples, [split_batches(s, batch_size) for s in samples], batch_size, phi, states)
+    traffic = SCHEME_MODELS[scheme].traffic(round_)
+    return _predicted(scheme, profile, round_, traffic, ids)
+
+
+def _checked(scheme: str, profile: "ModelProfile", cuts, samples, client_ids, batch_size, phi, states):
+    """``predict_workload``'s arguments, checked: ``(samples, cuts, ids, batch_size, states)``."""
     n = len(samples)
     if n == 0:
         raise ValueError("samples: at least one client is needed")
-    samples = _column("samples", samples, n, int, minimum=1).tolist()
+    samples = column_arg("samples", samples, n, integer=True, minimum=1).tolist()
     cuts = cut_list(cuts, n, len(profile.blocks))
-    ids = list(range(n)) if client_ids is None else _column("client_ids", list(client_ids), len(client_ids), int).tolist()
+    ids = list(range(n)) if client_ids is None else column_arg("client_ids", list(client_ids), len(client_ids), integer=True).tolist()
     if len(ids) != n:
         raise ValueError(f"samples has {n} entries but client_ids has {len(ids)}")
     if batch_size is not None:
-        batch_size = _int("batch_size", batch_size, 1)
-    if isinstance(phi, bool) or not isinstance(phi, numbers.Real) or not 0.0 <= phi <= 1.0:
-        raise ValueError(f"phi must be in [0, 1], got {phi!r}")
+        batch_size = int_arg("batch_size", batch_size, minimum=1)
+    fraction_arg("phi", phi)
     if scheme != "epsl" and phi != 0.0:
         raise ValueError(f"phi applies to scheme 'epsl' only, not {scheme!r}")
     if scheme in ("epsl", "sflga") and len(set(cuts)) > 1:
@@ -179,68 +177,25 @@ def predict_workload(
         raise ValueError("states apply to scheme 'async' only")
     if any(s not in ("A", "B", "C") for s in states.values()):
         raise ValueError(f"states must be 'A', 'B' or 'C', got {sorted(set(states.values()))}")
-    wire = wire or ElementWire(profile)
-    if (type(wire) is ElementWire and batch_size is None and scheme not in ("epsl", "sflga")
-            and all(v == "A" for v in states.values())):
-        return _predict_elementwise(scheme, profile, wire, cuts, samples, ids)
+    return samples, cuts, ids, batch_size, states
+
+
+def _predicted(scheme: str, profile: "ModelProfile", r: SchemeRound, t: Traffic, ids: list[int]) -> RoundWorkload:
+    """The workload of a scheme's traffic: client FLOPs and weights, server FLOPs attributed."""
+    n, cuts, samples, states = r.n, r.cuts, r.samples, r.states
     cps = [profile.cut(k) for k in cuts]
-    batches = [split_batches(s, batch_size) for s in samples]
-    up = [0.0] * n
-    down = [0.0] * n
-    flops = [0.0] * n
-    broadcast = 0.0
-    server_fwd_rows = [0.0] * n  # per client, rows forwarded / back-propagated on the server
-    server_bwd_rows = [0.0] * n
-    extra_fwd = extra_bwd = 0.0  # rows not attributable to one client (EPSL's mean rows)
-
-    if scheme in ("epsl", "sflga"):
-        steps = max(len(b) for b in batches)
-        for t in range(steps):
-            who = [i for i in range(n) if t < len(batches[i])]
-            rows = [batches[i][t] for i in who]
-            for i, r in zip(who, rows):
-                up[i] += wire.up(cuts[i], r)
-                server_fwd_rows[i] += r
-                server_bwd_rows[i] += r
-            if scheme == "sflga":  # unicast rows are empty, the average is broadcast
-                for i in who:
-                    down[i] += wire.down(cuts[i], 0)
-                broadcast += wire.broadcast(cuts[who[0]], max(rows))
-                continue
-            b = min(rows)
-            m = (phi * b if batch_size is None else math.ceil(phi * b)) if len(who) > 1 else 0
-            for i, r in zip(who, rows):
-                down[i] += wire.down(cuts[i], r - m)
-                server_bwd_rows[i] -= m  # aggregated rows are forwarded without a graph ...
-            if m:
-                broadcast += wire.broadcast(cuts[who[0]], m)
-                # ... and the m mean rows are back-propagated once. Their forward pass is
-                # counted with that backward, as the EPSL paper counts it (m / (N b) more
-                # forward FLOPs, under phi / N): server backward (1 - phi) N b + phi b.
-                extra_bwd += m
-    else:
-        for i in range(n):
-            state = states.get(i, "A")
-            if state == "A":
-                for r in batches[i]:
-                    up[i] += wire.up(cuts[i], r)
-                    down[i] += wire.down(cuts[i], r)
-            elif state == "B":
-                up[i] = sum(wire.up(cuts[i], r) for r in batches[i])
-            server_fwd_rows[i] = server_bwd_rows[i] = samples[i]
-
+    up, down, flops = t.up, t.down, [0.0] * n
     working = [i for i in range(n) if states.get(i, "A") != "C"]  # C clients do no work
-    executed = sum(server_fwd_rows[i] * cps[i].server_forward_flops + server_bwd_rows[i] * cps[i].server_backward_flops
+    executed = sum(t.fwd_rows[i] * cps[i].server_forward_flops + t.bwd_rows[i] * cps[i].server_backward_flops
                    for i in range(n))
-    unattributed = sum(server_fwd_rows[i] * cps[i].server_forward_flops + server_bwd_rows[i] * cps[i].server_backward_flops
+    unattributed = sum(t.fwd_rows[i] * cps[i].server_forward_flops + t.bwd_rows[i] * cps[i].server_backward_flops
                        for i in range(n) if states.get(i, "A") == "C")
-    if extra_fwd or extra_bwd:
-        cp = cps[0]
-        executed += extra_fwd * cp.server_forward_flops + extra_bwd * cp.server_backward_flops
+    if t.extra_bwd:  # EPSL's mean rows: back-propagated once, at the (common) cut
+        executed += t.extra_bwd * cps[0].server_backward_flops
     for i in working:
         cp = cps[i]
         if states.get(i, "A") == "A":
-            part = wire.part(cuts[i])
+            part = r.wire.part(cuts[i])
             up[i] += part
             down[i] += part
             flops[i] = samples[i] * (cp.client_forward_flops + cp.client_backward_flops)
@@ -257,7 +212,7 @@ def predict_workload(
         samples=[samples[i] for i in working],
         timing=TIMING_OF[scheme],
         server_flops=executed,
-        broadcast_bytes=broadcast,
+        broadcast_bytes=t.broadcast,
         scheme=scheme,
         source="predicted",
     )
@@ -329,7 +284,8 @@ def measured_workload(
         if len(seq) != n:
             raise ValueError(f"{name} has {len(seq)} entries for {n} clients")
     nominal = [_nominal_server(profile.cut(int(k)), s) for k, s in zip(cuts, samples)]
-    attributable = max(_nonneg("server_flops", server_flops) - _nonneg("unattributed_server_flops", unattributed_server_flops), 0.0)
+    attributable = max(real_arg("server_flops", server_flops, nonnegative=True)
+                       - real_arg("unattributed_server_flops", unattributed_server_flops, nonnegative=True), 0.0)
     return RoundWorkload(
         client_ids=list(client_ids),
         cuts=list(cuts),

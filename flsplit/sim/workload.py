@@ -22,8 +22,6 @@ are used only by the per-client server timing (``ServerTiming.PER_CLIENT``).
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -31,7 +29,7 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from flsplit.sim.checks import real_arg as _number
+from flsplit.sim.checks import column_arg, int_arg, real_arg
 
 if TYPE_CHECKING:  # only read: the simulator never imports torch
     from flsplit.profile import CutProfile
@@ -44,21 +42,6 @@ class Timing(str, Enum):
 
     PARALLEL = "parallel"  # lockstep and per-node schedules: the slowest chain sets the pace
     SEQUENTIAL = "sequential"  # the relay (vanilla SL): clients take turns, chains add up
-
-
-def _nonneg(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-    return v
-
-
-def _int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -94,32 +77,11 @@ class ClientWork:
     samples: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "client_id", _int("client_id", self.client_id, 0))
-        object.__setattr__(self, "cut", _int("cut", self.cut, 1))
-        object.__setattr__(self, "samples", _int("samples", self.samples, 0))
+        object.__setattr__(self, "client_id", int_arg("client_id", self.client_id, minimum=0))
+        object.__setattr__(self, "cut", int_arg("cut", self.cut, minimum=1))
+        object.__setattr__(self, "samples", int_arg("samples", self.samples, minimum=0))
         for name in ("flops", "uplink_bytes", "downlink_bytes", "server_flops"):
-            object.__setattr__(self, name, _nonneg(f"client {self.client_id}: {name}", getattr(self, name)))
-
-
-def _column(name: str, values, n: int, dtype, *, minimum: float = 0.0) -> np.ndarray:
-    """One per-client column as a read-only array, checked once (finite, >= minimum)."""
-    try:
-        arr = np.array(values, dtype=float)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be numbers, got {values!r}") from None
-    if arr.shape != (n,):
-        raise ValueError(f"{name} has {arr.size} entries for {n} clients")
-    bad = ~np.isfinite(arr) | (arr < minimum)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise ValueError(f"{name}[{i}] must be finite and >= {minimum:g}, got {arr[i]!r}")
-    if dtype is int:
-        if np.any(arr != np.floor(arr)):
-            i = int(np.argmax(arr != np.floor(arr)))
-            raise ValueError(f"{name}[{i}] must be an integer, got {arr[i]!r}")
-        arr = arr.astype(np.int64)
-    arr.setflags(write=False)
-    return arr
+            object.__setattr__(self, name, real_arg(f"client {self.client_id}: {name}", getattr(self, name), nonnegative=True))
 
 
 @dataclass(frozen=True, eq=False)
@@ -170,15 +132,15 @@ class RoundWorkload:
     def __post_init__(self) -> None:
         n = len(self.client_ids)
         set_ = object.__setattr__
-        set_(self, "client_ids", _column("client_ids", self.client_ids, n, int))
+        set_(self, "client_ids", column_arg("client_ids", self.client_ids, n, integer=True))
         if len(np.unique(self.client_ids)) != n:
             raise ValueError(f"client ids must be distinct, got {self.client_ids.tolist()}")
-        set_(self, "cuts", _column("cuts", self.cuts, n, int, minimum=1))
+        set_(self, "cuts", column_arg("cuts", self.cuts, n, integer=True, minimum=1))
         for name in ("flops", "uplink_bytes", "downlink_bytes"):
-            set_(self, name, _column(name, getattr(self, name), n, float))
-        set_(self, "client_server_flops", _column("client_server_flops", np.zeros(n) if self.client_server_flops is None
-                                                  else self.client_server_flops, n, float))
-        set_(self, "samples", _column("samples", np.zeros(n) if self.samples is None else self.samples, n, int))
+            set_(self, name, column_arg(name, getattr(self, name), n))
+        set_(self, "client_server_flops", column_arg("client_server_flops", np.zeros(n) if self.client_server_flops is None
+                                                  else self.client_server_flops, n))
+        set_(self, "samples", column_arg("samples", np.zeros(n) if self.samples is None else self.samples, n, integer=True))
         receives = np.ones(n, dtype=bool) if self.receives_broadcast is None else np.array(self.receives_broadcast, dtype=bool)
         if receives.shape != (n,):
             raise ValueError(f"receives_broadcast has {receives.size} entries for {n} clients")
@@ -188,8 +150,8 @@ class RoundWorkload:
             set_(self, "timing", Timing(self.timing))
         except ValueError:
             raise ValueError(f"timing must be one of {[t.value for t in Timing]}, got {self.timing!r}") from None
-        set_(self, "server_flops", _nonneg("server_flops", self.server_flops))
-        set_(self, "broadcast_bytes", _nonneg("broadcast_bytes", self.broadcast_bytes))
+        set_(self, "server_flops", real_arg("server_flops", self.server_flops, nonnegative=True))
+        set_(self, "broadcast_bytes", real_arg("broadcast_bytes", self.broadcast_bytes, nonnegative=True))
         if self.broadcast_bytes > 0 and not receives.any():
             raise ValueError("broadcast_bytes > 0 needs at least one receiver")
 
@@ -242,7 +204,7 @@ def client_flops(cut: "CutProfile", samples: float, *, backward: bool = True) ->
     device that keeps its autograd graph would. ``cut`` is a ``flsplit.profile.CutProfile``
     (``profile_model(model, input_shape).cut(k)``).
     """
-    samples = _number("samples", samples, nonnegative=True)
+    samples = real_arg("samples", samples, nonnegative=True)
     per_sample = cut.client_forward_flops + (cut.client_backward_flops if backward else 0.0)
     return samples * per_sample
 
@@ -254,8 +216,8 @@ def server_flops(cut: "CutProfile", samples: float, *, backward_samples: Optiona
     ``backward_samples`` defaults to ``samples`` (EPSL back-propagates fewer:
     ``(1 - phi) * N * b + phi * b`` per step).
     """
-    samples = _number("samples", samples, nonnegative=True)
-    back = samples if backward_samples is None else _number("backward_samples", backward_samples, nonnegative=True)
+    samples = real_arg("samples", samples, nonnegative=True)
+    back = samples if backward_samples is None else real_arg("backward_samples", backward_samples, nonnegative=True)
     return samples * cut.server_forward_flops + back * cut.server_backward_flops
 
 
@@ -265,5 +227,5 @@ def smashed_bytes(cut: "CutProfile", samples: float, *, bytes_per_element: float
     ``bytes_per_element`` is 4 for fp32, 2 for fp16/bf16, 1 for fp8/int8 (per-tensor scales
     are negligible). For accounting a real round, use the bytes actually serialized.
     """
-    samples = _number("samples", samples, nonnegative=True)
-    return samples * cut.smashed_elements * _number("bytes_per_element", bytes_per_element, positive=True)
+    samples = real_arg("samples", samples, nonnegative=True)
+    return samples * cut.smashed_elements * real_arg("bytes_per_element", bytes_per_element, positive=True)
