@@ -39,6 +39,7 @@ def build_strategy(settings: RunSettings, history: RunHistory):
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
     cls = STRATEGIES[name]
+    scheme_options = cls.run_config_options(settings)  # the scheme's own keys (they may override a common one)
     info = dataset_info(settings["dataset"])
     options = dict(
         model_fn=make_model_fn(settings),
@@ -65,7 +66,7 @@ def build_strategy(settings: RunSettings, history: RunHistory):
     for key, arg in (("codec-up", "codec_up"), ("codec-down", "codec_down")):
         if settings[key]:  # empty: the scheme's default (FP8 for async, lossless otherwise)
             options[arg] = str(settings[key])
-    options.update(cls.run_config_options(settings))  # the scheme's own keys (they may override a common one)
+    options.update(scheme_options)
     return with_planner(cls(**options), settings)
 
 

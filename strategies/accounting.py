@@ -108,7 +108,7 @@ class RoundPricing:
 def round_entry(record: RoundRecord, outcome: RoundOutcome, stats: StepStats, *, strategy: str, wall_seconds: float,
                 train_metrics: MetricRecord, central: Optional[MetricRecord], federated: Optional[MetricRecord],
                 eval_asked: int, eval_finished: int, sim: Optional[dict]) -> dict:
-    """The history entry of a round (its plan is added by the loop when it has one)."""
+    """The history entry of a round; ``sim`` is its priced workload (``RoundPricing``), if any."""
     traffic, cuts = record.traffic, record.cuts
     up, down = traffic.totals()
     entry = {
@@ -145,6 +145,8 @@ def round_entry(record: RoundRecord, outcome: RoundOutcome, stats: StepStats, *,
     entry.update(_status(record, outcome, eval_asked, eval_finished, federated))
     if sim is not None:
         entry["sim"] = sim
+    if record.plan is not None:  # the planner in the loop completes it (RoundPlanning.observe_round)
+        entry["plan"] = record.plan.as_record()
     return entry
 
 

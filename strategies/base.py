@@ -1,43 +1,24 @@
 """Common base of the split-learning strategies: the Flower API and the round loop.
 
-A split strategy is a Flower ``Strategy`` whose ``start()`` runs many exchanges per round.
-In Flower's vocabulary a round is:
+A split strategy is a Flower ``Strategy`` whose ``start()`` runs many exchanges per round:
+``configure_train`` samples nodes and picks their cuts (or takes a planner's, ``planning.py``);
+``_train_round`` (per scheme) runs the split exchanges, its schedule (``flsplit.schedules``)
+driving the round's ``flsplit.exchange.RoundExchange``; ``aggregate_train`` averages
+(``averaging.py``); ``configure_evaluate`` / ``aggregate_evaluate`` evaluate (``evaluation.py``).
+Pricing and history entries are in ``accounting.py``, cross-round state in ``checkpointing.py``.
 
-``configure_train``
-    sample nodes (waiting until enough are connected), pick each node's cut (or take the
-    round's plan from a planner in the loop) and build its first request: the client part of
-    the global model plus the round's ``SplitConfig``;
-``_train_round`` (per scheme)
-    the split exchanges: the scheme's schedule (``flsplit.schedules``) drives the round's
-    exchange state (``flsplit.exchange.RoundExchange``) until every node has sent its trained
-    client part; the round comes back as a ``RoundRecord``;
-``aggregate_train``
-    layer-wise averaging of client parts and server part(s), weighted by samples;
-``configure_evaluate`` / ``aggregate_evaluate``
-    optional federated split evaluation (clients send smashed evaluation data, the server
-    finishes the forward pass); ``evaluate_fn`` gives centralized evaluation.
-
-A strategy is built from a ``SplitSettings`` (``strategies/settings.py``), or from its fields
-as keywords. A scheme (``sl.py``, ``sflv1.py``, ``sflv2.py``, ``psl.py``, ...) names its
-``schedule`` (its class declares the scheme's timing) and implements ``_train_round``; where
-it differs from the defaults it overrides:
+A scheme (``sl.py``, ``psl.py``, ...) names its ``schedule`` (whose class declares its timing)
+and implements ``_train_round``; where it differs from the defaults it overrides:
 
 - ``start_part``, ``aggregate_train``, ``server_contributions``, ``train_stats``: what a node
   starts from, how the round is averaged, what the server saw;
-- ``round_outcome``: what the clients did, as the scheme counts it (finished nodes, samples,
-  forward-only clients, server work on cached data, extra history fields);
+- ``round_outcome``: what the clients did, as the scheme counts it (``RoundOutcome``);
 - ``checkpoint_config`` / ``checkpoint_state`` / ``restore_state``: its cross-round state;
 - ``run_config_options``: how it reads its own run-config keys (``apps/server_app.py``).
-
-The round's pricing and history entry are in ``accounting.py``, what carries across rounds
-in ``checkpointing.py``; a planner in the loop is passed to ``start`` (``planning.py``;
-``adaptive.py`` wraps a strategy and passes itself).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import random
 import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping
@@ -50,7 +31,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from flsplit import protocol as p
 from flsplit.aggregation import average_states, block_of
@@ -65,7 +45,6 @@ from flsplit.profile import profile_model
 from flsplit.schedules import PerNode, Schedule
 from flsplit.server import ServerPart, ServerStream, StepStats, StreamServerPart, resolve_device
 from flsplit.splitting import SplitModel
-
 from flsplit.strategies import accounting, checkpointing
 from flsplit.strategies.accounting import RoundOutcome, RoundPricing
 from flsplit.strategies.averaging import Contribution, client_contributions, shared_part_contributions
@@ -76,41 +55,30 @@ from flsplit.strategies.settings import (SERVER_STREAM_OFFSET, CutAssignment, Sp
 
 __all__ = ["SplitStrategy", "SplitSettings", "CutAssignment", "ServerStream", "RoundOutcome"]
 
+EvaluateFn = Callable[[int, ArrayRecord], Optional[MetricRecord]]  # centralized evaluation: (round, arrays) -> metrics
+
 
 class SplitStrategy(Strategy):
     """Base class: the Flower API and the round loop (sampling, cuts, round-end averaging).
 
     Built from a ``SplitSettings`` (``PSL(settings)``), from its fields as keywords
     (``PSL(model_fn=..., input_shape=(1, 8, 8), num_classes=10, cut_layer=2)``), or from both
-    (keywords override the given settings); ``SplitSettings`` documents every field. A cut,
-    ``input_shape`` or ``num_classes`` that does not fit the model is a ``ValueError`` here,
-    before anything runs. ``model_fn`` runs on a fork of torch's generator seeded from
-    ``seed``; the server part's dropout draws from the strategy's own ``ServerStream``, also
-    seeded from ``seed``.
-
-    Example::
-
-        settings = SplitSettings(model_fn=model_fn, input_shape=(1, 8, 8), num_classes=10, cut_layer=2)
-        strategy = PSL(settings, batch_size=16)
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(strategy.model.blocks.state_dict()))
+    (``PSL(settings, batch_size=16)``: keywords override); ``SplitSettings`` documents every
+    field. A cut, ``input_shape`` or ``num_classes`` that does not fit the model is a
+    ``ValueError`` here, before anything runs. The server part's dropout draws from the
+    strategy's own ``ServerStream``, seeded from ``seed``.
     """
 
     scheme = ""  # the scheme's name in STRATEGIES and in the traffic model (flsplit.sim.traffic)
     schedule: type[Schedule] = PerNode  # the scheme's schedule; its class declares the round latency's timing
 
     def __init__(self, settings: Optional[SplitSettings] = None, /, **fields) -> None:
-        if settings is None:
-            settings = SplitSettings(**fields)
-        elif not isinstance(settings, SplitSettings):
-            raise TypeError(f"{type(self).__name__} takes a SplitSettings or keyword arguments (model_fn=..., "
-                            f"input_shape=..., num_classes=...), got a {type(settings).__name__} positionally")
-        elif fields:
-            settings = dataclasses.replace(settings, **fields)
-        self.settings = s = settings
+        self.settings = s = SplitSettings.of(settings, type(self).__name__, **fields)
         self.train_settings = s.train_settings()
         self.device = resolve_device(s.server_device)
         self.model = s.build_model()
         self._shapes = s.checked_shapes(self.model)
+        self.server_dtype: torch.dtype = next(self.model.blocks.parameters()).dtype
         check_cut_assignment(self.model, s.cut_layer)
         self.server_stream = ServerStream(derived_seed(s.seed, SERVER_STREAM_OFFSET))
         self.history = s.history or RunHistory()
@@ -120,10 +88,9 @@ class SplitStrategy(Strategy):
                               s.batch_size, s.steps_per_exchange, self.codec_up)
         self.data_plane: Optional[DataPlane] = None
         self.progress_interval = 10.0  # seconds between progress lines within a round
-        self.scenario = s.scenario
         self.profile = profile_model(self.model, s.input_shape) if s.scenario is not None else None
-        self.pricing = None if s.scenario is None else RoundPricing(self.scheme or type(self).__name__.lower(), self.profile,
-                                                                     s.scenario, self.schedule.timing)
+        self.pricing = None if s.scenario is None else RoundPricing(self.scheme or type(self).__name__.lower(),
+                                                                     self.profile, s.scenario, self.schedule.timing)
         self.model.blocks.to(self.device)  # after the shapes and the profile, measured on the CPU
         self.devices: dict[int, tuple[int, Optional[DeviceProfile]]] = {}  # node -> (partition, own profile)
         self.server_momentum: dict[str, torch.Tensor] = {}  # by parameter name (carry_momentum)
@@ -136,8 +103,7 @@ class SplitStrategy(Strategy):
 
     @classmethod
     def run_config_options(cls, config: Mapping[str, Any]) -> dict:
-        """The scheme's own keyword arguments from a run config (``apps/server_app.py``); they
-        may override a ``SplitSettings`` field too. None here."""
+        """The scheme's own keywords (or ``SplitSettings`` overrides) from a run config (none here)."""
         return {}
 
     def new_round(self, server_round: int) -> RoundExchange:
@@ -150,24 +116,14 @@ class SplitStrategy(Strategy):
     cuts = property(lambda self: self.round.cuts, doc="This round's cut per node.")
     server_steps = property(lambda self: self.round.server_steps, doc="This round's server steps.")
 
-    # ------------------------------------------------------------------ pieces
     def summary(self) -> None:
         """Log the strategy's settings."""
-        log(INFO, "\t├── Scheme: %s, cut layer: %s, blocks: %d, server device: %s", type(self).__name__, self.settings.cut_layer,
+        s = self.settings
+        log(INFO, "\t├── Scheme: %s, cut layer: %s, blocks: %d, server device: %s", type(self).__name__, s.cut_layer,
             self.model.num_blocks, self.device)
         for key, value in self.train_settings.items():
             log(INFO, "\t├── %s: %s", key.replace("_", "-"), value)
-        log(INFO, "\t└── fraction-train: %s, fraction-evaluate: %s", self.settings.fraction_train, self.settings.fraction_evaluate)
-
-    def _sample(self, grid: Grid, server_round: int, fraction: float, min_nodes: int) -> list[int]:
-        """Wait for enough nodes (Flower's ``sample_nodes``), then sample with a seeded RNG."""
-        _, all_nodes = sample_nodes(grid, self.settings.min_available_nodes, 0)
-        size = min(max(int(len(all_nodes) * fraction), min_nodes), len(all_nodes))
-        return sorted(random.Random(self.settings.seed * 100_003 + server_round).sample(sorted(all_nodes), size))
-
-    def config_record(self, server_round: int, cut: int) -> ConfigRecord:
-        """The ``SplitConfig`` a node gets this round."""
-        return p.SplitConfig(server_round=server_round, cut=cut, **self.train_settings).to_record()
+        log(INFO, "\t└── fraction-train: %s, fraction-evaluate: %s", s.fraction_train, s.fraction_evaluate)
 
     def client_part_record(self, cut: int) -> ArrayRecord:
         """Global weights of blocks ``[0, cut)``."""
@@ -182,13 +138,8 @@ class SplitStrategy(Strategy):
         return self.server.stats
 
     def round_outcome(self, record: RoundRecord) -> RoundOutcome:
-        """What the clients did this round, as the scheme counts it (default: each node with a
-        final reply finished, having processed the samples it reports)."""
+        """What the clients did this round (default: each node with a final reply, its samples)."""
         return RoundOutcome.of_replies(record.done)
-
-    @property
-    def server_dtype(self) -> torch.dtype:
-        return next(self.model.blocks.parameters()).dtype
 
     def new_server_part(self, model: Optional[SplitModel] = None) -> ServerPart:
         """A server part over ``model`` (default: the global model) from the shallowest cut;
@@ -201,7 +152,6 @@ class SplitStrategy(Strategy):
             part.load_momentum(self.server_momentum)
         return part
 
-    # ------------------------------------------------------------------ checkpoint (checkpointing.py; schemes extend)
     def checkpoint_config(self) -> dict:
         """The settings a run resumed from this strategy's checkpoint must share (JSON values)."""
         return checkpointing.strategy_config(type(self).__name__, self.model, self.settings)
@@ -214,22 +164,20 @@ class SplitStrategy(Strategy):
         """Take back what ``checkpoint_state`` returned."""
         self.server_momentum, self.devices = checkpointing.restore_strategy_state(state, self.model, self.server_stream)
 
-    # ------------------------------------------------------------------ Flower Strategy API
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
                         planning: Optional[RoundPlanning] = None) -> Iterable[Message]:
         """Sample nodes, assign cuts (``planning``'s, if given), and build each node's first request of the round."""
-        nodes = self._sample(grid, server_round, self.settings.fraction_train, self.settings.min_train_nodes)
+        nodes = self.settings.sample(grid, server_round, self.settings.fraction_train, self.settings.min_train_nodes)
         ex = self.round
-        ex.plan = None
-        if planning is not None:  # cuts (and resources) from the planner in the loop
-            ex.plan = planning.plan_round(ex, nodes)
+        ex.plan = planning.plan_round(ex, nodes) if planning is not None else None  # cuts and resources
+        if ex.plan is not None:
             nodes = list(ex.plan.nodes)  # a node that could not be identified sits out
             ex.cuts = {n: self.model.check_cut(int(ex.plan.cuts[n])) for n in nodes}
         else:
             ex.cuts = assign_cuts(self.model, self.settings.cut_layer, server_round, nodes)
         # Sampled: the nodes asked to train, and those that failed before (a planner's device query).
         ex.sampled = sorted(set(nodes) | {e["node"] for e in ex.errors})
-        ex.configs = {n: self.config_record(server_round, c) for n, c in ex.cuts.items()}
+        ex.configs = {n: self.settings.split_config(server_round, c) for n, c in ex.cuts.items()}
         messages = []
         for node_id in nodes:
             content = ex.request(node_id)
@@ -253,47 +201,29 @@ class SplitStrategy(Strategy):
         """Ask sampled nodes for the smashed data of their evaluation sets (``evaluation.py``)."""
         if self.settings.fraction_evaluate == 0.0:
             return []
-        nodes = self._sample(grid, server_round, self.settings.fraction_evaluate, self.settings.min_evaluate_nodes)
+        nodes = self.settings.sample(grid, server_round, self.settings.fraction_evaluate, self.settings.min_evaluate_nodes)
         self.round.eval_cuts = assign_cuts(self.model, self.settings.cut_layer, server_round, nodes)
-        return evaluation_requests(server_round, self.round.eval_cuts, self.config_record, self.client_part_record)
+        return evaluation_requests(server_round, self.round.eval_cuts, self.settings.split_config, self.client_part_record)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message | Reply]) -> Optional[MetricRecord]:
         """Finish the forward pass of each node's smashed evaluation data; pool the metrics (``evaluation.py``)."""
         return pool_evaluation(replies, self.round, self.gate, self.model)
 
-    # ------------------------------------------------------------------ drivers
     @abstractmethod
     def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
         """Run the round's split exchanges; return the final (``done``) reply of each node."""
 
-    # ------------------------------------------------------------------ the run
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: Optional[ConfigRecord] = None,
-        evaluate_config: Optional[ConfigRecord] = None,
-        evaluate_fn: Optional[Callable[[int, ArrayRecord], Optional[MetricRecord]]] = None,
-        resume_from: Optional[Union[str, Path, Checkpoint]] = None,
-        planning: Optional[RoundPlanning] = None,
-    ) -> Result:
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: Optional[ConfigRecord] = None, evaluate_config: Optional[ConfigRecord] = None,
+              evaluate_fn: Optional[EvaluateFn] = None, resume_from: Optional[Union[str, Path, Checkpoint]] = None,
+              planning: Optional[RoundPlanning] = None) -> Result:
         """Run ``num_rounds`` rounds of split training and return Flower's ``Result``.
 
-        ``initial_arrays`` holds the full model under the blocks' keys
-        (``ArrayRecord(split_model.blocks.state_dict())``). ``timeout`` bounds each exchange.
-        ``train_config`` and ``evaluate_config`` are accepted for signature compatibility and
-        not used: the split settings are the strategy's constructor arguments.
-
-        ``resume_from`` (a run directory with a checkpoint, or a ``Checkpoint``) continues a
-        run: the checkpoint's model and state replace ``initial_arrays`` (which must still fit
-        the model), rounds ``r + 1 .. num_rounds`` run after its round ``r``, the history goes
-        on from the saved one, and ``Result`` holds the rounds run here (no round-0
-        evaluation). A corrupt or mismatched checkpoint is refused before anything runs.
-
-        ``planning`` (a ``RoundPlanning``, e.g. ``Adaptive``) plans every round's cuts and
-        allocation and observes its outcome; its state is checkpointed with the strategy's.
+        ``initial_arrays`` holds the full model under the blocks' keys; ``timeout`` bounds each
+        exchange; ``train_config`` and ``evaluate_config`` are not used (the settings are the
+        strategy's). ``resume_from`` continues a run from a checkpoint (``checkpointing.resume``;
+        ``Result`` then holds the rounds run here). ``planning`` (``RoundPlanning``, e.g.
+        ``Adaptive``) plans each round's cuts and allocation; it is checkpointed with the strategy.
         """
         log(INFO, "Starting %s split strategy (%d rounds)", type(self).__name__, num_rounds)
         self.summary()
@@ -311,8 +241,8 @@ class SplitStrategy(Strategy):
         finally:
             self.data_plane.close()  # no listener, socket or thread outlives the run
 
-    def _run(self, grid: Grid, num_rounds: int, evaluate_fn: Optional[Callable[[int, ArrayRecord], Optional[MetricRecord]]],
-             done_rounds: int, planning: Optional[RoundPlanning]) -> Result:
+    def _run(self, grid: Grid, num_rounds: int, evaluate_fn: Optional[EvaluateFn], done_rounds: int,
+             planning: Optional[RoundPlanning]) -> Result:
         result = Result()
         initial = evaluate_fn is not None and not done_rounds  # round 0 is the initial model: not a resumed run's
         if initial and (res := evaluate_fn(0, ArrayRecord(self.model.blocks.state_dict()))) is not None:
@@ -338,7 +268,6 @@ class SplitStrategy(Strategy):
                 train_metrics=train_metrics, central=central, federated=fed, eval_asked=eval_asked,
                 eval_finished=self.round.eval_finished, sim=sim)
             if record.plan is not None:
-                entry["plan"] = record.plan.as_record()
                 planning.observe_round(record.plan, entry)
             self.history.add_round(entry, num_rounds)
             if self.settings.checkpoint_dir is not None:  # after the round is complete: planner fed, history written
