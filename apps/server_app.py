@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from logging import INFO
 from typing import Callable, Optional
@@ -23,7 +24,8 @@ from flsplit.stream.tls import load_credentials
 from flsplit.history import RunHistory
 from flsplit.protocol import NOOP
 from flsplit.scenario import scenario_from_run_config
-from flsplit.planners.online import make_online_planner
+from flsplit.planners.online import ONLINE_PLANNERS, make_online_planner
+from flsplit.planners.registry import planner_entry
 from flsplit.strategies import STRATEGIES
 from flsplit.strategies.adaptive import Adaptive
 
@@ -31,27 +33,15 @@ app = ServerApp()
 
 
 def build_strategy(settings: RunSettings, history: RunHistory):
-    """The strategy named by ``strategy`` with every knob from the run config."""
+    """The strategy named by ``strategy`` with every knob from the run config: the common ones
+    here, the scheme's own from its class (``SplitStrategy.run_config_options``)."""
     name = settings["strategy"]
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+    cls = STRATEGIES[name]
+    scheme_options = cls.run_config_options(settings)  # the scheme's own keys (they may override a common one)
     info = dataset_info(settings["dataset"])
-    extra: dict = {}
-    if name == "epsl":
-        extra = {"phi": float(settings["phi"]), "positions": str(settings["aggregated-positions"]),
-                 "mechanism": str(settings["epsl-mechanism"]), "scaling": str(settings["epsl-scaling"])}
-    if name == "async":
-        extra = {"loss_threshold": float(settings["loss-threshold"]), "cache_max_mb": float(settings["cache-max-mb"])}
-        window = str(settings["state-window"])
-        if window != "epoch":  # a window of N steps: one round of N batches
-            if not window.isdigit() or int(window) < 1:
-                raise ValueError(f"state-window must be 'epoch' or a number of steps, got {window!r}")
-            settings = RunSettings({**settings, "max-steps": int(window)})
-    for key, arg in (("codec-up", "codec_up"), ("codec-down", "codec_down")):
-        if settings[key]:  # empty: the scheme's default (FP8 for async, lossless otherwise)
-            extra[arg] = str(settings[key])
-    strategy = STRATEGIES[name](
-        **extra,
+    options = dict(
         model_fn=make_model_fn(settings),
         input_shape=(info.in_channels, info.image_size, info.image_size),
         num_classes=info.num_classes,
@@ -73,7 +63,11 @@ def build_strategy(settings: RunSettings, history: RunHistory):
         checkpoint_dir=history.directory,  # a checkpoint after every round, beside history.json
         server_device=settings["server-device"],
     )
-    return with_planner(strategy, settings)
+    for key, arg in (("codec-up", "codec_up"), ("codec-down", "codec_down")):
+        if settings[key]:  # empty: the scheme's default (FP8 for async, lossless otherwise)
+            options[arg] = str(settings[key])
+    options.update(scheme_options)
+    return with_planner(cls(**options), settings)
 
 
 def data_plane_factory(settings: RunSettings) -> Optional[Callable[[Grid, float], DataPlane]]:
@@ -100,6 +94,16 @@ def data_plane_factory(settings: RunSettings) -> Optional[Callable[[Grid, float]
     return factory
 
 
+# The run-config key and type of each online planner knob; a planner gets the knobs its class
+# takes (flsplit.planners.online), so a planner with known knobs needs nothing here.
+PLANNER_KNOBS: dict[str, tuple[str, Callable[[object], object]]] = {
+    "energy_budget_j": ("planner-energy-budget", str),
+    "V": ("planner-v", float),
+    "phi": ("phi", float),
+    "agent_path": ("planner-agent", str),
+}
+
+
 def with_planner(strategy, settings: RunSettings):
     """The strategy itself, or wrapped in ``Adaptive`` with the planner the run config names."""
     name = str(settings["planner"])
@@ -112,16 +116,9 @@ def with_planner(strategy, settings: RunSettings):
         candidate_cuts = [int(c) for c in cuts] or None
     except ValueError:
         raise ValueError(f"planner-candidate-cuts must be a comma list of cut layers, got {settings['planner-candidate-cuts']!r}") from None
-    knobs: dict = {"bytes_per_element": strategy.codec_up.bytes_per_element(strategy.server_dtype),
-                   "candidate_cuts": candidate_cuts}
-    if name in ("asl", "epsl", "ccc"):
-        knobs["energy_budget_j"] = str(settings["planner-energy-budget"])
-    if name == "asl":
-        knobs["V"] = float(settings["planner-v"])
-    if name == "epsl":
-        knobs["phi"] = float(settings["phi"])
-    if name == "ccc":
-        knobs["agent_path"] = str(settings["planner-agent"])
+    takes = inspect.signature(ONLINE_PLANNERS[planner_entry(name, online=True).name.value]).parameters
+    knobs: dict = {knob: read(settings[key]) for knob, (key, read) in PLANNER_KNOBS.items() if knob in takes}
+    knobs.update(bytes_per_element=strategy.codec_up.bytes_per_element(strategy.server_dtype), candidate_cuts=candidate_cuts)
     return Adaptive(strategy, make_online_planner(name, strategy.profile, strategy.scenario, **knobs))
 
 

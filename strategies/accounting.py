@@ -1,126 +1,188 @@
-"""What a round cost: its measured workload priced once, and its history record.
+"""What a round cost and did: its measured workload priced once, and its history entry.
 
-``RoundAccounting`` gives a ``SplitStrategy`` the round's bookkeeping: the samples each client
-processed, the FLOPs it executed, the measured ``RoundWorkload`` priced by ``flsplit.sim.price``
-(with a planned round's allocation and server timing), and the history entry.
+The round loop (``SplitStrategy._run``) calls these with what they need: the round's
+``RoundRecord`` (its exchanges), the scheme's ``RoundOutcome`` (what the clients did, as the
+scheme counts it: ``SplitStrategy.round_outcome``) and the training statistics the server saw.
 """
 
 from __future__ import annotations
 
-import time
+import dataclasses
+from logging import ERROR
+from typing import Any, Optional
 
-from flsplit import protocol as p
-from flsplit.sim.workload import client_flops
-from flsplit.dataplane import Reply, Traffic
+from flwr.app import MetricRecord
+from flwr.common.logger import log
+
+from flsplit.dataplane import Reply
 from flsplit.exchange import RoundRecord
-from flsplit.profile import CutProfile
+from flsplit.history import RunHistory
+from flsplit.profile import ModelProfile
+from flsplit.protocol import METRICS
+from flsplit.sim.scenario import Scenario
+from flsplit.server import StepStats
 from flsplit.sim import ServerTiming, measured_workload, price
+from flsplit.sim.workload import client_flops
 
-__all__ = ["RoundAccounting"]
+__all__ = ["RoundOutcome", "RoundPricing", "round_entry", "untrained"]
 
 
-class RoundAccounting:
-    """Mixin of ``SplitStrategy``: samples, FLOPs, the priced workload, the history entry."""
+@dataclasses.dataclass
+class RoundOutcome:
+    """What the clients did in a round, as the scheme counts it.
 
-    def finished_nodes(self, done: list[Reply]) -> set[int]:
-        """The nodes that finished their round (the others were dropped or sat out)."""
-        return {r.node_id for r in done}
+    Attributes
+    ----------
+    finished : set of int
+        The nodes that finished their round (the others were dropped or sat out).
+    examples : dict
+        Samples each client processed, by node.
+    forward_only : set of int
+        Nodes whose client ran its forward pass only (a frozen client part): their simulated
+        FLOPs are forward FLOPs.
+    extra_server_flops : float
+        Of the server's FLOPs, those on data no client sent this round (a cache).
+    extras : dict
+        Scheme-specific fields of the round's history entry.
+    """
 
-    def round_examples(self, done: list[Reply]) -> dict[int, int]:
-        """Samples each client processed this round (from the replies that ended its round)."""
-        return {r.node_id: int(r.content.metric_records[p.METRICS]["num-examples"]) for r in done}
+    finished: set[int]
+    examples: dict[int, int]
+    forward_only: set[int] = dataclasses.field(default_factory=set)
+    extra_server_flops: float = 0.0
+    extras: dict = dataclasses.field(default_factory=dict)
 
-    def client_flops_executed(self, node_id: int, cut: CutProfile, samples: int) -> float:
-        """Simulated client FLOPs of a node this round (forward and backward per sample)."""
-        return client_flops(cut, samples)
+    @classmethod
+    def of_replies(cls, done: list[Reply]) -> RoundOutcome:
+        """Every node with a final reply finished, having processed the samples it reports."""
+        return cls({r.node_id for r in done},
+                   {r.node_id: int(r.content.metric_records[METRICS]["num-examples"]) for r in done})
 
-    def extra_server_flops(self) -> float:
-        """Of the server's FLOPs this round, those on data no client sent this round (none here)."""
-        return 0.0
 
-    def measured_workload(self, traffic: Traffic, examples: dict[int, int]):
-        """The round's ``RoundWorkload`` from what was measured: bytes serialized, FLOPs run."""
+@dataclasses.dataclass(frozen=True)
+class RoundPricing:
+    """Prices a round of a strategy with a ``scenario``: its measured workload (bytes
+    serialized, FLOPs run), priced once by ``flsplit.sim.price``."""
+
+    scheme: str  # the traffic model's name (flsplit.sim.traffic)
+    profile: ModelProfile
+    scenario: Scenario
+    timing: Any  # the scheme's schedule's timing
+
+    def simulate(self, record: RoundRecord, outcome: RoundOutcome, devices: dict) -> dict:
+        """Simulated latency and energy of the round, with the round plan's allocation and
+        server timing if the round was planned. ``devices`` is ``node -> (partition, own profile)``."""
+        examples, traffic, profile = outcome.examples, record.traffic, self.profile
         nodes = sorted(examples)
-        ids = [self.devices.get(n, (i, None))[0] for i, n in enumerate(nodes)]
-        cuts = [self.cuts[n] for n in nodes]
-        return measured_workload(
-            self.scheme or type(self).__name__.lower(),
-            self.profile,
-            client_ids=ids,
+        cuts = [record.cuts[n] for n in nodes]
+        flops = [examples[n] * profile.cut(c).client_forward_flops if n in outcome.forward_only
+                 else client_flops(profile.cut(c), examples[n]) for n, c in zip(nodes, cuts)]
+        workload = measured_workload(
+            self.scheme, profile,
+            client_ids=[devices.get(n, (i, None))[0] for i, n in enumerate(nodes)],
             cuts=cuts,
-            client_flops=[self.client_flops_executed(n, self.profile.cut(c), examples[n]) for n, c in zip(nodes, cuts)],
+            client_flops=flops,
             uplink_bytes=[traffic.up.get(n, 0) for n in nodes],
             downlink_bytes=[traffic.down.get(n, 0) for n in nodes],
             samples=[examples[n] for n in nodes],
-            server_flops=self.server_work.flops(self.profile),
-            unattributed_server_flops=self.extra_server_flops(),
+            server_flops=record.server_work.flops(profile),
+            unattributed_server_flops=outcome.extra_server_flops,
             broadcast_bytes=traffic.broadcast,
-            timing=self.schedule.timing,
+            timing=self.timing,
         )
-
-    def simulate_round(self, server_round: int, traffic: Traffic, examples: dict[int, int]) -> dict:
-        """Simulated latency and energy of the round: its measured workload, priced once
-        (``flsplit.sim.price``) with the round plan's allocation if the round was planned; the
-        ``RoundCost`` is also kept as ``self.round_cost``."""
-        nodes = sorted(examples)
-        own = {pid: prof for n, (pid, prof) in self.devices.items() if prof is not None and n in examples}
-        scenario = self.scenario.with_devices(own) if own else self.scenario
-        plan = self.round_plan
+        own = {pid: prof for n, (pid, prof) in devices.items() if prof is not None and n in examples}
+        plan = record.plan
         cost = price(
-            self.measured_workload(traffic, examples),
-            scenario,
+            workload,
+            self.scenario.with_devices(own) if own else self.scenario,
             plan.allocation(nodes) if plan is not None else None,
-            server_round=server_round,
+            server_round=record.server_round,
             server_timing=plan.server_timing if plan is not None else ServerTiming.AFTER_CLIENTS,
         )
-        self.round_cost = cost
-        record = cost.as_dict()
-        record["energy_j"] = record.pop("total_energy_j")
-        record["clients"] = {str(n): c for n, c in zip(nodes, record["clients"])}
-        return record
+        sim = cost.as_dict()
+        sim["energy_j"] = sim.pop("total_energy_j")
+        sim["clients"] = {str(n): c for n, c in zip(nodes, sim["clients"])}
+        return sim
 
-    def round_extras(self) -> dict:
-        """Scheme-specific fields of the round's history entry (none here)."""
-        return {}
 
-    def round_entry(self, record: RoundRecord, t0: float, train_metrics, central, federated, eval_asked: int) -> dict:
-        """The history entry of a round (its plan is added by the loop when it has one)."""
-        traffic, cuts = record.traffic, record.cuts
-        up, down = traffic.totals()
-        stats = self.train_stats()
-        entry = {
-            "round": record.server_round,
-            "scheme": type(self).__name__,
-            "nodes": sorted(cuts),
-            "cuts": {str(n): c for n, c in sorted(cuts.items())},
-            "num_examples": int(train_metrics["num-examples"]),
-            "server_steps": record.server_steps,
-            # Samples the server part ran forward and backward this round, per cut (what the
-            # simulated server FLOPs are priced from).
-            "server_rows": {str(c): {"forward": f, "backward": b} for c, (f, b) in sorted(record.server_work.rows.items())},
-            "train_loss": stats.loss if stats.samples else None,
-            "train_accuracy": stats.accuracy if stats.samples else None,
-            "bytes_up": up,
-            "bytes_down": down,
-            "split_bytes_up": sum(traffic.split_up.values()),
-            "split_bytes_down": sum(traffic.split_down.values()),
-            "broadcast_bytes_down": traffic.broadcast,
-            "bytes_per_node": {str(n): traffic.per_node(n) for n in sorted(cuts)},
-            "messages": traffic.messages,
-            "errors": list(record.errors),
-            "wall_seconds": time.perf_counter() - t0,
-            **self.round_extras(),
-        }
-        if central is not None:
-            entry["test_loss"] = central.get("loss")
-            entry["test_accuracy"] = central.get("accuracy")
-        if federated is not None:
-            entry["eval_loss"] = federated["eval-loss"]
-            entry["eval_accuracy"] = federated["eval-accuracy"]
-        examples = self.round_examples(record.done)
-        entry["examples_per_node"] = {str(n): k for n, k in sorted(examples.items())}
-        entry["data_plane"] = {str(n): kind for n, kind in record.planes.items()}
-        entry.update(self.round_status(record, eval_asked, federated))
-        if self.scenario is not None:
-            entry["sim"] = self.simulate_round(record.server_round, traffic, examples)
-        return entry
+def round_entry(record: RoundRecord, outcome: RoundOutcome, stats: StepStats, *, strategy: str, wall_seconds: float,
+                train_metrics: MetricRecord, central: Optional[MetricRecord], federated: Optional[MetricRecord],
+                eval_asked: int, eval_finished: int, sim: Optional[dict]) -> dict:
+    """The history entry of a round; ``sim`` is its priced workload (``RoundPricing``), if any."""
+    traffic, cuts = record.traffic, record.cuts
+    up, down = traffic.totals()
+    entry = {
+        "round": record.server_round,
+        "scheme": strategy,
+        "nodes": sorted(cuts),
+        "cuts": {str(n): c for n, c in sorted(cuts.items())},
+        "num_examples": int(train_metrics["num-examples"]),
+        "server_steps": record.server_steps,
+        # Samples the server part ran forward and backward this round, per cut (what the
+        # simulated server FLOPs are priced from).
+        "server_rows": {str(c): {"forward": f, "backward": b} for c, (f, b) in sorted(record.server_work.rows.items())},
+        "train_loss": stats.loss if stats.samples else None,
+        "train_accuracy": stats.accuracy if stats.samples else None,
+        "bytes_up": up,
+        "bytes_down": down,
+        "split_bytes_up": sum(traffic.split_up.values()),
+        "split_bytes_down": sum(traffic.split_down.values()),
+        "broadcast_bytes_down": traffic.broadcast,
+        "bytes_per_node": {str(n): traffic.per_node(n) for n in sorted(cuts)},
+        "messages": traffic.messages,
+        "errors": list(record.errors),
+        "wall_seconds": wall_seconds,
+        **outcome.extras,
+    }
+    if central is not None:
+        entry["test_loss"] = central.get("loss")
+        entry["test_accuracy"] = central.get("accuracy")
+    if federated is not None:
+        entry["eval_loss"] = federated["eval-loss"]
+        entry["eval_accuracy"] = federated["eval-accuracy"]
+    entry["examples_per_node"] = {str(n): k for n, k in sorted(outcome.examples.items())}
+    entry["data_plane"] = {str(n): kind for n, kind in record.planes.items()}
+    entry.update(_status(record, outcome, eval_asked, eval_finished, federated))
+    if sim is not None:
+        entry["sim"] = sim
+    if record.plan is not None:  # the planner in the loop completes it (RoundPlanning.observe_round)
+        entry["plan"] = record.plan.as_record()
+    return entry
+
+
+def _status(record: RoundRecord, outcome: RoundOutcome, eval_asked: int, eval_finished: int,
+            federated: Optional[MetricRecord]) -> dict:
+    """The round's node counts and ``status``: ``error`` when no sampled node finished the
+    round or every evaluation reply failed, ``warning`` when some node was dropped (or sat
+    out) or some evaluation failed, else ``ok``."""
+    finished = outcome.finished
+    sampled = set(record.sampled) | finished
+    dropped = sorted(sampled - finished)
+    status: dict = {"nodes_sampled": len(sampled), "nodes_finished": len(finished), "nodes_dropped": dropped}
+    eval_failed = 0
+    if eval_asked:
+        eval_failed = eval_asked - eval_finished
+        status.update(eval_nodes_sampled=eval_asked, eval_nodes_finished=eval_finished)
+    if (sampled and not finished) or (eval_failed and federated is None):
+        status["status"] = "error"
+    elif dropped or eval_failed:
+        status["status"] = "warning"
+    else:
+        status["status"] = "ok"
+    return status
+
+
+def untrained(history: RunHistory, rounds: int, fail: bool) -> None:
+    """A run in which no node finished any round: logged as an error and recorded in the
+    history (saved); with ``fail``, ``RuntimeError``, so that Flower marks the run failed
+    instead of completed."""
+    last = history.rounds[-1]["errors"] if history.rounds else []
+    reasons = "; ".join(f"node {e['node']}: {e['error']}" for e in last[:3]) or "none recorded"
+    if len(last) > 3:
+        reasons += f" (and {len(last) - 3} more in the history)"
+    message = f"no node finished a round in {rounds} round{'s' if rounds != 1 else ''}; last errors: {reasons}"
+    history.data["error"] = message
+    history.save()
+    log(ERROR, "[flsplit] %s", message)
+    if fail:
+        raise RuntimeError(message)

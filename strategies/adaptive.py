@@ -1,8 +1,10 @@
 """Adaptive split learning: a planner in the loop of any split strategy, re-planning every round.
 
 ``Adaptive`` wraps a ``SplitStrategy`` the way Flower's differential-privacy wrappers wrap a
-strategy (``flwr/serverapp/strategy/dp_fixed_clipping.py``): the wrapped strategy runs its
-rounds unchanged, and the wrapper hooks in where a round is configured and where it ends.
+strategy (``flwr/serverapp/strategy/dp_fixed_clipping.py``): the wrapper holds the strategy,
+the strategy does not know it is wrapped. ``Adaptive.start`` runs the strategy's rounds with
+itself as their ``planning`` (``flsplit.strategies.planning.RoundPlanning``): the round loop
+asks it for each round's plan and hands it each round's history entry.
 
 Each round:
 
@@ -12,8 +14,8 @@ Each round:
 2. the planner (``flsplit.planners.online``) plans cuts and allocation for that round's
    devices and channel (the scenario's fading for that round);
 3. the strategy trains with those cuts; the round's measured workload is priced with the
-   plan's allocation and the planner's server timing (``SplitStrategy.simulate_round``);
-4. the planner gets what was measured (``observe``: each device's energy, the training
+   plan's allocation and the planner's server timing (``accounting.RoundPricing``);
+4. the planner gets what was measured (``observe_round``: each device's energy, the training
    loss), and the history's round record gets ``plan``: per node cut and allocation, the
    planner's predicted latency and energy (the one price of its predicted workload), its
    planning time, and planner-specific fields (OPEN's budgets and queues, CCC's Q-values).
@@ -40,6 +42,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flsplit import protocol as p
+from flsplit.exchange import RoundExchange
 from flsplit.planners.online import OnlinePlanner, RoundPlan
 from flsplit.scenario import device_from_node_config
 from flsplit.strategies.base import SplitStrategy
@@ -74,7 +77,6 @@ class Adaptive(Strategy):
         self.strategy = strategy
         self.planner = planner
         self.samples: dict[int, int] = {}  # node -> training samples it reported
-        strategy.round_planner = self
 
     def __getattr__(self, name: str) -> Any:  # settings of the wrapped strategy (min_available_nodes, ...)
         if name in ("strategy", "planner"):
@@ -85,55 +87,56 @@ class Adaptive(Strategy):
         log(INFO, "\t├── Planner in the loop: %s (server timing %s)", self.planner.name, self.planner.server_timing.value)
         self.strategy.summary()
 
-    # ------------------------------------------------------------------ hooks the strategy calls
-    def identify(self, strategy: SplitStrategy, server_round: int, nodes: list[int]) -> list[int]:
-        """Ask nodes seen for the first time who they are; returns the nodes that answered."""
+    # ------------------------------------------------------------------ RoundPlanning: what the round loop calls
+    def identify(self, exchange: RoundExchange, nodes: list[int]) -> list[int]:
+        """Ask nodes seen for the first time who they are (recorded in ``exchange.devices``);
+        returns the nodes that answered."""
         unknown = [n for n in nodes if n not in self.samples]
         if unknown:
-            replies = strategy.data_plane.exchange({n: RecordDict() for n in unknown}, p.DESCRIBE, str(server_round))
+            replies = exchange.data_plane.exchange({n: RecordDict() for n in unknown}, p.DESCRIBE, str(exchange.server_round))
             for node, reply in replies.items():
                 record = reply.content.config_records.get(p.DEVICE) if reply.content is not None else None
                 if reply.error is not None or record is None:
-                    strategy.reject(node, f"device query failed, node sits out: {reply.error or 'no device record'}")
+                    exchange.reject(node, f"device query failed, node sits out: {reply.error or 'no device record'}")
                     continue
                 try:
                     examples = int(record["num-train-examples"])
                     pid = int(record["partition-id"])
                     if examples < 0 or pid < 0:
                         raise ValueError("negative partition id or sample count")
-                    own = device_from_node_config(record, strategy.scenario.device(pid))  # reads the device keys only
+                    own = device_from_node_config(record, self.strategy.scenario.device(pid))  # reads the device keys only
                 except (KeyError, TypeError, ValueError) as err:
-                    strategy.reject(node, f"device record refused, node sits out: {err}")
+                    exchange.reject(node, f"device record refused, node sits out: {err}")
                     continue
-                strategy.devices[node] = (pid, own)
+                exchange.devices[node] = (pid, own)
                 self.samples[node] = examples
         return [n for n in nodes if n in self.samples]
 
-    def expected_samples(self, strategy: SplitStrategy, node: int) -> int:
+    def expected_samples(self, node: int) -> int:
         """Samples a node trains on in a round (``max-steps`` batches, or local epochs)."""
-        s = strategy.train_settings
+        s = self.strategy.train_settings
         if s["max_steps"]:
             return int(s["max_steps"]) * int(s["batch_size"])
         return int(s["local_epochs"]) * self.samples[node]
 
-    def plan_round(self, strategy: SplitStrategy, server_round: int, nodes: list[int]) -> RoundPlan:
+    def plan_round(self, exchange: RoundExchange, nodes: list[int]) -> RoundPlan:
         """Identify the nodes, then plan their cuts and resources for this round."""
-        nodes = [n for n in self.identify(strategy, server_round, nodes) if self.samples[n] > 0]
+        server_round, devices, scenario = exchange.server_round, exchange.devices, self.strategy.scenario
+        nodes = [n for n in self.identify(exchange, nodes) if self.samples[n] > 0]
         if not nodes:
             raise RuntimeError(f"round {server_round}: no sampled node could be identified")
-        ids = [strategy.devices[n][0] for n in nodes]
-        own = {pid: prof for n, (pid, prof) in strategy.devices.items() if prof is not None and n in nodes}
-        scenario = strategy.scenario.with_devices(own) if own else strategy.scenario
-        plan = self.planner.plan(server_round, ids, [self.expected_samples(strategy, n) for n in nodes],
-                                 nodes=nodes, scenario=scenario)
+        ids = [devices[n][0] for n in nodes]
+        own = {pid: prof for n, (pid, prof) in devices.items() if prof is not None and n in nodes}
+        plan = self.planner.plan(server_round, ids, [self.expected_samples(n) for n in nodes],
+                                 nodes=nodes, scenario=scenario.with_devices(own) if own else scenario)
         log(INFO, "[flsplit] round %d plan (%s, %.3f s): cuts %s, predicted %.3f s / %.4f J", server_round,
             plan.method, plan.planning_s, [plan.cuts[n] for n in nodes], plan.predicted.round_latency_s,
             plan.predicted.total_energy_j)
         return plan
 
-    def observe(self, strategy: SplitStrategy, server_round: int, entry: dict) -> None:
+    def observe_round(self, plan: RoundPlan, entry: dict) -> None:
         """Feed back the round's measured energies and loss; complete the history's plan record."""
-        plan: RoundPlan = strategy.round_plan
+        server_round = entry["round"]
         clients = (entry.get("sim") or {}).get("clients", {})
         missing = [n for n in plan.nodes if str(n) not in clients]
         if missing:  # a node that dropped out spent energy nobody measured: counted as none
@@ -141,7 +144,6 @@ class Adaptive(Strategy):
         energies = [clients[str(n)]["energy_j"] if str(n) in clients else 0.0 for n in plan.nodes]
         entry["plan"].update(self.planner.observe(server_round, plan.client_ids, energies, entry.get("train_loss")))
 
-    # ------------------------------------------------------------------ checkpoint (flsplit.strategies.checkpointing)
     def planner_config(self) -> dict:
         """The planner's settings a resumed run must share."""
         return self.planner.checkpoint_config()
@@ -156,7 +158,7 @@ class Adaptive(Strategy):
 
     # ------------------------------------------------------------------ Flower Strategy API: delegated
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+        return self.strategy.configure_train(server_round, arrays, config, grid, planning=self)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         return self.strategy.aggregate_train(server_round, replies)
@@ -170,4 +172,5 @@ class Adaptive(Strategy):
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600, **kwargs):
         """Run the wrapped strategy with the planner in the loop (see ``SplitStrategy.start``)."""
         log(INFO, "[flsplit] adaptive: planner '%s' drives %s", self.planner.name, type(self.strategy).__name__)
-        return self.strategy.start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds, timeout=timeout, **kwargs)
+        return self.strategy.start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds, timeout=timeout,
+                                   planning=self, **kwargs)

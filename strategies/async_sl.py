@@ -32,17 +32,19 @@ uploads again) instead of training the server on nothing.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from logging import WARNING
-from typing import Optional
+from typing import Any, Optional
 
 from flwr.app import ArrayRecord, RecordDict
 from flwr.common.logger import log
 
 from flsplit import protocol as p
 from flsplit.dataplane import Reply, payload_bytes
+from flsplit.exchange import RoundRecord
 from flsplit.schedules import PerNode, UploadOnly
 from flsplit.server import StepStats
-from flsplit.strategies.base import SplitStrategy
+from flsplit.strategies.base import RoundOutcome, SplitStrategy
 
 __all__ = ["AsyncSL", "next_state"]
 
@@ -96,6 +98,18 @@ class AsyncSL(SplitStrategy):
         self.reference_loss: dict[int, Optional[float]] = {}
         self.cache: OrderedDict[int, tuple[int, ArrayRecord]] = OrderedDict()  # node -> (cut, encoded)
         self.transitions: dict[str, dict] = {}
+
+    @classmethod
+    def run_config_options(cls, config: Mapping[str, Any]) -> dict:
+        """``loss-threshold``, ``cache-max-mb``, and ``state-window``: ``epoch``, or a number of
+        steps N (one round of N batches: ``max_steps``)."""
+        options = {"loss_threshold": float(config["loss-threshold"]), "cache_max_mb": float(config["cache-max-mb"])}
+        window = str(config["state-window"])
+        if window != "epoch":
+            if not window.isdigit() or int(window) < 1:
+                raise ValueError(f"state-window must be 'epoch' or a number of steps, got {window!r}")
+            options["max_steps"] = int(window)
+        return options
 
     # ------------------------------------------------------------------ checkpoint
     def checkpoint_config(self) -> dict:
@@ -192,23 +206,22 @@ class AsyncSL(SplitStrategy):
             self.states[node] = new
             self.transitions[str(node)] = {"state": state, "next": new, "loss": stats.loss, "reference_loss": reference}
 
-    def finished_nodes(self, done: list[Reply]) -> set[int]:
-        """A clients that ended their round, B clients whose upload was trained on, and C
-        clients (the server trained on their cache: no message)."""
+    def round_outcome(self, record: RoundRecord) -> RoundOutcome:
+        """Finished: A clients that ended their round, B clients whose upload was trained on, and
+        C clients (the server trained on their cache: no message). Samples: A clients' trained
+        ones plus B clients' uploaded ones (C clients processed none). In B the frozen client
+        only runs its forward pass; in C the server trains on cached smashed data."""
+        replied = super().round_outcome(record)
         cached = {n for n, s in self.window.items() if s == "C"}
-        return super().finished_nodes(done) | set(self.upload_examples) | cached
+        return RoundOutcome(
+            finished=replied.finished | set(self.upload_examples) | cached,
+            examples={**replied.examples, **self.upload_examples},
+            forward_only={n for n, s in self.window.items() if s == "B"},
+            extra_server_flops=self._cached_server_flops() if self.profile is not None else 0.0,
+            extras={"async": dict(self.transitions), "cache_bytes": self.cache_bytes()},
+        )
 
-    def round_examples(self, done: list[Reply]) -> dict[int, int]:
-        """A clients' trained samples plus B clients' uploaded ones (C clients processed none)."""
-        return {**super().round_examples(done), **self.upload_examples}
-
-    def client_flops_executed(self, node_id: int, cut, samples: int) -> float:
-        """In B the frozen client only runs its forward pass."""
-        if self.window.get(node_id) == "B":
-            return samples * cut.client_forward_flops
-        return super().client_flops_executed(node_id, cut, samples)
-
-    def extra_server_flops(self) -> float:
+    def _cached_server_flops(self) -> float:
         """The server's training on cached smashed data of the C clients."""
         total = 0.0
         for node, state in self.window.items():
@@ -219,6 +232,3 @@ class AsyncSL(SplitStrategy):
 
     def train_stats(self) -> StepStats:
         return StepStats.merged(self.node_stats.values())
-
-    def round_extras(self) -> dict:
-        return {"async": dict(self.transitions), "cache_bytes": self.cache_bytes()}

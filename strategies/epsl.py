@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from flwr.app import RecordDict
@@ -71,6 +73,12 @@ class EPSL(PSL):
         self.scaling = scaling
         self._rng = random.Random(self.settings.seed)
         self._steps = 0  # server steps so far, across rounds: where 'rotating' starts
+
+    @classmethod
+    def run_config_options(cls, config: Mapping[str, Any]) -> dict:
+        """``phi``, ``aggregated-positions``, ``epsl-mechanism`` and ``epsl-scaling``."""
+        return {"phi": float(config["phi"]), "positions": str(config["aggregated-positions"]),
+                "mechanism": str(config["epsl-mechanism"]), "scaling": str(config["epsl-scaling"])}
 
     def checkpoint_config(self) -> dict:
         return {**super().checkpoint_config(), "phi": self.phi, "positions": self.positions,

@@ -8,13 +8,17 @@ value), or both, ``PSL(settings, batch_size=8)`` (keywords override). Scheme-spe
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
+import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
 import torch
+from flwr.app import ConfigRecord
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from flsplit import protocol as p
 from flsplit import rng
@@ -37,9 +41,9 @@ CutAssignment = Union[int, str, list, Callable[[int, list[int]], Mapping[int, in
 MODEL_SEED_OFFSET = 0x6D6F64656C  # "model"
 SERVER_STREAM_OFFSET = 0x64726F70  # "drop"
 
-# The SplitConfig fields: sent to the clients every round, and the server part's SGD settings.
-TRAIN_FIELDS = ("batch_size", "local_epochs", "max_steps", "steps_per_exchange", "learning_rate", "momentum",
-                "weight_decay", "carry_momentum", "seed", "shuffle", "codec_up", "codec_down")
+# The SplitConfig fields but the round's (sent to the clients every round, and the server
+# part's SGD settings): SplitConfig is their one list; SplitSettings declares each of them.
+TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(p.SplitConfig) if f.name not in ("server_round", "cut"))
 
 
 def derived_seed(seed: int, offset: int) -> int:
@@ -162,9 +166,32 @@ class SplitSettings:
                              f"got {self.input_shape!r}")
         object.__setattr__(self, "input_shape", tuple(int(d) for d in shape))
 
+    @classmethod
+    def of(cls, settings: Optional[SplitSettings], owner: str, /, **fields) -> SplitSettings:
+        """The settings a strategy (``owner``, for the error) is built from: ``settings``, its
+        fields as keywords, or both (keywords override)."""
+        if settings is None:
+            return cls(**fields)
+        if not isinstance(settings, cls):
+            raise TypeError(f"{owner} takes a SplitSettings or keyword arguments (model_fn=..., input_shape=..., "
+                            f"num_classes=...), got a {type(settings).__name__} positionally")
+        return dataclasses.replace(settings, **fields) if fields else settings
+
     def train_settings(self) -> dict:
         """The ``SplitConfig`` fields (sent to the clients every round)."""
         return {name: getattr(self, name) for name in TRAIN_FIELDS}
+
+    def split_config(self, server_round: int, cut: int) -> ConfigRecord:
+        """The ``SplitConfig`` a node training at ``cut`` gets in ``server_round``."""
+        return p.SplitConfig(server_round=server_round, cut=cut, **self.train_settings()).to_record()
+
+    def sample(self, grid: Grid, server_round: int, fraction: float, min_nodes: int) -> list[int]:
+        """A round's nodes: wait for ``min_available_nodes`` (Flower's ``sample_nodes``), then
+        sample ``fraction`` of them (at least ``min_nodes``) with an RNG seeded from ``seed``
+        and the round."""
+        _, all_nodes = sample_nodes(grid, self.min_available_nodes, 0)
+        size = min(max(int(len(all_nodes) * fraction), min_nodes), len(all_nodes))
+        return sorted(random.Random(self.seed * 100_003 + server_round).sample(sorted(all_nodes), size))
 
     def build_model(self) -> SplitModel:
         """``model_fn()`` on a fork of torch's generator seeded from ``seed``: the same model

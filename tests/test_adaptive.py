@@ -188,3 +188,19 @@ def test_open_names_budgets_no_cut_can_meet():
     planner.plan(1, [0, 1], [96, 96])
     planner.plan(2, [0, 1], [96, 96])
     assert planner.warned == {0}  # client 0 cannot meet 0.1 mJ; client 1 has 1 J
+
+
+def test_the_wrapped_strategy_does_not_know_it_is_wrapped():
+    """``Adaptive`` holds the strategy, as Flower's DP wrappers do: wrapping sets nothing on it
+    (the planner reaches the round loop as ``start(..., planning=...)``)."""
+    from flsplit.planners.online import make_online_planner
+    from flsplit.strategies import PSL
+    from flsplit.strategies.adaptive import Adaptive
+    from tests.helpers import model_fn
+
+    scenario = load_scenario("edge-diverse")
+    psl = PSL(model_fn=model_fn, input_shape=(1, 8, 8), num_classes=10, scenario=scenario)
+    before = dict(vars(psl))
+    adaptive = Adaptive(psl, make_online_planner("edgesplit", psl.profile, scenario))
+    assert vars(psl).keys() == before.keys() and all(vars(psl)[k] is v for k, v in before.items())
+    assert adaptive.strategy is psl and not hasattr(psl, "round_planner")

@@ -170,3 +170,13 @@ def test_async_learns_within_one_point_of_synchronous(tmp_path):
     assert "C" in states
     assert sum(fp8_best) / 3 >= sum(sync_best) / 3 - 0.01, (fp8_best, sync_best)
     assert fp8_bytes < sync_bytes / 4
+
+
+def test_async_reads_its_own_run_config_keys():
+    """The ServerApp takes a scheme's own keys from its class: a window of N steps is a round of N batches."""
+    config = {"loss-threshold": 0.2, "cache-max-mb": 8.0, "state-window": "epoch"}
+    assert AsyncSL.run_config_options(config) == {"loss_threshold": 0.2, "cache_max_mb": 8.0}
+    assert AsyncSL.run_config_options({**config, "state-window": "5"})["max_steps"] == 5
+    for bad in ("0", "five", "-1"):
+        with pytest.raises(ValueError, match="state-window must be 'epoch' or a number of steps"):
+            AsyncSL.run_config_options({**config, "state-window": bad})

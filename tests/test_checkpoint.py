@@ -147,6 +147,8 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path, name, one_torch_thre
     assert _records(_inner(resumed).history) == _records(_inner(straight).history)
     # everything the strategy carries on (planner queues, async states and cache, ...) is the same too
     _same(_inner(resumed).checkpoint_state(), _inner(straight).checkpoint_state())
+    if isinstance(straight, Adaptive):  # and so is what the planner in the loop carries on
+        _same(resumed.planner_state(), straight.planner_state(), "planner")
     assert load_checkpoint(tmp_path).round == total
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pt")) == [f"checkpoint-{total}.pt"]
 

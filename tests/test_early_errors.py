@@ -21,6 +21,7 @@ from flsplit.history import RunHistory
 from flsplit.inprocess import InProcessGrid
 from flsplit.splitting import SplitModel
 from flsplit.strategies import PSL, SFLV1, SL
+from flsplit.strategies.settings import assign_cuts
 from tests.helpers import client_app_for, client_app_of, model_fn, random_data
 
 DIGITS = dict(input_shape=(1, 8, 8), num_classes=10)  # tests.helpers.model_fn: the 9-block digits CNN
@@ -61,7 +62,7 @@ def test_a_cut_function_is_checked_every_round_without_truncation():
             strategy.start(grid=grid, initial_arrays=ArrayRecord(model_fn().blocks.state_dict()), num_rounds=1)
         assert not grid.messages_by_type  # refused before anything was sent
     strategy = PSL(model_fn=model_fn, cut_layer=[np.int64(3), 2], **DIGITS)  # integers of any type
-    assert strategy.assign_cuts(1, [7, 5]) == {5: 3, 7: 2}
+    assert assign_cuts(strategy.model, strategy.settings.cut_layer, 1, [7, 5]) == {5: 3, 7: 2}
 
 
 def test_an_input_shape_that_does_not_fit_names_torchs_error():

@@ -1,0 +1,46 @@
+"""The round's averaging: what each trainer contributes to the global model (``flsplit.aggregation``).
+
+A client part counts with the samples its node reports; the shared server part's blocks
+each count with the samples that went through them (a block past a node's cut trained on
+that node's samples).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from flwr.app import Message
+
+from flsplit import protocol as p
+from flsplit.aggregation import block_of
+from flsplit.dataplane import Reply
+from flsplit.splitting import SplitModel
+
+__all__ = ["Contribution", "client_contributions", "shared_part_contributions"]
+
+Contribution = tuple[dict[str, torch.Tensor], float]  # (tensors by blocks' key, weight)
+
+
+def client_contributions(replies: Iterable[Message | Reply]) -> tuple[list[Contribution], int]:
+    """Each final reply's client part, weighted by its samples; and the samples in all."""
+    contributions, examples = [], 0
+    for reply in replies:
+        content = reply.content
+        n = int(content.metric_records[p.METRICS]["num-examples"])
+        contributions.append((content.array_records[p.CLIENT_PART].to_torch_state_dict(), n))
+        examples += n
+    return contributions, examples
+
+
+def shared_part_contributions(model: SplitModel, entry: int, per_cut_samples: dict[int, int]) -> list[Contribution]:
+    """The blocks of a shared server part over ``model`` from block ``entry`` on, each weighted
+    by the samples that went through it (``per_cut_samples``: samples per cut)."""
+    full = model.blocks.state_dict()
+    out = []
+    for block in range(entry, model.num_blocks):
+        weight = sum(n for cut, n in per_cut_samples.items() if cut <= block)
+        state = {k: v for k, v in full.items() if block_of(k) == block}
+        if state:
+            out.append((state, weight))
+    return out
