@@ -6,8 +6,8 @@ from flwr.app import Context
 from flwr.clientapp import ClientApp
 
 from apps.task import RunSettings, client_data, make_model_fn
-from flsplit.client import SplitClient
-from flsplit.clientapp import register_split_handlers
+from flsplit.runtime.client import SplitClient
+from flsplit.runtime.clientapp import register_split_handlers
 
 app = ClientApp()
 

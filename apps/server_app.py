@@ -15,15 +15,15 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from apps.task import RunSettings, make_evaluate_fn, make_model_fn
-from flsplit.checkpoint import load_checkpoint
-from flsplit.data import dataset_info
-from flsplit.dataplane import DataPlane, MessageDataPlane, time_noop_exchanges
-from flsplit.stream import MODES, StreamDataPlane
-from flsplit.stream.simulation import simulation_concurrency
-from flsplit.stream.tls import load_credentials
-from flsplit.history import RunHistory
-from flsplit.protocol import NOOP
-from flsplit.scenario import scenario_from_run_config
+from flsplit.runtime.checkpoint import load_checkpoint
+from flsplit.data.datasets import dataset_info
+from flsplit.planes.dataplane import DataPlane, MessageDataPlane, time_noop_exchanges
+from flsplit.planes.stream import MODES, StreamDataPlane
+from flsplit.planes.stream.simulation import simulation_concurrency
+from flsplit.planes.stream.tls import load_credentials
+from flsplit.runtime.history import RunHistory
+from flsplit.wire.protocol import NOOP
+from flsplit.sim.scenario_files import scenario_from_run_config
 from flsplit.planners.online import ONLINE_PLANNERS, make_online_planner
 from flsplit.planners.registry import planner_entry
 from flsplit.strategies import STRATEGIES

@@ -11,15 +11,15 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
 
-from flsplit import rng
-from flsplit.checkpoint import CheckpointMismatch
-from flsplit.protocol import SplitConfig, check_int, check_number
-from flsplit.server import EPSL_MECHANISMS, EPSL_SCALINGS
+from flsplit.model import rng
+from flsplit.runtime.checkpoint import CheckpointMismatch
+from flsplit.wire.protocol import SplitConfig, check_int, check_number
+from flsplit.runtime.server import EPSL_MECHANISMS, EPSL_SCALINGS
 from flsplit.strategies.epsl import POSITIONS as EPSL_POSITIONS
-from flsplit.data import TensorData, dataset_info, load_centralized, load_partition
-from flsplit.local_data import LocalDataError, load_local
-from flsplit.splitting import SplitModel
-from flsplit.zoo import build_model
+from flsplit.data.datasets import TensorData, dataset_info, load_centralized, load_partition
+from flsplit.data.local import LocalDataError, load_local
+from flsplit.model.splitting import SplitModel
+from flsplit.model.zoo import build_model
 
 __all__ = ["RunSettings", "make_model_fn", "client_data", "centralized_test", "make_evaluate_fn"]
 
@@ -85,7 +85,7 @@ class RunSettings(dict):
     """The run config with defaults filled in (``run_simulation`` leaves it empty)."""
 
     def __init__(self, run_config: Optional[Mapping[str, Any]] = None) -> None:
-        # cost-* keys belong to the cost model (flsplit.scenario.scenario_from_run_config)
+        # cost-* keys belong to the cost model (flsplit.sim.scenario_files.scenario_from_run_config)
         unknown = {k for k in run_config or {} if not k.startswith("cost-")} - set(DEFAULTS)
         if unknown:
             raise ValueError(f"unknown run-config keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
@@ -179,7 +179,7 @@ def client_data(settings: RunSettings, node_config: Mapping[str, Any],
                 node_id: Optional[int] = None) -> tuple[TensorData, Optional[TensorData]]:
     """This node's training data and its evaluation data (``None``: it has none).
 
-    With ``data-path`` in the node config: the node's own files (``flsplit.local_data``; the
+    With ``data-path`` in the node config: the node's own files (``flsplit.data.local``; the
     run's ``dataset`` only gives the model's input shape, classes and pixel scaling). Otherwise
     partition ``partition-id`` of ``num-partitions`` of the run's ``dataset``, and an iid share
     of its test split; either may be empty when there are more partitions than samples (iid).

@@ -1,7 +1,7 @@
 """Adaptive schemes in training (issue 10): each planner in the loop beside its baselines.
 
 Every run is the project's real ServerApp with the real ClientApps on an in-process grid
-(``flsplit.inprocess.InProcessGrid``: no Ray, no SuperLink; messages are handled in this
+(``flsplit.planes.inprocess.InProcessGrid``: no Ray, no SuperLink; messages are handled in this
 process), in ONE setting: the embedded scikit-learn digits (iid partitions), digits-cnn,
 8 nodes all sampled every round (fraction-train 1.0), the ``edge-diverse`` scenario, the same
 seed, rounds, local epochs, batch size, learning rate and momentum. Only ``strategy``,
@@ -105,9 +105,9 @@ def node_samples(common: dict) -> list[int]:
 def best_cuts(samples: list[int], rounds: int, phi: float) -> dict:
     """Per baseline scheme, the best uniform cut over rounds 1..R (mean latency) and all cut latencies."""
     from flsplit.planners import PlanningProblem, best_fixed_cut
-    from flsplit.profile import profile_model
-    from flsplit.scenario import load_scenario
-    from flsplit.zoo import build_model
+    from flsplit.model.profile import profile_model
+    from flsplit.sim.scenario_files import load_scenario
+    from flsplit.model.zoo import build_model
 
     profile = profile_model(build_model(MODEL, 10, 1, 8), (1, 8, 8))
     scenario = load_scenario(SCENARIO)
@@ -153,10 +153,10 @@ def sl_energy_budgets(samples: list[int], rounds: int, cut: int) -> list[float]:
     """Each device's mean energy per round under vanilla SL at ``cut`` (rounds 1..R, client-part
     weights included): OPEN's budgets for the paper's comparison "under the same budgets as
     fixed-split SL" (OPEN's default budgets are the parallel best-fixed-cut round's energies)."""
-    from flsplit.profile import profile_model
-    from flsplit.scenario import load_scenario
+    from flsplit.model.profile import profile_model
+    from flsplit.sim.scenario_files import load_scenario
     from flsplit.sim import ElementWire, predict_workload, price
-    from flsplit.zoo import build_model
+    from flsplit.model.zoo import build_model
 
     profile = profile_model(build_model(MODEL, 10, 1, 8), (1, 8, 8))
     scenario = load_scenario(SCENARIO)
@@ -194,7 +194,7 @@ def run_one(job: tuple) -> tuple[str, int, str, float]:
     FLOWER_LOGGER.setLevel(logging.WARNING)
     from apps.client_app import app as client_app
     from apps.server_app import app as server_app
-    from flsplit.inprocess import InProcessGrid
+    from flsplit.planes.inprocess import InProcessGrid
 
     out = Path(out_dir)
     if out.exists():
@@ -550,9 +550,9 @@ def main() -> None:
     elif (out / "ccc-agent.json").exists():
         agent_info = json.loads((out / "ccc-agent.json").read_text())
 
-    from flsplit.profile import profile_model
-    from flsplit.scenario import load_scenario
-    from flsplit.zoo import build_model
+    from flsplit.model.profile import profile_model
+    from flsplit.sim.scenario_files import load_scenario
+    from flsplit.model.zoo import build_model
 
     profile = profile_model(build_model(MODEL, 10, 1, 8), (1, 8, 8))
     scenario = load_scenario(SCENARIO)

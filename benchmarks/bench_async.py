@@ -43,10 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # mnist_data, when run
 
 from apps.client_app import app as client_app
 from apps.server_app import app as server_app
-from flsplit.data import dataset_info
-from flsplit.inprocess import InProcessGrid
-from flsplit.profile import profile_model
-from flsplit.zoo import build_model
+from flsplit.data.datasets import dataset_info
+from flsplit.planes.inprocess import InProcessGrid
+from flsplit.model.profile import profile_model
+from flsplit.model.zoo import build_model
 
 STATES = "ABC"
 

@@ -27,12 +27,12 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.supercore.task_identity import TaskIdentity
 
-from flsplit import protocol as p
-from flsplit.client import SplitClient
-from flsplit.data import TensorData, load_centralized
-from flsplit.dataplane import payload_bytes
-from flsplit.inprocess import InProcessGrid
-from flsplit.zoo import build_model
+from flsplit.wire import protocol as p
+from flsplit.runtime.client import SplitClient
+from flsplit.data.datasets import TensorData, load_centralized
+from flsplit.planes.dataplane import payload_bytes
+from flsplit.planes.inprocess import InProcessGrid
+from flsplit.model.zoo import build_model
 from flsplit.strategies import PSL
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"

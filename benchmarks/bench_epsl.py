@@ -25,7 +25,7 @@ from flwr.common.logger import FLOWER_LOGGER
 
 from apps.client_app import app as client_app
 from apps.server_app import app as server_app
-from flsplit.inprocess import InProcessGrid
+from flsplit.planes.inprocess import InProcessGrid
 
 
 def run(tmp: Path, clients: int, node_configs: list[dict] | None = None, **run_config) -> dict:

@@ -221,11 +221,11 @@ def inprocess_estimate(args, threads: list[int]) -> dict:
     from apps.client_app import app as client_app
     from apps.server_app import build_strategy
     from apps.task import RunSettings, make_evaluate_fn, make_model_fn
-    from flsplit.data import load_partition
-    from flsplit.dataplane import MessageDataPlane, time_noop_exchanges
-    from flsplit.history import RunHistory
-    from flsplit.inprocess import InProcessGrid
-    from flsplit.protocol import NOOP
+    from flsplit.data.datasets import load_partition
+    from flsplit.planes.dataplane import MessageDataPlane, time_noop_exchanges
+    from flsplit.runtime.history import RunHistory
+    from flsplit.planes.inprocess import InProcessGrid
+    from flsplit.wire.protocol import NOOP
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     overrides = {"num-server-rounds": args.rounds, **parse_run_config(args.extra_run_config)}

@@ -1,6 +1,6 @@
 """What the reply gate costs per reply, side by side with decoding alone.
 
-The gate (``flsplit.gate.ReplyGate``) checks a step reply's records, keys, sizes, status and
+The gate (``flsplit.wire.gate.ReplyGate``) checks a step reply's records, keys, sizes, status and
 device records and then decodes it with ``protocol.decode_smashed``, which the server called
 alone before the gate existed. Both run in one process, interleaved, on the same replies;
 the ratio is what matters (the machine is shared). A final reply's client-part check is
@@ -18,12 +18,12 @@ import time
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from flsplit import protocol as p
-from flsplit.aggregation import block_of
-from flsplit.codecs import get_codec
-from flsplit.gate import ReplyGate
-from flsplit.splitting import SplitModel, block_output_shapes
-from flsplit.zoo import build_model
+from flsplit.wire import protocol as p
+from flsplit.runtime.aggregation import block_of
+from flsplit.wire.codecs import get_codec
+from flsplit.wire.gate import ReplyGate
+from flsplit.model.splitting import SplitModel, block_output_shapes
+from flsplit.model.zoo import build_model
 
 
 def _time(fn, repeats: int) -> list[float]:

@@ -24,9 +24,9 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flsplit.codecs import get_codec  # noqa: E402
-from flsplit.protocol import SmashedBatch, encode_batches  # noqa: E402
-from flsplit.splitting import as_split_model  # noqa: E402
+from flsplit.wire.codecs import get_codec  # noqa: E402
+from flsplit.wire.protocol import SmashedBatch, encode_batches  # noqa: E402
+from flsplit.model.splitting import as_split_model  # noqa: E402
 from tests.test_graph_split import ResMLP, TinyUNet  # noqa: E402
 
 CASES = {

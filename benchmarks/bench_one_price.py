@@ -29,12 +29,12 @@ from flwr.app import Context, RecordDict  # noqa: E402
 from apps.client_app import app as client_app  # noqa: E402
 from apps.server_app import app as server_app  # noqa: E402
 from apps.task import RunSettings, client_data  # noqa: E402
-from flsplit.inprocess import InProcessGrid  # noqa: E402
-from flsplit.profile import profile_model  # noqa: E402
-from flsplit.scenario import load_scenario  # noqa: E402
+from flsplit.planes.inprocess import InProcessGrid  # noqa: E402
+from flsplit.model.profile import profile_model  # noqa: E402
+from flsplit.sim.scenario_files import load_scenario  # noqa: E402
 from flsplit.sim import ElementWire, predict_workload, price  # noqa: E402
-from flsplit.wire_bytes import SerializedWire  # noqa: E402
-from flsplit.zoo import build_model  # noqa: E402
+from flsplit.wire.wire_bytes import SerializedWire  # noqa: E402
+from flsplit.model.zoo import build_model  # noqa: E402
 
 NODES, BATCH = 4, 32
 SCHEMES = [("psl", {"cut-layer": "1,7"}), ("sl", {"cut-layer": "3"}), ("sflv2", {"cut-layer": "3"}),

@@ -13,7 +13,7 @@ Three parts (each prints a Markdown table; ``--part`` picks one):
     Each method over ``--rounds`` rounds of the heterogeneous scenario (8 clients), against
     the best fixed cut (one cut for everyone, resources split evenly) of the same scheme, both
     priced by the one price (``flsplit.sim.price``) through
-    ``flsplit.plan_command.run_plans`` (what ``flsplit plan`` prints).
+    ``flsplit.cli.plan.run_plans`` (what ``flsplit plan`` prints).
 ``asl``
     OPEN (ASL) against fixed-split SL under the same energy budgets, in OPEN's own model
     (parallel clients, server CPU shared optimally): the fixed split is OPEN restricted to one
@@ -38,9 +38,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flsplit.sim.scenario import Channel, Scenario  # noqa: E402
-from flsplit.plan_command import PlanSetup, model_profile, run_plans  # noqa: E402
+from flsplit.cli.plan import PlanSetup, model_profile, run_plans  # noqa: E402
 from flsplit.planners import OpenPlanner, PlanningProblem, allocate_sflga, best_fixed_cut, plan_edgesplit  # noqa: E402
-from flsplit.scenario import load_scenario  # noqa: E402
+from flsplit.sim.scenario_files import load_scenario  # noqa: E402
 
 
 def scaled_scenario(base: Scenario, n: int) -> Scenario:

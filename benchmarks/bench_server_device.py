@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from flsplit.protocol import SmashedBatch
-from flsplit.server import ServerPart
-from flsplit.zoo import build_model
+from flsplit.wire.protocol import SmashedBatch
+from flsplit.runtime.server import ServerPart
+from flsplit.model.zoo import build_model
 
 CUT, CLIENTS = 4, 8
 

@@ -1,7 +1,7 @@
 """Split versus centralized, in one run.
 
 Wall time of ONE epoch of split training driven through the real client and server
-runtimes in-process (``flsplit.inprocess.InProcessGrid`` + ``flsplit.client.SplitClient`` +
+runtimes in-process (``flsplit.planes.inprocess.InProcessGrid`` + ``flsplit.runtime.client.SplitClient`` +
 the strategies from ``strategies``, ``num_rounds=1``, ``local_epochs=1``), next to plain
 centralized training of the same unsplit model on the same batches with the same SGD,
 measured interleaved in the same process.
@@ -28,7 +28,7 @@ Methods (one epoch over all N samples each; interleaved, every repeat runs all o
     SL with ``--clients`` nodes relayed sequentially (node 0 trains through its partition,
     hands its client part to node 1, ...); every exchange is one batch of 64.
 ``psl-stream``, ``sl-stream``
-    the same over the stream plane (``flsplit.stream.StreamDataPlane``, mode ``stream``): one
+    the same over the stream plane (``flsplit.planes.stream.StreamDataPlane``, mode ``stream``): one
     TLS session per node and round on loopback, the ClientApps on worker threads of a
     threaded ``InProcessGrid``; the client keeps its part, optimizer and autograd graph for
     the round (no recompute, no per-batch ``context.state``). Target: at most 1.05 x the
@@ -68,12 +68,12 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from flsplit.client import SplitClient
-from flsplit.data import TensorData
-from flsplit.inprocess import InProcessGrid
-from flsplit.stream import StreamDataPlane
-from flsplit.server import ServerPart
-from flsplit.zoo import build_model
+from flsplit.runtime.client import SplitClient
+from flsplit.data.datasets import TensorData
+from flsplit.planes.inprocess import InProcessGrid
+from flsplit.planes.stream import StreamDataPlane
+from flsplit.runtime.server import ServerPart
+from flsplit.model.zoo import build_model
 from flsplit.strategies import PSL, SL
 
 _MNIST_CANDIDATES = [Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist", Path("/work/shared/data/mnist")]
@@ -136,9 +136,9 @@ class Probes:
         import flwr.app.message.arrayrecord as arrayrecord_mod
         from flwr.app import Message
 
-        import flsplit.client as client_mod
-        import flsplit.protocol as protocol_mod
-        import flsplit.server as server_mod
+        import flsplit.runtime.client as client_mod
+        import flsplit.wire.protocol as protocol_mod
+        import flsplit.runtime.server as server_mod
 
         self.targets = [
             (client_mod.SplitClient, "train_step", "SplitClient.train_step (whole)"),
@@ -163,7 +163,7 @@ class Probes:
             (Message, "__init__", "Message.__init__"),
         ]
         try:
-            from flsplit.codecs import Codec
+            from flsplit.wire.codecs import Codec
 
             self.targets += [(Codec, "encode_into", "Codec.encode_into (isfinite + Array)"),
                              (Codec, "decode_from", "Codec.decode_from")]
@@ -365,7 +365,7 @@ def pieces(bench: Bench) -> dict[str, float]:
     """
     from flwr.app import ConfigRecord
 
-    from flsplit import protocol as p
+    from flsplit.wire import protocol as p
 
     args = bench.args
     client = bench.clients[0]
@@ -382,9 +382,9 @@ def pieces(bench: Bench) -> dict[str, float]:
     torch.save(opt.state_dict(), buf)
     optim_bytes = buf.getvalue()
     weights = ArrayRecord(part.state_dict())
-    # The wire API with or without codecs (flsplit.codecs arrived while this was written).
+    # The wire API with or without codecs (flsplit.wire.codecs arrived while this was written).
     try:
-        from flsplit.codecs import get_codec
+        from flsplit.wire.codecs import get_codec
 
         native = get_codec("native")
     except ImportError:

@@ -19,7 +19,7 @@ What it does
        is the one compared); ``wall_seconds`` includes the round's configure, aggregation and
        central evaluation, the same in every row. Checks ``data_plane`` is ``stream`` for all
        4 nodes.
-    3. In-process references (``flsplit.inprocess.InProcessGrid`` + the project's ServerApp and
+    3. In-process references (``flsplit.planes.inprocess.InProcessGrid`` + the project's ServerApp and
        ClientApp objects, same run config, no Flower engine, no Ray): ``data-plane="message"``
        on the serial grid (each node's request handled inside the push: the message plane's
        per-step client state save/restore, no transport), and ``data-plane="stream"`` on
@@ -133,7 +133,7 @@ def inprocess(plane: str, threaded: bool, extra: dict, tmp: Path) -> list[dict]:
 
     from apps.client_app import app as client_app
     from apps.server_app import app as server_app
-    from flsplit.inprocess import InProcessGrid
+    from flsplit.planes.inprocess import InProcessGrid
 
     out_dir = tmp / f"inproc-{plane}-{'threaded' if threaded else 'serial'}"
     run_config = {"strategy": "psl", "num-server-rounds": 2, "data-plane": plane, "output-dir": str(out_dir), **extra}
@@ -148,7 +148,7 @@ def compute_only(threads: int, repeats: int = 200) -> dict:
     import torch
 
     from apps.task import RunSettings, make_model_fn
-    from flsplit.data import load_partition
+    from flsplit.data.datasets import load_partition
 
     settings = RunSettings({})
     torch.set_num_threads(threads)
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
                 race = "runs 0 ClientApps at a time" in log_text  # (flwr run exits 0 even then)
                 if not race:
                     break
-                # flsplit.stream.simulation looks for Ray's actor pool for 2 s at the first lockstep
+                # flsplit.planes.stream.simulation looks for Ray's actor pool for 2 s at the first lockstep
                 # round; when Ray starts slower than that, 'stream' refuses the run: retry, and say so
                 line = next(l for l in log_text.splitlines() if "runs 0 ClientApps at a time" in l)
                 failures.append({"attempt": attempt + 1, "rc": rc, "error": line.strip()[:400]})

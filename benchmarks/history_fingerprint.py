@@ -56,8 +56,8 @@ def _agent(path: Path) -> Path:
     """A small CCC agent for 4 clients of edge-diverse (fixed seed), as tests/test_adaptive.py trains."""
     from apps.task import RunSettings, make_model_fn
     from flsplit.planners import CCCEnvironment, PlanningProblem, train_ccc_agent
-    from flsplit.profile import profile_model
-    from flsplit.scenario import load_scenario
+    from flsplit.model.profile import profile_model
+    from flsplit.sim.scenario_files import load_scenario
 
     profile = profile_model(make_model_fn(RunSettings({}))(), (1, 8, 8))
     problem = PlanningProblem.build(profile, load_scenario("edge-diverse"),
@@ -72,7 +72,7 @@ def run(name: str, config: dict, work: Path) -> dict:
 
     from apps.client_app import app as client_app
     from apps.server_app import app as server_app
-    from flsplit.inprocess import InProcessGrid
+    from flsplit.planes.inprocess import InProcessGrid
 
     out = work / name
     run_config = {"output-dir": str(out), "data-plane": "message", **COMMON, **config}

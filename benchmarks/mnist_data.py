@@ -2,7 +2,7 @@
 
 That folder (or ``$FLSPLIT_MNIST_DIR``) holds only MNIST's test split (``t10k-*-idx*-ubyte.gz``, 10,000 images). Benchmarks
 split it once, seeded, into a training part (``--train`` images, default 8,000) and a held-out
-part (the rest), write iid partitions of the training part with ``flsplit.partition_command``
+part (the rest), write iid partitions of the training part with ``flsplit.cli.partition``
 (the code behind ``flsplit partition``) and give each in-process node ``data-path`` to its own
 folder and the server ``test-data-path`` to the held-out part, exactly as a deployment would.
 Not used by the tests (the files are not on a fresh machine).
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flsplit.data import TensorData, dataset_info
-from flsplit.local_data import pixels_to_input
-from flsplit.partition_command import write_partitions
+from flsplit.data.datasets import TensorData, dataset_info
+from flsplit.data.local import pixels_to_input
+from flsplit.cli.partition import write_partitions
 
 __all__ = ["MNIST_DIR", "DATASET", "load_mnist_t10k", "mnist_partitions"]
 

@@ -1,34 +1,39 @@
 """flsplit: split learning at the network edge on Flower.
 
-The library, by layer (imports flow down this list's dependencies, never up):
+The library, by layer: one subpackage per layer, imports flow down this list, never up
+(``tests/test_layers.py`` checks it):
 
-model
+``flsplit.model``
     ``splitting`` (blocks and cuts; ``as_split_model``), ``graph_split`` (any ``nn.Module`` from
-    its torch.fx graph), ``zoo`` (built-in models), ``profile`` (per-cut FLOPs and sizes).
-wire
+    its torch.fx graph), ``zoo`` (built-in models), ``profile`` (per-cut FLOPs and
+    sizes), ``rng`` (torch's generator shared by threads: dropout masks a client redraws).
+``flsplit.wire``
     ``protocol`` (record names, ``SplitConfig``, checks), ``codecs``, ``wire_bytes``, ``gate``
     (every reply checked before anything trains on it).
-planes
+``flsplit.sim``
+    kernels, scenario types, workloads, traffic models, the one price; ``scenario_files``
+    (scenario files and run-config overrides) and the shipped ``scenarios``.
+``flsplit.data``
+    ``datasets`` (the run's data and partitions), ``local`` (a device's own files).
+``flsplit.planes``
     ``dataplane`` (the server half of a data plane, the traffic meter, Flower messages),
-    ``endpoint`` (the client half and its registry), ``stream/`` (the TLS session plane, both
+    ``endpoint`` (the client half and its registry), ``stream`` (the TLS session plane, both
     halves), ``inprocess`` (a Grid for tests and benchmarks).
-runtime
+``flsplit.runtime``
     ``trainer`` (the client's round, no Flower types), ``client`` and ``clientapp`` (the
     ClientApp side), ``server`` (server part and step rules), ``aggregation``, ``schedules``
     (one round over a plane; each declares its timing), ``exchange`` (a round's state as one
-    value), ``checkpoint``, ``history``, ``rng``.
-sim
-    ``sim/`` (kernels, scenario types, workloads, traffic models, the one price),
-    ``scenario`` (scenario files and run-config overrides).
-planners
-    ``planners/`` (``PlanningProblem``, ``Plan``, one registry, the solvers, planners in the loop).
-data and cli
-    ``data``, ``local_data``, ``cli`` with ``plan_command``, ``partition_command``,
-    ``report``, ``deploy_keys``; ``extras`` (optional dependencies).
+    value), ``checkpoint``, ``history``; ``server_stream`` (the server part's own dropout stream).
+``flsplit.planners``
+    ``PlanningProblem``, ``Plan``, one registry, the solvers, planners in the loop.
+``flsplit.strategies``
+    the Flower strategies, one module per scheme (a link to the repository's ``strategies/``).
+``flsplit.cli``
+    the ``flsplit`` command: ``plan``, ``partition``, ``report`` (over ``report_runs`` and
+    ``report_plots``), ``make_certs``; ``args`` (argument types they share).
 
-The Flower strategies, one module per scheme, are ``strategies`` (a link to the repository's
-``strategies/``). The Flower app of this repository (``apps``) is not part of the installed
-package.
+``flsplit.extras`` names the optional dependencies. The Flower app of this repository
+(``apps``) is not part of the installed package.
 """
 import os as _os
 
@@ -42,11 +47,11 @@ if not _os.path.isdir(_os.path.join(__path__[0], "strategies")) and _os.path.isf
 ):
     __path__.append(_os.path.dirname(__path__[0]))
 
-from flsplit.client import SplitClient  # noqa: E402
-from flsplit.clientapp import register_split_handlers, split_client_app  # noqa: E402
-from flsplit.data import TensorData  # noqa: E402
-from flsplit.splitting import SplitModel, as_split_model, flatten_torchvision  # noqa: E402
-from flsplit.zoo import build_model  # noqa: E402
+from flsplit.runtime.client import SplitClient  # noqa: E402
+from flsplit.runtime.clientapp import register_split_handlers, split_client_app  # noqa: E402
+from flsplit.data.datasets import TensorData  # noqa: E402
+from flsplit.model.splitting import SplitModel, as_split_model, flatten_torchvision  # noqa: E402
+from flsplit.model.zoo import build_model  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [

@@ -14,13 +14,13 @@ from typing import Any, Optional
 from flwr.app import MetricRecord
 from flwr.common.logger import log
 
-from flsplit.dataplane import Reply
-from flsplit.exchange import RoundRecord
-from flsplit.history import RunHistory
-from flsplit.profile import ModelProfile
-from flsplit.protocol import METRICS
+from flsplit.planes.dataplane import Reply
+from flsplit.runtime.exchange import RoundRecord
+from flsplit.runtime.history import RunHistory
+from flsplit.model.profile import ModelProfile
+from flsplit.wire.protocol import METRICS
 from flsplit.sim.scenario import Scenario
-from flsplit.server import StepStats
+from flsplit.runtime.server import StepStats
 from flsplit.sim import ServerTiming, measured_workload, price
 from flsplit.sim.workload import client_flops
 

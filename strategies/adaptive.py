@@ -41,10 +41,10 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from flsplit import protocol as p
-from flsplit.exchange import RoundExchange
+from flsplit.wire import protocol as p
+from flsplit.runtime.exchange import RoundExchange
 from flsplit.planners.online import OnlinePlanner, RoundPlan
-from flsplit.scenario import device_from_node_config
+from flsplit.sim.scenario_files import device_from_node_config
 from flsplit.strategies.base import SplitStrategy
 
 __all__ = ["Adaptive"]

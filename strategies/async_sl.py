@@ -39,11 +39,11 @@ from typing import Any, Optional
 from flwr.app import ArrayRecord, RecordDict
 from flwr.common.logger import log
 
-from flsplit import protocol as p
-from flsplit.dataplane import Reply, payload_bytes
-from flsplit.exchange import RoundRecord
-from flsplit.schedules import PerNode, UploadOnly
-from flsplit.server import StepStats
+from flsplit.wire import protocol as p
+from flsplit.planes.dataplane import Reply, payload_bytes
+from flsplit.runtime.exchange import RoundRecord
+from flsplit.runtime.schedules import PerNode, UploadOnly
+from flsplit.runtime.server import StepStats
 from flsplit.strategies.base import RoundOutcome, SplitStrategy
 
 __all__ = ["AsyncSL", "next_state"]

@@ -1,4 +1,4 @@
-"""The round's averaging: what each trainer contributes to the global model (``flsplit.aggregation``).
+"""The round's averaging: what each trainer contributes to the global model (``flsplit.runtime.aggregation``).
 
 A client part counts with the samples its node reports; the shared server part's blocks
 each count with the samples that went through them (a block past a node's cut trained on
@@ -12,10 +12,10 @@ from collections.abc import Iterable
 import torch
 from flwr.app import Message
 
-from flsplit import protocol as p
-from flsplit.aggregation import block_of
-from flsplit.dataplane import Reply
-from flsplit.splitting import SplitModel
+from flsplit.wire import protocol as p
+from flsplit.runtime.aggregation import block_of
+from flsplit.planes.dataplane import Reply
+from flsplit.model.splitting import SplitModel
 
 __all__ = ["Contribution", "client_contributions", "shared_part_contributions"]
 

@@ -2,8 +2,8 @@
 
 A split strategy is a Flower ``Strategy`` whose ``start()`` runs many exchanges per round:
 ``configure_train`` samples nodes and picks their cuts (or takes a planner's, ``planning.py``);
-``_train_round`` (per scheme) runs the split exchanges, its schedule (``flsplit.schedules``)
-driving the round's ``flsplit.exchange.RoundExchange``; ``aggregate_train`` averages
+``_train_round`` (per scheme) runs the split exchanges, its schedule (``flsplit.runtime.schedules``)
+driving the round's ``flsplit.runtime.exchange.RoundExchange``; ``aggregate_train`` averages
 (``averaging.py``); ``configure_evaluate`` / ``aggregate_evaluate`` evaluate (``evaluation.py``).
 Pricing and history entries are in ``accounting.py``, cross-round state in ``checkpointing.py``.
 
@@ -32,20 +32,20 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from flsplit import protocol as p
-from flsplit.aggregation import average_states, block_of
-from flsplit.checkpoint import Checkpoint
-from flsplit.codecs import get_codec
+from flsplit.wire import protocol as p
+from flsplit.runtime.aggregation import average_states, block_of
+from flsplit.runtime.checkpoint import Checkpoint
+from flsplit.wire.codecs import get_codec
 from flsplit.sim.scenario import DeviceProfile
-from flsplit.dataplane import DataPlane, MessageDataPlane, Reply
-from flsplit.exchange import RoundExchange, RoundRecord
-from flsplit.gate import ReplyGate
-from flsplit.history import RunHistory
-from flsplit.profile import profile_model
-from flsplit.schedules import PerNode, Schedule
-from flsplit.server import ServerPart, StepStats, resolve_device
-from flsplit.server_stream import ServerStream, StreamServerPart
-from flsplit.splitting import SplitModel
+from flsplit.planes.dataplane import DataPlane, MessageDataPlane, Reply
+from flsplit.runtime.exchange import RoundExchange, RoundRecord
+from flsplit.wire.gate import ReplyGate
+from flsplit.runtime.history import RunHistory
+from flsplit.model.profile import profile_model
+from flsplit.runtime.schedules import PerNode, Schedule
+from flsplit.runtime.server import ServerPart, StepStats, resolve_device
+from flsplit.runtime.server_stream import ServerStream, StreamServerPart
+from flsplit.model.splitting import SplitModel
 from flsplit.strategies import accounting, checkpointing
 from flsplit.strategies.accounting import RoundOutcome, RoundPricing
 from flsplit.strategies.averaging import Contribution, client_contributions, shared_part_contributions

@@ -4,7 +4,7 @@ A ``SplitStrategy``'s ``checkpoint_config`` / ``checkpoint_state`` / ``restore_s
 from ``strategy_config`` / ``strategy_state`` / ``restore_strategy_state`` here (schemes
 extend them). The round loop calls ``save`` after each round when ``checkpoint_dir`` is set
 and ``resume`` before anything runs; both add a planner in the loop's part. The file format
-is ``flsplit.checkpoint``'s.
+is ``flsplit.runtime.checkpoint``'s.
 
 What survives a round, and so what is saved:
 
@@ -38,11 +38,11 @@ from typing import Optional, Union
 import torch
 from flwr.common.logger import log
 
-from flsplit.checkpoint import Checkpoint, CheckpointError, check_config, load_checkpoint, save_checkpoint
-from flsplit.history import RunHistory
-from flsplit.server_stream import ServerStream
+from flsplit.runtime.checkpoint import Checkpoint, CheckpointError, check_config, load_checkpoint, save_checkpoint
+from flsplit.runtime.history import RunHistory
+from flsplit.runtime.server_stream import ServerStream
 from flsplit.sim.scenario import DeviceProfile
-from flsplit.splitting import SplitModel
+from flsplit.model.splitting import SplitModel
 from flsplit.strategies.planning import RoundPlanning
 from flsplit.strategies.settings import SplitSettings
 

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from flwr.app import RecordDict
 
-from flsplit.dataplane import Reply
-from flsplit.schedules import Lockstep
-from flsplit.server import EPSL_MECHANISMS, EPSL_SCALINGS
+from flsplit.planes.dataplane import Reply
+from flsplit.runtime.schedules import Lockstep
+from flsplit.runtime.server import EPSL_MECHANISMS, EPSL_SCALINGS
 from flsplit.strategies.psl import PSL
 
 __all__ = ["EPSL", "label_matched_positions", "POSITIONS"]
@@ -45,7 +45,7 @@ class EPSL(PSL):
         (``label_matched_positions``). The server has the labels; each client learns its
         rows from the broadcast's ``positions.k`` as with the other choices.
     mechanism : str
-        Where the aggregated gradient is back-propagated (``flsplit.server.EPSL_MECHANISMS``):
+        Where the aggregated gradient is back-propagated (``flsplit.runtime.server.EPSL_MECHANISMS``):
         ``gradient-weighted`` (default: the best overall in ``benchmarks/RESULTS.md``
         section 12), ``mean-activation``, ``client-0``, ``rotating``, ``max-loss``.
     scaling : {"sum", "mean"}

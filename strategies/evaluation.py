@@ -12,12 +12,12 @@ from typing import Optional
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from flsplit import protocol as p
-from flsplit.dataplane import Reply, innermost_error
-from flsplit.exchange import RoundExchange
-from flsplit.gate import ReplyGate
-from flsplit.server import evaluate_smashed
-from flsplit.splitting import SplitModel
+from flsplit.wire import protocol as p
+from flsplit.planes.dataplane import Reply, innermost_error
+from flsplit.runtime.exchange import RoundExchange
+from flsplit.wire.gate import ReplyGate
+from flsplit.runtime.server import evaluate_smashed
+from flsplit.model.splitting import SplitModel
 
 __all__ = ["evaluation_requests", "pool_evaluation"]
 

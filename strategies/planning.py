@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from flsplit.exchange import RoundExchange
+    from flsplit.runtime.exchange import RoundExchange
     from flsplit.planners.online import RoundPlan
 
 __all__ = ["RoundPlanning"]

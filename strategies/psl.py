@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, RecordDict
 
-from flsplit import protocol as p
+from flsplit.wire import protocol as p
 
-from flsplit.dataplane import Reply
-from flsplit.schedules import Lockstep
-from flsplit.server import StepGrads
+from flsplit.planes.dataplane import Reply
+from flsplit.runtime.schedules import Lockstep
+from flsplit.runtime.server import StepGrads
 from flsplit.strategies.base import SplitStrategy
 
 __all__ = ["PSL"]

@@ -20,17 +20,17 @@ import torch
 from flwr.app import ConfigRecord
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from flsplit import protocol as p
-from flsplit import rng
-from flsplit.graph_split import GraphSplitError
-from flsplit.history import RunHistory
-from flsplit.scenario import Scenario
-from flsplit.splitting import SplitModel, block_output_shapes, split_model_of
+from flsplit.wire import protocol as p
+from flsplit.model import rng
+from flsplit.model.graph_split import GraphSplitError
+from flsplit.runtime.history import RunHistory
+from flsplit.sim.scenario_files import Scenario
+from flsplit.model.splitting import SplitModel, block_output_shapes, split_model_of
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
-    from flsplit.dataplane import DataPlane
+    from flsplit.planes.dataplane import DataPlane
 
 __all__ = ["SplitSettings", "CutAssignment", "derived_seed", "MODEL_SEED_OFFSET", "SERVER_STREAM_OFFSET"]
 
@@ -85,7 +85,7 @@ class SplitSettings:
         SFL-V1, whose per-node copies are averaged) and each client keep their SGD momentum
         from round to round instead of starting each round with a fresh optimizer.
     codec_up, codec_down : str
-        Wire codecs for smashed data and gradients (``flsplit.codecs``): ``native`` (the
+        Wire codecs for smashed data and gradients (``flsplit.wire.codecs``): ``native`` (the
         model's dtype, lossless), ``fp32``, ``fp16``, ``bf16``, ``fp8-e4m3``, ``fp8-e5m2``, ``int8``.
     fraction_train : float
         Fraction of connected nodes sampled per round (at least ``min_train_nodes``).
@@ -96,13 +96,13 @@ class SplitSettings:
     history : RunHistory, optional
         Where per-round records go (in memory if not given).
     scenario : Scenario, optional
-        Wireless edge scenario (``flsplit.scenario.load_scenario``); if given, every round's
+        Wireless edge scenario (``flsplit.sim.scenario_files.load_scenario``); if given, every round's
         simulated latency and energy (from the bytes actually sent and the measured profile)
         go into the history under ``sim``.
     data_plane_factory : callable, optional
         ``fn(grid, timeout) -> DataPlane``; defaults to ``MessageDataPlane``.
     checkpoint_dir : str or Path, optional
-        Save a checkpoint there after every round (``flsplit.checkpoint``); ``start(...,
+        Save a checkpoint there after every round (``flsplit.runtime.checkpoint``); ``start(...,
         resume_from=...)`` continues from one.
     server_device : str
         Where the server part, its optimizer and the averaging run: ``"cpu"`` (default),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from flwr.app import RecordDict
 
-from flsplit.dataplane import Reply
-from flsplit.schedules import Lockstep
+from flsplit.planes.dataplane import Reply
+from flsplit.runtime.schedules import Lockstep
 from flsplit.strategies.base import SplitStrategy
 
 __all__ = ["SFLGA"]

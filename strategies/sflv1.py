@@ -7,10 +7,10 @@ import copy
 import torch
 from flwr.app import RecordDict
 
-from flsplit.aggregation import block_of
-from flsplit.dataplane import Reply
-from flsplit.schedules import PerNode
-from flsplit.server import ServerPart, StepStats
+from flsplit.runtime.aggregation import block_of
+from flsplit.planes.dataplane import Reply
+from flsplit.runtime.schedules import PerNode
+from flsplit.runtime.server import ServerPart, StepStats
 from flsplit.strategies.base import SplitStrategy
 
 __all__ = ["SFLV1"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from flwr.app import RecordDict
 
-from flsplit.dataplane import Reply
-from flsplit.schedules import PerNode
+from flsplit.planes.dataplane import Reply
+from flsplit.runtime.schedules import PerNode
 from flsplit.strategies.base import SplitStrategy
 
 __all__ = ["SFLV2"]

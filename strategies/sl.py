@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from flsplit import protocol as p
-from flsplit.dataplane import Reply
-from flsplit.schedules import Relay
+from flsplit.wire import protocol as p
+from flsplit.planes.dataplane import Reply
+from flsplit.runtime.schedules import Relay
 from flsplit.strategies.base import SplitStrategy
 
 __all__ = ["SL"]

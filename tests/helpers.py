@@ -6,11 +6,11 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.clientapp import ClientApp
 
-from flsplit.client import SplitClient
-from flsplit.data import TensorData
-from flsplit.inprocess import InProcessGrid
-from flsplit.splitting import SplitModel
-from flsplit.zoo import digits_cnn
+from flsplit.runtime.client import SplitClient
+from flsplit.data.datasets import TensorData
+from flsplit.planes.inprocess import InProcessGrid
+from flsplit.model.splitting import SplitModel
+from flsplit.model.zoo import digits_cnn
 
 
 def model_fn() -> SplitModel:

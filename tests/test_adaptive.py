@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from flsplit.planners import CCCAgent, CCCEnvironment, OpenPlanner, PlanningProblem, plan_edgesplit, plan_epsl, train_ccc_agent
-from flsplit.profile import profile_model
-from flsplit.scenario import load_scenario
-from flsplit.zoo import build_model
+from flsplit.model.profile import profile_model
+from flsplit.sim.scenario_files import load_scenario
+from flsplit.model.zoo import build_model
 from tests.test_learning import run_app
 
 STEPS, BATCH = 3, 32  # max-steps x batch-size: the samples every node trains per round
@@ -51,8 +51,8 @@ def test_edgesplit_in_the_loop_plans_each_round_as_the_planner_does(tmp_path):
     assert max(r["test_accuracy"] for r in history["rounds"]) > 0.15  # it trains
 
     # flsplit report plots the cuts chosen over rounds beside accuracy
-    from flsplit.report_plots import write_plots
-    from flsplit.report_runs import load_run, summarize
+    from flsplit.cli.report_plots import write_plots
+    from flsplit.cli.report_runs import load_run, summarize
 
     (path,) = (tmp_path / "runs").glob("*/history.json")
     summary = summarize(load_run(path))

@@ -7,11 +7,11 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.clientapp import ClientApp
 
-from flsplit import protocol as p
-from flsplit.client import SplitClient
-from flsplit.codecs import get_codec
-from flsplit.inprocess import InProcessGrid
-from flsplit.server import ServerPart
+from flsplit.wire import protocol as p
+from flsplit.runtime.client import SplitClient
+from flsplit.wire.codecs import get_codec
+from flsplit.planes.inprocess import InProcessGrid
+from flsplit.runtime.server import ServerPart
 from flsplit.strategies import AsyncSL
 from flsplit.strategies.async_sl import next_state
 from tests.helpers import model_fn, random_data
@@ -41,7 +41,7 @@ def test_reference_loss_is_refreshed_only_in_state_a():
     strategy = AsyncSL(model_fn=model_fn, input_shape=(1, 8, 8), num_classes=10, loss_threshold=0.1)
     strategy.node_stats = {}
     losses = {"A": 2.0, "B": 1.95, "C": 1.5}
-    from flsplit.server import StepStats
+    from flsplit.runtime.server import StepStats
 
     def window(state, loss):
         stats = StepStats()

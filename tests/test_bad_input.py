@@ -6,9 +6,9 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 
-from flsplit import protocol as p
-from flsplit.client import SplitClient
-from flsplit.inprocess import SERVER_NODE_ID
+from flsplit.wire import protocol as p
+from flsplit.runtime.client import SplitClient
+from flsplit.planes.inprocess import SERVER_NODE_ID
 from flsplit.strategies import PSL, SL
 from tests.helpers import max_abs_diff, model_fn, random_data, run_strategy
 

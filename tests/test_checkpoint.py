@@ -17,12 +17,12 @@ from flwr.app import ArrayRecord, Context, RecordDict
 
 from apps.client_app import app as client_app
 from apps.server_app import app as server_app
-from flsplit.checkpoint import CheckpointError, CheckpointMismatch, load_checkpoint
-from flsplit.inprocess import InProcessGrid
+from flsplit.runtime.checkpoint import CheckpointError, CheckpointMismatch, load_checkpoint
+from flsplit.planes.inprocess import InProcessGrid
 from flsplit.planners.online import make_online_planner
-from flsplit.scenario import load_scenario
-from flsplit.splitting import SplitModel
-from flsplit.zoo import digits_cnn
+from flsplit.sim.scenario_files import load_scenario
+from flsplit.model.splitting import SplitModel
+from flsplit.model.zoo import digits_cnn
 from flsplit.strategies import EPSL, PSL, SFLGA, SFLV1, SFLV2, SL, AsyncSL
 from flsplit.strategies.adaptive import Adaptive
 from tests.helpers import client_app_for, model_fn, random_data
@@ -54,7 +54,7 @@ def _sflga_with_ccc(**kwargs):
 def ccc_agent(tmp_path_factory):
     """A small CCC agent for the 3 clients (how well it plans does not matter here)."""
     from flsplit.planners import CCCEnvironment, PlanningProblem, train_ccc_agent
-    from flsplit.profile import profile_model
+    from flsplit.model.profile import profile_model
 
     problem = PlanningProblem.build(profile_model(model_fn(), (1, 8, 8)), load_scenario("edge-diverse"),
                                     samples=[SETTINGS["max_steps"] * SETTINGS["batch_size"]] * 3, client_ids=[0, 1, 2])

@@ -16,13 +16,13 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 import flsplit
-from flsplit import protocol as p
-from flsplit.client import SplitClient
-from flsplit.clientapp import register_split_handlers, split_client_app
-from flsplit.splitting import split_model_of
-from flsplit.history import RunHistory
-from flsplit.inprocess import InProcessGrid
-from flsplit.splitting import SplitModel
+from flsplit.wire import protocol as p
+from flsplit.runtime.client import SplitClient
+from flsplit.runtime.clientapp import register_split_handlers, split_client_app
+from flsplit.model.splitting import split_model_of
+from flsplit.runtime.history import RunHistory
+from flsplit.planes.inprocess import InProcessGrid
+from flsplit.model.splitting import SplitModel
 from flsplit.strategies import PSL
 from tests.helpers import client_app_for, max_abs_diff, model_fn, random_data
 
@@ -177,8 +177,9 @@ def test_the_app_pickles_as_the_ray_backend_sends_it_and_keeps_one_cache_per_pro
     script = f"""
 from ray import cloudpickle
 from flwr.app import RecordDict
-from flsplit import clientapp, protocol as p
-from flsplit.inprocess import InProcessGrid
+from flsplit.runtime import clientapp
+from flsplit.wire import protocol as p
+from flsplit.planes.inprocess import InProcessGrid
 grid = InProcessGrid(None, 1)
 for _ in range(3):
     grid.client_app = cloudpickle.loads(open({str(tmp_path / "app.pkl")!r}, "rb").read())

@@ -6,8 +6,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from flsplit.codecs import CODECS, CodecError, get_codec
-from flsplit.dataplane import payload_bytes
+from flsplit.wire.codecs import CODECS, CodecError, get_codec
+from flsplit.planes.dataplane import payload_bytes
 from flsplit.strategies import SFLV2
 from tests.helpers import random_data, run_strategy
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from apps.task import RunSettings
-from flsplit.protocol import ProtocolError, SplitConfig
+from flsplit.wire.protocol import ProtocolError, SplitConfig
 
 
 @pytest.mark.parametrize("config, message", [

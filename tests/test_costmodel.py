@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from flsplit.sim.scenario import Channel, DeviceProfile, Scenario, ServerProfile, dbm_to_w, path_loss_db, rayleigh_power
 from flsplit.sim.workload import client_flops, server_flops, smashed_bytes
-from flsplit.profile import BlockProfile, ModelProfile
-from flsplit.scenario import (
+from flsplit.model.profile import BlockProfile, ModelProfile
+from flsplit.sim.scenario_files import (
     device_from_node_config,
     load_scenario,
     scenario_from_dict,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from apps.task import RunSettings
-from flsplit.data import _to_tensors, load_centralized, load_partition
+from flsplit.data.datasets import _to_tensors, load_centralized, load_partition
 
 
 def test_digits_train_test_split_is_disjoint_and_complete():

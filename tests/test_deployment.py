@@ -2,7 +2,7 @@
 separate processes, TLS on every Flower connection and SuperNode authentication.
 
 The certificates (a CA, the SuperLink's certificate signed by it) and the SuperNodes' key
-pairs are made by ``flsplit.deploy_keys`` (``flsplit make-certs``); two public keys are
+pairs are made by ``flsplit.cli.make_certs`` (``flsplit make-certs``); two public keys are
 registered with ``flwr supernode register``. One deployment serves both tests:
 
 - a SuperNode whose key is not registered, and one with no key, are refused: they exit
@@ -29,7 +29,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from flsplit.deploy_keys import DeploymentKeys, make_certs
+from flsplit.cli.make_certs import DeploymentKeys, make_certs
 
 ROOT = Path(__file__).resolve().parents[1]
 BINDIR = Path(sys.executable).parent

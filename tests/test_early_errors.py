@@ -14,12 +14,12 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from flsplit.client import SplitClient
-from flsplit.data import TensorData
-from flsplit.dataplane import innermost_error
-from flsplit.history import RunHistory
-from flsplit.inprocess import InProcessGrid
-from flsplit.splitting import SplitModel
+from flsplit.runtime.client import SplitClient
+from flsplit.data.datasets import TensorData
+from flsplit.planes.dataplane import innermost_error
+from flsplit.runtime.history import RunHistory
+from flsplit.planes.inprocess import InProcessGrid
+from flsplit.model.splitting import SplitModel
 from flsplit.strategies import PSL, SFLV1, SL
 from flsplit.strategies.settings import assign_cuts
 from tests.helpers import client_app_for, client_app_of, model_fn, random_data
@@ -319,7 +319,7 @@ def test_innermost_error_keeps_what_the_handler_raised():
     assert innermost_error("the client failed before its session opened: " + RAY_REASON) == (
         "the client failed before its session opened: " + cause)
     assert innermost_error(innermost_error(RAY_REASON)) == cause
-    assert innermost_error("<class 'flsplit.protocol.ProtocolError'>:<'train request: bad'>") == "ProtocolError: train request: bad"
+    assert innermost_error("<class 'flsplit.wire.protocol.ProtocolError'>:<'train request: bad'>") == "ProtocolError: train request: bad"
     assert innermost_error("<class 'ValueError'>:<'two\nlines'>") == "ValueError: two lines"
     assert innermost_error("labels outside [0, 10)") == "labels outside [0, 10)"  # no reply inside: as it is
     long = innermost_error("<class 'ValueError'>:<'" + "x" * 2000 + "'>")

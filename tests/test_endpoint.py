@@ -1,4 +1,4 @@
-"""The client's plane seam (issue 21, item 5): ``SplitClient`` talks to ``flsplit.endpoint``,
+"""The client's plane seam (issue 21, item 5): ``SplitClient`` talks to ``flsplit.planes.endpoint``,
 not to the stream; the reply gate knows no plane; a third plane is one registered endpoint."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from flsplit import endpoint as ep
-from flsplit import protocol as p
-from flsplit.client import SplitClient
-from flsplit.inprocess import SERVER_NODE_ID
+from flsplit.planes import endpoint as ep
+from flsplit.wire import protocol as p
+from flsplit.runtime.client import SplitClient
+from flsplit.planes.inprocess import SERVER_NODE_ID
 from tests.helpers import model_fn, random_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,25 +50,25 @@ def _flsplit_imports(module: str) -> set[str]:
 
 
 def test_the_client_imports_no_plane_and_the_gate_neither_plane_nor_scenario():
-    client = _flsplit_imports("flsplit.client")
-    assert not {m for m in client if m.startswith("flsplit.stream")}, sorted(client)
-    gate = _flsplit_imports("flsplit.gate")
-    assert not {m for m in gate if m.startswith(("flsplit.stream", "flsplit.scenario", "flsplit.sim.scenario"))}, sorted(gate)
-    assert "flsplit.endpoint" in client
+    client = _flsplit_imports("flsplit.runtime.client")
+    assert not {m for m in client if m.startswith("flsplit.planes.stream")}, sorted(client)
+    gate = _flsplit_imports("flsplit.wire.gate")
+    assert not {m for m in gate if m.startswith(("flsplit.planes.stream", "flsplit.sim.scenario_files", "flsplit.sim.scenario"))}, sorted(gate)
+    assert "flsplit.planes.endpoint" in client
 
 
 def test_device_keys_are_the_device_profiles_fields():
     from dataclasses import fields
 
     from flsplit.sim.scenario import DeviceProfile
-    from flsplit.scenario import DEVICE_KEYS
+    from flsplit.sim.scenario_files import DEVICE_KEYS
 
     assert p.DEVICE_KEYS == {f.name.replace("_", "-"): f.name for f in fields(DeviceProfile)} == dict(DEVICE_KEYS)
 
 
 def test_the_stream_registers_its_endpoint_and_old_names_still_import():
-    from flsplit.stream.endpoint import STREAM_ENDPOINT
-    from flsplit.stream.offer import FALLBACK, OFFER
+    from flsplit.planes.stream.endpoint import STREAM_ENDPOINT
+    from flsplit.planes.stream.offer import FALLBACK, OFFER
 
     assert ep.endpoints()["stream"] is STREAM_ENDPOINT and STREAM_ENDPOINT.offer_record == OFFER == "split.stream"
     assert FALLBACK == p.FALLBACK == "split.stream.fallback"

@@ -19,11 +19,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from flsplit.client import SplitClient
-from flsplit.data import TensorData
-from flsplit.inprocess import InProcessGrid
-from flsplit.protocol import SmashedBatch
-from flsplit.server import EPSL_MECHANISMS, EPSL_SCALINGS, ServerPart
+from flsplit.runtime.client import SplitClient
+from flsplit.data.datasets import TensorData
+from flsplit.planes.inprocess import InProcessGrid
+from flsplit.wire.protocol import SmashedBatch
+from flsplit.runtime.server import EPSL_MECHANISMS, EPSL_SCALINGS, ServerPart
 from flsplit.strategies import EPSL, PSL
 from flsplit.strategies.epsl import label_matched_positions
 from tests.helpers import client_app_of, max_abs_diff, random_data, run_strategy

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from flsplit.protocol import SmashedBatch
-from flsplit.server import EPSL_MECHANISMS, EPSL_SCALINGS, ServerPart
-from flsplit.splitting import SplitModel
+from flsplit.wire.protocol import SmashedBatch
+from flsplit.runtime.server import EPSL_MECHANISMS, EPSL_SCALINGS, ServerPart
+from flsplit.model.splitting import SplitModel
 from flsplit.strategies import EPSL, PSL
 from tests.helpers import max_abs_diff, model_fn, random_data, run_strategy
 

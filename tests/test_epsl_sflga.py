@@ -9,12 +9,12 @@ import torch
 from flwr.app import ArrayRecord
 from torch.utils.flop_counter import FlopCounterMode
 
-from flsplit.client import SplitClient
-from flsplit.data import TensorData
-from flsplit.inprocess import InProcessGrid
-from flsplit.protocol import SmashedBatch
-from flsplit.server import ServerPart
-from flsplit.splitting import SplitModel
+from flsplit.runtime.client import SplitClient
+from flsplit.data.datasets import TensorData
+from flsplit.planes.inprocess import InProcessGrid
+from flsplit.wire.protocol import SmashedBatch
+from flsplit.runtime.server import ServerPart
+from flsplit.model.splitting import SplitModel
 from flsplit.strategies import EPSL, PSL, SFLGA
 from tests.helpers import client_app_of, max_abs_diff, model_fn, random_data, run_strategy
 from tests.test_learning import run_app

@@ -58,7 +58,7 @@ def _optional_loaded() -> str:
 def test_imports_and_the_default_apps_do_not_import_cvxpy_or_matplotlib():
     proc = run_python(f"""
         import json
-        import flsplit, flsplit.strategies, flsplit.planners, flsplit.cli, flsplit.report, flsplit.plan_command
+        import flsplit, flsplit.strategies, flsplit.planners, flsplit.cli, flsplit.cli.report, flsplit.cli.plan
         import apps.client_app, apps.server_app
         print(json.dumps({_optional_loaded()}))
     """)
@@ -79,7 +79,7 @@ def default_run(tmp_path_factory) -> Path:
         from flwr.app import Context, RecordDict
         from apps.client_app import app as client_app
         from apps.server_app import app as server_app
-        from flsplit.inprocess import InProcessGrid
+        from flsplit.planes.inprocess import InProcessGrid
 
         config = {config!r}
         grid = InProcessGrid(client_app, 2, run_config=config)
@@ -147,10 +147,10 @@ def test_epsl_without_budgets_and_the_other_planners_need_no_cvxpy():
 def test_sflga_cvxpy_solver_names_the_planners_extra():
     proc = run_python("""
         from flsplit.extras import MissingExtra
-        from flsplit.plan_command import model_profile
+        from flsplit.cli.plan import model_profile
         from flsplit.planners import PlanningProblem
         from flsplit.planners.sflga_allocation import allocate_sflga
-        from flsplit.scenario import load_scenario
+        from flsplit.sim.scenario_files import load_scenario
 
         problem = PlanningProblem.build(model_profile("digits-cnn"), load_scenario("heterogeneous"), samples=[64] * 3)
         allocate_sflga(problem, cut=1)  # the exact solver: no cvxpy
@@ -166,7 +166,7 @@ def test_sflga_cvxpy_solver_names_the_planners_extra():
 
 def test_report_plots_name_the_reports_extra():
     proc = run_python("""
-        from flsplit import report_plots
+        from flsplit.cli import report_plots
         try:
             report_plots._matplotlib()
         except ImportError as err:

@@ -14,14 +14,14 @@ import torchvision
 from flwr.app import ArrayRecord
 from torch import nn
 
-from flsplit.client import SplitClient
-from flsplit.codecs import get_codec
-from flsplit.data import TensorData
-from flsplit.graph_split import GraphSplitError, pack, unpack
-from flsplit.inprocess import InProcessGrid
-from flsplit.profile import profile_model
-from flsplit.protocol import SmashedBatch, encode_batches
-from flsplit.splitting import SplitMismatch, SplitModel, as_split_model
+from flsplit.runtime.client import SplitClient
+from flsplit.wire.codecs import get_codec
+from flsplit.data.datasets import TensorData
+from flsplit.model.graph_split import GraphSplitError, pack, unpack
+from flsplit.planes.inprocess import InProcessGrid
+from flsplit.model.profile import profile_model
+from flsplit.wire.protocol import SmashedBatch, encode_batches
+from flsplit.model.splitting import SplitMismatch, SplitModel, as_split_model
 from flsplit.strategies import PSL, SL
 from tests.helpers import client_app_of, max_abs_diff
 

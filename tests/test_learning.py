@@ -10,7 +10,7 @@ from flwr.app import Context, RecordDict
 
 from apps.client_app import app as client_app
 from apps.server_app import app as server_app
-from flsplit.inprocess import InProcessGrid
+from flsplit.planes.inprocess import InProcessGrid
 
 
 def run_app(tmp_path: Path, num_nodes: int = 4, **run_config) -> dict:

@@ -18,9 +18,9 @@ from apps.client_app import app as client_app
 from apps.server_app import app as server_app
 from apps.task import RunSettings, centralized_test, client_data
 from flsplit.cli import main as flsplit_main
-from flsplit.data import dataset_info, load_centralized, load_partition
-from flsplit.inprocess import InProcessGrid
-from flsplit.local_data import data_format, load_local
+from flsplit.data.datasets import dataset_info, load_centralized, load_partition
+from flsplit.planes.inprocess import InProcessGrid
+from flsplit.data.local import data_format, load_local
 
 DIGITS, MNIST, CIFAR = dataset_info("digits"), dataset_info("ylecun/mnist"), dataset_info("uoft-cs/cifar10")
 

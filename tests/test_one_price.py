@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from flsplit.profile import profile_model
-from flsplit.scenario import load_scenario
+from flsplit.model.profile import profile_model
+from flsplit.sim.scenario_files import load_scenario
 from flsplit.sim import Allocation, ServerTiming, predict_workload, price
-from flsplit.wire_bytes import SerializedWire
+from flsplit.wire.wire_bytes import SerializedWire
 from flsplit.strategies import EPSL, PSL, SFLGA, SFLV1, SFLV2, SL, AsyncSL
 from tests.helpers import model_fn, random_data, run_strategy
 

@@ -17,8 +17,8 @@ import pytest
 from flsplit.cli import main
 from flsplit.planners import PlanningProblem, plan_fixed
 from tests.oracle import scheme_round_cost
-from flsplit.plan_command import model_profile
-from flsplit.scenario import load_scenario
+from flsplit.cli.plan import model_profile
+from flsplit.sim.scenario_files import load_scenario
 
 MODEL = "digits-cnn"  # 9 blocks: cuts 1..8
 

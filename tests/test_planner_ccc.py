@@ -31,7 +31,7 @@ from flsplit.planners.ccc import (
     train_ccc_agent,
 )
 from flsplit.planners.problem import PlanningProblem
-from flsplit.profile import BlockProfile, ModelProfile
+from flsplit.model.profile import BlockProfile, ModelProfile
 from tests.oracle import round_cost, scheme_round_cost
 
 N0 = 10.0 ** ((-174.0 - 30.0) / 10.0)  # W/Hz

@@ -20,7 +20,7 @@ from scipy.optimize import brentq
 from flsplit.sim.scenario import Channel, DeviceProfile, Scenario, ServerProfile
 from flsplit.planners.edgesplit import plan_edgesplit
 from flsplit.planners.problem import PlanningProblem
-from flsplit.profile import BlockProfile, ModelProfile
+from flsplit.model.profile import BlockProfile, ModelProfile
 
 N0 = 10.0 ** ((-174.0 - 30.0) / 10.0)  # W/Hz
 

@@ -21,7 +21,7 @@ from flsplit.sim.scenario import Channel, DeviceProfile, Scenario, ServerProfile
 from flsplit.planners import epsl as epsl_module
 from flsplit.planners.epsl import plan_epsl
 from flsplit.planners.problem import PlanningProblem
-from flsplit.profile import BlockProfile, ModelProfile
+from flsplit.model.profile import BlockProfile, ModelProfile
 from tests.oracle import round_cost
 
 N0 = 10.0 ** ((-174.0 - 30.0) / 10.0)  # W/Hz

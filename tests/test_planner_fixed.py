@@ -14,7 +14,7 @@ import pytest
 from flsplit.sim.scenario import Channel, DeviceProfile, Scenario, ServerProfile
 from flsplit.planners import PlanningProblem, best_fixed_cut, plan_fixed
 from tests.oracle import scheme_round_cost
-from flsplit.profile import BlockProfile, ModelProfile
+from flsplit.model.profile import BlockProfile, ModelProfile
 
 N0 = 10.0 ** ((-174.0 - 30.0) / 10.0)
 BLOCKS = [

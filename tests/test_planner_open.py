@@ -19,7 +19,7 @@ from flsplit.sim.scenario import Channel, DeviceProfile, Scenario, ServerProfile
 from flsplit.planners import Plan
 from flsplit.planners.open import OpenPlanner, min_makespan_shares
 from flsplit.planners.problem import PlanningProblem
-from flsplit.profile import BlockProfile, ModelProfile
+from flsplit.model.profile import BlockProfile, ModelProfile
 
 N0 = 10 ** ((-174 - 30) / 10)  # W/Hz
 BAND = 20e6

@@ -20,7 +20,7 @@ from flsplit.planners.epsl import plan_epsl
 from flsplit.planners.open import OpenPlanner
 from flsplit.planners.problem import PlanningProblem
 from flsplit.planners.sflga_allocation import allocate_sflga
-from flsplit.profile import BlockProfile, ModelProfile
+from flsplit.model.profile import BlockProfile, ModelProfile
 from flsplit.sim import Allocation, ElementWire, ServerTiming, predict_workload, price
 
 BLOCKS = [

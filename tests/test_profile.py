@@ -1,6 +1,6 @@
 """Per-cut profiles against FLOPs, smashed sizes and parameter bytes worked out by hand.
 
-Conventions checked (those of ``torch.utils.flop_counter`` that ``flsplit.profile`` documents):
+Conventions checked (those of ``torch.utils.flop_counter`` that ``flsplit.model.profile`` documents):
 a ``(b x n) @ (n x m)`` matmul is ``2*b*n*m`` FLOPs, a convolution is
 ``2*Cin*Cout*kh*kw*Hout*Wout`` per sample, element-wise ops, pooling and batch norm count 0.
 Backward of a block that receives smashed data (every block but the first) computes the
@@ -19,9 +19,9 @@ import torch
 import torchvision
 from torch import nn
 
-from flsplit.profile import BlockProfile, CutProfile, profile_model
-from flsplit.splitting import as_split_model, flatten_torchvision
-from flsplit.zoo import MODELS, build_model
+from flsplit.model.profile import BlockProfile, CutProfile, profile_model
+from flsplit.model.splitting import as_split_model, flatten_torchvision
+from flsplit.model.zoo import MODELS, build_model
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -22,11 +22,11 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from flsplit import protocol as p
-from flsplit.client import SplitClient
-from flsplit.inprocess import SERVER_NODE_ID, InProcessGrid
-from flsplit.stream.offer import FALLBACK, OFFER
-from flsplit.stream.plane import StreamDataPlane
+from flsplit.wire import protocol as p
+from flsplit.runtime.client import SplitClient
+from flsplit.planes.inprocess import SERVER_NODE_ID, InProcessGrid
+from flsplit.planes.stream.offer import FALLBACK, OFFER
+from flsplit.planes.stream.plane import StreamDataPlane
 from flsplit.strategies import EPSL, PSL, SFLGA, SFLV1, SFLV2, SL
 from tests.helpers import client_app_of, model_fn, random_data
 

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from flsplit import cli, report
+from flsplit import cli
+
+from flsplit.cli import report
 from tests.test_learning import run_app
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

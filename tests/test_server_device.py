@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from apps.task import RunSettings
-from flsplit.server import resolve_device
+from flsplit.runtime.server import resolve_device
 from flsplit.strategies import EPSL, PSL, SFLV1
 from tests.helpers import random_data, run_strategy
 

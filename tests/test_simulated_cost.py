@@ -9,13 +9,13 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from flsplit.profile import profile_model
-from flsplit.zoo import digits_cnn
+from flsplit.model.profile import profile_model
+from flsplit.model.zoo import digits_cnn
 from tests.test_learning import run_app
 
 
 def scenario_toml(name: str) -> dict:
-    return tomllib.loads(resources.files("flsplit.scenarios").joinpath(f"{name}.toml").read_text())
+    return tomllib.loads(resources.files("flsplit.sim.scenarios").joinpath(f"{name}.toml").read_text())
 
 
 @pytest.mark.parametrize("strategy, timing", [("psl", "parallel"), ("sl", "sequential")])
@@ -63,7 +63,7 @@ def test_node_config_profile_overrides_the_scenario(tmp_path):
 
     from apps.client_app import app as client_app
     from apps.server_app import app as server_app
-    from flsplit.inprocess import InProcessGrid
+    from flsplit.planes.inprocess import InProcessGrid
 
     run_config = {"output-dir": str(tmp_path), "num-server-rounds": 1, "cost-scenario": "homogeneous", "strategy": "psl"}
     slow = InProcessGrid(client_app, 2, run_config=run_config)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from flsplit.zoo import digits_cnn
+from flsplit.model.zoo import digits_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,8 @@ import torch
 import torchvision
 from torch import nn
 
-from flsplit.splitting import SplitModel, as_split_model, block_output_shapes, flatten_torchvision
-from flsplit.zoo import MODELS, build_model
+from flsplit.model.splitting import SplitModel, as_split_model, block_output_shapes, flatten_torchvision
+from flsplit.model.zoo import MODELS, build_model
 
 
 

@@ -6,9 +6,9 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.clientapp import ClientApp
 
-from flsplit import protocol as p
-from flsplit.client import SplitClient
-from flsplit.inprocess import InProcessGrid
+from flsplit.wire import protocol as p
+from flsplit.runtime.client import SplitClient
+from flsplit.planes.inprocess import InProcessGrid
 from flsplit.strategies import PSL, SFLV2
 from tests.helpers import max_abs_diff, model_fn, random_data
 

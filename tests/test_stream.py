@@ -16,11 +16,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
-from flsplit import protocol as p
-from flsplit.inprocess import InProcessGrid
-from flsplit.stream import StreamDataPlane
-from flsplit.stream.plane import _Link
-from flsplit.trainer import ClientTrainer
+from flsplit.wire import protocol as p
+from flsplit.planes.inprocess import InProcessGrid
+from flsplit.planes.stream import StreamDataPlane
+from flsplit.planes.stream.plane import _Link
+from flsplit.runtime.trainer import ClientTrainer
 from flsplit.strategies import STRATEGIES
 from tests.helpers import client_app_for, model_fn, random_data
 
@@ -187,9 +187,9 @@ def test_adaptive_strategy_over_the_stream_from_the_run_config(tmp_path):
 def _bn_model():
     from torch import nn
 
-    from flsplit.splitting import SplitModel
+    from flsplit.model.splitting import SplitModel
 
-    from flsplit import rng
+    from flsplit.model import rng
 
     with rng.seeded(7):  # the same weights every time, without resetting the global generator
         return SplitModel(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2),
@@ -203,7 +203,7 @@ def test_batch_norm_statistics_and_dropout_agree_on_both_planes(k):
     (seeded per client batch; the server's not interleaved with client threads' draws)."""
     from flwr.clientapp import ClientApp
 
-    from flsplit.client import SplitClient
+    from flsplit.runtime.client import SplitClient
 
     clients = [SplitClient(_bn_model, d, d, salt=i) for i, d in enumerate(PARTS[:2])]
     app = ClientApp()

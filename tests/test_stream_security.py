@@ -36,15 +36,15 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from flsplit import protocol as p
-from flsplit.client import SplitClient
-from flsplit.inprocess import InProcessGrid
-from flsplit.stream import StreamDataPlane
-from flsplit.stream.client_session import ClientSession, SessionError
-from flsplit.stream.frames import HEADER, MAGIC, Kind, encode_content, recv_frame, send_frame
-from flsplit.stream.listener import HELLO_MAX, SessionListener
-from flsplit.stream.offer import OFFER, SessionOffer
-from flsplit.stream.tls import client_context, ephemeral_credentials
+from flsplit.wire import protocol as p
+from flsplit.runtime.client import SplitClient
+from flsplit.planes.inprocess import InProcessGrid
+from flsplit.planes.stream import StreamDataPlane
+from flsplit.planes.stream.client_session import ClientSession, SessionError
+from flsplit.planes.stream.frames import HEADER, MAGIC, Kind, encode_content, recv_frame, send_frame
+from flsplit.planes.stream.listener import HELLO_MAX, SessionListener
+from flsplit.planes.stream.offer import OFFER, SessionOffer
+from flsplit.planes.stream.tls import client_context, ephemeral_credentials
 from flsplit.strategies import PSL, SFLV1
 from tests.helpers import client_app_for, max_abs_diff, model_fn, random_data
 

@@ -20,7 +20,7 @@ from flsplit.planners.sflga_terms import _cut_terms, _Infeasible, sflga_problem
 from flsplit.sim.checks import BudgetArg, budget_array, int_arg, real_arg
 
 if TYPE_CHECKING:
-    from flsplit.profile import ModelProfile
+    from flsplit.model.profile import ModelProfile
 
 __all__ = ["CCCEnvironment"]
 

@@ -20,7 +20,7 @@ from flsplit.planners.problem import PlanningProblem
 from flsplit.sim import kernels as kern
 
 if TYPE_CHECKING:  # the planner must not import torch
-    from flsplit.profile import CutProfile
+    from flsplit.model.profile import CutProfile
 
 _LN2 = math.log(2.0)
 _REL_IMPROVE = 1e-9  # the BCD stops when the latency drops by less than this (relative)

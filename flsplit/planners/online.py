@@ -46,7 +46,7 @@ from flsplit.sim import Allocation, ServerTiming, predict_workload, price
 from flsplit.sim.traffic import ElementWire
 
 if TYPE_CHECKING:
-    from flsplit.profile import ModelProfile
+    from flsplit.model.profile import ModelProfile
 
 __all__ = ["RoundPlan", "OnlinePlanner", "ONLINE_PLANNERS", "make_online_planner"]
 

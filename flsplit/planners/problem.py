@@ -37,7 +37,7 @@ from flsplit.sim.traffic import ElementWire, predict_workload
 
 if TYPE_CHECKING:  # pure: the profile is only read, torch is never imported here
     from flsplit.sim.pricing import RoundCost
-    from flsplit.profile import ModelProfile
+    from flsplit.model.profile import ModelProfile
 
 __all__ = ["PlanningProblem", "client_id_list", "sample_list"]
 

@@ -9,7 +9,7 @@
 - ``kernels``: the vectorised, unchecked physics the pricing and the planners call.
 
 - ``scenario``: the scenario types (``Scenario``: devices, server, channel), checked once and
-  loaded from files by ``flsplit.scenario``;
+  loaded from files by ``flsplit.sim.scenario_files``;
 - ``checks``: the argument checks of the checked edges (numbers, cuts, energy budgets), the
   one family of the simulator and the planners.
 
@@ -18,7 +18,8 @@ Imports flow one way: ``kernels``, ``checks`` <- ``scenario`` <- ``workload`` <-
 """
 
 from flsplit.sim.pricing import Allocation, ServerTiming, price, price_totals
-from flsplit.sim.traffic import ElementWire, WireModel, measured_workload, predict_workload
+from flsplit.sim.schemes import WireModel
+from flsplit.sim.traffic import ElementWire, measured_workload, predict_workload
 from flsplit.sim.workload import ClientWork, RoundWorkload, Timing
 
 __all__ = [

@@ -18,7 +18,7 @@ The model (DESIGN.md 3.6):
 
 Rates, transfers, energy and the round latency are priced by ``flsplit.sim.pricing.price``
 with the kernels of ``flsplit.sim.kernels`` (the only place the Shannon rate is written).
-Scenarios are loaded from TOML or run-config keys by ``flsplit.scenario``. Pure: numpy only,
+Scenarios are loaded from TOML or run-config keys by ``flsplit.sim.scenario_files``. Pure: numpy only,
 no torch.
 """
 

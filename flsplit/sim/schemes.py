@@ -12,14 +12,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional, Protocol
 
 from flsplit.sim.workload import Timing
 
-if TYPE_CHECKING:
-    from flsplit.sim.traffic import WireModel
+__all__ = ["WireModel", "SCHEME_MODELS", "SCHEMES", "TIMING_OF", "SchemeModel", "SchemeRound", "Traffic"]
 
-__all__ = ["SCHEME_MODELS", "SCHEMES", "TIMING_OF", "SchemeModel", "SchemeRound", "Traffic"]
+
+class WireModel(Protocol):
+    """Bytes on the wire of the pieces of a round (a traffic model's unit costs)."""
+
+    def up(self, cut: int, rows: float) -> float:
+        """Bytes of one batch of ``rows`` smashed samples sent up (with its labels)."""
+
+    def down(self, cut: int, rows: float) -> float:
+        """Bytes of one unicast gradient of ``rows`` samples."""
+
+    def broadcast(self, cut: int, rows: float) -> float:
+        """Bytes of one broadcast gradient of ``rows`` samples."""
+
+    def part(self, cut: int) -> float:
+        """Bytes of the client part's weights (sent down at round start and back at the end)."""
 
 
 @dataclass(frozen=True)

@@ -15,42 +15,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Protocol
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
 from flsplit.sim.checks import column_arg, cut_list, fraction_arg, int_arg, real_arg
-from flsplit.sim.schemes import SCHEME_MODELS, SCHEMES, TIMING_OF, SchemeRound, Traffic
+from flsplit.sim.schemes import SCHEME_MODELS, SCHEMES, TIMING_OF, SchemeRound, Traffic, WireModel
 from flsplit.sim.workload import RoundWorkload, Timing
 
 if TYPE_CHECKING:  # pure: the profile is only read, torch is never imported here
-    from flsplit.profile import CutProfile, ModelProfile
+    from flsplit.model.profile import CutProfile, ModelProfile
 
-__all__ = ["TIMING_OF", "SCHEMES", "WireModel", "ElementWire", "split_batches", "predict_workload",
+__all__ = ["TIMING_OF", "SCHEMES", "ElementWire", "split_batches", "predict_workload",
            "measured_workload"]
-
-class WireModel(Protocol):
-    """Bytes on the wire of the pieces of a round (a traffic model's unit costs)."""
-
-    def up(self, cut: int, rows: float) -> float:
-        """Bytes of one batch of ``rows`` smashed samples sent up (with its labels)."""
-
-    def down(self, cut: int, rows: float) -> float:
-        """Bytes of one unicast gradient of ``rows`` samples."""
-
-    def broadcast(self, cut: int, rows: float) -> float:
-        """Bytes of one broadcast gradient of ``rows`` samples."""
-
-    def part(self, cut: int) -> float:
-        """Bytes of the client part's weights (sent down at round start and back at the end)."""
-
 
 @dataclass(frozen=True)
 class ElementWire:
     """The planners' wire model: ``rows x smashed elements x bytes_per_element`` each way.
 
     Headers, labels and scales are left out (a planning approximation;
-    ``flsplit.wire_bytes.SerializedWire`` counts them). The client part's weights, sent down
+    ``flsplit.wire.wire_bytes.SerializedWire`` counts them). The client part's weights, sent down
     at round start and back at round end, count only with ``include_weights`` (the
     profile's ``client_param_bytes``): the classic planners' models leave them out, a
     training run pays them.

@@ -10,7 +10,7 @@ produced two ways that share every rule:
   training runtime).
 
 Priced with the same allocation, the two agree to rounding when the traffic model is the
-wire's own (``flsplit.wire_bytes.SerializedWire``); with the default ``ElementWire``
+wire's own (``flsplit.wire.wire_bytes.SerializedWire``); with the default ``ElementWire``
 (``samples x smashed elements x bytes per element``, no headers, labels or weights) the
 prediction is the planners' usual approximation.
 
@@ -32,7 +32,7 @@ import numpy as np
 from flsplit.sim.checks import column_arg, int_arg, real_arg
 
 if TYPE_CHECKING:  # only read: the simulator never imports torch
-    from flsplit.profile import CutProfile
+    from flsplit.model.profile import CutProfile
 
 __all__ = ["Timing", "ClientWork", "RoundWorkload", "client_flops", "server_flops", "smashed_bytes"]
 
@@ -201,7 +201,7 @@ def client_flops(cut: "CutProfile", samples: float, *, backward: bool = True) ->
 
     flsplit's client is stateless between messages, so it recomputes the forward pass of a
     batch when that batch's gradient arrives; the simulator counts the forward once, as a
-    device that keeps its autograd graph would. ``cut`` is a ``flsplit.profile.CutProfile``
+    device that keeps its autograd graph would. ``cut`` is a ``flsplit.model.profile.CutProfile``
     (``profile_model(model, input_shape).cut(k)``).
     """
     samples = real_arg("samples", samples, nonnegative=True)

@@ -15,7 +15,7 @@ DATA = "split.data"  # the 256 KiB array, both ways
 CONTROL = "bench.ctl"  # {"last": bool}: the node's last request of the round
 STATUS = "split.status"  # {"done": bool}: the plane ends the session on done=True
 TIMING = "bench.client"  # {"prev_reply_s": s, "cpu_s": s}: build+encode+send of the previous reply; process CPU so far
-OFFER = "split.stream"  # flsplit.stream.offer.OFFER
+OFFER = "split.stream"  # flsplit.planes.stream.offer.OFFER
 
 app = ClientApp()
 
@@ -31,8 +31,8 @@ def echo(request: RecordDict, prev_reply_s: float = 0.0) -> RecordDict:
 def split_step(msg: Message, context: Context) -> Message:
     if OFFER not in msg.content.config_records:  # the message plane: one Flower message per step
         return Message(echo(msg.content), reply_to=msg)
-    from flsplit.stream.client_session import ClientSession
-    from flsplit.stream.offer import SessionOffer
+    from flsplit.planes.stream.client_session import ClientSession
+    from flsplit.planes.stream.offer import SessionOffer
 
     session = ClientSession.open(SessionOffer.from_content(msg.content))
     with session:

@@ -32,9 +32,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from flsplit.dataplane import MessageDataPlane
-from flsplit.stream.frames import decode_content, encode_content
-from flsplit.stream.plane import StreamDataPlane
+from flsplit.planes.dataplane import MessageDataPlane
+from flsplit.planes.stream.frames import decode_content, encode_content
+from flsplit.planes.stream.plane import StreamDataPlane
 
 TRAIN_STEP = "train.split_step"
 CLIENT_PART = "client.part"  # the plane offers a session only with a round's first request

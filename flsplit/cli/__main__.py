@@ -1,0 +1,7 @@
+"""``python -m flsplit.cli``: the ``flsplit`` command."""
+
+import sys
+
+from flsplit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: the run's datasets and partitions (``datasets``) and a device's own files (``local``)."""

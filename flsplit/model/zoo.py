@@ -1,0 +1,149 @@
+"""Built-in models, each an ``nn.Sequential`` of blocks so every cut is a split point."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from flsplit.model.splitting import SplitModel, flatten_torchvision
+
+__all__ = ["MODELS", "build_model", "digits_cnn", "lenet", "vgg", "resnet18"]
+
+
+def digits_cnn(num_classes: int = 10, in_channels: int = 1, image_size: int = 8) -> nn.Sequential:
+    """A small CNN for 8x8 digits (scikit-learn's ``load_digits``): 9 blocks."""
+    side = image_size // 2
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(1),
+        nn.Linear(32 * side * side, 64),
+        nn.ReLU(),
+        nn.Linear(64, num_classes),
+    )
+
+
+def lenet(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> nn.Sequential:
+    """LeNet-5 style network (12 blocks); 28x28 inputs are padded to 32x32 by the first conv.
+
+    Other sizes work too as long as the feature map survives both 5x5 convs and pools
+    (at least 16x16); the classifier's input size is computed from ``image_size``.
+    """
+    pad = 2 if image_size == 28 else 0
+    side = ((image_size + 2 * pad - 4) // 2 - 4) // 2
+    if side < 1:
+        raise ValueError(f"lenet needs images of at least 16x16 pixels, got {image_size}x{image_size}")
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 6, 5, padding=pad),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(1),
+        nn.Linear(16 * side * side, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, num_classes),
+    )
+
+
+_VGG_CFG = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+}
+
+
+def vgg(name: str, num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> nn.Sequential:
+    """CIFAR-style VGG with batch norm: one block per conv/BN/ReLU/pool layer.
+
+    Five 2x2 poolings need images of at least 32x32 pixels; 28x28 inputs (MNIST) are padded
+    to 32x32 by the first conv, as in ``lenet``.
+    """
+    pad = 3 if image_size == 28 else 1
+    padded = image_size + 2 * pad - 2  # the first conv's output side
+    if padded < 32:
+        raise ValueError(f"{name} needs images of at least 32x32 pixels (or 28x28), got {image_size}x{image_size}")
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for v in _VGG_CFG[name]:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(channels, v, 3, padding=pad), nn.BatchNorm2d(v), nn.ReLU(inplace=False)]
+            channels, pad = v, 1
+    side = padded // 32
+    layers += [nn.Flatten(1), nn.Linear(512 * side * side, num_classes)]
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (two 3x3 convs and a skip); one block of the split sequence."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+def resnet18(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> nn.Sequential:
+    """CIFAR-style ResNet18: stem (3 blocks), eight basic blocks, pooling, flatten, classifier (14 blocks)."""
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+    in_planes = 64
+    for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1)]
+        in_planes = planes
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(512, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def _torchvision(name: str) -> Callable[..., SplitModel]:
+    def build(num_classes: int = 10, in_channels: int = 3, image_size: int = 224) -> SplitModel:
+        import torchvision
+
+        if in_channels != 3:
+            raise ValueError(f"torchvision {name} expects 3 input channels, got {in_channels}")
+        if name.startswith("vgg") and image_size < 32:
+            raise ValueError(f"torchvision {name} needs images of at least 32x32 pixels, got {image_size}x{image_size}")
+        return flatten_torchvision(getattr(torchvision.models, name)(num_classes=num_classes))
+
+    return build
+
+
+MODELS: dict[str, Callable[..., nn.Module | SplitModel]] = {
+    "digits-cnn": digits_cnn,
+    "lenet": lenet,
+    "vgg11": lambda **kw: vgg("vgg11", **kw),
+    "vgg13": lambda **kw: vgg("vgg13", **kw),
+    "vgg16": lambda **kw: vgg("vgg16", **kw),
+    "resnet18": resnet18,
+    **{f"torchvision-{n}": _torchvision(n) for n in ("vgg11", "vgg16", "resnet18", "resnet50")},
+}
+
+
+def build_model(name: str, num_classes: int = 10, in_channels: int = 1, image_size: int = 8) -> SplitModel:
+    """Build a zoo model by name as a ``SplitModel``."""
+    from flsplit.model.splitting import as_split_model
+
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return as_split_model(MODELS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size))

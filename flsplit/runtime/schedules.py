@@ -1,0 +1,224 @@
+"""Schedules: who is asked what, and when, in one round of split training over a DataPlane.
+
+A schedule runs one round's split exchanges over the round's data plane with a
+server-step rule, and declares its **timing rule** (how the clients' chains combine into the
+round latency, ``flsplit.sim.workload.Timing``), in the spirit of
+``torch.distributed.pipelining``'s schedule classes:
+
+``PerNode``
+    clients run independently: each reply is trained on at once and answered at once
+    (SFL-V1 with a server copy per node, SFL-V2 on one shared part in arrival order). Parallel.
+``Relay``
+    one node at a time, each finishing its round before the next starts; the strategy hands the
+    client part on between nodes (vanilla SL). Sequential.
+``Lockstep``
+    all nodes step together: the k-th batches of every node form one server step (PSL,
+    EPSL, SFL-GA); a step's broadcast rows are encoded once and counted once. Parallel.
+``UploadOnly``
+    one one-way message per node carrying a window of smashed data, no gradient back
+    (async SL's state B). Parallel.
+
+A schedule drives the round's exchange state (``flsplit.runtime.exchange.RoundExchange``): its data
+plane, request building, the reply gate (a refused reply's node sits out the rest of the
+round: no more requests, its client part not averaged), step counting and progress. A
+scheme's timing is declared here only, on its schedule class (``Schedule.timing``); a
+strategy names its schedule class (``SplitStrategy.schedule``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from flsplit.wire import protocol as p
+from flsplit.planes.dataplane import Reply
+from flsplit.runtime.exchange import RoundExchange
+from flsplit.runtime.server import ServerPart, StepGrads
+from flsplit.sim.workload import Timing
+
+__all__ = ["Schedule", "PerNode", "Relay", "Lockstep", "UploadOnly"]
+
+
+class Schedule(ABC):
+    """One round of exchanges; ``run`` returns the final (``done``) reply of each node."""
+
+    timing: Timing = Timing.PARALLEL
+
+    @abstractmethod
+    def run(self, ex: RoundExchange, requests: dict[int, RecordDict]) -> list[Reply]:
+        """Run the round from each node's first request."""
+
+
+class PerNode(Schedule):
+    """Clients run independently; each reply is trained on at once and answered at once.
+
+    Parameters
+    ----------
+    server_for : callable
+        ``server_for(node_id) -> ServerPart``: the server part a node's batches train
+        (one shared part, or a copy per node).
+    """
+
+    timing = Timing.PARALLEL
+
+    def __init__(self, server_for: Callable[[int], ServerPart]) -> None:
+        self.server_for = server_for
+
+    def run(self, ex: RoundExchange, requests: dict[int, RecordDict]) -> list[Reply]:
+        dp, group, done = ex.data_plane, str(ex.server_round), []
+        for node_id, content in requests.items():
+            dp.push(node_id, content, p.TRAIN_STEP, group)
+        while dp.in_flight:
+            for reply in dp.pull():
+                node = reply.node_id
+                if reply.error is not None:
+                    ex.reject(node, f"node dropped for this round: {reply.error}")
+                    continue
+                admitted = ex.admit(node, reply)
+                if admitted is None:  # refused: the node sits out the rest of the round
+                    continue
+                if admitted.final:
+                    done.append(reply)
+                    continue
+                batches = admitted.batches
+                ex.track_progress(node, reply, len(batches))
+                grads = self.server_for(node).step_each([(ex.cuts[node], b) for b in batches])
+                ex.server_steps += len(batches)
+                dp.push(node, ex.request(node, grads), p.TRAIN_STEP, group)
+        return done
+
+
+class Relay(Schedule):
+    """One node at a time, in request order, each through its whole round (vanilla SL).
+
+    Parameters
+    ----------
+    server_for : callable
+        ``server_for(node_id) -> ServerPart`` (SL: the one shared part).
+    hand_over : callable
+        ``hand_over(node_id, content)``: called before a node starts, to put the client part
+        the previous node left into its first request.
+    take_back : callable
+        ``take_back(reply)``: called with a node's final reply, before the next node starts.
+    """
+
+    timing = Timing.SEQUENTIAL
+
+    def __init__(self, server_for: Callable[[int], ServerPart], hand_over: Callable[[int, RecordDict], None],
+                 take_back: Callable[[Reply], None]) -> None:
+        self.per_node = PerNode(server_for)
+        self.hand_over = hand_over
+        self.take_back = take_back
+
+    def run(self, ex: RoundExchange, requests: dict[int, RecordDict]) -> list[Reply]:
+        done = []
+        for node_id, content in requests.items():
+            self.hand_over(node_id, content)
+            finished = self.per_node.run(ex, {node_id: content})
+            for reply in finished:
+                self.take_back(reply)
+            done += finished
+        return done
+
+
+class _Outgoing:
+    """One node's share of a lockstep exchange's step results, batch by batch."""
+
+    def __init__(self) -> None:
+        self.unicast: list[torch.Tensor] = []
+        self.broadcast: Optional[ArrayRecord] = None
+        self.broadcast_config = ConfigRecord()
+
+    def add(self, result: StepGrads, i: int, shared: ArrayRecord) -> None:
+        k = len(self.unicast)  # the step's index in this exchange: the same for every receiver
+        self.unicast.append(result.unicast[i])
+        if result.broadcast is not None:
+            self.broadcast = self.broadcast if self.broadcast is not None else ArrayRecord()
+            for key, array in shared.items():  # the same Array objects for every receiver, keyed b.{k}
+                self.broadcast[key] = array
+            self.broadcast_config[f"positions.{k}"] = result.positions[i]
+            self.broadcast_config[f"scale.{k}"] = float(result.scales[i])
+
+
+class Lockstep(Schedule):
+    """All nodes step together: the k-th batches of every node form one server step.
+
+    A step's broadcast rows (EPSL, SFL-GA) are encoded once, put into every receiver's
+    request, and counted once in the traffic.
+
+    Parameters
+    ----------
+    step : callable
+        ``step([(cut, batch), ...]) -> StepGrads``: the server-step rule.
+    """
+
+    timing = Timing.PARALLEL
+
+    def __init__(self, step: Callable[[list[tuple[int, p.SmashedBatch]]], StepGrads]) -> None:
+        self.step = step
+
+    def run(self, ex: RoundExchange, requests: dict[int, RecordDict]) -> list[Reply]:
+        dp, group, done = ex.data_plane, str(ex.server_round), []
+        while requests:
+            replies = dp.exchange(requests, p.TRAIN_STEP, group)
+            requests = {}
+            received: dict[int, list[p.SmashedBatch]] = {}
+            for node, reply in sorted(replies.items()):
+                if reply.error is not None:
+                    ex.reject(node, f"node dropped for this round: {reply.error}")
+                elif (admitted := ex.admit(node, reply)) is None:
+                    continue  # refused: the node sits out the rest of the round
+                elif admitted.final:
+                    done.append(reply)
+                else:
+                    received[node] = admitted.batches
+                    ex.track_progress(node, reply, len(admitted.batches))
+            outgoing = {n: _Outgoing() for n in received}
+            for k in range(max((len(b) for b in received.values()), default=0)):
+                nodes = [n for n in received if k < len(received[n])]
+                result = self.step([(ex.cuts[n], received[n][k]) for n in nodes])
+                shared = ArrayRecord()
+                if result.broadcast is not None:  # encoded once, under the step's key b.{k}
+                    ex.codec_down.encode_into(shared, f"b.{k}", result.broadcast)
+                    dp.traffic.record_broadcast(sum(len(a.data) for a in shared.values()))
+                for i, n in enumerate(nodes):
+                    outgoing[n].add(result, i, shared)
+                ex.server_steps += 1
+            for n, out in outgoing.items():
+                requests[n] = ex.request(n, out.unicast, out.broadcast, out.broadcast_config)
+        return done
+
+
+class UploadOnly(Schedule):
+    """One one-way message per node with a window of smashed data; nothing is sent back.
+
+    Parameters
+    ----------
+    on_upload : callable
+        ``on_upload(node_id, batches, record)``: the checked batches of a node's upload and
+        the record as received (async SL trains the server on them and caches the record).
+    max_batches : int, optional
+        Most batches an upload may carry (``max-steps`` when set; else unbounded).
+    """
+
+    timing = Timing.PARALLEL
+
+    def __init__(self, on_upload: Callable[[int, list[p.SmashedBatch], ArrayRecord], None],
+                 max_batches: Optional[int] = None) -> None:
+        self.on_upload = on_upload
+        self.max_batches = max_batches
+
+    def run(self, ex: RoundExchange, requests: dict[int, RecordDict]) -> list[Reply]:
+        replies = ex.data_plane.exchange(requests, p.UPLOAD, str(ex.server_round))
+        done = []
+        for node, reply in replies.items():
+            if reply.error is not None:
+                ex.reject(node, f"upload failed: {reply.error}")
+            elif (batches := ex.admit_upload(node, reply, self.max_batches)) is not None:
+                self.on_upload(node, batches, reply.content.array_records[p.SMASHED])
+                done.append(reply)
+        return done

@@ -1,0 +1,250 @@
+"""The client-side trainer of split learning, with no Flower types.
+
+A ``ClientTrainer`` is one client's round: its client part (an ``nn.Module``), the part's
+SGD optimizer, and a data cursor. It does the two things a split client does:
+
+* ``next_batches``: the smashed data of the next ``K`` batches (and their labels);
+* ``apply_gradients``: back-propagate the gradients the server returned for those batches
+  through the client part and step the optimizer, in order.
+
+Transports adapt it: ``flsplit.runtime.client.SplitClient`` keeps nothing in memory between Flower
+messages, so it saves ``state()`` into ``context.state`` and rebuilds the trainer from it on
+the next message; the autograd graph cannot survive that, so it recomputes each batch's
+forward pass (same weights, data and dropout seed) when the gradient arrives. A transport
+that keeps the trainer alive for a whole round can pass ``keep_graph=True`` to
+``next_batches`` (one batch per exchange), and ``apply_gradients`` back-propagates through the
+kept graph instead of recomputing.
+
+Batch order is reproducible from the seed: local data is a stream of epochs, epoch ``e``
+being a permutation of the local samples drawn from ``SeedSequence([seed, salt, e])``;
+batch ``j`` of epoch ``e`` is at stream *position* ``e * batches_per_epoch + j``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from flsplit.model import rng
+from flsplit.data.datasets import TensorData
+from flsplit.wire.protocol import ProtocolError, SmashedBatch, SplitConfig, check_tensor
+
+__all__ = ["Cursor", "ClientTrainer", "round_steps", "module_dtype"]
+
+
+def _seed(*entropy: int) -> int:
+    """A 32-bit seed derived from integers (numpy's ``SeedSequence``)."""
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
+
+
+@lru_cache(maxsize=64)
+def _epoch_order(seed: int, salt: int, epoch: int, n: int) -> torch.Tensor:
+    """The sample order of one epoch (read-only cache: a pure function of its arguments)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, salt, epoch)))
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """Floating dtype of a module's parameters (float32 if it has none)."""
+    return next((t.dtype for t in module.parameters()), torch.float32)
+
+
+def round_steps(cfg: SplitConfig, num_samples: int) -> int:
+    """Batches in a round: ``max_steps``, or the local epochs' batches; none without data (a
+    node whose partition is empty ends its round at once, with 0 examples)."""
+    if num_samples == 0:
+        return 0
+    return cfg.max_steps or cfg.local_epochs * -(-num_samples // cfg.batch_size)
+
+
+@dataclass
+class Cursor:
+    """Where a client is in its data stream and its round.
+
+    Attributes
+    ----------
+    position : int
+        Stream position of the next batch to send.
+    round_end : int
+        Position where this round ends.
+    pending : list of int
+        Positions sent and awaiting their gradients.
+    num_examples : int
+        Samples trained this round.
+    """
+
+    position: int = 0
+    round_end: int = 0
+    pending: list[int] = field(default_factory=list)
+    num_examples: int = 0
+
+    def as_dict(self) -> dict:
+        return {"position": self.position, "round_end": self.round_end, "pending": list(self.pending),
+                "num_examples": self.num_examples}
+
+
+class ClientTrainer:
+    """One client's round of split training (see the module docstring).
+
+    Parameters
+    ----------
+    part : nn.Module
+        The client part (blocks ``[0, cut)``); its weights are loaded from ``weights``.
+    data : TensorData
+        The local training data.
+    cfg : SplitConfig
+        The round's settings (cut, batch size, SGD, seed, shuffling, K).
+    salt : int
+        Tells this client's shuffling and dropout apart from other clients'.
+    weights : mapping of str to Tensor
+        The client part's weights to start from.
+    cursor : Cursor
+        The data cursor.
+    momentum : mapping of int to Tensor, optional
+        SGD momentum buffers by parameter index (none at a round's start).
+    """
+
+    def __init__(self, part: nn.Module, data: TensorData, cfg: SplitConfig, salt: int,
+                 weights: Mapping[str, torch.Tensor], cursor: Cursor,
+                 momentum: Optional[Mapping[int, torch.Tensor]] = None) -> None:
+        self.part, self.data, self.cfg, self.salt, self.cursor = part, data, cfg, salt, cursor
+        try:
+            part.load_state_dict(dict(weights))
+        except RuntimeError as err:
+            raise ProtocolError(f"the client part does not fit cut {cfg.cut}: {err}") from err
+        part.train()
+        # A client part without parameters (e.g. a cut after a parameter-free first block)
+        # has nothing to train but still computes and sends its activations.
+        params = list(part.parameters())
+        self.optimizer = (
+            torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            if params else None
+        )
+        if momentum and self.optimizer is not None:
+            for i, buf in momentum.items():
+                self.optimizer.state[params[int(i)]]["momentum_buffer"] = buf
+        self._graphs: dict[int, torch.Tensor] = {}  # position -> output with its graph (kept rounds)
+
+    @classmethod
+    def start_round(cls, part: nn.Module, data: TensorData, cfg: SplitConfig, salt: int,
+                    weights: Mapping[str, torch.Tensor], position: int = 0,
+                    momentum: Optional[Mapping[int, torch.Tensor]] = None) -> "ClientTrainer":
+        """A trainer at the start of a round: cursor at ``position``; a fresh optimizer, or
+        with ``momentum`` (``carry_momentum``: last round's buffers, used only if they fit
+        this part's parameters one for one)."""
+        cursor = Cursor(position, position + round_steps(cfg, len(data)), [], 0)
+        params = list(part.parameters())
+        if momentum and not (set(momentum) <= set(range(len(params)))
+                             and all(buf.shape == params[i].shape and buf.dtype == params[i].dtype
+                                     for i, buf in momentum.items())):
+            momentum = None  # another cut's parameters: start fresh
+        return cls(part, data, cfg, salt, weights, cursor, momentum)
+
+    # ------------------------------------------------------------------ data and forward
+    def batch(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples and labels of the batch at a stream position."""
+        cfg, n = self.cfg, len(self.data)
+        epoch, j = divmod(position, -(-n // cfg.batch_size))
+        if cfg.shuffle:
+            index = _epoch_order(cfg.seed, self.salt, epoch, n)[j * cfg.batch_size : (j + 1) * cfg.batch_size]
+        else:
+            index = slice(j * cfg.batch_size, (j + 1) * cfg.batch_size)
+        return self.data.x[index], self.data.y[index]
+
+    def forward(self, position: int) -> torch.Tensor:
+        """The client part's output on a batch, with a dropout seed fixed by client and
+        position so that a recompute is identical."""
+        x, _ = self.batch(position)
+        with rng.seeded(_seed(self.cfg.seed, self.salt, position)):
+            return self.part(x.to(module_dtype(self.part)))
+
+    @property
+    def done(self) -> bool:
+        """Whether every batch of the round was sent (and its gradient applied)."""
+        return self.cursor.position >= self.cursor.round_end and not self.cursor.pending
+
+    # ------------------------------------------------------------------ the two steps
+    def apply_gradients(self, grads: list[torch.Tensor]) -> None:
+        """Back-propagate the gradients of the pending batches, in order, one step each.
+
+        Raises ``ProtocolError`` (before any step) if their number does not match the
+        pending batches, and if a gradient's shape or dtype does not match its batch.
+        """
+        pending = self.cursor.pending
+        if len(grads) != len(pending):
+            raise ProtocolError(f"got {len(grads)} gradients for {len(pending)} pending batches")
+        for position, grad in zip(pending, grads):
+            out = self._graphs.pop(position, None)
+            if out is None:
+                out = self.forward(position)  # recompute: the graph did not survive
+            check_tensor(f"gradient for position {position}", grad, tuple(out.shape), out.dtype)
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+                out.backward(grad)
+                self.optimizer.step()
+            self.cursor.num_examples += int(out.shape[0])
+        self.cursor.pending = []
+
+    def skip_pending(self) -> None:
+        """The server dropped the pending batches (no gradients came): forget them."""
+        self.cursor.pending = []
+        self._graphs.clear()
+
+    def next_batches(self, *, keep_graph: bool = False) -> list[SmashedBatch]:
+        """Smashed data of the next ``K`` batches (empty when the round is over).
+
+        With ``keep_graph`` the outputs keep their autograd graphs for ``apply_gradients``
+        (only for transports that keep this trainer alive until the gradients arrive).
+        """
+        c = self.cursor
+        c.pending = list(range(c.position, min(c.position + self.cfg.steps_per_exchange, c.round_end)))
+        batches = []
+        # Without the graph, the recompute in apply_gradients is the forward that counts: the
+        # buffers (batch-norm statistics) this one changes are put back, so every batch
+        # updates them once, in the same order, whether the graph is kept or not.
+        buffers = None if keep_graph else [b.clone() for b in self.part.buffers()]
+        for pos in c.pending:
+            _, y = self.batch(pos)
+            if keep_graph:
+                out = self.forward(pos)
+                self._graphs[pos] = out
+                batches.append(SmashedBatch(out.detach(), y))
+            else:
+                with torch.no_grad():
+                    batches.append(SmashedBatch(self.forward(pos), y))
+        if buffers:
+            with torch.no_grad():
+                for buf, saved in zip(self.part.buffers(), buffers):
+                    buf.copy_(saved)
+        if c.pending:
+            c.position = c.pending[-1] + 1
+        return batches
+
+    def window(self, steps: int) -> list[SmashedBatch]:
+        """Smashed data of the next ``steps`` batches with the frozen part (async SL's state B)."""
+        c = self.cursor
+        with torch.no_grad():
+            batches = [SmashedBatch(self.forward(pos), self.batch(pos)[1]) for pos in range(c.position, c.position + steps)]
+        c.position += steps
+        c.round_end = c.position
+        c.pending, c.num_examples = [], 0
+        return batches
+
+    # ------------------------------------------------------------------ state
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The client part's weights."""
+        return self.part.state_dict()
+
+    def momentum(self) -> dict[int, torch.Tensor]:
+        """SGD's only state, the momentum buffers, by parameter index."""
+        out: dict[int, torch.Tensor] = {}
+        if self.optimizer is not None:
+            for i, param in enumerate(self.optimizer.param_groups[0]["params"]):
+                buf = self.optimizer.state.get(param, {}).get("momentum_buffer")
+                if buf is not None:
+                    out[i] = buf
+        return out

@@ -1,1 +1,0 @@
-"""Shipped cost-model scenarios (TOML files read by ``flsplit.scenario.load_scenario``)."""

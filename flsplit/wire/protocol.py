@@ -1,0 +1,351 @@
+"""The split exchange over Flower messages: message types, record names, checks.
+
+One exchange per step (fused): the server's request carries the gradients of the batches
+the client sent last time and asks for the smashed data of its next ``K`` batches; the reply
+carries that smashed data and the labels. The first request of a round also carries the
+client part's weights; the reply that ends the client's round carries its trained weights.
+
+Records in a request (server -> client)
+    ``split.config``  ConfigRecord: round settings (see ``SplitConfig``)
+    ``client.part``   ArrayRecord: client-part weights (first request of a round only)
+    ``split.grad``    ArrayRecord: ``g.0 .. g.{K-1}``, gradients of the pending batches (only the
+                      rows not covered by a broadcast)
+    ``split.bcast``   ArrayRecord: ``b.k`` gradient rows shared by every receiver (EPSL,
+                      SFL-GA); counted once per step in the traffic, not once per client
+    ``split.bcast.config`` ConfigRecord: ``positions.k`` (rows of batch ``k`` the broadcast
+                      fills) and ``scale.k`` (factor this receiver applies to it)
+Records in a reply (client -> server)
+    ``split.smashed`` ArrayRecord: ``x.i`` smashed data and ``y.i`` labels of batch ``i``
+    ``split.status``  ConfigRecord: ``done`` (bool), ``position`` of the first batch sent,
+                      ``remaining`` batches of the round from it (progress reporting)
+    ``client.part``   ArrayRecord + ``split.metrics`` MetricRecord ``num-examples``: at round end
+    ``client.device`` ConfigRecord (first reply of a round): ``partition-id`` and the device
+                      profile keys found in the node config (``DEVICE_KEYS``: ``cpu-hz``, ...)
+    ``split.stream.fallback`` ConfigRecord ``reason`` (``FALLBACK``): the request offered a
+                      session on another plane, allowed to fail (``flsplit.planes.endpoint``), and
+                      the node answers over messages instead, saying why
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from flsplit.wire.codecs import Codec, CodecError, all_finite, get_codec
+
+__all__ = [
+    "TRAIN_STEP",
+    "UPLOAD",
+    "EVALUATE",
+    "NOOP",
+    "ProtocolError",
+    "SplitConfig",
+    "SmashedBatch",
+    "encode_batches",
+    "decode_smashed",
+    "encode_grads",
+    "decode_grads",
+    "check_tensor",
+    "assemble_grads",
+]
+
+TRAIN_STEP = "train.split_step"
+UPLOAD = "train.split_upload"
+EVALUATE = "evaluate.split_eval"
+NOOP = "query.noop"
+DESCRIBE = "query.split_device"  # who a node is: partition, device profile, samples
+
+CONFIG = "split.config"
+CLIENT_PART = "client.part"
+GRAD = "split.grad"
+SMASHED = "split.smashed"
+STATUS = "split.status"
+METRICS = "split.metrics"
+DEVICE = "client.device"
+BCAST = "split.bcast"
+BCAST_CONFIG = "split.bcast.config"
+# A reply over messages to a request whose session offer could not be taken up (any plane's;
+# the name is the first plane's, the stream's).
+FALLBACK = "split.stream.fallback"
+
+# The device-profile keys a node reports in ``client.device`` (kebab case -> the field of
+# ``flsplit.sim.scenario.DeviceProfile``; tests/test_endpoint.py keeps the two equal).
+DEVICE_KEYS = {
+    "cpu-hz": "cpu_hz",
+    "flops-per-cycle": "flops_per_cycle",
+    "kappa": "kappa",
+    "tx-power-w": "tx_power_w",
+    "distance-m": "distance_m",
+}
+
+
+class ProtocolError(ValueError):
+    """A message of the split exchange is malformed; the text names what is wrong."""
+
+
+def check_int(name: str, value: object, low: Optional[int] = None, high: Optional[int] = None) -> int:
+    """``value`` as an integer in ``[low, high]``; ``ValueError`` naming ``name`` otherwise
+    (booleans and non-integral numbers are not integers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        isinstance(value, float) and not value.is_integer()
+    ):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = f">= {low}" if high is None else (f"<= {high}" if low is None else f"in [{low}, {high}]")
+        raise ValueError(f"{name} must be {span}, got {value}")
+    return value
+
+
+def check_number(name: str, value: object, low: Optional[float] = None, high: Optional[float] = None,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a finite float within the bounds (open or closed); ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    value = float(value)
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above:
+        if low is not None and high is not None:
+            span = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low is not None:
+            span = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            span = f"{'<' if high_open else '<='} {high:g}"
+        raise ValueError(f"{name} must be {span}, got {value:g}")
+    return value
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """What the server tells a client about this round's split training.
+
+    Attributes
+    ----------
+    server_round : int
+        Round number (1-based).
+    cut : int
+        Cut layer of this client: it runs blocks ``[0, cut)``.
+    batch_size : int
+        Samples per batch.
+    local_epochs : int
+        Epochs over the local data in this round (ignored when ``max_steps > 0``).
+    max_steps : int
+        If positive, the round ends after this many batches instead of after the epochs.
+    steps_per_exchange : int
+        ``K``: batches of smashed data per exchange, all computed with the weights current
+        when the request arrives. The server trains on them in order and returns ``K``
+        gradients; the client applies them in order, recomputing each batch's forward pass
+        with its *current* weights, so gradient ``j`` was computed for activations that are
+        ``j`` client steps old (staleness up to ``K - 1``). ``K = 1`` is exact SL. Stale
+        gradients and heavy momentum do not mix well: with ``K > 1`` prefer plain SGD.
+    learning_rate, momentum, weight_decay : float
+        SGD settings of the client part.
+    carry_momentum : bool
+        Keep SGD momentum across rounds: the client starts a round with the momentum
+        buffers it ended its previous one with (same cut; else fresh), the server's shared
+        part likewise. Off: every round starts with fresh optimizers (FedAvg's usual way).
+    seed : int
+        Run seed; batch order and dropout masks derive from it.
+    shuffle : bool
+        Shuffle the local data each epoch (seeded) or use it in stored order.
+    codec_up, codec_down : str
+        Wire codecs of smashed data (client -> server) and gradients (server -> client),
+        see ``flsplit.wire.codecs``.
+    """
+
+    server_round: int
+    cut: int
+    batch_size: int = 32
+    local_epochs: int = 1
+    max_steps: int = 0
+    steps_per_exchange: int = 1
+    learning_rate: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    carry_momentum: bool = False
+    seed: int = 0
+    shuffle: bool = True
+    codec_up: str = "native"
+    codec_down: str = "native"
+
+    def __post_init__(self) -> None:
+        """Every field checked here, once, with the run-config key in the message."""
+        for name, low in (("server_round", 1), ("cut", 1), ("batch_size", 1), ("steps_per_exchange", 1),
+                          ("local_epochs", 0), ("max_steps", 0), ("seed", 0)):
+            check_int(name.replace("_", "-"), getattr(self, name), low, 2**32 - 1 if name == "seed" else None)
+        if self.local_epochs < 1 and self.max_steps < 1:
+            raise ValueError("local-epochs must be >= 1 (or max-steps > 0)")
+        check_number("learning-rate", self.learning_rate, low=0.0, low_open=True)
+        check_number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+        check_number("weight-decay", self.weight_decay, low=0.0)
+        for name in ("shuffle", "carry_momentum"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name.replace('_', '-')} must be true or false, got {getattr(self, name)!r}")
+        for name in ("codec_up", "codec_down"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name.replace('_', '-')} must be a codec name, got {getattr(self, name)!r}")
+            get_codec(getattr(self, name))
+
+    def to_record(self) -> ConfigRecord:
+        """Serialize into a ``ConfigRecord``."""
+        return ConfigRecord(asdict(self))
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> "SplitConfig":
+        """Parse a ``ConfigRecord``; a missing or mistyped field raises ``ProtocolError``."""
+        values = {}
+        for f in fields(cls):
+            if f.name in record:
+                values[f.name] = record[f.name]
+        if "server_round" not in values or "cut" not in values:
+            raise ProtocolError(f"'{CONFIG}' must hold 'server_round' and 'cut'")
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as err:
+            raise ProtocolError(f"bad '{CONFIG}': {err}") from err
+
+
+@dataclass
+class SmashedBatch:
+    """One batch of smashed data (cut-layer activations) with its labels."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def encode_batches(batches: list[SmashedBatch], codec: Codec) -> ArrayRecord:
+    """Pack smashed batches as ``x.i`` (through ``codec``) and int64 labels ``y.i``."""
+    record = ArrayRecord()
+    for i, b in enumerate(batches):
+        codec.encode_into(record, f"x.{i}", b.x)
+        record[f"y.{i}"] = Array(b.y)
+    return record
+
+
+def check_tensor(
+    name: str,
+    tensor: torch.Tensor,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    finite: bool = True,
+) -> torch.Tensor:
+    """Raise ``ProtocolError`` unless ``tensor`` has this shape, dtype and finite values.
+
+    ``-1`` in ``shape`` matches any size.
+    """
+    if tensor.dtype != dtype:
+        raise ProtocolError(f"{name}: wrong dtype {tensor.dtype}, expected {dtype}")
+    if len(tensor.shape) != len(shape) or any(s != -1 and s != t for s, t in zip(shape, tensor.shape)):
+        raise ProtocolError(f"{name}: wrong shape {tuple(tensor.shape)}, expected {shape}")
+    if finite and not all_finite(tensor):
+        raise ProtocolError(f"{name}: contains NaN or infinite values")
+    return tensor
+
+
+def _decode(codec: Codec, record: ArrayRecord, key: str, dtype: torch.dtype, where: str) -> torch.Tensor:
+    try:
+        return codec.decode_from(record, key, dtype)
+    except CodecError as err:
+        raise ProtocolError(f"{where}: {err}") from err
+
+
+def _count(record: ArrayRecord, prefix: str) -> int:
+    """Number of ``<prefix>.<i>`` payload keys (scales not counted)."""
+    return sum(1 for k in record if k.startswith(prefix) and k[len(prefix) :].isdigit())
+
+
+def decode_smashed(
+    record: ArrayRecord,
+    sample_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    num_classes: int,
+    codec: Codec,
+) -> list[SmashedBatch]:
+    """Decode and check the smashed batches of a reply.
+
+    Every ``x.i`` must decode with ``codec`` to ``(b, *sample_shape)`` with finite values
+    (returned as ``dtype``), and every ``y.i`` be ``(b,)`` int64 labels in ``[0, num_classes)``.
+    """
+    count = _count(record, "x.")
+    if count == 0:
+        raise ProtocolError(f"'{SMASHED}': missing key 'x.0' (no smashed data)")
+    out = []
+    for i in range(count):
+        x = _decode(codec, record, f"x.{i}", dtype, SMASHED)
+        check_tensor(f"{SMASHED} x.{i}", x, (-1, *sample_shape), dtype)
+        y = _decode(CODECS_NATIVE, record, f"y.{i}", torch.int64, SMASHED)
+        check_tensor(f"{SMASHED} y.{i}", y, (x.shape[0],), torch.int64)
+        if x.shape[0] == 0:
+            raise ProtocolError(f"{SMASHED} x.{i}: empty batch")
+        if int(y.min()) < 0 or int(y.max()) >= num_classes:
+            raise ProtocolError(f"{SMASHED} y.{i}: labels outside [0, {num_classes})")
+        out.append(SmashedBatch(x, y))
+    return out
+
+
+def encode_grads(grads: list[torch.Tensor], codec: Codec) -> ArrayRecord:
+    """Pack cut-layer gradients as ``g.i`` through ``codec``."""
+    record = ArrayRecord()
+    for i, g in enumerate(grads):
+        codec.encode_into(record, f"g.{i}", g)
+    return record
+
+
+def decode_grads(record: ArrayRecord, codec: Codec, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Unpack ``g.0 .. g.{n-1}`` as ``dtype`` (shapes are checked against the recomputed forward)."""
+    return [_decode(codec, record, f"g.{i}", dtype, GRAD) for i in range(_count(record, "g."))]
+
+
+def assemble_grads(
+    grad: ArrayRecord | None,
+    bcast: ArrayRecord | None,
+    bcast_config: ConfigRecord | None,
+    codec: Codec,
+    dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    """Each pending batch's full cut-layer gradient from its unicast rows and the broadcast.
+
+    ``g.k`` holds batch ``k``'s own rows. If the broadcast has ``b.k``, its first
+    ``len(positions.k)`` rows, times ``scale.k``, go to the sample positions ``positions.k``
+    and the ``g.k`` rows, in order, fill the others; otherwise ``g.k`` is the whole gradient.
+    """
+    unicast = decode_grads(grad, codec, dtype) if grad is not None else []
+    if bcast is None:
+        return unicast
+    if bcast_config is None:
+        raise ProtocolError(f"'{BCAST}' without '{BCAST_CONFIG}'")
+    out = []
+    for k, own in enumerate(unicast):
+        if f"b.{k}" not in bcast:
+            out.append(own)
+            continue
+        rows = _decode(codec, bcast, f"b.{k}", dtype, BCAST)
+        positions, scale = bcast_config.get(f"positions.{k}"), bcast_config.get(f"scale.{k}")
+        if positions is None or scale is None:
+            raise ProtocolError(f"'{BCAST_CONFIG}': missing positions.{k} or scale.{k}")
+        size = len(positions) + own.shape[0]
+        if (
+            rows.shape[0] < len(positions)
+            or rows.shape[1:] != own.shape[1:]
+            or len(set(positions)) != len(positions)
+            or not all(0 <= i < size for i in positions)
+        ):
+            raise ProtocolError(
+                f"{BCAST} b.{k}: positions {list(positions)} do not fit {rows.shape[0]} broadcast "
+                f"rows and {own.shape[0]} own rows"
+            )
+        full = torch.empty((size, *own.shape[1:]), dtype=dtype)
+        mask = torch.zeros(size, dtype=torch.bool)
+        mask[list(positions)] = True
+        full[~mask] = own
+        full[list(positions)] = rows[: len(positions)] * float(scale)
+        out.append(full)
+    return out
+
+
+CODECS_NATIVE = get_codec("native")
