@@ -22,7 +22,7 @@ The library, by layer: one subpackage per layer, imports flow down this list, ne
 ``flsplit.runtime``
     ``trainer`` (the client's round, no Flower types), ``client`` and ``clientapp`` (the
     ClientApp side), ``server`` (server part and step rules), ``aggregation``, ``schedules``
-    (one round over a plane; each declares its timing), ``exchange`` (a round's state as one
+    (one round over a plane), ``exchange`` (a round's state as one
     value), ``checkpoint``, ``history``; ``server_stream`` (the server part's own dropout stream).
 ``flsplit.planners``
     ``PlanningProblem``, ``Plan``, one registry, the solvers, planners in the loop.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from logging import ERROR
-from typing import Any, Optional
+from typing import Optional
 
 from flwr.app import MetricRecord
 from flwr.common.logger import log
@@ -20,6 +20,7 @@ from flsplit.runtime.history import RunHistory
 from flsplit.model.profile import ModelProfile
 from flsplit.wire.protocol import METRICS
 from flsplit.sim.scenario import Scenario
+from flsplit.sim.schemes import scheme_model
 from flsplit.runtime.server import StepStats
 from flsplit.sim import ServerTiming, measured_workload, price
 from flsplit.sim.workload import client_flops
@@ -64,10 +65,12 @@ class RoundPricing:
     """Prices a round of a strategy with a ``scenario``: its measured workload (bytes
     serialized, FLOPs run), priced once by ``flsplit.sim.price``."""
 
-    scheme: str  # the traffic model's name (flsplit.sim.traffic)
+    scheme: str  # the scheme's row in flsplit.sim.schemes (its traffic model and timing)
     profile: ModelProfile
     scenario: Scenario
-    timing: Any  # the scheme's schedule's timing
+
+    def __post_init__(self) -> None:
+        scheme_model(self.scheme)  # a scheme without a row cannot be priced: said before anything runs
 
     def simulate(self, record: RoundRecord, outcome: RoundOutcome, devices: dict) -> dict:
         """Simulated latency and energy of the round, with the round plan's allocation and
@@ -88,7 +91,6 @@ class RoundPricing:
             server_flops=record.server_work.flops(profile),
             unattributed_server_flops=outcome.extra_server_flops,
             broadcast_bytes=traffic.broadcast,
-            timing=self.timing,
         )
         own = {pid: prof for n, (pid, prof) in devices.items() if prof is not None and n in examples}
         plan = record.plan

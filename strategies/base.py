@@ -7,8 +7,8 @@ driving the round's ``flsplit.runtime.exchange.RoundExchange``; ``aggregate_trai
 (``averaging.py``); ``configure_evaluate`` / ``aggregate_evaluate`` evaluate (``evaluation.py``).
 Pricing and history entries are in ``accounting.py``, cross-round state in ``checkpointing.py``.
 
-A scheme (``sl.py``, ``psl.py``, ...) names its ``schedule`` (whose class declares its timing)
-and implements ``_train_round``; where it differs from the defaults it overrides:
+A scheme (``sl.py``, ``psl.py``, ...) names its ``schedule`` and its ``scheme`` (its row in
+``flsplit.sim.schemes``: traffic model and timing) and implements ``_train_round``; where it differs from the defaults it overrides:
 
 - ``start_part``, ``aggregate_train``, ``server_contributions``, ``train_stats``: what a node
   starts from, how the round is averaged, what the server saw;
@@ -71,7 +71,7 @@ class SplitStrategy(Strategy):
     """
 
     scheme = ""  # the scheme's name in STRATEGIES and in the traffic model (flsplit.sim.traffic)
-    schedule: type[Schedule] = PerNode  # the scheme's schedule; its class declares the round latency's timing
+    schedule: type[Schedule] = PerNode  # the scheme's schedule
 
     def __init__(self, settings: Optional[SplitSettings] = None, /, **fields) -> None:
         self.settings = s = SplitSettings.of(settings, type(self).__name__, **fields)
@@ -90,8 +90,7 @@ class SplitStrategy(Strategy):
         self.data_plane: Optional[DataPlane] = None
         self.progress_interval = 10.0  # seconds between progress lines within a round
         self.profile = profile_model(self.model, s.input_shape) if s.scenario is not None else None
-        self.pricing = None if s.scenario is None else RoundPricing(self.scheme or type(self).__name__.lower(),
-                                                                     self.profile, s.scenario, self.schedule.timing)
+        self.pricing = RoundPricing(self.scheme, self.profile, s.scenario) if s.scenario is not None else None
         self.model.blocks.to(self.device)  # after the shapes and the profile, measured on the CPU
         self.devices: dict[int, tuple[int, Optional[DeviceProfile]]] = {}  # node -> (partition, own profile)
         self.server_momentum: dict[str, torch.Tensor] = {}  # by parameter name (carry_momentum)

@@ -21,20 +21,19 @@ from flsplit.planners.plan import Plan, client_costs
 from flsplit.planners.problem import PlanningProblem
 from flsplit.sim.checks import cut_arg, fraction_arg
 from flsplit.sim.pricing import Allocation, ServerTiming, price, price_totals
+from flsplit.sim.schemes import scheme_model
 from flsplit.sim.traffic import ElementWire, predict_workload
 from flsplit.sim.workload import RoundWorkload
 
-__all__ = ["plan_fixed", "best_fixed_cut", "SCHEMES"]
-
-SCHEMES = ("psl", "sl", "epsl", "sflga", "sflv1", "sflv2")  # async needs per-client states: predict_workload
+__all__ = ["plan_fixed", "best_fixed_cut"]
 
 
 def _check(problem: PlanningProblem, scheme: str, phi: float) -> None:
     """The scheme and its ``phi`` for this problem (the problem itself is checked)."""
     if not isinstance(problem, PlanningProblem):
         raise ValueError(f"problem must be a PlanningProblem, got {type(problem).__name__}")
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if scheme_model(scheme).per_client_states:  # (an unknown scheme is refused there, naming the known ones)
+        raise ValueError(f"scheme {scheme!r}: its traffic depends on each client's state, which a fixed plan does not know")
     if scheme == "epsl":
         fraction_arg("phi", phi)
         if len(set(problem.samples)) > 1:

@@ -1,9 +1,7 @@
 """Schedules: who is asked what, and when, in one round of split training over a DataPlane.
 
 A schedule runs one round's split exchanges over the round's data plane with a
-server-step rule, and declares its **timing rule** (how the clients' chains combine into the
-round latency, ``flsplit.sim.workload.Timing``), in the spirit of
-``torch.distributed.pipelining``'s schedule classes:
+server-step rule, in the spirit of ``torch.distributed.pipelining``'s schedule classes:
 
 ``PerNode``
     clients run independently: each reply is trained on at once and answered at once
@@ -21,8 +19,9 @@ round latency, ``flsplit.sim.workload.Timing``), in the spirit of
 A schedule drives the round's exchange state (``flsplit.runtime.exchange.RoundExchange``): its data
 plane, request building, the reply gate (a refused reply's node sits out the rest of the
 round: no more requests, its client part not averaged), step counting and progress. A
-scheme's timing is declared here only, on its schedule class (``Schedule.timing``); a
-strategy names its schedule class (``SplitStrategy.schedule``).
+strategy names its schedule class (``SplitStrategy.schedule``). How a scheme's round latency
+combines its clients' chains (sequential for ``Relay``, parallel for the others) is declared
+once, beside the scheme's traffic model, in ``flsplit.sim.schemes.SCHEME_MODELS``.
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ from flsplit.wire import protocol as p
 from flsplit.planes.dataplane import Reply
 from flsplit.runtime.exchange import RoundExchange
 from flsplit.runtime.server import ServerPart, StepGrads
-from flsplit.sim.workload import Timing
 
 __all__ = ["Schedule", "PerNode", "Relay", "Lockstep", "UploadOnly"]
 
@@ -46,7 +44,6 @@ __all__ = ["Schedule", "PerNode", "Relay", "Lockstep", "UploadOnly"]
 class Schedule(ABC):
     """One round of exchanges; ``run`` returns the final (``done``) reply of each node."""
 
-    timing: Timing = Timing.PARALLEL
 
     @abstractmethod
     def run(self, ex: RoundExchange, requests: dict[int, RecordDict]) -> list[Reply]:
@@ -63,7 +60,6 @@ class PerNode(Schedule):
         (one shared part, or a copy per node).
     """
 
-    timing = Timing.PARALLEL
 
     def __init__(self, server_for: Callable[[int], ServerPart]) -> None:
         self.server_for = server_for
@@ -106,7 +102,6 @@ class Relay(Schedule):
         ``take_back(reply)``: called with a node's final reply, before the next node starts.
     """
 
-    timing = Timing.SEQUENTIAL
 
     def __init__(self, server_for: Callable[[int], ServerPart], hand_over: Callable[[int, RecordDict], None],
                  take_back: Callable[[Reply], None]) -> None:
@@ -156,7 +151,6 @@ class Lockstep(Schedule):
         ``step([(cut, batch), ...]) -> StepGrads``: the server-step rule.
     """
 
-    timing = Timing.PARALLEL
 
     def __init__(self, step: Callable[[list[tuple[int, p.SmashedBatch]]], StepGrads]) -> None:
         self.step = step
@@ -205,7 +199,6 @@ class UploadOnly(Schedule):
         Most batches an upload may carry (``max-steps`` when set; else unbounded).
     """
 
-    timing = Timing.PARALLEL
 
     def __init__(self, on_upload: Callable[[int, list[p.SmashedBatch], ArrayRecord], None],
                  max_batches: Optional[int] = None) -> None:

@@ -4,8 +4,9 @@ A traffic model reads a ``SchemeRound`` (per client the cut, samples, batches an
 the wire model, batch size and EPSL's ``phi``) and says what crosses the wire and what the
 server runs (``Traffic``): which batches go up, which gradients come down, what is broadcast,
 which rows the server forwards and back-propagates. ``SCHEME_MODELS`` pairs each scheme with
-its model and its timing rule (``TIMING_OF``); ``flsplit.sim.traffic.predict_workload`` turns
-the traffic into a ``RoundWorkload``. Adding a scheme: a function here and a row in the table.
+its model and its timing rule, the one place either is declared; ``flsplit.sim.traffic.predict_workload``
+turns the traffic into a ``RoundWorkload``. A new scheme reuses a model here (or writes its own)
+and adds its row with ``register_scheme`` from its own module.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Callable, Optional, Protocol
 
 from flsplit.sim.workload import Timing
 
-__all__ = ["WireModel", "SCHEME_MODELS", "SCHEMES", "TIMING_OF", "SchemeModel", "SchemeRound", "Traffic"]
+__all__ = ["WireModel", "SCHEME_MODELS", "SchemeModel", "SchemeRound", "Traffic", "register_scheme", "scheme_model",
+           "per_client_traffic", "epsl_traffic", "sflga_traffic"]
 
 
 class WireModel(Protocol):
@@ -133,13 +135,21 @@ def epsl_traffic(r: SchemeRound) -> Traffic:
 
 @dataclass(frozen=True)
 class SchemeModel:
-    """A scheme's traffic model and its schedule's timing rule."""
+    """A scheme's traffic model and its timing rule (how its clients' chains combine into the
+    round latency), declared here once: the runtime prices a measured round with this timing,
+    the planners predict a round with this model and timing.
+
+    ``per_client_states``: the traffic depends on each client's state (async SL), which a
+    planner without those states cannot price.
+    """
 
     timing: Timing
     traffic: Callable[[SchemeRound], Traffic]
+    per_client_states: bool = False
 
 
-# Each scheme's traffic model beside its timing rule: the one table.
+# Each scheme's traffic model beside its timing rule: the one table (a scheme outside
+# flsplit adds its row with register_scheme, from its own module).
 SCHEME_MODELS: dict[str, SchemeModel] = {
     "sl": SchemeModel(Timing.SEQUENTIAL, per_client_traffic),
     "sflv1": SchemeModel(Timing.PARALLEL, per_client_traffic),
@@ -147,7 +157,31 @@ SCHEME_MODELS: dict[str, SchemeModel] = {
     "psl": SchemeModel(Timing.PARALLEL, per_client_traffic),
     "epsl": SchemeModel(Timing.PARALLEL, epsl_traffic),
     "sflga": SchemeModel(Timing.PARALLEL, sflga_traffic),
-    "async": SchemeModel(Timing.PARALLEL, per_client_traffic),
+    "async": SchemeModel(Timing.PARALLEL, per_client_traffic, per_client_states=True),
 }
-TIMING_OF: dict[str, Timing] = {name: model.timing for name, model in SCHEME_MODELS.items()}
-SCHEMES = tuple(SCHEME_MODELS)
+
+
+def register_scheme(name: str, model: SchemeModel) -> SchemeModel:
+    """Add a scheme's row to ``SCHEME_MODELS`` (once; a name may not change its model).
+
+    Example, in a new scheme's module::
+
+        register_scheme("myscheme", SchemeModel(Timing.PARALLEL, per_client_traffic))
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a scheme's name is a non-empty string, got {name!r}")
+    if not isinstance(model, SchemeModel):
+        raise ValueError(f"scheme {name!r}: expected a SchemeModel, got {type(model).__name__}")
+    known = SCHEME_MODELS.setdefault(name, model)
+    if known != model:
+        raise ValueError(f"scheme {name!r} is registered already, with another model")
+    return model
+
+
+def scheme_model(name: str) -> SchemeModel:
+    """The registered row of scheme ``name``; an unknown name is a ``ValueError`` listing the known ones."""
+    try:
+        return SCHEME_MODELS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"scheme must be one of {sorted(SCHEME_MODELS)}, got {name!r} (a new scheme adds its row "
+                         "with flsplit.sim.schemes.register_scheme)") from None

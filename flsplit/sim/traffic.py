@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from flsplit.sim.checks import column_arg, cut_list, fraction_arg, int_arg, real_arg
-from flsplit.sim.schemes import SCHEME_MODELS, SCHEMES, TIMING_OF, SchemeRound, Traffic, WireModel
+from flsplit.sim.schemes import SchemeRound, Traffic, WireModel, scheme_model
 from flsplit.sim.workload import RoundWorkload, Timing
 
 if TYPE_CHECKING:  # pure: the profile is only read, torch is never imported here
     from flsplit.model.profile import CutProfile, ModelProfile
 
-__all__ = ["TIMING_OF", "SCHEMES", "ElementWire", "split_batches", "predict_workload",
+__all__ = ["ElementWire", "split_batches", "predict_workload",
            "measured_workload"]
 
 @dataclass(frozen=True)
@@ -126,8 +126,7 @@ def predict_workload(
     >>> w = predict_workload("psl", profile, cuts=[2, 3], samples=[64, 64])  # doctest: +SKIP
     >>> price(w, scenario).round_latency_s  # doctest: +SKIP
     """
-    if scheme not in SCHEME_MODELS:
-        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    model = scheme_model(scheme)
     samples, cuts, ids, batch_size, states = _checked(scheme, profile, cuts, samples, client_ids, batch_size, phi,
                                                       states)
     wire = wire or ElementWire(profile)
@@ -135,7 +134,7 @@ def predict_workload(
             and all(v == "A" for v in states.values())):
         return _predict_elementwise(scheme, profile, wire, cuts, samples, ids)
     round_ = SchemeRound(wire, cuts, samples, [split_batches(s, batch_size) for s in samples], batch_size, phi, states)
-    traffic = SCHEME_MODELS[scheme].traffic(round_)
+    traffic = model.traffic(round_)
     return _predicted(scheme, profile, round_, traffic, ids)
 
 
@@ -194,7 +193,7 @@ def _predicted(scheme: str, profile: "ModelProfile", r: SchemeRound, t: Traffic,
         downlink_bytes=[down[i] for i in working],
         client_server_flops=_attributed(nominal, executed - unattributed),
         samples=[samples[i] for i in working],
-        timing=TIMING_OF[scheme],
+        timing=scheme_model(scheme).timing,
         server_flops=executed,
         broadcast_bytes=t.broadcast,
         scheme=scheme,
@@ -221,7 +220,7 @@ def _predict_elementwise(scheme: str, profile: "ModelProfile", wire: ElementWire
         downlink_bytes=smashed + part,
         client_server_flops=executed,
         samples=samples,
-        timing=TIMING_OF[scheme],
+        timing=scheme_model(scheme).timing,
         server_flops=float(sum(executed.tolist())),
         scheme=scheme,
         source="predicted",
@@ -278,7 +277,7 @@ def measured_workload(
         downlink_bytes=list(downlink_bytes),
         client_server_flops=_attributed(nominal, attributable),
         samples=list(samples),
-        timing=timing if timing is not None else TIMING_OF.get(scheme, Timing.PARALLEL),
+        timing=timing if timing is not None else scheme_model(scheme).timing,
         server_flops=float(server_flops),
         broadcast_bytes=float(broadcast_bytes),
         scheme=scheme,

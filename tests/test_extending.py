@@ -1,0 +1,67 @@
+"""Extending flsplit from outside the package: a scheme of one's own is priced and planned like
+a built-in one once its module registers its row (traffic model and timing), and a scheme
+without a row is refused before anything runs, saying how to add one."""
+
+from __future__ import annotations
+
+import pytest
+
+from flsplit.model.profile import profile_model
+from flsplit.sim.scenario_files import load_scenario
+from flsplit.sim.schemes import SCHEME_MODELS, SchemeModel, per_client_traffic, register_scheme, scheme_model
+from flsplit.sim.traffic import predict_workload
+from flsplit.sim.workload import Timing
+from flsplit.strategies import PSL, SL
+from tests.helpers import model_fn, random_data, run_strategy
+
+
+class RelayPSL(PSL):
+    """PSL's exchanges, priced as if its clients ran one after another (a made-up scheme)."""
+
+    scheme = "test-relay-psl"
+
+
+@pytest.fixture
+def relay_psl_row():
+    model = register_scheme(RelayPSL.scheme, SchemeModel(Timing.SEQUENTIAL, per_client_traffic))
+    yield model
+    SCHEME_MODELS.pop(RelayPSL.scheme)
+
+
+def test_a_registered_scheme_is_priced_with_its_own_timing(relay_psl_row, one_torch_thread):
+    parts = [random_data(16, seed=i) for i in range(3)]
+    scenario = load_scenario("heterogeneous")
+    runs = {cls: run_strategy(cls, parts, batch_size=8, cut_layer=2, scenario=scenario)[0] for cls in (PSL, RelayPSL)}
+    psl, relay = (runs[c].history.rounds[0] for c in (PSL, RelayPSL))
+    assert relay["bytes_up"] == psl["bytes_up"] and relay["train_loss"] == psl["train_loss"]  # the same exchanges
+    assert (psl["sim"]["timing"], relay["sim"]["timing"]) == ("parallel", "sequential")
+    # Parallel: the slowest chain bounds the round; sequential: the chains (each with the whole band) add up.
+    chains = {name: [c["latency_s"] for c in run["sim"]["clients"].values()] for name, run in (("psl", psl), ("relay", relay))}
+    assert max(chains["psl"]) <= psl["sim"]["round_latency_s"] < sum(chains["psl"])
+    assert relay["sim"]["round_latency_s"] >= sum(chains["relay"]) * (1 - 1e-12)
+
+
+def test_a_registered_scheme_is_predicted_by_the_traffic_models(relay_psl_row):
+    profile = profile_model(model_fn(), (1, 8, 8))
+    mine = predict_workload(RelayPSL.scheme, profile, cuts=[2, 3], samples=[16, 16])
+    psl = predict_workload("psl", profile, cuts=[2, 3], samples=[16, 16])
+    assert mine.timing is Timing.SEQUENTIAL and psl.timing is Timing.PARALLEL
+    assert [c.uplink_bytes for c in mine.clients] == [c.uplink_bytes for c in psl.clients]
+
+
+def test_a_scheme_without_a_row_is_refused_before_anything_runs():
+    class Unpriced(SL):
+        scheme = "test-unpriced"
+
+    with pytest.raises(ValueError, match="register_scheme"):
+        Unpriced(model_fn=model_fn, input_shape=(1, 8, 8), num_classes=10, scenario=load_scenario("heterogeneous"))
+    Unpriced(model_fn=model_fn, input_shape=(1, 8, 8), num_classes=10)  # no scenario: nothing to price
+
+
+def test_a_scheme_name_keeps_its_model(relay_psl_row):
+    assert register_scheme(RelayPSL.scheme, relay_psl_row) is relay_psl_row  # the same row again: fine
+    with pytest.raises(ValueError, match="registered already"):
+        register_scheme(RelayPSL.scheme, SchemeModel(Timing.PARALLEL, per_client_traffic))
+    with pytest.raises(ValueError, match="registered already"):
+        register_scheme("psl", SchemeModel(Timing.SEQUENTIAL, per_client_traffic))
+    assert scheme_model("psl").timing is Timing.PARALLEL
