@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import time
 from logging import INFO
-from typing import Callable, Optional
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -17,10 +17,8 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from apps.task import RunSettings, make_evaluate_fn, make_model_fn
 from flsplit.runtime.checkpoint import load_checkpoint
 from flsplit.data.datasets import dataset_info
-from flsplit.planes.dataplane import DataPlane, MessageDataPlane, time_noop_exchanges
-from flsplit.planes.stream import MODES, StreamDataPlane
-from flsplit.planes.stream.simulation import simulation_concurrency
-from flsplit.planes.stream.tls import load_credentials
+from flsplit.planes.dataplane import MessageDataPlane, time_noop_exchanges
+from flsplit.planes.registry import plane_factory
 from flsplit.runtime.history import RunHistory
 from flsplit.wire.protocol import NOOP
 from flsplit.sim.scenario_files import scenario_from_run_config
@@ -59,7 +57,7 @@ def build_strategy(settings: RunSettings, history: RunHistory):
         min_available_nodes=int(settings["min-available-nodes"]),
         history=history,
         scenario=scenario_from_run_config(settings),
-        data_plane_factory=data_plane_factory(settings),
+        data_plane_factory=plane_factory(settings),  # the plane folder that serves `data-plane` (flsplit.planes)
         checkpoint_dir=history.directory,  # a checkpoint after every round, beside history.json
         server_device=settings["server-device"],
     )
@@ -68,30 +66,6 @@ def build_strategy(settings: RunSettings, history: RunHistory):
             options[arg] = str(settings[key])
     options.update(scheme_options)
     return with_planner(cls(**options), settings)
-
-
-def data_plane_factory(settings: RunSettings) -> Optional[Callable[[Grid, float], DataPlane]]:
-    """The data plane the run config names (``None``: Flower messages only)."""
-    mode = str(settings["data-plane"])
-    if mode not in MODES:
-        raise ValueError(f"data-plane must be one of {list(MODES)}, got {mode!r}")
-    if mode == "message":
-        return None
-    certfile, keyfile = str(settings["stream-certfile"]), str(settings["stream-keyfile"])
-    if bool(certfile) != bool(keyfile):
-        raise ValueError("stream-certfile and stream-keyfile go together (both, or neither for an ephemeral certificate)")
-    credentials = load_credentials(certfile, keyfile) if certfile else None
-    max_frame_mb, handshake = float(settings["stream-max-frame-mb"]), float(settings["stream-handshake-timeout"])
-    if not max_frame_mb > 0 or not handshake > 0:
-        raise ValueError("stream-max-frame-mb and stream-handshake-timeout must be positive")
-
-    def factory(grid: Grid, timeout: float) -> DataPlane:
-        return StreamDataPlane(grid, timeout, mode=mode, listen=str(settings["stream-listen"]),
-                               advertise=str(settings["stream-advertise"]), credentials=credentials,
-                               handshake_timeout=handshake, max_frame=int(max_frame_mb * 2**20),
-                               concurrency=simulation_concurrency)
-
-    return factory
 
 
 # The run-config key and type of each online planner knob; a planner gets the knobs its class

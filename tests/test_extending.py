@@ -65,3 +65,43 @@ def test_a_scheme_name_keeps_its_model(relay_psl_row):
     with pytest.raises(ValueError, match="registered already"):
         register_scheme("psl", SchemeModel(Timing.SEQUENTIAL, per_client_traffic))
     assert scheme_model("psl").timing is Timing.PARALLEL
+
+
+def test_the_run_config_reaches_every_plane_folder_and_names_the_known_ones():
+    from flsplit.planes.registry import plane_factory, plane_modes
+    from flsplit.planes.stream import StreamDataPlane
+
+    assert plane_modes()[:1] == ["message"] and {"auto", "stream"} <= set(plane_modes())
+    config = {"data-plane": "stream", "stream-certfile": "", "stream-keyfile": "", "stream-max-frame-mb": 1,
+              "stream-handshake-timeout": 5.0, "stream-listen": "127.0.0.1:0", "stream-advertise": ""}
+    assert plane_factory({**config, "data-plane": "message"}) is None  # Flower messages: no plane folder
+    factory = plane_factory(config)
+    plane = factory(object(), 7.0)  # the grid is only used once the plane pushes
+    try:
+        assert isinstance(plane, StreamDataPlane) and plane.mode == "stream" and plane.timeout == 7.0
+    finally:
+        plane.close()
+    with pytest.raises(ValueError, match=r"data-plane must be one of \['message', .*'stream'.*got 'carrier-pigeon'"):
+        plane_factory({**config, "data-plane": "carrier-pigeon"})
+    with pytest.raises(ValueError, match="stream-certfile and stream-keyfile go together"):
+        plane_factory({**config, "stream-certfile": "/nonexistent.pem"})
+
+
+def test_a_plane_registered_from_its_own_package_is_reachable_and_cannot_take_a_mode():
+    from flsplit.planes import registry
+    from flsplit.planes.dataplane import MessageDataPlane
+
+    made = []
+    entry = registry.PlaneEntry("test-plane", modes=("test-plane",),
+                                from_run_config=lambda config, mode: lambda grid, timeout: made.append(mode) or
+                                MessageDataPlane(grid, timeout))
+    registry.register_plane(entry)
+    try:
+        assert "test-plane" in registry.plane_modes()
+        registry.plane_factory({"data-plane": "test-plane"})(object(), 1.0)
+        assert made == ["test-plane"]
+        for taken in ("stream", "message"):
+            with pytest.raises(ValueError, match=f"data-plane '{taken}' is taken"):
+                registry.register_plane(registry.PlaneEntry("other", modes=(taken,), from_run_config=entry.from_run_config))
+    finally:
+        registry._BY_MODE.pop("test-plane")

@@ -24,8 +24,8 @@ handler                 what it does                                            
 them to a ``ClientApp`` that has other handlers too.
 
 ``train.split_step`` answers a round over whichever registered plane its first request
-offers a session on (``flsplit.planes.endpoint``); importing this module registers the built-in
-planes' client endpoints (the stream's, ``flsplit.planes.stream.endpoint``).
+offers a session on (``flsplit.planes.endpoint``); importing this module registers every plane
+folder's client endpoint (``flsplit.planes.registry.load_planes``).
 """
 
 from __future__ import annotations
@@ -40,12 +40,14 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from flsplit.wire import protocol as p
-from flsplit.planes.stream import endpoint as _stream_endpoint  # noqa: F401  (the built-in planes' client halves register)
+from flsplit.planes.registry import load_planes
 
 if TYPE_CHECKING:
     from flsplit.runtime.client import SplitClient
 
 __all__ = ["split_client_app", "register_split_handlers", "node_salt"]
+
+load_planes()  # every plane folder's client half registers (flsplit.planes.endpoint)
 
 ClientFn = Callable[[Context], "SplitClient"]
 
