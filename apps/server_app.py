@@ -22,7 +22,7 @@ from flsplit.planes.registry import plane_factory
 from flsplit.runtime.history import RunHistory
 from flsplit.wire.protocol import NOOP
 from flsplit.sim.scenario_files import scenario_from_run_config
-from flsplit.planners.online import ONLINE_PLANNERS, make_online_planner
+from flsplit.planners.online import make_online_planner
 from flsplit.planners.registry import planner_entry
 from flsplit.strategies import STRATEGIES
 from flsplit.strategies.adaptive import Adaptive
@@ -90,7 +90,7 @@ def with_planner(strategy, settings: RunSettings):
         candidate_cuts = [int(c) for c in cuts] or None
     except ValueError:
         raise ValueError(f"planner-candidate-cuts must be a comma list of cut layers, got {settings['planner-candidate-cuts']!r}") from None
-    takes = inspect.signature(ONLINE_PLANNERS[planner_entry(name, online=True).name.value]).parameters
+    takes = inspect.signature(planner_entry(name, online=True).online_class()).parameters
     knobs: dict = {knob: read(settings[key]) for knob, (key, read) in PLANNER_KNOBS.items() if knob in takes}
     knobs.update(bytes_per_element=strategy.codec_up.bytes_per_element(strategy.server_dtype), candidate_cuts=candidate_cuts)
     return Adaptive(strategy, make_online_planner(name, strategy.profile, strategy.scenario, **knobs))

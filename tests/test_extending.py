@@ -4,6 +4,8 @@ without a row is refused before anything runs, saying how to add one."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from flsplit.model.profile import profile_model
@@ -105,3 +107,32 @@ def test_a_plane_registered_from_its_own_package_is_reachable_and_cannot_take_a_
                 registry.register_plane(registry.PlaneEntry("other", modes=(taken,), from_run_config=entry.from_run_config))
     finally:
         registry._BY_MODE.pop("test-plane")
+
+
+def deepest_cut_rounds(inputs):
+    """A made-up planner's driver: everyone at the deepest cut, resources split evenly."""
+    from flsplit.planners.fixed import plan_fixed
+
+    deepest = len(inputs.profile.blocks) - 1
+    return lambda server_round: plan_fixed(inputs.problem(server_round), cut=deepest)
+
+
+def test_a_planner_registered_from_its_own_module_runs_in_flsplit_plan(capsys):
+    from flsplit.cli import main
+    from flsplit.cli.plan import model_profile
+    from flsplit.planners.registry import PLANNERS, PlannerEntry, register_planner
+
+    entry = register_planner(PlannerEntry("test-deepest", "psl", f"{__name__}:deepest_cut_rounds", summary="made up"))
+    try:
+        command = ["plan", "--method", "test-deepest", "--scenario", "homogeneous", "--model", "digits-cnn"]
+        assert main([*command, "--clients", "2", "--rounds", "2", "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["method"] == "test-deepest" and result["scheme"] == "psl" and len(result["rounds"]) == 2
+        deepest = len(model_profile("digits-cnn").blocks) - 1
+        assert all(r["plan"]["cuts"] == [deepest, deepest] for r in result["rounds"])
+        with pytest.raises(ValueError, match="registered already"):
+            register_planner(PlannerEntry("test-deepest", "psl", "x:y"))
+        assert main([*command, "--phi", "0.5"]) != 0
+        assert "--phi applies to --method epsl only, not test-deepest" in capsys.readouterr().err
+    finally:
+        PLANNERS.pop(entry.name)

@@ -101,7 +101,7 @@ def test_text_output_has_a_row_per_client(capsys):
         (["--scenario", "homogeneous", "--method", "edgesplit", "--phi", "0.5"], "--phi applies to --method epsl"),
         (["--scenario", "homogeneous", "--method", "fixed", "--phi", "0.5"], "--phi applies to --method epsl"),
         (["--scenario", "homogeneous", "--method", "asl", "--cut", "2"], "--cut applies to --method fixed only"),
-        (["--scenario", "homogeneous", "--method", "edgesplit", "--energy-budget", "1"], "takes no energy budget"),
+        (["--scenario", "homogeneous", "--method", "edgesplit", "--energy-budget", "1"], "--energy-budget applies to --method epsl/asl/ccc only, not edgesplit"),
         (["--scenario", "homogeneous", "--method", "asl", "--clients", "3", "--energy-budget", "1,2"],
          "--energy-budget: energy_budget_j has 2 entries for 3 clients"),
         (["--scenario", "homogeneous", "--method", "asl", "--energy-budget", "0"], "energy_budget_j"),

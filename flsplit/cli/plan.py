@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from flsplit.cli.args import int_at_least
-from flsplit.planners.registry import PLANNERS
+from flsplit.planners.registry import PLANNERS, PlanInputs, planner_entry
 from flsplit.sim.checks import budget_array, cut_arg
 
 __all__ = ["METHODS", "PlanSetup", "add_arguments", "handle", "model_profile", "run_plans"]
@@ -70,8 +70,6 @@ def model_profile(model: str, input_shape: Optional[Sequence[int]] = None):
     return profile_model(net, (c, h, w))
 
 
-# The scheme whose traffic each method plans for: its baseline and its cost-model price use it.
-SCHEME_OF_METHOD = {name: entry.scheme for name, entry in PLANNERS.items()}
 
 
 @dataclass
@@ -110,7 +108,7 @@ def baseline_plans(setup: PlanSetup) -> tuple[int, list]:
 
     samples = [setup.samples] * setup.num_clients
     rounds = range(setup.first_round, setup.first_round + setup.rounds)
-    scheme = SCHEME_OF_METHOD[setup.method]
+    scheme = planner_entry(setup.method).scheme
     phi = setup.phi if scheme == "epsl" else 0.0
     problems = [PlanningProblem.build(setup.profile, setup.scenario, samples=samples, server_round=r,
                                       bytes_per_element=setup.bytes_per_element) for r in rounds]
@@ -125,51 +123,29 @@ def baseline_plans(setup: PlanSetup) -> tuple[int, list]:
     return best, by_cut[best]
 
 
+def _method(text: str) -> str:
+    """``--method``: a planner of the one registry (read when the command runs: registered ones too)."""
+    try:
+        return planner_entry(text).name
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+_FLAGS = {"cut": "--cut", "phi": "--phi", "energy_budget_j": "--energy-budget", "V": "--V", "agent_path": "--agent"}
+
+
 def _planner(setup: PlanSetup, baseline: list) -> Callable[[int], Any]:
-    """A function from the round number to that round's plan, for ``setup.method``."""
-    from flsplit.planners import OpenPlanner, PlanningProblem, plan_edgesplit, plan_fixed
-
-    n, profile, scenario = setup.num_clients, setup.profile, setup.scenario
-    samples = [setup.samples] * n
-    common = dict(bytes_per_element=setup.bytes_per_element)
-    budgets = _budgets(setup.energy_budget_j, n)
-    # Options a method does not use are refused, not silently ignored.
-    if setup.phi != 0.0 and setup.method != "epsl":
-        raise ValueError(f"--phi applies to --method epsl only, not {setup.method}")
-    if setup.cut is not None and setup.method != "fixed":
-        raise ValueError(f"--cut applies to --method fixed only; {setup.method} chooses the cuts")
-    if budgets is not None and setup.method in ("fixed", "edgesplit"):
-        raise ValueError(f"--method {setup.method} takes no energy budget (epsl, asl and ccc do)")
-    if setup.method == "fixed":
-        cut = setup.cut if setup.cut is not None else baseline[0].cuts[0]
-        return lambda r: plan_fixed(PlanningProblem.build(profile, scenario, samples=samples, server_round=r, **common),
-                                    cut=cut)
-    if setup.method == "edgesplit":
-        return lambda r: plan_edgesplit(PlanningProblem.build(profile, scenario, samples=samples, server_round=r, **common))
-    if setup.method == "epsl":
-        from flsplit.planners.epsl import plan_epsl
-
-        return lambda r: plan_epsl(PlanningProblem.build(profile, scenario, samples=samples, server_round=r, **common),
-                                   phi=setup.phi, energy_budget_j=budgets)
-    if setup.method == "asl":
-        if budgets is None:  # the same budgets as the fixed baseline: its mean energy per device
-            budgets = [
-                sum(p.details["energy_per_client_j"][i] for p in baseline) / len(baseline) for i in range(n)
-            ]
-        planner = OpenPlanner(PlanningProblem.build(profile, scenario, samples=samples, **common),
-                              energy_budget_j=budgets, V=setup.V)
-        return planner.plan
-    if setup.method == "ccc":
-        if setup.agent_path is None:
-            raise ValueError("--method ccc needs a trained agent: --agent PATH (train one with --train-agent)")
-        from flsplit.planners.ccc import CCCAgent, CCCPlanner
-
-        agent = CCCAgent.load(setup.agent_path)
-        problem = PlanningProblem.build(profile, scenario, samples=samples, candidate_cuts=agent.candidate_cuts,
-                                        **common)
-        planner = CCCPlanner(agent, problem, energy_budget_j=budgets)
-        return planner.plan
-    raise ValueError(f"unknown method {setup.method!r}; choose one of {METHODS}")
+    """A function from the round number to that round's plan, for ``setup.method`` (its
+    ``rounds`` driver in the one registry); options the method does not read are refused."""
+    entry = planner_entry(setup.method)
+    inputs = PlanInputs(setup.profile, setup.scenario, [setup.samples] * setup.num_clients, setup.bytes_per_element,
+                        cut=setup.cut, phi=setup.phi, V=setup.V, agent_path=setup.agent_path,
+                        energy_budget_j=_budgets(setup.energy_budget_j, setup.num_clients), baseline=baseline)
+    for option in inputs.given():
+        if option not in entry.options:
+            takers = [name for name, e in PLANNERS.items() if option in e.options]
+            raise ValueError(f"{_FLAGS[option]} applies to --method {'/'.join(takers)} only, not {setup.method}")
+    return entry.rounds(inputs)
 
 
 def cost_model_price(setup: PlanSetup, plan, server_round: int, server_timing: str = "after-clients"):
@@ -183,7 +159,7 @@ def cost_model_price(setup: PlanSetup, plan, server_round: int, server_timing: s
     from flsplit.sim import Allocation, ElementWire, predict_workload, price
 
     n = len(plan.cuts)
-    scheme = SCHEME_OF_METHOD[setup.method]
+    scheme = planner_entry(setup.method).scheme
     ids = plan.details.get("client_ids") or list(range(n))
     work = predict_workload(
         scheme, setup.profile, cuts=plan.cuts, samples=[setup.samples] * n, client_ids=ids,
@@ -235,7 +211,7 @@ def run_plans(setup: PlanSetup) -> dict:
     base_latency, base_energy = mean("baseline_latency_s"), mean("baseline_energy_j")
     return {
         "method": setup.method,
-        "scheme": SCHEME_OF_METHOD[setup.method],
+        "scheme": planner_entry(setup.method).scheme,
         "clients": setup.num_clients,
         "samples": setup.samples,
         "bytes_per_element": setup.bytes_per_element,
@@ -340,7 +316,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenario", required=True,
                         help="shipped scenario name (homogeneous, heterogeneous) or a scenario TOML file")
     parser.add_argument("--model", required=True, help="zoo model name (digits-cnn, lenet, vgg11, resnet18, ...)")
-    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument("--method", required=True, type=_method, help=f"the planner: one of {', '.join(METHODS)}")
     parser.add_argument("--rounds", type=_positive_int, default=1, help="rounds to plan (default 1)")
     parser.add_argument("--first-round", type=_nonnegative_int, default=0,
                         help="number of the first round (keys the fading; default 0)")

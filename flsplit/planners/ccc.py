@@ -72,6 +72,7 @@ from flsplit.planners.ccc_agent import CCCAgent, train_ccc_agent
 from flsplit.planners.ccc_env import CCCEnvironment, _client_fraction, _state_vector
 from flsplit.planners.plan import Plan
 from flsplit.planners.problem import PlanningProblem
+from flsplit.planners.registry import PlanInputs
 from flsplit.planners.sflga_allocation import _plan_from, allocate_sflga
 from flsplit.planners.sflga_terms import _cut_terms, _Infeasible, sflga_problem
 from flsplit.sim.checks import BudgetArg, budget_array, cut_arg, int_arg, real_arg
@@ -82,6 +83,7 @@ __all__ = [
     "CCCAgent",
     "CCCPlanner",
     "train_ccc_agent",
+    "ccc_rounds",
 ]
 
 
@@ -198,3 +200,13 @@ class CCCPlanner:
             self._proxy_loss = fraction * (1.0 - eta * (1.0 - rho * self._fraction[j]))
             return plan
         raise ValueError(f"round {server_round}: no allowed cut is feasible: {error}")
+
+
+def ccc_rounds(inputs: PlanInputs):
+    """``flsplit plan --method ccc``: the trained agent at ``--agent`` picks each round's cut
+    (``--energy-budget``)."""
+    if inputs.agent_path is None:
+        raise ValueError("--method ccc needs a trained agent: --agent PATH (train one with --train-agent)")
+    agent = CCCAgent.load(inputs.agent_path)
+    problem = inputs.problem(candidate_cuts=agent.candidate_cuts)
+    return CCCPlanner(agent, problem, energy_budget_j=inputs.energy_budget_j).plan

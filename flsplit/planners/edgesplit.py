@@ -55,10 +55,11 @@ import numpy as np
 from flsplit.sim.checks import int_arg
 from flsplit.planners.plan import Plan
 from flsplit.planners.problem import PlanningProblem
+from flsplit.planners.registry import PlanInputs
 from flsplit.sim import kernels as k
 from flsplit.sim.pricing import ServerTiming
 
-__all__ = ["plan_edgesplit"]
+__all__ = ["plan_edgesplit", "edgesplit_rounds"]
 
 _LN2 = math.log(2.0)
 _MAX_BISECT = 300  # bisection steps (stops earlier when the interval stops shrinking)
@@ -360,3 +361,8 @@ def plan_edgesplit(problem: PlanningProblem, *, max_iter: int = 50) -> Plan:
         server_timing=ServerTiming.PER_CLIENT.value,
         scheme="psl",
     )
+
+
+def edgesplit_rounds(inputs: PlanInputs):
+    """``flsplit plan --method edgesplit``: each round planned on its own channel."""
+    return lambda server_round: plan_edgesplit(inputs.problem(server_round))

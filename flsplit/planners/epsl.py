@@ -107,6 +107,7 @@ import numpy as np
 from flsplit.sim.checks import budget_array, fraction_arg, int_arg
 from flsplit.planners.plan import Plan, client_costs
 from flsplit.planners.problem import PlanningProblem
+from flsplit.planners.registry import PlanInputs
 from flsplit.sim.pricing import ServerTiming
 from flsplit.planners.epsl_steps import (
     _REL_IMPROVE,
@@ -118,7 +119,7 @@ from flsplit.planners.epsl_steps import (
 )
 
 
-__all__ = ["plan_epsl"]
+__all__ = ["plan_epsl", "epsl_rounds"]
 
 
 # --- the planner -----------------------------------------------------------------------------
@@ -340,3 +341,10 @@ def _infeasible_message(cuts: list[_CutData], ids: list[int], budgets: np.ndarra
         i = int(np.argmax(cd.short))
         parts.append(f"cut {cd.k} fails client {ids[i]} (budget {budgets[i]:.6g} J)")
     return "energy_budget_j: no candidate cut meets every client's budget: " + "; ".join(parts)
+
+
+def epsl_rounds(inputs: PlanInputs):
+    """``flsplit plan --method epsl``: each round planned on its own channel (``--phi``,
+    ``--energy-budget``)."""
+    return lambda server_round: plan_epsl(inputs.problem(server_round), phi=inputs.phi,
+                                          energy_budget_j=inputs.energy_budget_j)

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from flsplit.planners.plan import Plan, client_costs
 from flsplit.planners.problem import PlanningProblem
+from flsplit.planners.registry import PlanInputs
 from flsplit.sim.checks import cut_arg, fraction_arg
 from flsplit.sim.pricing import Allocation, ServerTiming, price, price_totals
 from flsplit.sim.schemes import scheme_model
 from flsplit.sim.traffic import ElementWire, predict_workload
 from flsplit.sim.workload import RoundWorkload
 
-__all__ = ["plan_fixed", "best_fixed_cut"]
+__all__ = ["plan_fixed", "best_fixed_cut", "fixed_rounds"]
 
 
 def _check(problem: PlanningProblem, scheme: str, phi: float) -> None:
@@ -117,3 +118,9 @@ def best_fixed_cut(problem: PlanningProblem, *, scheme: str = "psl", phi: float 
     plan.details["latency_by_cut"] = {k: t[0] for k, t in totals.items()}
     plan.details["energy_by_cut"] = {k: t[1] for k, t in totals.items()}
     return plan
+
+
+def fixed_rounds(inputs: PlanInputs):
+    """``flsplit plan --method fixed``: the given cut (``--cut``), else the baseline's, for everyone."""
+    cut = inputs.cut if inputs.cut is not None else inputs.baseline[0].cuts[0]
+    return lambda server_round: plan_fixed(inputs.problem(server_round), cut=cut)

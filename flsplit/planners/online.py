@@ -41,14 +41,14 @@ from flsplit.sim.pricing import RoundCost
 from flsplit.sim.scenario import Scenario
 from flsplit.sim.checks import candidate_cut_list, cut_arg, fraction_arg, parse_budget, real_arg
 from flsplit.planners.plan import Plan
-from flsplit.planners.registry import PLANNERS, planner_entry
+from flsplit.planners.registry import planner_entry
 from flsplit.sim import Allocation, ServerTiming, predict_workload, price
 from flsplit.sim.traffic import ElementWire
 
 if TYPE_CHECKING:
     from flsplit.model.profile import ModelProfile
 
-__all__ = ["RoundPlan", "OnlinePlanner", "ONLINE_PLANNERS", "make_online_planner"]
+__all__ = ["RoundPlan", "OnlinePlanner", "make_online_planner"]
 
 
 @dataclass
@@ -438,12 +438,7 @@ class CCCOnline(OnlinePlanner):
         return {}
 
 
-# The online planners, from the one registry (flsplit.planners.registry).
-ONLINE_PLANNERS: dict[str, type[OnlinePlanner]] = {
-    name: globals()[entry.online] for name, entry in PLANNERS.items() if entry.online is not None
-}
-
-
 def make_online_planner(name: str, profile: "ModelProfile", scenario: Scenario, **knobs: Any) -> OnlinePlanner:
-    """The online planner called ``name`` with its knobs (a clear error for unknown ones)."""
-    return ONLINE_PLANNERS[planner_entry(name, online=True).name.value](profile, scenario, **knobs)
+    """The online planner called ``name`` (its class from the one registry,
+    ``flsplit.planners.registry``) with its knobs (a clear error for unknown ones)."""
+    return planner_entry(name, online=True).online_class()(profile, scenario, **knobs)

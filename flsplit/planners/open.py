@@ -68,10 +68,11 @@ import numpy as np
 from flsplit.planners.plan import Plan
 from flsplit.sim.checks import budget_array, int_arg, real_arg, sequence_arg
 from flsplit.planners.problem import PlanningProblem
+from flsplit.planners.registry import PlanInputs
 from flsplit.sim import kernels as kern
 from flsplit.sim.pricing import ServerTiming
 
-__all__ = ["OpenPlanner", "min_makespan_shares"]
+__all__ = ["OpenPlanner", "min_makespan_shares", "open_rounds"]
 
 _NEWTON_STEPS = 200
 
@@ -388,3 +389,14 @@ class OpenPlanner:
         return self.problem.at_round(int(server_round)).with_price(
             plan, scheme="psl", server_timing=ServerTiming.PER_CLIENT, report=False
         )
+
+
+def open_rounds(inputs: PlanInputs):
+    """``flsplit plan --method asl``: OPEN over the rounds, online, under long-term budgets
+    (``--energy-budget``; by default the fixed baseline's mean energy per device) and ``--V``."""
+    budgets = inputs.energy_budget_j
+    if budgets is None:
+        n = len(inputs.samples)
+        budgets = [sum(p.details["energy_per_client_j"][i] for p in inputs.baseline) / len(inputs.baseline)
+                   for i in range(n)]
+    return OpenPlanner(inputs.problem(), energy_budget_j=budgets, V=inputs.V).plan
