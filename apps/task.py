@@ -13,7 +13,8 @@ from flwr.common.logger import log
 
 from flsplit.model import rng
 from flsplit.runtime.checkpoint import CheckpointMismatch
-from flsplit.wire.protocol import SplitConfig, check_int, check_number
+from flsplit.sim.checks import int_arg, real_arg
+from flsplit.wire.protocol import SplitConfig
 from flsplit.runtime.server import EPSL_MECHANISMS, EPSL_SCALINGS
 from flsplit.strategies.epsl import POSITIONS as EPSL_POSITIONS
 from flsplit.data.datasets import TensorData, dataset_info, load_centralized, load_partition
@@ -97,18 +98,18 @@ class RunSettings(dict):
         the allowed values. The training settings are checked by ``SplitConfig``, the one
         definition clients check too."""
         for key, low in (("num-server-rounds", 1), ("min-available-nodes", 1), ("noop-exchanges", 0)):
-            check_int(key, self[key], low)
+            int_arg(key, self[key], minimum=low)
         for key, low, high, low_open in (
             ("fraction-train", 0.0, 1.0, True), ("fraction-evaluate", 0.0, 1.0, False), ("phi", 0.0, 1.0, False),
         ):
-            check_number(key, self[key], low, high, low_open=low_open)
+            real_arg(key, self[key], low=low, high=high, low_open=low_open)
         for key in ("exchange-timeout", "dirichlet-alpha", "cache-max-mb", "stream-max-frame-mb", "stream-handshake-timeout"):
-            check_number(key, self[key], 0.0, low_open=True)
+            real_arg(key, self[key], low=0.0, low_open=True)
         device = self["server-device"]  # whether this machine has it is checked where the server part is built
         if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
             raise ValueError(f"server-device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
         for key in ("loss-threshold", "planner-v"):
-            check_number(key, self[key], 0.0)
+            real_arg(key, self[key], low=0.0)
         if not isinstance(self["test-data-path"], str):
             raise ValueError(f"test-data-path must be a path (a string, empty for the dataset's test split), "
                              f"got {self['test-data-path']!r}")

@@ -18,7 +18,7 @@ from flsplit.wire.protocol import ProtocolError, SplitConfig
     ({"batch-size": 16.5}, "batch-size must be an integer, got 16.5"),
     ({"steps-per-exchange": True}, "steps-per-exchange must be an integer, got True"),
     ({"learning-rate": 0.0}, "learning-rate must be > 0, got 0"),
-    ({"learning-rate": float("nan")}, "learning-rate must be a finite number"),
+    ({"learning-rate": float("nan")}, "learning-rate must be finite"),
     ({"momentum": 1.0}, "momentum must be in [0, 1), got 1"),
     ({"local-epochs": 0}, "local-epochs must be >= 1 (or max-steps > 0)"),
     ({"num-server-rounds": 0}, "num-server-rounds must be >= 1, got 0"),

@@ -1,7 +1,8 @@
-"""Argument checks of the simulator and the planners: one family, a clear ValueError naming the argument.
+"""Argument checks: one family, a clear ValueError naming the argument.
 
-Used at the checked edges (scenario types, ``PlanningProblem``, the planners' options); the
-kernels (``flsplit.sim.kernels``) check nothing. Numbers (``int_arg``, ``real_arg``), cuts
+Used at every checked edge: the scenario types, ``PlanningProblem``, the planners' options, the
+wire's ``SplitConfig`` (``flsplit.wire.protocol``) and the app's run config; the kernels
+(``flsplit.sim.kernels``) check nothing. Numbers (``int_arg``, ``real_arg``), cuts
 (``cut_arg`` for one, ``cut_list`` per client, ``candidate_cut_list`` for a planner's choice)
 and energy budgets (``budget_array``; a run-config or command-line text is read first by
 ``parse_budget``).
@@ -22,20 +23,26 @@ __all__ = ["BudgetArg", "budget_array", "candidate_cut_list", "column_arg", "cut
 BudgetArg = Union[None, float, Sequence[Optional[float]]]
 
 
-def int_arg(name: str, value, *, minimum: int) -> int:
-    """``value`` as an int >= ``minimum`` (numpy integers and integral floats such as ``16.0`` accepted)."""
+def int_arg(name: str, value, *, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
+    """``value`` as an int in ``[minimum, maximum]`` (numpy integers and integral floats such as
+    ``16.0`` accepted; booleans are not integers)."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float, np.floating)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if not isinstance(value, numbers.Integral) and not float(value).is_integer():
         raise ValueError(f"{name} must be an integer, got {value!r}")
     v = int(value)
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
+        span = (f">= {minimum}" if maximum is None else f"<= {maximum}" if minimum is None
+                else f"in [{minimum}, {maximum}]")
+        raise ValueError(f"{name} must be {span}, got {v}")
     return v
 
 
-def real_arg(name: str, value, *, finite: bool = True, positive: bool = False, nonnegative: bool = False) -> float:
-    """``value`` as a float (finite unless ``finite=False``; optionally > 0 or >= 0)."""
+def real_arg(name: str, value, *, finite: bool = True, positive: bool = False, nonnegative: bool = False,
+             low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False,
+             high_open: bool = False) -> float:
+    """``value`` as a float (finite unless ``finite=False``; optionally > 0 or >= 0, or within
+    ``low`` .. ``high``, each bound closed unless ``low_open`` / ``high_open``)."""
     # bool is an int subclass: ``cpu_hz = true`` in a file is a mistake, not 1 Hz.
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a number, got {value!r}")
@@ -46,6 +53,16 @@ def real_arg(name: str, value, *, finite: bool = True, positive: bool = False, n
         raise ValueError(f"{name} must be > 0, got {v}")
     if nonnegative and v < 0:
         raise ValueError(f"{name} must be >= 0, got {v}")
+    below = low is not None and (v <= low if low_open else v < low)
+    above = high is not None and (v >= high if high_open else v > high)
+    if below or above:
+        if low is not None and high is not None:
+            span = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low is not None:
+            span = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            span = f"{'<' if high_open else '<='} {high:g}"
+        raise ValueError(f"{name} must be {span}, got {v:g}")
     return v
 
 

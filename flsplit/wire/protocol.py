@@ -28,13 +28,12 @@ Records in a reply (client -> server)
 
 from __future__ import annotations
 
-import math
-from typing import Optional
 from dataclasses import asdict, dataclass, fields
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from flsplit.sim.checks import int_arg, real_arg
 from flsplit.wire.codecs import Codec, CodecError, all_finite, get_codec
 
 __all__ = [
@@ -85,39 +84,6 @@ DEVICE_KEYS = {
 
 class ProtocolError(ValueError):
     """A message of the split exchange is malformed; the text names what is wrong."""
-
-
-def check_int(name: str, value: object, low: Optional[int] = None, high: Optional[int] = None) -> int:
-    """``value`` as an integer in ``[low, high]``; ``ValueError`` naming ``name`` otherwise
-    (booleans and non-integral numbers are not integers)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-        isinstance(value, float) and not value.is_integer()
-    ):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    value = int(value)
-    if (low is not None and value < low) or (high is not None and value > high):
-        span = f">= {low}" if high is None else (f"<= {high}" if low is None else f"in [{low}, {high}]")
-        raise ValueError(f"{name} must be {span}, got {value}")
-    return value
-
-
-def check_number(name: str, value: object, low: Optional[float] = None, high: Optional[float] = None,
-                 low_open: bool = False, high_open: bool = False) -> float:
-    """``value`` as a finite float within the bounds (open or closed); ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    value = float(value)
-    below = low is not None and (value <= low if low_open else value < low)
-    above = high is not None and (value >= high if high_open else value > high)
-    if below or above:
-        if low is not None and high is not None:
-            span = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        elif low is not None:
-            span = f"{'>' if low_open else '>='} {low:g}"
-        else:
-            span = f"{'<' if high_open else '<='} {high:g}"
-        raise ValueError(f"{name} must be {span}, got {value:g}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -177,12 +143,12 @@ class SplitConfig:
         """Every field checked here, once, with the run-config key in the message."""
         for name, low in (("server_round", 1), ("cut", 1), ("batch_size", 1), ("steps_per_exchange", 1),
                           ("local_epochs", 0), ("max_steps", 0), ("seed", 0)):
-            check_int(name.replace("_", "-"), getattr(self, name), low, 2**32 - 1 if name == "seed" else None)
+            int_arg(name.replace("_", "-"), getattr(self, name), minimum=low, maximum=2**32 - 1 if name == "seed" else None)
         if self.local_epochs < 1 and self.max_steps < 1:
             raise ValueError("local-epochs must be >= 1 (or max-steps > 0)")
-        check_number("learning-rate", self.learning_rate, low=0.0, low_open=True)
-        check_number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
-        check_number("weight-decay", self.weight_decay, low=0.0)
+        real_arg("learning-rate", self.learning_rate, low=0.0, low_open=True)
+        real_arg("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+        real_arg("weight-decay", self.weight_decay, low=0.0)
         for name in ("shuffle", "carry_momentum"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name.replace('_', '-')} must be true or false, got {getattr(self, name)!r}")
