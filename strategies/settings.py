@@ -43,7 +43,6 @@ SERVER_STREAM_OFFSET = 0x64726F70  # "drop"
 
 # The SplitConfig fields but the round's (sent to the clients every round, and the server
 # part's SGD settings): SplitConfig is their one list; SplitSettings declares each of them.
-TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(p.SplitConfig) if f.name not in ("server_round", "cut"))
 
 
 def derived_seed(seed: int, offset: int) -> int:
@@ -58,8 +57,9 @@ def _innermost_exception(err: BaseException) -> str:
 
 
 @dataclass(frozen=True)
-class SplitSettings:
-    """The settings of a split strategy (checked when the strategy is built).
+class SplitSettings(p.TrainingSettings):
+    """The settings of a split strategy (checked when the strategy is built): the round's
+    ``TrainingSettings`` (keywords only; ``flsplit.wire.protocol``) and the server's own.
 
     Parameters
     ----------
@@ -122,18 +122,6 @@ class SplitSettings:
     input_shape: tuple[int, ...]
     num_classes: int
     cut_layer: CutAssignment = 1
-    batch_size: int = 32
-    local_epochs: int = 1
-    max_steps: int = 0
-    steps_per_exchange: int = 1
-    learning_rate: float = 0.05
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    carry_momentum: bool = False
-    seed: int = 0
-    shuffle: bool = True
-    codec_up: str = "native"
-    codec_down: str = "native"
     fraction_train: float = 1.0
     min_train_nodes: int = 1
     min_available_nodes: int = 1
@@ -156,7 +144,7 @@ class SplitSettings:
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {n!r}")
         object.__setattr__(self, "num_classes", int(n))
-        p.SplitConfig(server_round=1, cut=1, **self.train_settings())  # fail early on bad settings
+        super().__post_init__()  # the training settings, checked as every client checks them
         try:
             shape = tuple(self.input_shape)
         except TypeError:
@@ -178,8 +166,8 @@ class SplitSettings:
         return dataclasses.replace(settings, **fields) if fields else settings
 
     def train_settings(self) -> dict:
-        """The ``SplitConfig`` fields (sent to the clients every round)."""
-        return {name: getattr(self, name) for name in TRAIN_FIELDS}
+        """The ``TrainingSettings`` (sent to the clients every round)."""
+        return self.training_settings()
 
     def split_config(self, server_round: int, cut: int) -> ConfigRecord:
         """The ``SplitConfig`` a node training at ``cut`` gets in ``server_round``."""

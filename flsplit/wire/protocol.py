@@ -28,7 +28,7 @@ Records in a reply (client -> server)
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
@@ -43,6 +43,7 @@ __all__ = [
     "NOOP",
     "ProtocolError",
     "SplitConfig",
+    "TrainingSettings",
     "SmashedBatch",
     "encode_batches",
     "decode_smashed",
@@ -86,16 +87,13 @@ class ProtocolError(ValueError):
     """A message of the split exchange is malformed; the text names what is wrong."""
 
 
-@dataclass(frozen=True)
-class SplitConfig:
-    """What the server tells a client about this round's split training.
+@dataclass(frozen=True, kw_only=True)
+class TrainingSettings:
+    """A round's training settings: what a strategy is given (``SplitSettings``) and every
+    client gets each round (``SplitConfig``), declared and checked here once.
 
     Attributes
     ----------
-    server_round : int
-        Round number (1-based).
-    cut : int
-        Cut layer of this client: it runs blocks ``[0, cut)``.
     batch_size : int
         Samples per batch.
     local_epochs : int
@@ -124,8 +122,6 @@ class SplitConfig:
         see ``flsplit.wire.codecs``.
     """
 
-    server_round: int
-    cut: int
     batch_size: int = 32
     local_epochs: int = 1
     max_steps: int = 0
@@ -141,8 +137,8 @@ class SplitConfig:
 
     def __post_init__(self) -> None:
         """Every field checked here, once, with the run-config key in the message."""
-        for name, low in (("server_round", 1), ("cut", 1), ("batch_size", 1), ("steps_per_exchange", 1),
-                          ("local_epochs", 0), ("max_steps", 0), ("seed", 0)):
+        for name, low in (("batch_size", 1), ("steps_per_exchange", 1), ("local_epochs", 0), ("max_steps", 0),
+                          ("seed", 0)):
             int_arg(name.replace("_", "-"), getattr(self, name), minimum=low, maximum=2**32 - 1 if name == "seed" else None)
         if self.local_epochs < 1 and self.max_steps < 1:
             raise ValueError("local-epochs must be >= 1 (or max-steps > 0)")
@@ -157,9 +153,35 @@ class SplitConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be a codec name, got {getattr(self, name)!r}")
             get_codec(getattr(self, name))
 
+    def training_settings(self) -> dict:
+        """The training settings as keywords (of ``TrainingSettings``' fields only)."""
+        return {f.name: getattr(self, f.name) for f in fields(TrainingSettings)}
+
+
+@dataclass(frozen=True)
+class SplitConfig(TrainingSettings):
+    """What the server tells a client about this round's split training: the round, the
+    client's cut and the ``TrainingSettings``.
+
+    Attributes
+    ----------
+    server_round : int
+        Round number (1-based).
+    cut : int
+        Cut layer of this client: it runs blocks ``[0, cut)``.
+    """
+
+    server_round: int
+    cut: int
+
+    def __post_init__(self) -> None:
+        for name in ("server_round", "cut"):
+            int_arg(name.replace("_", "-"), getattr(self, name), minimum=1)
+        super().__post_init__()
+
     def to_record(self) -> ConfigRecord:
-        """Serialize into a ``ConfigRecord``."""
-        return ConfigRecord(asdict(self))
+        """Serialize into a ``ConfigRecord`` (the round and the cut first, then the settings)."""
+        return ConfigRecord({"server_round": self.server_round, "cut": self.cut, **self.training_settings()})
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> "SplitConfig":
