@@ -41,9 +41,6 @@ CutAssignment = Union[int, str, list, Callable[[int, list[int]], Mapping[int, in
 MODEL_SEED_OFFSET = 0x6D6F64656C  # "model"
 SERVER_STREAM_OFFSET = 0x64726F70  # "drop"
 
-# The SplitConfig fields but the round's (sent to the clients every round, and the server
-# part's SGD settings): SplitConfig is their one list; SplitSettings declares each of them.
-
 
 def derived_seed(seed: int, offset: int) -> int:
     return (int(seed) + offset) % 2**63
@@ -80,8 +77,8 @@ class SplitSettings(p.TrainingSettings):
         strategy is built, a function's cuts every round.
     batch_size, local_epochs, max_steps, steps_per_exchange, learning_rate, momentum,
     weight_decay, carry_momentum, seed, shuffle :
-        Training settings sent to the clients (``SplitConfig``); the server part uses the
-        same SGD settings. With ``carry_momentum`` the shared server part (every scheme but
+        Training settings sent to the clients (``flsplit.wire.protocol.TrainingSettings``,
+        keywords only); the server part uses the same SGD settings. With ``carry_momentum`` the shared server part (every scheme but
         SFL-V1, whose per-node copies are averaged) and each client keep their SGD momentum
         from round to round instead of starting each round with a fresh optimizer.
     codec_up, codec_down : str
