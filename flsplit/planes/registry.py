@@ -3,9 +3,11 @@
 A plane's package, when imported, registers its server half here (``register_plane``: the
 run config's ``data-plane`` values it serves and how it builds itself from the run config)
 and its client half with ``flsplit.planes.endpoint.register_endpoint``. ``load_planes`` imports
-every plane folder, so adding a plane to flsplit touches that folder only (plus the
-``pyproject.toml`` keys of any settings it reads). ``message`` (Flower messages only, the
-``MessageDataPlane``) is always there and needs no folder.
+every folder under ``flsplit/planes/`` (each is a plane), so adding a plane to flsplit touches
+that folder only (plus, for settings of its own, their keys in ``pyproject.toml`` and the
+app's ``apps/task.py``). ``message`` (Flower messages only, the ``MessageDataPlane``) is always
+there and needs no folder; a plane on Flower messages puts no offer in them and needs no
+client half.
 
 Example, in ``flsplit/planes/myplane/__init__.py``::
 
