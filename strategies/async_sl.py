@@ -44,20 +44,21 @@ from flsplit.planes.dataplane import Reply, payload_bytes
 from flsplit.runtime.exchange import RoundRecord
 from flsplit.runtime.schedules import PerNode, UploadOnly
 from flsplit.runtime.server import StepStats
+from flsplit.sim.schemes import AsyncState
 from flsplit.strategies.base import RoundOutcome, SplitStrategy
 
 __all__ = ["AsyncSL", "next_state"]
 
-_DEMOTE = {"A": "B", "B": "C", "C": "C"}
+_DEMOTE = {AsyncState.A: AsyncState.B, AsyncState.B: AsyncState.C, AsyncState.C: AsyncState.C}
 
 
-def next_state(state: str, reference_loss: Optional[float], loss: float, threshold: float) -> str:
+def next_state(state: str, reference_loss: Optional[float], loss: float, threshold: float) -> AsyncState:
     """The state after a window: A if the loss moved by ``threshold`` or more, else one step down."""
     if state not in _DEMOTE:
         raise ValueError(f"unknown state {state!r}")
     if reference_loss is None or abs(reference_loss - loss) >= threshold:
-        return "A"
-    return _DEMOTE[state]
+        return AsyncState.A
+    return _DEMOTE[AsyncState(state)]
 
 
 class AsyncSL(SplitStrategy):
@@ -161,18 +162,18 @@ class AsyncSL(SplitStrategy):
         self.server = self.new_server_part()
         self.node_stats = {n: StepStats() for n in requests}
         self.upload_examples: dict[int, int] = {}
-        window = {n: self.states.get(n, "A") for n in requests}
+        window = {n: self.states.get(n, AsyncState.A) for n in requests}
         for n, state in window.items():
-            if state == "C" and (n not in self.cache or self.cache[n][0] != self.cuts[n]):
-                window[n] = "B"  # nothing (usable) cached: upload again
+            if state == AsyncState.C and (n not in self.cache or self.cache[n][0] != self.cuts[n]):
+                window[n] = AsyncState.B  # nothing (usable) cached: upload again
         self.window = window
         # Taken now: this round's uploads may evict caches, which then count from next round.
-        cached = {n: self.cache[n] for n, s in window.items() if s == "C"}
+        cached = {n: self.cache[n] for n, s in window.items() if s == AsyncState.C}
 
-        uploads = {n: RecordDict({p.CONFIG: self.round.configs[n]}) for n, s in window.items() if s == "B"}
+        uploads = {n: RecordDict({p.CONFIG: self.round.configs[n]}) for n, s in window.items() if s == AsyncState.B}
         max_steps = self.train_settings["max_steps"]  # a window is one round's batches
         UploadOnly(self._on_upload, max_steps or None).run(self.round, uploads)
-        done = PerNode(self._server_for).run(self.round, {n: c for n, c in requests.items() if window[n] == "A"})
+        done = PerNode(self._server_for).run(self.round, {n: c for n, c in requests.items() if window[n] == AsyncState.A})
 
         for node, (cut, record) in cached.items():
             if node in self.cache:
@@ -194,14 +195,14 @@ class AsyncSL(SplitStrategy):
         for node, state in window.items():
             stats = self.node_stats[node]
             if stats.samples == 0:  # nothing measured (errors): keep the state ...
-                if state == "B" and node not in self.upload_examples:
+                if state == AsyncState.B and node not in self.upload_examples:
                     # ... unless the upload failed: the client may have lost the frozen part it
                     # uploads with (a restarted SuperNode, a resumed run's fresh clients)
-                    self.states[node] = "A"
+                    self.states[node] = AsyncState.A
                 continue
             reference = self.reference_loss.get(node)
             new = next_state(state, reference, stats.loss, self.loss_threshold)
-            if state == "A":
+            if state == AsyncState.A:
                 self.reference_loss[node] = stats.loss
             self.states[node] = new
             self.transitions[str(node)] = {"state": state, "next": new, "loss": stats.loss, "reference_loss": reference}
@@ -212,11 +213,11 @@ class AsyncSL(SplitStrategy):
         ones plus B clients' uploaded ones (C clients processed none). In B the frozen client
         only runs its forward pass; in C the server trains on cached smashed data."""
         replied = super().round_outcome(record)
-        cached = {n for n, s in self.window.items() if s == "C"}
+        cached = {n for n, s in self.window.items() if s == AsyncState.C}
         return RoundOutcome(
             finished=replied.finished | set(self.upload_examples) | cached,
             examples={**replied.examples, **self.upload_examples},
-            forward_only={n for n, s in self.window.items() if s == "B"},
+            forward_only={n for n, s in self.window.items() if s == AsyncState.B},
             extra_server_flops=self._cached_server_flops() if self.profile is not None else 0.0,
             extras={"async": dict(self.transitions), "cache_bytes": self.cache_bytes()},
         )
@@ -225,7 +226,7 @@ class AsyncSL(SplitStrategy):
         """The server's training on cached smashed data of the C clients."""
         total = 0.0
         for node, state in self.window.items():
-            if state == "C":
+            if state == AsyncState.C:
                 cut = self.profile.cut(self.cuts[node])
                 total += self.node_stats[node].samples * (cut.server_forward_flops + cut.server_backward_flops)
         return total

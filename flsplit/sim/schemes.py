@@ -13,12 +13,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 from typing import Callable, Optional, Protocol
 
 from flsplit.sim.workload import Timing
 
-__all__ = ["WireModel", "SCHEME_MODELS", "SchemeModel", "SchemeRound", "Traffic", "register_scheme", "scheme_model",
+__all__ = ["AsyncState", "WireModel", "SCHEME_MODELS", "SchemeModel", "SchemeRound", "Traffic", "register_scheme", "scheme_model",
            "per_client_traffic", "epsl_traffic", "sflga_traffic"]
+
+
+class AsyncState(str, Enum):
+    """Async SL's state of a client in a window (loss-triggered): ``A`` trains step by step
+    with the server, ``B`` uploads its smashed data once (no gradient back), ``C`` sends nothing
+    (the server trains on its cache). A ``str`` enum: ``AsyncState.A == "A"``."""
+
+    A = "A"
+    B = "B"
+    C = "C"
+
+    def __str__(self) -> str:  # "A" in logs and f-strings, as enum.StrEnum (Python 3.11+) prints it
+        return self.value
+
+    __format__ = str.__format__
 
 
 class WireModel(Protocol):
@@ -83,12 +99,12 @@ def per_client_traffic(r: SchemeRound) -> Traffic:
     state ``B``: up only, ``C``: nothing sent, the server trains on its cache)."""
     t = Traffic.empty(r.n)
     for i in range(r.n):
-        state = r.states.get(i, "A")
-        if state == "A":
+        state = r.states.get(i, AsyncState.A)
+        if state == AsyncState.A:
             for rows in r.batches[i]:
                 t.up[i] += r.wire.up(r.cuts[i], rows)
                 t.down[i] += r.wire.down(r.cuts[i], rows)
-        elif state == "B":
+        elif state == AsyncState.B:
             t.up[i] = sum(r.wire.up(r.cuts[i], rows) for rows in r.batches[i])
         t.fwd_rows[i] = t.bwd_rows[i] = r.samples[i]
     return t

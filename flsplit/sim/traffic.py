@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from flsplit.sim.checks import column_arg, cut_list, fraction_arg, int_arg, real_arg
-from flsplit.sim.schemes import SchemeRound, Traffic, WireModel, scheme_model
+from flsplit.sim.schemes import AsyncState, SchemeRound, Traffic, WireModel, scheme_model
 from flsplit.sim.workload import RoundWorkload, Timing
 
 if TYPE_CHECKING:  # pure: the profile is only read, torch is never imported here
@@ -131,7 +131,7 @@ def predict_workload(
                                                       states)
     wire = wire or ElementWire(profile)
     if (type(wire) is ElementWire and batch_size is None and scheme not in ("epsl", "sflga")
-            and all(v == "A" for v in states.values())):
+            and all(v == AsyncState.A for v in states.values())):
         return _predict_elementwise(scheme, profile, wire, cuts, samples, ids)
     round_ = SchemeRound(wire, cuts, samples, [split_batches(s, batch_size) for s in samples], batch_size, phi, states)
     traffic = model.traffic(round_)
@@ -155,11 +155,13 @@ def _checked(scheme: str, profile: "ModelProfile", cuts, samples, client_ids, ba
         raise ValueError(f"phi applies to scheme 'epsl' only, not {scheme!r}")
     if scheme in ("epsl", "sflga") and len(set(cuts)) > 1:
         raise ValueError(f"{scheme} uses one cut for every client, got {cuts}")
-    states = {i: "A" for i in range(n)} if states is None else {int(i): str(s) for i, s in states.items()}
-    if scheme != "async" and any(s != "A" for s in states.values()):
+    try:
+        states = {i: AsyncState.A for i in range(n)} if states is None else {
+            int(i): AsyncState(s) for i, s in states.items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"states must be 'A', 'B' or 'C', got {list(states.values())}") from None
+    if scheme != "async" and any(s != AsyncState.A for s in states.values()):
         raise ValueError("states apply to scheme 'async' only")
-    if any(s not in ("A", "B", "C") for s in states.values()):
-        raise ValueError(f"states must be 'A', 'B' or 'C', got {sorted(set(states.values()))}")
     return samples, cuts, ids, batch_size, states
 
 
@@ -168,11 +170,11 @@ def _predicted(scheme: str, profile: "ModelProfile", r: SchemeRound, t: Traffic,
     n, cuts, samples, states = r.n, r.cuts, r.samples, r.states
     cps = [profile.cut(k) for k in cuts]
     up, down, flops = t.up, t.down, [0.0] * n
-    working = [i for i in range(n) if states.get(i, "A") != "C"]  # C clients do no work
+    working = [i for i in range(n) if states.get(i, AsyncState.A) != AsyncState.C]  # C clients do no work
     executed = sum(t.fwd_rows[i] * cps[i].server_forward_flops + t.bwd_rows[i] * cps[i].server_backward_flops
                    for i in range(n))
     unattributed = sum(t.fwd_rows[i] * cps[i].server_forward_flops + t.bwd_rows[i] * cps[i].server_backward_flops
-                       for i in range(n) if states.get(i, "A") == "C")
+                       for i in range(n) if states.get(i, AsyncState.A) == AsyncState.C)
     if t.extra_bwd:  # EPSL's mean rows: back-propagated once, at the (common) cut
         executed += t.extra_bwd * cps[0].server_backward_flops
     for i in working:
