@@ -114,3 +114,28 @@ def test_the_layer_test_sees_an_upward_import(tmp_path, monkeypatch):
     found = _imports("flsplit.model.bad", fake)
     assert ("flsplit.runtime.server", False) in found and ("flsplit.cli", True) in found
     assert LAYERS.index(_layer("flsplit.runtime.server")) > LAYERS.index(_layer("flsplit.model.bad"))
+
+
+def _runtime_imports_of_torch(path: Path) -> list[int]:
+    """Lines that import torch when the module runs (``if TYPE_CHECKING:`` blocks excluded)."""
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+                   for n in ast.walk(block)}
+    lines = []
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+            [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        if id(node) not in typing_only and any(n == "torch" or n.startswith("torch.") for n in names):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_the_simulator_and_the_analytic_planners_never_import_torch():
+    """What the sim and planner docstrings promise ("the simulator never imports torch"): pricing
+    and planning run on numpy; only the CCC agent (a Double-DQN) trains with torch."""
+    allowed = {"flsplit.planners.ccc_agent"}
+    assert _runtime_imports_of_torch(MODULES["flsplit.planners.ccc_agent"])  # the check sees an import
+    found = {name: lines for name, path in MODULES.items() if _layer(name) in ("sim", "planners") and name not in allowed
+             and (lines := _runtime_imports_of_torch(path))}
+    assert not found, found
