@@ -11,14 +11,16 @@ The library, by layer: one subpackage per layer, imports flow down this list, ne
     ``protocol`` (record names, ``SplitConfig``, checks), ``codecs``, ``wire_bytes``, ``gate``
     (every reply checked before anything trains on it).
 ``flsplit.sim``
-    kernels, scenario types, workloads, traffic models, the one price; ``scenario_files``
+    kernels, scenario types, ``schemes`` (each scheme's traffic model and timing, one table),
+    workloads, traffic models, the one price, ``checks`` (the one validator family); ``scenario_files``
     (scenario files and run-config overrides) and the shipped ``scenarios``.
 ``flsplit.data``
     ``datasets`` (the run's data and partitions), ``local`` (a device's own files).
 ``flsplit.planes``
     ``dataplane`` (the server half of a data plane, the traffic meter, Flower messages),
-    ``endpoint`` (the client half and its registry), ``stream`` (the TLS session plane, both
-    halves), ``inprocess`` (a Grid for tests and benchmarks).
+    ``endpoint`` (the client half and its registry), ``registry`` (every plane folder, reached
+    from the run config), ``stream`` (the TLS session plane, both halves), ``inprocess`` (a
+    Grid for tests and benchmarks).
 ``flsplit.runtime``
     ``trainer`` (the client's round, no Flower types), ``client`` and ``clientapp`` (the
     ClientApp side), ``server`` (server part and step rules), ``aggregation``, ``schedules``
