@@ -136,3 +136,11 @@ def test_a_planner_registered_from_its_own_module_runs_in_flsplit_plan(capsys):
         assert "--phi applies to --method epsl only, not test-deepest" in capsys.readouterr().err
     finally:
         PLANNERS.pop(entry.name)
+
+
+def test_every_registered_scheme_is_spelled_once_and_has_its_row():
+    """The registry key, the class's ``scheme`` and its row in the scheme table name one scheme."""
+    from flsplit.strategies import STRATEGIES
+
+    assert {name: cls.scheme for name, cls in STRATEGIES.items()} == {name: name for name in STRATEGIES}
+    assert all(scheme_model(name) is SCHEME_MODELS[name] for name in STRATEGIES)
