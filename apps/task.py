@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "batch-size": 32,
     "learning-rate": 0.1,
     "momentum": 0.9,
+    "optimizer": "sgd",
     "carry-momentum": False,
     "cut-layer": "2",
     "steps-per-exchange": 1,
@@ -128,10 +129,15 @@ class RunSettings(dict):
         SplitConfig(
             server_round=1, cut=1, batch_size=self["batch-size"], local_epochs=self["local-epochs"],
             max_steps=self["max-steps"], steps_per_exchange=self["steps-per-exchange"],
-            learning_rate=self["learning-rate"], momentum=self["momentum"], seed=self["seed"],
-            carry_momentum=self["carry-momentum"],
+            learning_rate=self["learning-rate"], momentum=self.momentum, seed=self["seed"],
+            carry_momentum=self["carry-momentum"], optimizer=self["optimizer"],
             codec_up=self["codec-up"] or "native", codec_down=self["codec-down"] or "native",
         )
+
+    @property
+    def momentum(self) -> float:
+        """SGD's momentum; ``momentum`` is SGD's setting (its default 0.9 too): ``adamw`` ignores it."""
+        return float(self["momentum"]) if self["optimizer"] == "sgd" else 0.0
 
     def check_resume(self, saved: Mapping[str, Any]) -> None:
         """Refuse to resume a run saved with ``saved`` settings (its history's ``run``) that

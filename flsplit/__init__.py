@@ -23,7 +23,8 @@ The library, by layer: one subpackage per layer, imports flow down this list, ne
     Grid for tests and benchmarks).
 ``flsplit.runtime``
     ``trainer`` (the client's round, no Flower types), ``client`` and ``clientapp`` (the
-    ClientApp side), ``server`` (server part and step rules), ``aggregation``, ``schedules``
+    ClientApp side), ``server`` (server part and step rules), ``optim`` (SGD or AdamW, their
+    state as tensors), ``aggregation``, ``schedules``
     (one round over a plane), ``exchange`` (a round's state as one
     value), ``checkpoint``, ``history``; ``server_stream`` (the server part's own dropout stream).
 ``flsplit.planners``

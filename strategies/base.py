@@ -146,7 +146,7 @@ class SplitStrategy(Strategy):
         with ``carry_momentum`` the global model's part starts from last round's momentum."""
         s = self.train_settings
         part = StreamServerPart(model or self.model, min(self.cuts.values()), s["learning_rate"], momentum=s["momentum"],
-                                weight_decay=s["weight_decay"], work=self.round.server_work)
+                                weight_decay=s["weight_decay"], work=self.round.server_work, optimizer=s["optimizer"])
         part.stream = self.server_stream  # dropout masks from the strategy's own stream
         if model is None and s["carry_momentum"]:
             part.load_momentum(self.server_momentum)

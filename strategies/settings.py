@@ -76,11 +76,12 @@ class SplitSettings(p.TrainingSettings):
         also the names in ``model.cut_names``); a fixed cut or list is checked when the
         strategy is built, a function's cuts every round.
     batch_size, local_epochs, max_steps, steps_per_exchange, learning_rate, momentum,
-    weight_decay, carry_momentum, seed, shuffle :
+    weight_decay, carry_momentum, seed, shuffle, optimizer :
         Training settings sent to the clients (``flsplit.wire.protocol.TrainingSettings``,
         keywords only); the server part uses the same SGD settings. With ``carry_momentum`` the shared server part (every scheme but
-        SFL-V1, whose per-node copies are averaged) and each client keep their SGD momentum
-        from round to round instead of starting each round with a fresh optimizer.
+        SFL-V1, whose per-node copies are averaged) and each client keep their optimizer's
+        state (SGD momentum; AdamW's moments and step counts) from round to round instead of
+        starting each round with a fresh optimizer.
     codec_up, codec_down : str
         Wire codecs for smashed data and gradients (``flsplit.wire.codecs``): ``native`` (the
         model's dtype, lossless), ``fp32``, ``fp16``, ``bf16``, ``fp8-e4m3``, ``fp8-e5m2``, ``int8``.

@@ -56,15 +56,15 @@ _OPTIM = "flsplit.client.optim"
 _CURSOR = "flsplit.client.cursor"
 
 
-def _momentum_record(momentum: dict[int, torch.Tensor]) -> ArrayRecord:
-    """Momentum buffers as arrays keyed by parameter index."""
-    return ArrayRecord({str(i): Array(buf) for i, buf in momentum.items()})
+def _momentum_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    """The optimizer's state tensors as arrays (keys of ``flsplit.runtime.optim.state_tensors``)."""
+    return ArrayRecord({key: Array(value) for key, value in state.items()})
 
 
-def _momentum_of(record: Optional[ArrayRecord]) -> dict[int, torch.Tensor]:
+def _momentum_of(record: Optional[ArrayRecord]) -> dict[str, torch.Tensor]:
     if record is None:
         return {}
-    return {int(k): torch.from_numpy(a.numpy().copy()) for k, a in record.items()}
+    return {k: torch.from_numpy(a.numpy().copy()) for k, a in record.items()}
 
 
 def _torch_error(err: Optional[BaseException]) -> Optional[RuntimeError]:

@@ -54,6 +54,7 @@ from torch import nn
 from flsplit.model import rng
 from flsplit.wire.protocol import SmashedBatch
 from flsplit.model.splitting import SplitModel
+from flsplit.runtime.optim import build_optimizer, load_state_tensors, state_tensors
 
 __all__ = ["EPSL_MECHANISMS", "EPSL_SCALINGS", "ServerPart", "StepGrads", "StepStats", "evaluate_smashed"]
 
@@ -190,14 +191,14 @@ class ServerPart:
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         work: Optional[ServerWork] = None,
+        optimizer: str = "sgd",
     ) -> None:
         self.model = model
         self.work = work if work is not None else ServerWork()
         self.entry = model.check_cut(entry)
         self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
-        self.optimizer = torch.optim.SGD(
-            model.blocks[entry:].parameters(), lr=learning_rate, momentum=momentum, weight_decay=weight_decay
-        )
+        self.optimizer = build_optimizer(model.blocks[entry:].parameters(), optimizer, learning_rate, momentum,
+                                         weight_decay)
         self.stats = StepStats()
 
     @property
@@ -217,21 +218,14 @@ class ServerPart:
                 if int(name.split(".", 1)[0]) >= self.entry}
 
     def momentum_state(self) -> dict[str, torch.Tensor]:
-        """SGD's momentum buffers by parameter name (those that exist)."""
-        out = {}
-        for name, param in self._named_parameters().items():
-            buf = self.optimizer.state.get(param, {}).get("momentum_buffer")
-            if buf is not None:
-                out[name] = buf.clone()
-        return out
+        """The optimizer's state by parameter name (SGD's momentum buffers, AdamW's moments
+        and step counts: ``flsplit.runtime.optim.state_tensors``)."""
+        return state_tensors(self.optimizer, self._named_parameters())
 
-    def load_momentum(self, buffers: dict[str, torch.Tensor]) -> None:
-        """Start from these momentum buffers (``carry-momentum``); a parameter this part does
-        not train, or one whose shape changed, is left out."""
-        for name, param in self._named_parameters().items():
-            buf = buffers.get(name)
-            if buf is not None and buf.shape == param.shape and buf.dtype == param.dtype:
-                self.optimizer.state[param]["momentum_buffer"] = buf.to(param.device, copy=True)
+    def load_momentum(self, state: dict[str, torch.Tensor]) -> None:
+        """Start from this optimizer state (``carry-momentum``); a parameter this part does not
+        train, or one whose shape changed, starts fresh."""
+        load_state_tensors(self.optimizer, self._named_parameters(), state)
 
     def _forward(self, cut: int, x: torch.Tensor) -> torch.Tensor:
         if cut < self.entry:

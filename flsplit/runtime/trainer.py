@@ -32,6 +32,7 @@ from torch import nn
 
 from flsplit.model import rng
 from flsplit.data.datasets import TensorData
+from flsplit.runtime.optim import build_optimizer, load_state_tensors, state_fits, state_tensors
 from flsplit.wire.protocol import ProtocolError, SmashedBatch, SplitConfig, check_tensor
 
 __all__ = ["Cursor", "ClientTrainer", "round_steps", "module_dtype"]
@@ -104,13 +105,14 @@ class ClientTrainer:
         The client part's weights to start from.
     cursor : Cursor
         The data cursor.
-    momentum : mapping of int to Tensor, optional
-        SGD momentum buffers by parameter index (none at a round's start).
+    momentum : mapping of str to Tensor, optional
+        The optimizer's state by parameter index (``flsplit.runtime.optim.state_tensors``;
+        none at a round's start).
     """
 
     def __init__(self, part: nn.Module, data: TensorData, cfg: SplitConfig, salt: int,
                  weights: Mapping[str, torch.Tensor], cursor: Cursor,
-                 momentum: Optional[Mapping[int, torch.Tensor]] = None) -> None:
+                 momentum: Optional[Mapping[str, torch.Tensor]] = None) -> None:
         self.part, self.data, self.cfg, self.salt, self.cursor = part, data, cfg, salt, cursor
         try:
             part.load_state_dict(dict(weights))
@@ -121,26 +123,22 @@ class ClientTrainer:
         # has nothing to train but still computes and sends its activations.
         params = list(part.parameters())
         self.optimizer = (
-            torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-            if params else None
+            build_optimizer(params, cfg.optimizer, cfg.learning_rate, cfg.momentum, cfg.weight_decay) if params else None
         )
         if momentum and self.optimizer is not None:
-            for i, buf in momentum.items():
-                self.optimizer.state[params[int(i)]]["momentum_buffer"] = buf
+            load_state_tensors(self.optimizer, {str(i): p for i, p in enumerate(params)}, momentum)
         self._graphs: dict[int, torch.Tensor] = {}  # position -> output with its graph (kept rounds)
 
     @classmethod
     def start_round(cls, part: nn.Module, data: TensorData, cfg: SplitConfig, salt: int,
                     weights: Mapping[str, torch.Tensor], position: int = 0,
-                    momentum: Optional[Mapping[int, torch.Tensor]] = None) -> "ClientTrainer":
+                    momentum: Optional[Mapping[str, torch.Tensor]] = None) -> "ClientTrainer":
         """A trainer at the start of a round: cursor at ``position``; a fresh optimizer, or
-        with ``momentum`` (``carry_momentum``: last round's buffers, used only if they fit
-        this part's parameters one for one)."""
+        with ``momentum`` (``carry_momentum``: last round's optimizer state, used only if it
+        fits this part's parameters one for one)."""
         cursor = Cursor(position, position + round_steps(cfg, len(data)), [], 0)
-        params = list(part.parameters())
-        if momentum and not (set(momentum) <= set(range(len(params)))
-                             and all(buf.shape == params[i].shape and buf.dtype == params[i].dtype
-                                     for i, buf in momentum.items())):
+        params = {str(i): p for i, p in enumerate(part.parameters())}
+        if momentum and not state_fits(momentum, params):
             momentum = None  # another cut's parameters: start fresh
         return cls(part, data, cfg, salt, weights, cursor, momentum)
 
@@ -239,12 +237,10 @@ class ClientTrainer:
         """The client part's weights."""
         return self.part.state_dict()
 
-    def momentum(self) -> dict[int, torch.Tensor]:
-        """SGD's only state, the momentum buffers, by parameter index."""
-        out: dict[int, torch.Tensor] = {}
-        if self.optimizer is not None:
-            for i, param in enumerate(self.optimizer.param_groups[0]["params"]):
-                buf = self.optimizer.state.get(param, {}).get("momentum_buffer")
-                if buf is not None:
-                    out[i] = buf
-        return out
+    def momentum(self) -> dict[str, torch.Tensor]:
+        """The optimizer's state by parameter index (SGD's momentum buffers, AdamW's moments
+        and step counts: ``flsplit.runtime.optim.state_tensors``)."""
+        if self.optimizer is None:
+            return {}
+        params = self.optimizer.param_groups[0]["params"]
+        return state_tensors(self.optimizer, {str(i): p for i, p in enumerate(params)})

@@ -83,6 +83,9 @@ DEVICE_KEYS = {
 }
 
 
+OPTIMIZERS = ("sgd", "adamw")  # built by flsplit.runtime.optim
+
+
 class ProtocolError(ValueError):
     """A message of the split exchange is malformed; the text names what is wrong."""
 
@@ -120,6 +123,9 @@ class TrainingSettings:
     codec_up, codec_down : str
         Wire codecs of smashed data (client -> server) and gradients (server -> client),
         see ``flsplit.wire.codecs``.
+    optimizer : str
+        ``sgd`` (with ``momentum``) or ``adamw`` (torch's AdamW with its default betas and eps;
+        ``momentum`` must be 0), on both sides of the cut (``flsplit.runtime.optim``).
     """
 
     batch_size: int = 32
@@ -134,9 +140,15 @@ class TrainingSettings:
     shuffle: bool = True
     codec_up: str = "native"
     codec_down: str = "native"
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
         """Every field checked here, once, with the run-config key in the message."""
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.optimizer != "sgd" and self.momentum != 0.0:
+            raise ValueError(f"momentum applies to optimizer 'sgd' only ({self.optimizer} keeps its own moments), "
+                             f"got momentum {self.momentum}")
         for name, low in (("batch_size", 1), ("steps_per_exchange", 1), ("local_epochs", 0), ("max_steps", 0),
                           ("seed", 0)):
             int_arg(name.replace("_", "-"), getattr(self, name), minimum=low, maximum=2**32 - 1 if name == "seed" else None)
@@ -180,8 +192,13 @@ class SplitConfig(TrainingSettings):
         super().__post_init__()
 
     def to_record(self) -> ConfigRecord:
-        """Serialize into a ``ConfigRecord`` (the round and the cut first, then the settings)."""
-        return ConfigRecord({"server_round": self.server_round, "cut": self.cut, **self.training_settings()})
+        """Serialize into a ``ConfigRecord`` (the round and the cut first, then the settings;
+        ``optimizer`` only when it is not the default ``sgd``, so an SGD round's record is the
+        one it always was)."""
+        settings = self.training_settings()
+        if settings["optimizer"] == "sgd":
+            del settings["optimizer"]
+        return ConfigRecord({"server_round": self.server_round, "cut": self.cut, **settings})
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> "SplitConfig":
