@@ -9,7 +9,7 @@ from torch import nn
 
 from flsplit.model.splitting import SplitModel, flatten_torchvision
 
-__all__ = ["MODELS", "build_model", "digits_cnn", "lenet", "vgg", "resnet18"]
+__all__ = ["MODELS", "build_model", "digits_cnn", "lenet", "vgg", "resnet18", "vit_tiny"]
 
 
 def digits_cnn(num_classes: int = 10, in_channels: int = 1, image_size: int = 8) -> nn.Sequential:
@@ -116,6 +116,49 @@ def resnet18(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) 
     return nn.Sequential(*layers)
 
 
+class PatchEmbedding(nn.Module):
+    """Image to tokens: non-overlapping ``patch x patch`` patches, each a ``dim`` vector, plus a
+    learned position embedding; ``(N, C, H, W)`` to ``(N, H W / patch^2, dim)``."""
+
+    def __init__(self, in_channels: int, image_size: int, patch: int, dim: int) -> None:
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"vit-tiny needs an image side divisible by its patch ({patch}), got {image_size}")
+        self.proj = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.position = nn.Parameter(torch.zeros(1, (image_size // patch) ** 2, dim))
+        nn.init.trunc_normal_(self.position, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2) + self.position
+
+
+class TokenPoolHead(nn.Module):
+    """Tokens to class scores: layer norm, mean over the tokens, a linear classifier."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(x).mean(dim=1))
+
+
+def vit_tiny(num_classes: int = 10, in_channels: int = 1, image_size: int = 8, *, patch: int = 0, dim: int = 64,
+             depth: int = 4, heads: int = 4) -> nn.Sequential:
+    """A small vision transformer (``torch.nn.TransformerEncoderLayer`` blocks, pre-norm, GELU):
+    patch embedding, ``depth`` encoder layers, pooled head; ``depth + 2`` blocks, a cut between
+    any two (what crosses is the ``(tokens, dim)`` hidden state). The patch is 2 pixels for
+    images up to 16 pixels a side and 4 above, unless given."""
+    patch = patch or (2 if image_size <= 16 else 4)
+    layers: list[nn.Module] = [PatchEmbedding(in_channels, image_size, patch, dim)]
+    for _ in range(depth):
+        layers.append(nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.0, activation="gelu",
+                                                 batch_first=True, norm_first=True))
+    layers.append(TokenPoolHead(dim, num_classes))
+    return nn.Sequential(*layers)
+
+
 def _torchvision(name: str) -> Callable[..., SplitModel]:
     def build(num_classes: int = 10, in_channels: int = 3, image_size: int = 224) -> SplitModel:
         import torchvision
@@ -136,6 +179,7 @@ MODELS: dict[str, Callable[..., nn.Module | SplitModel]] = {
     "vgg13": lambda **kw: vgg("vgg13", **kw),
     "vgg16": lambda **kw: vgg("vgg16", **kw),
     "resnet18": resnet18,
+    "vit-tiny": vit_tiny,
     **{f"torchvision-{n}": _torchvision(n) for n in ("vgg11", "vgg16", "resnet18", "resnet50")},
 }
 
