@@ -15,7 +15,6 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from flsplit.runtime.client import SplitClient
-from flsplit.data.datasets import TensorData
 from flsplit.planes.dataplane import innermost_error
 from flsplit.runtime.history import RunHistory
 from flsplit.planes.inprocess import InProcessGrid
