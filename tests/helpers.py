@@ -62,8 +62,8 @@ def run_strategy(cls, partitions, num_rounds=1, intercept=None, **kwargs):
     return strategy, result, grid
 
 
-def centralized_sgd(batches: list[TensorData], lr: float) -> dict[str, torch.Tensor]:
-    """Plain torch: the unsplit model, SGD on mean cross-entropy, one step per batch."""
+def centralized_sgd(batches: list[TensorData], lr: float, model_fn=model_fn) -> dict[str, torch.Tensor]:
+    """Plain torch: the unsplit model (``model_fn``'s), SGD on mean cross-entropy, one step per batch."""
     model = model_fn().blocks
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     for b in batches:

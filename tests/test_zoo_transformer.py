@@ -15,7 +15,7 @@ from flsplit.model.zoo import build_model, vit_tiny
 from flsplit.planes.inprocess import InProcessGrid
 from flsplit.runtime.client import SplitClient
 from flsplit.strategies import PSL, SL
-from tests.helpers import client_app_of, max_abs_diff, random_data
+from tests.helpers import centralized_sgd, client_app_of, max_abs_diff, random_data
 
 LR = 0.05
 DIM, DEPTH, HEADS, PATCH = 16, 2, 2, 2  # 16 tokens of 16 for an 8x8 digit: small enough for CI
@@ -34,17 +34,6 @@ def run(cls, parts: list[TensorData], **settings):
     return result.arrays.to_torch_state_dict()
 
 
-def unsplit_sgd(batches: list[TensorData]) -> dict[str, torch.Tensor]:
-    """Plain torch on the whole model: SGD on the mean cross-entropy, one step per batch."""
-    model = vit_fn().blocks
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    for b in batches:
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(b.x.double()), b.y).backward()
-        opt.step()
-    return model.state_dict()
-
-
 def test_every_cut_carries_the_hidden_state():
     model = build_model("vit-tiny", 10, 1, 8)  # the zoo's default size: 64-wide, 4 layers, 2x2 patches
     assert model.num_blocks == 6
@@ -58,7 +47,7 @@ def test_every_cut_carries_the_hidden_state():
 def test_sl_equals_unsplit_sgd_at_every_cut(cut):
     data, steps, b = random_data(24, seed=3), 3, 8
     got = run(SL, [data], cut_layer=cut, batch_size=b, max_steps=steps)
-    reference = unsplit_sgd([data.subset(slice(i * b, (i + 1) * b)) for i in range(steps)])
+    reference = centralized_sgd([data.subset(slice(i * b, (i + 1) * b)) for i in range(steps)], LR, vit_fn)
     assert max_abs_diff(got, reference) <= 1e-10
 
 
@@ -66,7 +55,7 @@ def test_psl_step_equals_unsplit_sgd_on_the_union():
     parts = [random_data(6, seed=20), random_data(4, seed=21), random_data(5, seed=22)]
     got = run(PSL, parts, cut_layer=2, batch_size=16, max_steps=1)
     union = TensorData(torch.cat([d.x for d in parts]), torch.cat([d.y for d in parts]))
-    assert max_abs_diff(got, unsplit_sgd([union])) <= 1e-10
+    assert max_abs_diff(got, centralized_sgd([union], LR, vit_fn)) <= 1e-10
 
 
 def test_a_patch_that_does_not_tile_the_image_is_refused():

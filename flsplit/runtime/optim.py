@@ -41,28 +41,31 @@ def _key(param_key: str, entry: str) -> str:
 
 
 def state_tensors(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
-    """Every state tensor of ``params`` (keyed by ``params``' keys) as detached copies."""
+    """Every state tensor of ``params`` (keyed by ``params``' keys), detached, not copied: the
+    optimizer changes them in place when it steps again (a client's trainer does not: it is
+    dropped once its state is stored)."""
     out = {}
     for key, param in params.items():
         for entry, value in optimizer.state.get(param, {}).items():
             if isinstance(value, torch.Tensor):
-                out[_key(key, entry)] = value.detach().clone()
+                out[_key(key, entry)] = value.detach()
     return out
 
 
 def load_state_tensors(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.nn.Parameter],
-                       state: Mapping[str, torch.Tensor]) -> None:
+                       state: Mapping[str, torch.Tensor], copy: bool = False) -> None:
     """Give each parameter the state ``state_tensors`` returned for it. A parameter whose state
-    is missing an entry its optimizer keeps, or does not fit it (shape, dtype), starts fresh."""
+    is missing an entry its optimizer keeps, or does not fit it (shape, dtype), starts fresh.
+    ``copy``: the optimizer gets copies, and ``state`` is left as it is when it steps (a state
+    the caller keeps); otherwise it takes the tensors themselves (a client's, just decoded)."""
     entries = _entries(optimizer)
     for key, param in params.items():
         found = {e: state.get(_key(key, e)) for e in entries}
-        if any(v is None for v in found.values()):
-            continue
-        if not all(e == "step" or (v.shape == param.shape and v.dtype == param.dtype) for e, v in found.items()):
+        if any(v is None or not _fits(e, v, param) for e, v in found.items()):
             continue
         # Adam's step count stays on the CPU (torch's non-capturable Adam requires it there).
-        optimizer.state[param] = {e: v.clone() if e == "step" else v.to(param.device, copy=True) for e, v in found.items()}
+        optimizer.state[param] = {e: (v.clone() if copy else v) if e == "step" else v.to(param.device, copy=copy)
+                                  for e, v in found.items()}
 
 
 def state_fits(state: Mapping[str, torch.Tensor], params: Mapping[str, torch.nn.Parameter]) -> bool:
@@ -71,9 +74,14 @@ def state_fits(state: Mapping[str, torch.Tensor], params: Mapping[str, torch.nn.
     for key, value in state.items():
         param_key, _, entry = key.partition(".")
         param = params.get(param_key)
-        if param is None or (entry != "step" and (value.shape != param.shape or value.dtype != param.dtype)):
+        if param is None or not _fits(entry, value, param):
             return False
     return True
+
+
+def _fits(entry: str, value: torch.Tensor, param: torch.nn.Parameter) -> bool:
+    """A state tensor fits its parameter: the parameter's shape and dtype (a step count is a scalar)."""
+    return entry == "step" or (value.shape == param.shape and value.dtype == param.dtype)
 
 
 def _entries(optimizer: torch.optim.Optimizer) -> Sequence[str]:

@@ -225,7 +225,7 @@ class ServerPart:
     def load_momentum(self, state: dict[str, torch.Tensor]) -> None:
         """Start from this optimizer state (``carry-momentum``); a parameter this part does not
         train, or one whose shape changed, starts fresh."""
-        load_state_tensors(self.optimizer, self._named_parameters(), state)
+        load_state_tensors(self.optimizer, self._named_parameters(), state, copy=True)  # the strategy keeps ``state``
 
     def _forward(self, cut: int, x: torch.Tensor) -> torch.Tensor:
         if cut < self.entry:
