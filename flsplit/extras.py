@@ -1,10 +1,11 @@
 """Optional dependencies: import one where a feature needs it, or say which extra installs it.
 
 The base install (``pip install flsplit``) runs the Flower app, the strategies, the simulator
-and ``flsplit plan`` without energy-budgeted convex programs. Two features need more:
+and ``flsplit plan`` without energy-budgeted convex programs. Three features need more:
 
 - ``planners`` (cvxpy): EPSL's power step with energy budgets and ``allocate_sflga(solver="cvxpy")``;
-- ``reports`` (matplotlib): the PNG plots of ``flsplit report``.
+- ``reports`` (matplotlib): the PNG plots of ``flsplit report``;
+- ``transformers`` (transformers, peft): Hugging Face models cut at a block (``flsplit.model.hf``).
 
 Each import site calls :func:`require`, so importing ``flsplit`` or the default ClientApp and
 ServerApp imports neither cvxpy nor matplotlib, and a missing one is an ``ImportError`` that
@@ -22,7 +23,7 @@ from types import ModuleType
 __all__ = ["EXTRAS", "MissingExtra", "install_command", "require"]
 
 # Each optional top-level module, and the extra of pyproject.toml that installs it.
-EXTRAS = {"cvxpy": "planners", "matplotlib": "reports"}
+EXTRAS = {"cvxpy": "planners", "matplotlib": "reports", "transformers": "transformers", "peft": "transformers"}
 
 
 class MissingExtra(ImportError):
