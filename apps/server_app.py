@@ -41,7 +41,7 @@ def build_strategy(settings: RunSettings, history: RunHistory):
     info = dataset_info(settings["dataset"])
     options = dict(
         model_fn=make_model_fn(settings),
-        input_shape=(info.in_channels, info.image_size, info.image_size),
+        input_shape=info.input_shape,
         num_classes=info.num_classes,
         cut_layer=settings.cuts,
         batch_size=int(settings["batch-size"]),

@@ -19,6 +19,7 @@ from flsplit.runtime.server import EPSL_MECHANISMS, EPSL_SCALINGS
 from flsplit.strategies.epsl import POSITIONS as EPSL_POSITIONS
 from flsplit.data.datasets import TensorData, dataset_info, load_centralized, load_partition
 from flsplit.data.local import LocalDataError, load_local
+from flsplit.model.loss import correct, loss_sum
 from flsplit.model.splitting import SplitModel
 from flsplit.model.zoo import build_model
 
@@ -169,7 +170,7 @@ def make_model_fn(settings: RunSettings) -> Callable[[], SplitModel]:
         # Seeded on a fork of the generator: building a model does not reset the stream the
         # server's dropout draws from.
         with rng.seeded(int(settings["seed"])):
-            return build_model(settings["model"], info.num_classes, info.in_channels, info.image_size)
+            return build_model(settings["model"], info.num_classes, info.in_channels, info.image_size, info.seq_len)
 
     return model_fn
 
@@ -246,8 +247,8 @@ def make_evaluate_fn(settings: RunSettings, model_fn: Callable[[], SplitModel], 
         model.blocks.eval()
         with torch.no_grad():
             logits = torch.cat([model.blocks(x[i : i + 512]) for i in range(0, len(test), 512)])
-        loss = torch.nn.functional.cross_entropy(logits, y).item()
-        accuracy = (logits.argmax(1) == y).double().mean().item()
+        loss = float(loss_sum(logits, y)) / len(test)
+        accuracy = correct(logits, y) / len(test)
         return MetricRecord({"loss": loss, "accuracy": accuracy})
 
     return evaluate_fn

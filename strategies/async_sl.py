@@ -178,7 +178,8 @@ class AsyncSL(SplitStrategy):
         for node, (cut, record) in cached.items():
             if node in self.cache:
                 self.cache.move_to_end(node)
-            batches = p.decode_smashed(record, self._shapes[cut - 1], self.server_dtype, self.settings.num_classes, self.codec_up)
+            batches = p.decode_smashed(record, self._shapes[cut - 1], self.server_dtype, self.settings.num_classes,
+                                       self.codec_up, self.gate.label_shape)
             self._train_server_only(node, batches)
 
         self._update_states(window)

@@ -86,7 +86,7 @@ class SplitStrategy(Strategy):
         self.data_plane_factory: Callable[[Grid, float], DataPlane] = s.data_plane_factory or MessageDataPlane
         self.codec_up, self.codec_down = get_codec(s.codec_up), get_codec(s.codec_down)
         self.gate = ReplyGate(self.model.blocks.state_dict(), block_of, self._shapes, self.server_dtype, s.num_classes,
-                              s.batch_size, s.steps_per_exchange, self.codec_up)
+                              s.batch_size, s.steps_per_exchange, self.codec_up, s.label_shape(self._shapes))
         self.data_plane: Optional[DataPlane] = None
         self.progress_interval = 10.0  # seconds between progress lines within a round
         self.profile = profile_model(self.model, s.input_shape) if s.scenario is not None else None

@@ -25,7 +25,7 @@ from flsplit.model import rng
 from flsplit.model.graph_split import GraphSplitError
 from flsplit.runtime.history import RunHistory
 from flsplit.sim.scenario_files import Scenario
-from flsplit.model.splitting import SplitModel, block_output_shapes, split_model_of
+from flsplit.model.splitting import SplitModel, block_output_shapes, split_model_of, takes_token_ids
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
@@ -188,25 +188,33 @@ class SplitSettings(p.TrainingSettings):
             if isinstance(built, SplitModel):
                 return built
             try:  # a plain module: split as the clients split it, on an example batch of zeros
-                return split_model_of(built, torch.zeros(2, *self.input_shape))
+                dtype = torch.int64 if takes_token_ids(built) else torch.float32  # token ids, or floats
+                return split_model_of(built, torch.zeros(2, *self.input_shape, dtype=dtype))
             except GraphSplitError as err:
                 raise ValueError(f"model_fn's {type(built).__name__} cannot be split for input_shape "
                                  f"{self.input_shape}: {err}") from err
 
     def checked_shapes(self, model: SplitModel) -> list[tuple[int, ...]]:
         """Per-block output shapes of one sample of ``input_shape``; its fit to the model and
-        the model's output to ``num_classes`` checked."""
+        the model's output to ``num_classes`` checked: ``(num_classes,)`` logits per sample, or
+        ``(*positions, num_classes)`` (a language model's ``(T, vocab)``: labels ``(T,)``)."""
         try:
             shapes = block_output_shapes(model, self.input_shape)
         except Exception as err:  # torch's error for whatever does not fit
             raise ValueError(f"input_shape {self.input_shape} does not fit the model: {_innermost_exception(err)}") from err
         out, n = shapes[-1], self.num_classes
-        if out != (n,):
+        if not out or out[-1] != n:
             if len(out) == 1:
                 raise ValueError(f"num_classes is {n} but the model outputs {out[0]} classes (per-sample output shape {out})")
-            raise ValueError(f"num_classes is {n} but the model's per-sample output shape is {out}, not ({n},): its last "
-                             "block must output one logit per class")
+            raise ValueError(f"num_classes is {n} but the model's per-sample output shape is {out}, not ({n},) or "
+                             f"(..., {n}): its last block must output one logit per class (per position)")
         return shapes
+
+    @staticmethod
+    def label_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+        """One sample's label shape from the checked block shapes: ``()``, or the positions of
+        sequence logits (``(T,)`` for ``(T, vocab)``)."""
+        return tuple(shapes[-1][:-1])
 
 
 def checked_cut(model: SplitModel, value, what: str) -> int:

@@ -53,8 +53,13 @@ _INPUT_SHAPES = {"digits-cnn": (1, 8, 8), "lenet": (1, 28, 28)}
 _DEFAULT_INPUT_SHAPE = (3, 32, 32)
 
 
-def default_input_shape(model: str) -> tuple[int, int, int]:
+def default_input_shape(model: str) -> tuple[int, ...]:
     """The sample shape a zoo model is profiled with unless ``--input-shape`` says otherwise."""
+    from flsplit.data.text import SEQ_LEN
+    from flsplit.model.zoo import TEXT_MODELS
+
+    if model in TEXT_MODELS:
+        return (SEQ_LEN,)
     return _INPUT_SHAPES.get(model, _DEFAULT_INPUT_SHAPE)
 
 
@@ -63,7 +68,17 @@ def model_profile(model: str, input_shape: Optional[Sequence[int]] = None):
     from flsplit.model.profile import profile_model
     from flsplit.model.zoo import build_model
 
-    c, h, w = default_input_shape(model) if input_shape is None else tuple(input_shape)
+    from flsplit.data.text import VOCAB_SIZE
+    from flsplit.model.zoo import TEXT_MODELS
+
+    shape = default_input_shape(model) if input_shape is None else tuple(input_shape)
+    if model in TEXT_MODELS:
+        if len(shape) != 1:
+            raise ValueError(f"{model} reads token sequences: its input shape is T (tokens), got {shape}")
+        return profile_model(build_model(model, num_classes=VOCAB_SIZE, seq_len=shape[0]), shape)
+    if len(shape) != 3:
+        raise ValueError(f"{model} reads images: its input shape is C,H,W, got {shape}")
+    c, h, w = shape
     if h != w:
         raise ValueError(f"input shape must be square (C,H,H), got {c},{h},{w}")
     net = build_model(model, num_classes=10, in_channels=c, image_size=h)
@@ -301,11 +316,11 @@ def _float_list(text: str) -> list[float]:
     return [_finite_float(t) for t in text.split(",")]
 
 
-def _shape(text: str) -> tuple[int, int, int]:
+def _shape(text: str) -> tuple[int, ...]:
     parts = text.split(",")
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"expected C,H,W, got {text!r}")
-    return tuple(_positive_int(p) for p in parts)  # type: ignore[return-value]
+    if len(parts) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"expected C,H,W (images) or T (a text model's tokens), got {text!r}")
+    return tuple(_positive_int(p) for p in parts)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -325,7 +340,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=_positive_int, default=64,
                         help="samples each client processes per round (default 64)")
     parser.add_argument("--input-shape", type=_shape, default=None,
-                        help="sample shape C,H,W (default: the model's dataset, e.g. 1,28,28 for lenet)")
+                        help="sample shape C,H,W, or T tokens for a text model (default: the model's dataset, "
+                             "e.g. 1,28,28 for lenet, 64 for gpt-tiny)")
     parser.add_argument("--bytes-per-element", type=_finite_float, default=4.0,
                         help="wire bytes per smashed element: 4 fp32, 2 fp16/bf16, 1 fp8/int8 (default 4)")
     parser.add_argument("--cut", type=_positive_int, default=None, help="fixed: the cut (default: the best fixed cut)")

@@ -15,12 +15,15 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from flsplit.data import text
+
 __all__ = ["TensorData", "DatasetInfo", "load_centralized", "load_partition", "dataset_info", "partition_indices"]
 
 
 @dataclass(frozen=True)
 class TensorData:
-    """Samples ``x`` (N, C, H, W) float32 and labels ``y`` (N,) int64."""
+    """Samples ``x`` and labels ``y``: images ``(N, C, H, W)`` float32 with classes ``(N,)``
+    int64, or token ids ``(N, T)`` int64 with next tokens ``(N, T)`` int64."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -36,18 +39,33 @@ class TensorData:
 @dataclass(frozen=True)
 class DatasetInfo:
     """Shape facts a model needs: channels, side length, number of classes; and how 8-bit
-    pixels become its input: ``(pixels / 255 - mean) / std``."""
+    pixels become its input: ``(pixels / 255 - mean) / std``. A text dataset has a
+    ``seq_len`` instead (token ids in, next tokens out; ``num_classes`` is the vocabulary)."""
 
     in_channels: int
     image_size: int
     num_classes: int
     mean: float = 0.0
     std: float = 1.0
+    seq_len: int = 0
+
+    @property
+    def is_text(self) -> bool:
+        return self.seq_len > 0
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's input shape: ``(T,)`` token ids, or ``(C, H, W)`` pixels."""
+        if self.is_text:
+            return (self.seq_len,)
+        return (self.in_channels, self.image_size, self.image_size)
 
     def empty(self) -> "TensorData":
         """No samples, in this input's shape."""
-        size = self.image_size
-        return TensorData(torch.empty(0, self.in_channels, size, size), torch.empty(0, dtype=torch.int64))
+        if self.is_text:
+            none = torch.empty(0, self.seq_len, dtype=torch.int64)
+            return TensorData(none, none.clone())
+        return TensorData(torch.empty(0, *self.input_shape), torch.empty(0, dtype=torch.int64))
 
 
 DIGITS = "digits"
@@ -122,18 +140,22 @@ def _indices(partitioner, partition_id: int, n: int, partitioning: str, num_part
 @lru_cache(maxsize=4)
 def _embedded_partitioner(dataset: str, split: str, partitioning: str, num_partitions: int, alpha: float, seed: int):
     """One fitted partitioner per setting (Dirichlet draws every partition at its first use)."""
+    if dataset == text.STDLIB_TEXT:  # partitioned by source document
+        return _fitted_partitioner(text.stdlib_text(split)[2], partitioning, num_partitions, alpha, seed)
     data = _digits()[0 if split == "train" else 1]
     return _fitted_partitioner(data.y.numpy(), partitioning, num_partitions, alpha, seed)
 
 
 def dataset_info(dataset: str) -> DatasetInfo:
-    """Channels, image size and classes of a dataset name."""
+    """Channels, image size and classes (or sequence length and vocabulary) of a dataset name."""
     if dataset == DIGITS:
         return DatasetInfo(1, 8, 10)
+    if dataset == text.STDLIB_TEXT:
+        return DatasetInfo(0, 0, text.VOCAB_SIZE, seq_len=text.SEQ_LEN)
     known = {"uoft-cs/cifar10": DatasetInfo(3, 32, 10, 0.5, 0.5), "ylecun/mnist": DatasetInfo(1, 28, 10, 0.5, 0.5)}
     if dataset in known:
         return known[dataset]
-    raise ValueError(f"unknown dataset {dataset!r}; use 'digits', 'uoft-cs/cifar10' or 'ylecun/mnist'")
+    raise ValueError(f"unknown dataset {dataset!r}; use 'digits', '{text.STDLIB_TEXT}', 'uoft-cs/cifar10' or 'ylecun/mnist'")
 
 
 def load_centralized(dataset: str, split: str = "test") -> TensorData:
@@ -141,6 +163,9 @@ def load_centralized(dataset: str, split: str = "test") -> TensorData:
     dataset_info(dataset)  # refuse unknown names before touching the hub
     if dataset == DIGITS:
         return _digits()[0 if split == "train" else 1]
+    if dataset == text.STDLIB_TEXT:
+        x, y, _ = text.stdlib_text(split)
+        return TensorData(x, y)
     return _hub_split(dataset, split)
 
 
@@ -154,11 +179,12 @@ def load_partition(
     split: str = "train",
 ) -> TensorData:
     """Partition ``partition_id`` of ``num_partitions`` of a dataset split (empty when an iid
-    split has more partitions than samples)."""
+    split has more partitions than samples). Text is split by sample (``iid``) or, with
+    ``dirichlet``, by source document: each node holds mostly a few files of its own."""
     info = dataset_info(dataset)
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
-    if dataset == DIGITS:
+    if dataset in (DIGITS, text.STDLIB_TEXT):
         data = load_centralized(dataset, split)
         partitioner = _embedded_partitioner(dataset, split, partitioning, num_partitions, float(alpha), seed)
         return data.subset(torch.from_numpy(_indices(partitioner, partition_id, len(data), partitioning, num_partitions, float(alpha))))

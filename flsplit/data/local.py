@@ -17,6 +17,9 @@ from the path:
     the files of torchvision's ``MNIST`` / ``CIFAR10`` classes already on disk (``<path>`` is
     the ``root`` those classes take; read with ``download=False``; the training and test files).
 
+For a text dataset (``stdlib-text``) only the ``.npz`` layouts apply: ``x`` token ids and ``y``
+next tokens, both ``(N, seq_len)`` integers in ``[0, vocabulary)``.
+
 Arrays: ``x`` as ``(N, C, H, W)``, ``(N, H, W, C)`` or, for one channel, ``(N, H, W)``, of the
 model's channels and side length; integer ``x`` are 8-bit pixels (0..255), scaled like the
 run's dataset; float ``x`` are taken as the model's input as they are. ``y`` integer labels in
@@ -85,6 +88,9 @@ def load_local(path: str | os.PathLike, info: DatasetInfo, split: str = "train")
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     root = Path(path).expanduser()
     fmt = data_format(root)
+    if info.is_text and not fmt.startswith("npz"):
+        raise LocalDataError(f"{str(root)!r} is {fmt} images, but the run's dataset is text: give an .npz of token ids "
+                             f"x and next tokens y, each (N, {info.seq_len})")
     loaders = {"npz-file": _npz_file, "npz-dir": _npz_dir, "imagefolder": _image_folder, "mnist": _mnist,
                "cifar10": _cifar10}
     data = loaders[fmt](root, info, split)
@@ -182,7 +188,23 @@ def _read_npz(file: Path, keys: tuple[str, str], info: DatasetInfo, optional: bo
         raise
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise LocalDataError(f"{what}: not a readable .npz archive ({err})") from None
+    if info.is_text:
+        return _token_data(x, y, info, what)
     return TensorData(_array_input(x, info, what), _labels(y, len(x), info, what))
+
+
+def _token_data(x: np.ndarray, y: np.ndarray, info: DatasetInfo, what: str) -> TensorData:
+    """Token ids ``x`` and next tokens ``y``, both ``(N, seq_len)`` integers in ``[0, vocab)``."""
+    for name, a in (("x", x), ("y", y)):
+        if a.ndim != 2 or a.shape[1] != info.seq_len:
+            raise LocalDataError(f"{what}: {name} has shape {tuple(a.shape)}; a text model takes (N, {info.seq_len}) tokens")
+        if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+            raise LocalDataError(f"{what}: {name} must hold integer token ids, got dtype {a.dtype}")
+        if a.size and (int(a.min()) < 0 or int(a.max()) >= info.num_classes):
+            raise LocalDataError(f"{what}: {name} has token ids outside 0..{info.num_classes - 1} (the vocabulary)")
+    if len(x) != len(y):
+        raise LocalDataError(f"{what}: {len(x)} sequences but {len(y)} target sequences")
+    return TensorData(torch.as_tensor(x.astype(np.int64)), torch.as_tensor(y.astype(np.int64)))
 
 
 def _npz_file(root: Path, info: DatasetInfo, split: str) -> Optional[TensorData]:

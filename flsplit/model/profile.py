@@ -102,8 +102,6 @@ def profile_model(model, input_shape: tuple[int, ...], batch_size: int = 2) -> M
     split: SplitModel = as_split_model(model)
     blocks = split.blocks
     params = list(blocks.parameters())
-    dtype = params[0].dtype if params else torch.float32
-    device = params[0].device if params else torch.device("cpu")
     modes = [(m, m.training) for m in blocks.modules()]  # per module: some may be frozen in eval
     # Forward and backward leave parameters alone (there is no optimizer step); only buffers
     # such as batch-norm running statistics change, so only they are saved and restored.
@@ -117,7 +115,7 @@ def profile_model(model, input_shape: tuple[int, ...], batch_size: int = 2) -> M
             blocks.train()
             for p in params:
                 p.grad = None
-            x = torch.randn(batch_size, *input_shape, dtype=dtype, device=device)
+            x = split.example_input(input_shape, batch_size, random=True)
             for i, block in enumerate(blocks):
                 x = x.detach().requires_grad_(i > 0)
                 with FlopCounterMode(display=False) as fwd:

@@ -49,6 +49,10 @@ class SplitModel:
     crossings : list of list of Crossing, optional
         For graph splits, the tensors that cross each cut ``1 .. L-1``; where there are
         several, the smashed tensor is their packing (``flsplit.model.graph_split.pack``).
+    input_dtype : torch.dtype, optional
+        The dtype of the model's input when it is not the parameters' floating dtype:
+        ``torch.int64`` for token ids. Found by itself when the first block starts with an
+        ``nn.Embedding`` (``takes_token_ids``).
     """
 
     blocks: nn.Sequential
@@ -57,8 +61,11 @@ class SplitModel:
     input_shape: Optional[tuple[int, ...]] = None
     cut_names: Optional[list[str]] = None
     crossings: Optional[list[list[Crossing]]] = field(default=None, repr=False)
+    input_dtype: Optional[torch.dtype] = None
 
     def __post_init__(self) -> None:
+        if self.input_dtype is None and takes_token_ids(self.blocks):
+            self.input_dtype = torch.int64
         if not self.block_paths:
             self.block_paths = [str(i) for i in range(len(self.blocks))]
         if len(self.block_paths) != len(self.blocks):
@@ -155,6 +162,17 @@ class SplitModel:
                 m.training = mode
         return worst
 
+    def example_input(self, input_shape: Sequence[int], batch_size: int = 1, *, random: bool = False) -> torch.Tensor:
+        """A batch of inputs for probes and profiles, on the model's device: token ids (zeros)
+        when the model takes them, else its floating dtype (``randn`` with ``random``, else zeros)."""
+        param = next(self.blocks.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        if self.input_dtype is not None and not self.input_dtype.is_floating_point:
+            return torch.zeros(batch_size, *input_shape, dtype=self.input_dtype, device=device)
+        dtype = self.input_dtype or (param.dtype if param is not None else torch.float32)
+        make = torch.randn if random else torch.zeros
+        return make(batch_size, *input_shape, dtype=dtype, device=device)
+
     def client_part(self, cut: int) -> nn.Sequential:
         """Blocks ``[0, cut)`` (shares parameters with ``blocks``)."""
         return self.blocks[: self.check_cut(cut)]
@@ -223,6 +241,13 @@ def _leaf_blocks(module: nn.Module, prefix: str) -> list[tuple[nn.Module, str]]:
             out.extend(_leaf_blocks(child, f"{prefix}.{name}" if prefix else name))
         return out
     return [(module, prefix)]
+
+
+def takes_token_ids(module: nn.Module) -> bool:
+    """Whether a model reads token ids: its first leaf module with parameters is an ``nn.Embedding``."""
+    first = next((m for m in module.modules() if not next(m.children(), None) and next(m.parameters(), None) is not None),
+                 None)
+    return isinstance(first, nn.Embedding)
 
 
 def flatten_torchvision(model: nn.Module) -> SplitModel:
@@ -325,9 +350,7 @@ def block_output_shapes(model: SplitModel, input_shape: tuple[int, ...]) -> list
     blocks = model.blocks
     modes = [(m, m.training) for m in blocks.modules()]  # per module: some may be frozen in eval
     blocks.eval()  # eval: no batch-norm statistics are updated by this probe
-    param = next(blocks.parameters(), None)
-    like = {} if param is None else dict(dtype=param.dtype, device=param.device)
-    x = torch.zeros(1, *input_shape, **like)
+    x = model.example_input(input_shape)
     shapes = []
     try:
         for block in blocks:

@@ -1,4 +1,5 @@
-"""Built-in models, each an ``nn.Sequential`` of blocks so every cut is a split point."""
+"""Built-in models, each an ``nn.Sequential`` of blocks so every cut is a split point: image
+models (``MODELS``) and text models (``TEXT_MODELS``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from flsplit.model.splitting import SplitModel, flatten_torchvision
 
-__all__ = ["MODELS", "build_model", "digits_cnn", "lenet", "vgg", "resnet18", "vit_tiny"]
+__all__ = ["MODELS", "TEXT_MODELS", "build_model", "digits_cnn", "lenet", "vgg", "resnet18", "vit_tiny", "gpt_tiny"]
 
 
 def digits_cnn(num_classes: int = 10, in_channels: int = 1, image_size: int = 8) -> nn.Sequential:
@@ -159,6 +160,58 @@ def vit_tiny(num_classes: int = 10, in_channels: int = 1, image_size: int = 8, *
     return nn.Sequential(*layers)
 
 
+class TokenEmbedding(nn.Module):
+    """Token ids ``(N, T)`` to vectors ``(N, T, dim)``: a token embedding plus a learned
+    position embedding (sequences up to ``max_len`` tokens)."""
+
+    def __init__(self, vocab_size: int, max_len: int, dim: int) -> None:
+        super().__init__()
+        self.token = nn.Embedding(vocab_size, dim)
+        self.position = nn.Parameter(torch.zeros(1, max_len, dim))
+        nn.init.normal_(self.token.weight, std=0.02)
+        nn.init.trunc_normal_(self.position, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.token(x) + self.position[:, : x.shape[1]]
+
+
+class CausalEncoderLayer(nn.TransformerEncoderLayer):
+    """``torch.nn.TransformerEncoderLayer`` in which a position attends only to itself and the
+    positions before it (the mask is made from the sequence length: nothing but the hidden
+    state needs to cross a cut)."""
+
+    def forward(self, src: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
+        mask = nn.Transformer.generate_square_subsequent_mask(src.shape[1], device=src.device, dtype=src.dtype)
+        return super().forward(src, src_mask=mask, is_causal=True)
+
+
+class LanguageModelHead(nn.Module):
+    """Hidden states ``(N, T, dim)`` to next-token logits ``(N, T, vocab)``: layer norm, linear."""
+
+    def __init__(self, dim: int, vocab_size: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, vocab_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(x))
+
+
+def gpt_tiny(num_classes: int = 256, seq_len: int = 64, *, dim: int = 64, depth: int = 4, heads: int = 4,
+             dropout: float = 0.0) -> nn.Sequential:
+    """A small GPT-style language model on ``torch.nn.TransformerEncoderLayer`` blocks (causal,
+    pre-norm, GELU): token and position embedding, ``depth`` layers, a head to
+    ``num_classes`` (the vocabulary) logits per position; ``depth + 2`` blocks, and what
+    crosses any cut is the ``(seq_len, dim)`` hidden state. Its embedding and head are not
+    tied: they would sit on two sides of a cut."""
+    layers: list[nn.Module] = [TokenEmbedding(num_classes, seq_len, dim)]
+    for _ in range(depth):
+        layers.append(CausalEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=dropout, activation="gelu",
+                                         batch_first=True, norm_first=True))
+    layers.append(LanguageModelHead(dim, num_classes))
+    return nn.Sequential(*layers)
+
+
 def _torchvision(name: str) -> Callable[..., SplitModel]:
     def build(num_classes: int = 10, in_channels: int = 3, image_size: int = 224) -> SplitModel:
         import torchvision
@@ -183,11 +236,24 @@ MODELS: dict[str, Callable[..., nn.Module | SplitModel]] = {
     **{f"torchvision-{n}": _torchvision(n) for n in ("vgg11", "vgg16", "resnet18", "resnet50")},
 }
 
+# Models that read token sequences (``seq_len`` tokens in; ``num_classes`` is the vocabulary).
+TEXT_MODELS: dict[str, Callable[..., nn.Module | SplitModel]] = {
+    "gpt-tiny": gpt_tiny,
+}
 
-def build_model(name: str, num_classes: int = 10, in_channels: int = 1, image_size: int = 8) -> SplitModel:
-    """Build a zoo model by name as a ``SplitModel``."""
+
+def build_model(name: str, num_classes: int = 10, in_channels: int = 1, image_size: int = 8,
+                seq_len: int = 0) -> SplitModel:
+    """Build a zoo model by name as a ``SplitModel``: an image model for ``in_channels`` x
+    ``image_size`` images, or (``TEXT_MODELS``) a text model for ``seq_len``-token sequences."""
     from flsplit.model.splitting import as_split_model
 
+    if name in TEXT_MODELS:
+        if seq_len < 1:
+            raise ValueError(f"model {name!r} reads token sequences: use a text dataset (e.g. 'stdlib-text')")
+        return as_split_model(TEXT_MODELS[name](num_classes=num_classes, seq_len=seq_len))
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted([*MODELS, *TEXT_MODELS])}")
+    if seq_len:
+        raise ValueError(f"model {name!r} reads images, but the dataset is text: use one of {sorted(TEXT_MODELS)}")
     return as_split_model(MODELS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size))

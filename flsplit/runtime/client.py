@@ -27,7 +27,7 @@ from flsplit.data.datasets import TensorData
 from flsplit.planes.endpoint import ClientEndpoint, Offer, PlaneError, offer_in, offer_records
 from flsplit.model.splitting import SplitModel
 from flsplit.wire.gate import check_records, check_state
-from flsplit.runtime.trainer import ClientTrainer, Cursor, module_dtype, round_steps
+from flsplit.runtime.trainer import ClientTrainer, Cursor, model_input, module_dtype, round_steps
 
 __all__ = ["SplitClient", "MODEL_SEED"]
 
@@ -187,7 +187,7 @@ class SplitClient:
             blocks.eval()  # a throwaway model: no batch-norm statistics to keep
             try:
                 with torch.no_grad(), rng.seeded(MODEL_SEED):
-                    blocks(data.x[:1].to(module_dtype(blocks)))
+                    blocks(model_input(data.x[:1], blocks))
             except RuntimeError as err:
                 return f"data of per-sample shape {shape} does not fit the model: {err}"
         return None
@@ -385,10 +385,9 @@ class SplitClient:
         data = self.eval_data if self.eval_data is not None else TensorData(torch.empty(0), torch.empty(0))
         batches = []
         with torch.no_grad():
-            dtype = module_dtype(part)
             for start in range(0, len(data), cfg.batch_size):
                 chunk = data.subset(slice(start, start + cfg.batch_size))
-                batches.append(p.SmashedBatch(part(chunk.x.to(dtype)), chunk.y))
+                batches.append(p.SmashedBatch(part(model_input(chunk.x, part)), chunk.y))
         reply = RecordDict(
             {p.SMASHED: p.encode_batches(batches, get_codec(cfg.codec_up)), p.METRICS: MetricRecord({"num-examples": len(data)})}
         )

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from flsplit.model import rng
+from flsplit.model.loss import correct, loss_sum, sample_losses
 from flsplit.wire.protocol import SmashedBatch
 from flsplit.model.splitting import SplitModel
 from flsplit.runtime.optim import build_optimizer, load_state_tensors, state_tensors
@@ -68,13 +69,13 @@ class StepStats:
     """Running training loss and accuracy seen by the server."""
 
     loss_sum: float = 0.0
-    correct: int = 0
+    correct: float = 0.0  # samples predicted right (a sequence counts its fraction of right positions)
     samples: int = 0
     per_cut_samples: dict[int, int] = field(default_factory=dict)
 
     def add(self, loss_sum: float, logits: torch.Tensor, y: torch.Tensor, cut: int) -> None:
         self.loss_sum += loss_sum
-        self.correct += int((logits.argmax(1) == y).sum())
+        self.correct += correct(logits, y)
         self.samples += int(y.shape[0])
         self.per_cut_samples[cut] = self.per_cut_samples.get(cut, 0) + int(y.shape[0])
 
@@ -196,7 +197,7 @@ class ServerPart:
         self.model = model
         self.work = work if work is not None else ServerWork()
         self.entry = model.check_cut(entry)
-        self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
+        self.loss_fn = loss_sum  # summed over the samples (flsplit.model.loss: classes or sequences)
         self.optimizer = build_optimizer(model.blocks[entry:].parameters(), optimizer, learning_rate, momentum,
                                          weight_decay)
         self.stats = StepStats()
@@ -363,7 +364,7 @@ class ServerPart:
             agg_logits = self._forward(cut, agg_x.flatten(0, 1))
         n, m = agg_x.shape[:2]
         z = agg_logits.detach().requires_grad_(True)
-        agg_loss = self.loss_fn(z, agg_y.flatten())
+        agg_loss = self.loss_fn(z, agg_y.flatten(0, 1))
         (agg_loss / total).backward()
         per_client = z.grad.unflatten(0, (n, m))  # g_ij
         summed = per_client.sum(0)
@@ -383,7 +384,7 @@ class ServerPart:
         n, m = len(batches), len(aggs[0])
         total = sum(b.y.shape[0] for _, b in batches)
         for i, ((c, b), k) in enumerate(zip(batches, keep)):
-            lg = torch.empty(b.y.shape[0], logits.shape[1], dtype=logits.dtype, device=logits.device)
+            lg = torch.empty(b.y.shape[0], *logits.shape[1:], dtype=logits.dtype, device=logits.device)
             lg[k] = logits.detach().split([int(kk.sum()) for kk in keep])[i]
             lg[aggs[i]] = agg_logits.unflatten(0, (n, m))[i]
             self.stats.add(float(self.loss_fn(lg, b.y)), lg, b.y, c)
@@ -405,7 +406,7 @@ class ServerPart:
         if mechanism == "rotating":
             return agg_x[(cols + step) % n, cols]
         if mechanism == "max-loss":
-            losses = nn.functional.cross_entropy(agg_logits.flatten(0, 1), agg_y.flatten(), reduction="none")
+            losses = sample_losses(agg_logits.flatten(0, 1), agg_y.flatten(0, 1))
             return agg_x[losses.view(n, m).argmax(0), cols]  # argmax: the first maximum on a tie
         # gradient-weighted
         norms = per_client.flatten(2).norm(dim=2)  # (N, m)
@@ -441,24 +442,24 @@ class ServerPart:
 
 
 @torch.no_grad()
-def evaluate_smashed(model: SplitModel, cut: int, batches: list[SmashedBatch]) -> tuple[float, int, int]:
+def evaluate_smashed(model: SplitModel, cut: int, batches: list[SmashedBatch]) -> tuple[float, float, int]:
     """Finish the forward pass of smashed evaluation batches (eval mode).
 
-    Returns the summed cross-entropy loss, the number of correct predictions and of samples.
+    Returns the summed loss, the samples predicted right and the samples (``flsplit.model.loss``).
     """
     server = model.blocks[model.check_cut(cut) :]
     device = next(model.blocks.parameters()).device
     was_training = server.training
     server.eval()
-    loss_sum, correct, n = 0.0, 0, 0
+    total, right, n = 0.0, 0.0, 0
     for b in batches:
         x, y = b.x.to(device), b.y.to(device)
         logits = server(x)
-        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
+        total += float(loss_sum(logits, y))
+        right += correct(logits, y)
         n += int(b.y.shape[0])
     server.train(was_training)
-    return loss_sum, correct, n
+    return total, right, n
 
 
 def _one_cut(batches: list[tuple[int, SmashedBatch]], rule: str) -> int:

@@ -35,7 +35,7 @@ from flsplit.data.datasets import TensorData
 from flsplit.runtime.optim import build_optimizer, load_state_tensors, state_fits, state_tensors
 from flsplit.wire.protocol import ProtocolError, SmashedBatch, SplitConfig, check_tensor
 
-__all__ = ["Cursor", "ClientTrainer", "round_steps", "module_dtype"]
+__all__ = ["Cursor", "ClientTrainer", "round_steps", "module_dtype", "model_input"]
 
 
 def _seed(*entropy: int) -> int:
@@ -52,6 +52,11 @@ def _epoch_order(seed: int, salt: int, epoch: int, n: int) -> torch.Tensor:
 def module_dtype(module: nn.Module) -> torch.dtype:
     """Floating dtype of a module's parameters (float32 if it has none)."""
     return next((t.dtype for t in module.parameters()), torch.float32)
+
+
+def model_input(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """Samples as a module takes them: floats in its parameters' dtype; token ids as they are."""
+    return x.to(module_dtype(module)) if x.is_floating_point() else x
 
 
 def round_steps(cfg: SplitConfig, num_samples: int) -> int:
@@ -158,7 +163,7 @@ class ClientTrainer:
         position so that a recompute is identical."""
         x, _ = self.batch(position)
         with rng.seeded(_seed(self.cfg.seed, self.salt, position)):
-            return self.part(x.to(module_dtype(self.part)))
+            return self.part(model_input(x, self.part))
 
     @property
     def done(self) -> bool:

@@ -162,6 +162,8 @@ class ReplyGate:
         The server part's dtype (smashed data is decoded to it).
     num_classes : int
         Labels must lie in ``[0, num_classes)``.
+    label_shape : tuple of int
+        Shape of one sample's labels: ``()`` (a class), ``(T,)`` (a language model's next tokens).
     batch_size, steps_per_exchange : int
         At most ``steps_per_exchange`` batches per step reply, ``batch_size`` rows each.
     codec : Codec
@@ -169,12 +171,14 @@ class ReplyGate:
     """
 
     def __init__(self, model_state: Mapping[str, torch.Tensor], block_of, shapes: list[tuple[int, ...]],
-                 dtype: torch.dtype, num_classes: int, batch_size: int, steps_per_exchange: int, codec: Codec) -> None:
+                 dtype: torch.dtype, num_classes: int, batch_size: int, steps_per_exchange: int, codec: Codec,
+                 label_shape: tuple[int, ...] = ()) -> None:
         # shapes and dtypes only: meta tensors hold no memory, whatever device the model is on
         self.model_state = {k: torch.empty_like(v, device="meta") for k, v in model_state.items()}
         self.block_of = block_of
         self.shapes, self.dtype, self.num_classes = shapes, dtype, num_classes
         self.batch_size, self.steps_per_exchange, self.codec = batch_size, steps_per_exchange, codec
+        self.label_shape = tuple(label_shape)
 
     # ------------------------------------------------------------------ pieces
     def part_spec(self, cut: int) -> dict[str, torch.Tensor]:
@@ -184,7 +188,7 @@ class ReplyGate:
     def smashed_cap(self, cut: int, batches: int) -> int:
         """Most bytes ``batches`` full batches of smashed data and labels take on the wire."""
         values = math.prod(self.shapes[cut - 1]) * self.codec.bytes_per_element(self.dtype)
-        return batches * (self.batch_size * (values + 8) + 3 * _ARRAY_SLACK)
+        return batches * (self.batch_size * (values + 8 * math.prod(self.label_shape)) + 3 * _ARRAY_SLACK)
 
     def smashed(self, record: ArrayRecord, cut: int, max_batches: Optional[int], what: str) -> list[p.SmashedBatch]:
         """Decode and check smashed batches: exact keys ``x.i``/``y.i`` (and ``x.i.scale``
@@ -212,7 +216,7 @@ class ReplyGate:
         if count and (size := _array_bytes(record)) > (cap := self.smashed_cap(cut, count)):
             raise p.ProtocolError(f"{what}: '{p.SMASHED}' is {size} bytes, more than the {cap} that {count} "
                                   f"batch(es) of {self.batch_size} rows take")
-        batches = p.decode_smashed(record, self.shapes[cut - 1], self.dtype, self.num_classes, self.codec)
+        batches = p.decode_smashed(record, self.shapes[cut - 1], self.dtype, self.num_classes, self.codec, self.label_shape)
         for i, b in enumerate(batches):  # the payload's own rows (an array's header may say otherwise)
             if b.x.shape[0] > self.batch_size:
                 raise p.ProtocolError(f"{what}: batch {i} has {b.x.shape[0]} rows, more than batch-size {self.batch_size}")

@@ -270,11 +270,14 @@ def decode_smashed(
     dtype: torch.dtype,
     num_classes: int,
     codec: Codec,
+    label_shape: tuple[int, ...] = (),
 ) -> list[SmashedBatch]:
     """Decode and check the smashed batches of a reply.
 
     Every ``x.i`` must decode with ``codec`` to ``(b, *sample_shape)`` with finite values
-    (returned as ``dtype``), and every ``y.i`` be ``(b,)`` int64 labels in ``[0, num_classes)``.
+    (returned as ``dtype``), and every ``y.i`` be ``(b, *label_shape)`` int64 labels in
+    ``[0, num_classes)`` (``label_shape`` is ``()`` for one class per sample, ``(T,)`` for a
+    language model's next tokens).
     """
     count = _count(record, "x.")
     if count == 0:
@@ -284,7 +287,7 @@ def decode_smashed(
         x = _decode(codec, record, f"x.{i}", dtype, SMASHED)
         check_tensor(f"{SMASHED} x.{i}", x, (-1, *sample_shape), dtype)
         y = _decode(CODECS_NATIVE, record, f"y.{i}", torch.int64, SMASHED)
-        check_tensor(f"{SMASHED} y.{i}", y, (x.shape[0],), torch.int64)
+        check_tensor(f"{SMASHED} y.{i}", y, (x.shape[0], *label_shape), torch.int64)
         if x.shape[0] == 0:
             raise ProtocolError(f"{SMASHED} x.{i}: empty batch")
         if int(y.min()) < 0 or int(y.max()) >= num_classes:
