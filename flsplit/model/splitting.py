@@ -49,6 +49,9 @@ class SplitModel:
     crossings : list of list of Crossing, optional
         For graph splits, the tensors that cross each cut ``1 .. L-1``; where there are
         several, the smashed tensor is their packing (``flsplit.model.graph_split.pack``).
+    input_dtype : torch.dtype, optional
+        The dtype of the model's input where it is not the parameters' (``torch.int64`` for a
+        language model's token ids); ``None``: the input is floating, as the parameters.
     """
 
     blocks: nn.Sequential
@@ -57,6 +60,7 @@ class SplitModel:
     input_shape: Optional[tuple[int, ...]] = None
     cut_names: Optional[list[str]] = None
     crossings: Optional[list[list[Crossing]]] = field(default=None, repr=False)
+    input_dtype: Optional[torch.dtype] = None
 
     def __post_init__(self) -> None:
         if not self.block_paths:
@@ -327,6 +331,8 @@ def block_output_shapes(model: SplitModel, input_shape: tuple[int, ...]) -> list
     blocks.eval()  # eval: no batch-norm statistics are updated by this probe
     param = next(blocks.parameters(), None)
     like = {} if param is None else dict(dtype=param.dtype, device=param.device)
+    if model.input_dtype is not None:  # token ids: zeros are a valid token
+        like["dtype"] = model.input_dtype
     x = torch.zeros(1, *input_shape, **like)
     shapes = []
     try:
