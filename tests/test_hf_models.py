@@ -141,11 +141,13 @@ def test_export_round_trip_loads_the_current_weights(kind, tmp_path):
     loaded = auto.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         assert torch.allclose(loaded(x).logits, current, rtol=1e-6, atol=1e-6)
-    # and flsplit loads it back as a split model
-    again = build_hf_model(kind, path=tmp_path / "hf", seq_len=T)
-    again.blocks.eval()
-    with torch.no_grad():
-        assert torch.allclose(again.blocks(x), current, rtol=1e-6, atol=1e-6)
+    # and flsplit loads it back as a split model, with its family named or read from the config
+    for named in (kind, None):
+        again = build_hf_model(named, path=tmp_path / "hf", seq_len=T)
+        assert type(again.original.model) is type(split.original.model) and again.input_shape == (T,)
+        again.blocks.eval()
+        with torch.no_grad():
+            assert torch.allclose(again.blocks(x), current, rtol=1e-6, atol=1e-6)
 
 
 def test_export_writes_a_given_blocks_state(tmp_path):

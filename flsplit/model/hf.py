@@ -19,6 +19,18 @@ chunks). Padding masks are not carried across a cut: a batch with padding is att
 every token were real (a documented limitation), and ``token_type_ids`` are BERT's default
 zeros.
 
+The layer blocks build their masks from the model's own config, so they run the attention
+implementation the model runs (``"eager"`` and ``"sdpa"`` both give the unsplit model's logits
+and gradients bit for bit on CPU, float64); ``build_hf_model`` picks ``"eager"``, the plain
+matrix products, which compute the same in the split model and the unsplit one on any device.
+
+A language model whose LM head shares its weight with the input embedding (GPT-2, and any
+model with ``tie_word_embeddings``) is untied: the embedding block is the client's and the head
+block the server's, and two machines cannot share one parameter. The head gets its own copy of
+the weight, ``config.tie_word_embeddings`` becomes ``False`` and a ``UserWarning`` says so; from
+then on the split model is exact against this untied model (which computes what the tied one
+did until the first step), and ``export_hf`` saves both weights.
+
 ``build_hf_model`` builds a small model from a config (or loads a local ``save_pretrained``
 directory) and splits it; ``export_hf`` writes a split model's weights back as a Hugging Face
 checkpoint that ``from_pretrained`` loads.
@@ -244,7 +256,7 @@ def hf_split_model(model: nn.Module, seq_len: Optional[int] = None) -> SplitMode
 _KINDS = ("gpt2", "llama", "bert")
 
 
-def build_hf_model(kind: str, *, vocab_size: int = 256, seq_len: int = 64, num_labels: int = 2, hidden: int = 64,
+def build_hf_model(kind: Optional[str], *, vocab_size: int = 256, seq_len: int = 64, num_labels: int = 2, hidden: int = 64,
                    layers: int = 2, heads: int = 4, path: Optional[Union[str, Path]] = None,
                    dtype: Optional[torch.dtype] = None, attn_implementation: str = "eager") -> SplitModel:
     """A small Hugging Face model, built from a config (or loaded from ``path``), split by
@@ -252,9 +264,9 @@ def build_hf_model(kind: str, *, vocab_size: int = 256, seq_len: int = 64, num_l
 
     Parameters
     ----------
-    kind : {"gpt2", "llama", "bert"}
+    kind : {"gpt2", "llama", "bert"} or None
         GPT-2 (``GPT2LMHeadModel``), Llama (``LlamaForCausalLM``) or a BERT classifier
-        (``BertForSequenceClassification``).
+        (``BertForSequenceClassification``); ``None`` only with ``path``.
     vocab_size, seq_len, num_labels, hidden, layers, heads : int
         The config: vocabulary (byte tokens: 256), sequence length ``T`` (the position
         embeddings cover it), BERT's classes, hidden width, transformer layers, attention
@@ -265,8 +277,8 @@ def build_hf_model(kind: str, *, vocab_size: int = 256, seq_len: int = 64, num_l
     path : str or Path, optional
         A local ``save_pretrained`` directory to load instead (``AutoModelForCausalLM``, or
         ``AutoModelForSequenceClassification`` for ``bert``); the config arguments are then
-        unused except ``seq_len``, and ``kind`` may be ``None`` (the family follows from the
-        loaded class).
+        unused except ``seq_len``, and ``kind`` may be ``None``: the saved config's
+        ``model_type`` then says which (``"bert"``: a classifier; any other: a causal LM).
     dtype : torch.dtype, optional
         Cast the model to it (e.g. ``torch.float64`` for exactness checks).
     attn_implementation : str
@@ -283,6 +295,8 @@ def build_hf_model(kind: str, *, vocab_size: int = 256, seq_len: int = 64, num_l
     if kind is not None and kind not in _KINDS:
         raise ValueError(f"unknown Hugging Face model kind {kind!r}; choose one of {list(_KINDS)}")
     if path is not None:
+        if kind is None:
+            kind = "bert" if transformers.AutoConfig.from_pretrained(path).model_type == "bert" else None
         auto = transformers.AutoModelForSequenceClassification if kind == "bert" else transformers.AutoModelForCausalLM
         model = auto.from_pretrained(path, attn_implementation=attn_implementation)
     elif kind == "gpt2":
