@@ -77,6 +77,8 @@ class AsyncSL(SplitStrategy):
     """
 
     scheme = "async"
+    u_shape_refusal = ("its state B trains the server part on uploaded smashed data alone, which needs the labels and "
+                       "the loss on the server")
     schedule = PerNode  # state A; state B uploads (UploadOnly) on the same parallel timing
 
     def __init__(

@@ -33,12 +33,14 @@ def client_contributions(replies: Iterable[Message | Reply]) -> tuple[list[Contr
     return contributions, examples
 
 
-def shared_part_contributions(model: SplitModel, entry: int, per_cut_samples: dict[int, int]) -> list[Contribution]:
-    """The blocks of a shared server part over ``model`` from block ``entry`` on, each weighted
-    by the samples that went through it (``per_cut_samples``: samples per cut)."""
+def shared_part_contributions(model: SplitModel, entry: int, per_cut_samples: dict[int, int],
+                              end: int | None = None) -> list[Contribution]:
+    """The blocks of a shared server part over ``model`` from block ``entry`` on (to ``end``, a
+    U-shaped split's tail cut), each weighted by the samples that went through it
+    (``per_cut_samples``: samples per cut)."""
     full = model.blocks.state_dict()
     out = []
-    for block in range(entry, model.num_blocks):
+    for block in range(entry, end or model.num_blocks):
         weight = sum(n for cut, n in per_cut_samples.items() if cut <= block)
         state = {k: v for k, v in full.items() if block_of(k) == block}
         if state:

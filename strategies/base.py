@@ -51,7 +51,7 @@ from flsplit.strategies.accounting import RoundOutcome, RoundPricing
 from flsplit.strategies.averaging import Contribution, client_contributions, shared_part_contributions
 from flsplit.strategies.evaluation import evaluation_requests, pool_evaluation
 from flsplit.strategies.planning import RoundPlanning
-from flsplit.strategies.settings import (SERVER_STREAM_OFFSET, CutAssignment, SplitSettings, assign_cuts,
+from flsplit.strategies.settings import (SERVER_STREAM_OFFSET, CutAssignment, SplitSettings, assign_cuts, check_u_shape,
                                          check_cut_assignment, derived_seed)
 
 __all__ = ["SplitStrategy", "SplitSettings", "CutAssignment", "ServerStream", "RoundOutcome"]
@@ -72,6 +72,8 @@ class SplitStrategy(Strategy):
 
     scheme = ""  # the scheme's name in STRATEGIES and in the traffic model (flsplit.sim.traffic)
     schedule: type[Schedule] = PerNode  # the scheme's schedule
+    # Why the scheme cannot run U-shaped (tail_cut > 0), or "" where it can.
+    u_shape_refusal = ""
 
     def __init__(self, settings: Optional[SplitSettings] = None, /, **fields) -> None:
         self.settings = s = SplitSettings.of(settings, type(self).__name__, **fields)
@@ -81,12 +83,13 @@ class SplitStrategy(Strategy):
         self._shapes = s.checked_shapes(self.model)
         self.server_dtype: torch.dtype = next(self.model.blocks.parameters()).dtype
         check_cut_assignment(self.model, s.cut_layer)
+        check_u_shape(type(self), self.model, s)
         self.server_stream = ServerStream(derived_seed(s.seed, SERVER_STREAM_OFFSET))
         self.history = s.history or RunHistory()
         self.data_plane_factory: Callable[[Grid, float], DataPlane] = s.data_plane_factory or MessageDataPlane
         self.codec_up, self.codec_down = get_codec(s.codec_up), get_codec(s.codec_down)
         self.gate = ReplyGate(self.model.blocks.state_dict(), block_of, self._shapes, self.server_dtype, s.num_classes,
-                              s.batch_size, s.steps_per_exchange, self.codec_up, s.label_shape(self._shapes))
+                              s.batch_size, s.steps_per_exchange, self.codec_up, s.label_shape(self._shapes), s.tail_cut)
         self.data_plane: Optional[DataPlane] = None
         self.progress_interval = 10.0  # seconds between progress lines within a round
         self.profile = profile_model(self.model, s.input_shape) if s.scenario is not None else None
@@ -126,8 +129,10 @@ class SplitStrategy(Strategy):
         log(INFO, "\t└── fraction-train: %s, fraction-evaluate: %s", s.fraction_train, s.fraction_evaluate)
 
     def client_part_record(self, cut: int) -> ArrayRecord:
-        """Global weights of blocks ``[0, cut)``."""
-        return ArrayRecord({k: v for k, v in self.model.blocks.state_dict().items() if block_of(k) < cut})
+        """Global weights of blocks ``[0, cut)`` (and ``[tail_cut, L)`` in a U-shaped split)."""
+        tail = self.settings.tail_cut  # a U-shaped split's client part holds its tail too
+        return ArrayRecord({k: v for k, v in self.model.blocks.state_dict().items()
+                            if block_of(k) < cut or 0 < tail <= block_of(k)})
 
     def start_part(self, node_id: int, cut: int) -> ArrayRecord:
         """The client part a node starts the round from (default: the global one)."""
@@ -146,7 +151,8 @@ class SplitStrategy(Strategy):
         with ``carry_momentum`` the global model's part starts from last round's momentum."""
         s = self.train_settings
         part = StreamServerPart(model or self.model, min(self.cuts.values()), s["learning_rate"], momentum=s["momentum"],
-                                weight_decay=s["weight_decay"], work=self.round.server_work, optimizer=s["optimizer"])
+                                weight_decay=s["weight_decay"], work=self.round.server_work, optimizer=s["optimizer"],
+                                end=s["tail_cut"] or None)
         part.stream = self.server_stream  # dropout masks from the strategy's own stream
         if model is None and s["carry_momentum"]:
             part.load_momentum(self.server_momentum)
@@ -195,7 +201,7 @@ class SplitStrategy(Strategy):
 
     def server_contributions(self) -> list[Contribution]:
         """The shared server part's blocks, each weighted by the samples that went through it."""
-        return shared_part_contributions(self.model, self.server.entry, self.train_stats().per_cut_samples)
+        return shared_part_contributions(self.model, self.server.entry, self.train_stats().per_cut_samples, self.server.end)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Ask sampled nodes for the smashed data of their evaluation sets (``evaluation.py``)."""

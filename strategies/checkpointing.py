@@ -69,7 +69,8 @@ def strategy_config(name: str, model: SplitModel, settings: SplitSettings) -> di
         "input_shape": list(settings.input_shape),
         "num_classes": settings.num_classes,
         "cut_layer": "callable" if callable(cut) else (list(cut) if isinstance(cut, (list, tuple)) else int(cut)),
-        "train": dict(settings.train_settings()),
+        # tail_cut only in a U-shaped run: the checkpoints of other runs stay as they were
+        "train": {k: v for k, v in settings.train_settings().items() if k != "tail_cut" or v},
         "fraction_train": settings.fraction_train,
         "min_train_nodes": settings.min_train_nodes,
         "fraction_evaluate": settings.fraction_evaluate,

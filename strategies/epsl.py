@@ -55,6 +55,8 @@ class EPSL(PSL):
     """
 
     scheme = "epsl"
+    u_shape_refusal = ("EPSL aggregates the clients' gradients at the server's last layer, and in a U-shaped split the "
+                       "last layer, the logits and the loss are on the clients: the server has nothing to aggregate")
 
     def __init__(self, *args, phi: float = 0.5, positions: str = "first", mechanism: str = "gradient-weighted",
                  scaling: str = "sum", **kwargs) -> None:

@@ -69,4 +69,5 @@ class PSL(SplitStrategy):
 
     def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
         self.server = self.new_server_part()
-        return Lockstep(lambda batches: StepGrads(self.server.step_union(batches))).run(self.round, requests)
+        return Lockstep(lambda batches: StepGrads(self.server.step_union(batches)), server=self.server).run(self.round,
+                                                                                                       requests)

@@ -233,6 +233,27 @@ def checked_cut(model: SplitModel, value, what: str) -> int:
     return model.check_cut(int(value))
 
 
+def check_u_shape(scheme: type, model: SplitModel, settings: SplitSettings) -> None:
+    """A U-shaped split (``tail_cut > 0``) checked against the scheme, the model and the fixed
+    cuts: ``ValueError`` saying what does not fit (a function's cuts are checked each round,
+    by ``SplitConfig``)."""
+    tail = settings.tail_cut
+    if not tail:
+        return
+    if scheme.u_shape_refusal:
+        raise ValueError(f"{scheme.__name__} cannot run a U-shaped split (tail-cut {tail}): {scheme.u_shape_refusal}")
+    checked_cut(model, tail, "tail_cut")
+    spec = settings.cut_layer
+    if not callable(spec):
+        for value in spec if isinstance(spec, (list, tuple)) else [spec]:
+            if checked_cut(model, value, "cut_layer") >= tail:
+                raise ValueError(f"cut_layer {value!r} must lie before tail_cut {tail}: the server runs the blocks between")
+    if settings.fraction_evaluate > 0:
+        raise ValueError("fraction-evaluate > 0: federated evaluation of a U-shaped split is not supported (the "
+                         "server would need the labels, or a second exchange per batch); the ServerApp's centralized "
+                         "evaluation on its own test set works")
+
+
 def assign_cuts(model: SplitModel, spec: CutAssignment, server_round: int, nodes: list[int]) -> dict[int, int]:
     """Cut per node for a round (checked against the model)."""
     if callable(spec):

@@ -24,6 +24,9 @@ class SFLGA(SplitStrategy):
     """
 
     scheme = "sflga"
+    u_shape_refusal = ("SFL-GA broadcasts the position-wise average of the cut-layer gradients; in a U-shaped split "
+                       "those come back from the server part after the clients' tails, and that average is not built "
+                       "yet (use psl)")
     schedule = Lockstep
 
     def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:

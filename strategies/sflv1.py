@@ -44,7 +44,8 @@ class SFLV1(SplitStrategy):
             if node_id not in self.finished:
                 continue
             cut = self.cuts[node_id]
-            state = {k: v for k, v in part.model.blocks.state_dict().items() if block_of(k) >= cut}
+            end = part.end or part.model.num_blocks  # a U-shaped split's tail is in the client part
+            state = {k: v for k, v in part.model.blocks.state_dict().items() if cut <= block_of(k) < end}
             out.append((state, part.stats.samples))
         return out
 

@@ -173,9 +173,17 @@ class SplitModel:
         make = torch.randn if random else torch.zeros
         return make(batch_size, *input_shape, dtype=dtype, device=device)
 
-    def client_part(self, cut: int) -> nn.Sequential:
-        """Blocks ``[0, cut)`` (shares parameters with ``blocks``)."""
-        return self.blocks[: self.check_cut(cut)]
+    def client_part(self, cut: int, tail_cut: int = 0) -> nn.Sequential:
+        """Blocks ``[0, cut)`` (shares parameters with ``blocks``); in a U-shaped split
+        (``tail_cut > 0``) also blocks ``[tail_cut, L)``, each under its own index, so the part's
+        state-dict keys are the model's. (Run the two pieces apart: ``part[:cut]`` and
+        ``part[cut:]``; the part as one module would run them back to back.)"""
+        if not tail_cut:
+            return self.blocks[: self.check_cut(cut)]
+        if not self.check_cut(cut) < self.check_cut(tail_cut):
+            raise ValueError(f"tail cut {tail_cut} must lie after the cut {cut}")
+        keep = [*range(cut), *range(tail_cut, self.num_blocks)]
+        return nn.Sequential(OrderedDict((str(i), self.blocks[i]) for i in keep))
 
     def server_part(self, cut: int) -> nn.Sequential:
         """Blocks ``[cut, L)`` (shares parameters with ``blocks``)."""

@@ -39,7 +39,7 @@ MODEL_SEED = 0
 # The records each kind of request may hold (ArrayRecords, ConfigRecords); nothing else. A
 # train request may also hold one registered plane's session offer (``_request_records``).
 _REQUEST_RECORDS = {
-    "train": ({p.CLIENT_PART, p.GRAD, p.BCAST}, {p.CONFIG, p.BCAST_CONFIG}),
+    "train": ({p.CLIENT_PART, p.GRAD, p.BCAST, p.ACTS}, {p.CONFIG, p.BCAST_CONFIG}),
     "upload": (set(), {p.CONFIG}),
     "evaluate": ({p.CLIENT_PART}, {p.CONFIG}),
 }
@@ -144,11 +144,15 @@ class SplitClient:
         with rng.seeded(MODEL_SEED):
             return split_model_of(self.model_fn(), self._example_input())
 
-    def _client_part(self, cut: int) -> nn.Sequential:
+    def _client_part(self, cut: int, tail_cut: int = 0) -> nn.Sequential:
         cache = self._scratch.__dict__.setdefault("parts", {})
-        if cut not in cache:
-            cache[cut] = self._build_model().client_part(cut)
-        return cache[cut]
+        if (cut, tail_cut) not in cache:
+            model = self._build_model()
+            if tail_cut >= model.num_blocks:
+                raise p.ProtocolError(f"tail-cut {tail_cut} is outside the model: the client's tail needs at least "
+                                      f"its last block (tail cuts up to {model.num_blocks - 1})")
+            cache[(cut, tail_cut)] = model.client_part(cut, tail_cut)
+        return cache[(cut, tail_cut)]
 
     def check_data(self, context: Context) -> None:
         """Raise ``ValueError`` if this client's data does not fit the model (checked once;
@@ -198,7 +202,7 @@ class SplitClient:
         arrays, configs = _request_records(kind, offers=kind == "train")
         check_records(content, arrays, set(), configs, {p.CONFIG}, f"{kind} request")
         cfg = p.SplitConfig.from_record(content.config_records[p.CONFIG])
-        return cfg, self._client_part(cfg.cut)
+        return cfg, self._client_part(cfg.cut, cfg.tail_cut)
 
     def _start_weights(self, content: RecordDict, part: nn.Module) -> dict[str, torch.Tensor]:
         """The request's client part, checked against the module: exactly its keys, shapes and
@@ -292,6 +296,8 @@ class SplitClient:
         """Apply a request's gradients (or skip the pending batches) and build the reply: the
         next batches' smashed data, or the trained client part at the round's end."""
         cfg = trainer.cfg
+        if p.ACTS in content.array_records:  # a U-shaped step's second exchange: the tail and the loss
+            return self._tail_reply(trainer, content)
         if p.GRAD in content.array_records or p.BCAST in content.array_records:
             grads = p.assemble_grads(
                 content.array_records.get(p.GRAD),
@@ -317,6 +323,22 @@ class SplitClient:
             reply[p.SMASHED] = p.encode_batches(batches, get_codec(cfg.codec_up))
             reply[p.STATUS] = ConfigRecord({"done": False, "position": position, "remaining": cursor.round_end - position})
         return reply
+
+    @staticmethod
+    def _tail_reply(trainer: ClientTrainer, content: RecordDict) -> RecordDict:
+        """Run a U-shaped split's tail on the server part's output: the gradient at the tail's
+        input and the batch's loss go back; the labels stay here."""
+        if p.GRAD in content.array_records or p.BCAST in content.array_records or p.CLIENT_PART in content.array_records:
+            raise p.ProtocolError(f"a request with '{p.ACTS}' carries nothing else: it is a step's second exchange")
+        cfg = trainer.cfg
+        acts = p.decode_tensors(content.array_records[p.ACTS], "a", get_codec(cfg.codec_down), module_dtype(trainer.part),
+                                p.ACTS)
+        position = trainer.cursor.pending[0] if trainer.cursor.pending else trainer.cursor.position
+        grads, stats = trainer.tail_step(acts)
+        loss = MetricRecord({f"{key}.{i}": value for i, (total, right) in enumerate(stats)
+                             for key, value in (("loss-sum", total), ("correct", right))})
+        return RecordDict({p.TAIL_GRAD: p.encode_tensors(grads, "t", get_codec(cfg.codec_up)), p.LOSS: loss,
+                           p.STATUS: ConfigRecord({"done": False, "position": position})})
 
     @staticmethod
     def _save(trainer: ClientTrainer, context: Context) -> None:

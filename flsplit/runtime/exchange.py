@@ -116,6 +116,23 @@ class RoundExchange:
             content[p.BCAST_CONFIG] = broadcast_config
         return content
 
+    def acts_request(self, node_id: int, acts: list[torch.Tensor]) -> RecordDict:
+        """A U-shaped step's second request: the server part's output for the node's tail."""
+        return RecordDict({p.CONFIG: self.configs[node_id], p.ACTS: p.encode_tensors(acts, "a", self.codec_down)})
+
+    def admit_tail(self, node_id: int, reply: Reply,
+                   acts: list[torch.Tensor]) -> Optional[tuple[list[torch.Tensor], list[tuple[float, float]]]]:
+        """A U-shaped step's tail reply through the gate (its gradients and reported losses), or
+        ``None``: dropped or refused, and the node sits out the rest of the round."""
+        if reply.error is not None:
+            self.reject(node_id, f"node dropped for this round: {reply.error}")
+            return None
+        try:
+            return self.gate.tail(reply.content, acts)
+        except p.ProtocolError as err:
+            self.sit_out(node_id, str(err))
+            return None
+
     def admit(self, node_id: int, reply: Reply) -> Optional[Admitted]:
         """A train reply through the gate: its checked smashed batches, or ``final`` for the
         reply that ends the node's round; ``None`` if it was refused, and the node then sits
@@ -129,7 +146,7 @@ class RoundExchange:
         except p.ProtocolError as err:
             self.sit_out(node_id, str(err))
             return None
-        self.rows[node_id] = self.rows.get(node_id, 0) + sum(int(b.y.shape[0]) for b in batches)
+        self.rows[node_id] = self.rows.get(node_id, 0) + sum(b.rows for b in batches)
         return Admitted(final=False, batches=batches)
 
     def admit_upload(self, node_id: int, reply: Reply, max_batches: Optional[int]) -> Optional[list[p.SmashedBatch]]:

@@ -65,6 +65,8 @@ class PerNode(Schedule):
         self.server_for = server_for
 
     def run(self, ex: RoundExchange, requests: dict[int, RecordDict]) -> list[Reply]:
+        if ex.gate.tail_cut:
+            return self._run_u_shaped(ex, requests)
         dp, group, done = ex.data_plane, str(ex.server_round), []
         for node_id, content in requests.items():
             dp.push(node_id, content, p.TRAIN_STEP, group)
@@ -85,6 +87,59 @@ class PerNode(Schedule):
                 grads = self.server_for(node).step_each([(ex.cuts[node], b) for b in batches])
                 ex.server_steps += len(batches)
                 dp.push(node, ex.request(node, grads), p.TRAIN_STEP, group)
+        return done
+
+    def _run_u_shaped(self, ex: RoundExchange, requests: dict[int, RecordDict]) -> list[Reply]:
+        """A U-shaped round: a step is two exchanges (the smashed batch up, the server part's
+        output down; the tail's gradient up, the head's gradient down with the next request).
+        A server part holds one step in flight: another node's batch for it waits its turn
+        (arrival order), so every step runs on the weights the previous one left."""
+        dp, group, done = ex.data_plane, str(ex.server_round), []
+        in_flight: dict[int, tuple[ServerPart, list[torch.Tensor]]] = {}  # node -> (its part, outputs sent)
+        waiting: dict[int, list[tuple[int, list[p.SmashedBatch]]]] = {}  # id(part) -> queued (node, batches)
+
+        def begin(node: int, part: ServerPart, batches: list[p.SmashedBatch]) -> None:
+            acts = part.forward_middle([(ex.cuts[node], b) for b in batches])
+            in_flight[node] = (part, acts)
+            dp.push(node, ex.acts_request(node, acts), p.TRAIN_STEP, group)
+
+        def release(part: ServerPart) -> None:  # the part's step is over: the next queued batch may start
+            queue = waiting.get(id(part))
+            if queue:
+                node, batches = queue.pop(0)
+                begin(node, part, batches)
+
+        for node_id, content in requests.items():
+            dp.push(node_id, content, p.TRAIN_STEP, group)
+        while dp.in_flight:
+            for reply in dp.pull():
+                node = reply.node_id
+                if node in in_flight:  # the tail's reply
+                    part, acts = in_flight.pop(node)
+                    admitted_tail = ex.admit_tail(node, reply, acts)
+                    if admitted_tail is None:
+                        part.abandon_middle()
+                    else:
+                        head = part.backward_middle(*admitted_tail)
+                        ex.server_steps += 1
+                        dp.push(node, ex.request(node, head), p.TRAIN_STEP, group)
+                    release(part)
+                    continue
+                if reply.error is not None:
+                    ex.reject(node, f"node dropped for this round: {reply.error}")
+                    continue
+                admitted = ex.admit(node, reply)
+                if admitted is None:
+                    continue
+                if admitted.final:
+                    done.append(reply)
+                    continue
+                ex.track_progress(node, reply, len(admitted.batches))
+                part = self.server_for(node)
+                if any(busy is part for busy, _ in in_flight.values()):
+                    waiting.setdefault(id(part), []).append((node, admitted.batches))
+                else:
+                    begin(node, part, admitted.batches)
         return done
 
 
@@ -149,11 +204,16 @@ class Lockstep(Schedule):
     ----------
     step : callable
         ``step([(cut, batch), ...]) -> StepGrads``: the server-step rule.
+    server : ServerPart, optional
+        The server part a U-shaped round steps over the union of the batches (PSL's
+        ``step_union`` with the loss on the clients: ``forward_middle``, ``backward_middle``).
     """
 
 
-    def __init__(self, step: Callable[[list[tuple[int, p.SmashedBatch]]], StepGrads]) -> None:
+    def __init__(self, step: Callable[[list[tuple[int, p.SmashedBatch]]], StepGrads],
+                 server: Optional[ServerPart] = None) -> None:
         self.step = step
+        self.server = server
 
     def run(self, ex: RoundExchange, requests: dict[int, RecordDict]) -> list[Reply]:
         dp, group, done = ex.data_plane, str(ex.server_round), []
@@ -171,6 +231,9 @@ class Lockstep(Schedule):
                 else:
                     received[node] = admitted.batches
                     ex.track_progress(node, reply, len(admitted.batches))
+            if ex.gate.tail_cut:
+                requests = self._u_shaped_step(ex, received)
+                continue
             outgoing = {n: _Outgoing() for n in received}
             for k in range(max((len(b) for b in received.values()), default=0)):
                 nodes = [n for n in received if k < len(received[n])]
@@ -185,6 +248,23 @@ class Lockstep(Schedule):
             for n, out in outgoing.items():
                 requests[n] = ex.request(n, out.unicast, out.broadcast, out.broadcast_config)
         return done
+
+    def _u_shaped_step(self, ex: RoundExchange, received: dict[int, list[p.SmashedBatch]]) -> dict[int, RecordDict]:
+        """A U-shaped lockstep step: one forward over the union of the batches, every node's
+        tail in one exchange, one backward; the next requests (with the head gradients)."""
+        if not received:
+            return {}
+        if self.server is None:
+            raise ValueError("a U-shaped lockstep round needs the server part (Lockstep(..., server=...))")
+        nodes = sorted(received)
+        acts = self.server.forward_middle([(ex.cuts[n], received[n][0]) for n in nodes])  # one batch per exchange
+        replies = ex.data_plane.exchange({n: ex.acts_request(n, [a]) for n, a in zip(nodes, acts)}, p.TRAIN_STEP,
+                                         str(ex.server_round))
+        tails = [ex.admit_tail(n, replies[n], [a]) for n, a in zip(nodes, acts)]
+        heads = self.server.backward_middle([t[0][0] if t else None for t in tails],
+                                            [t[1][0] if t else (0.0, 0.0) for t in tails], union=True)
+        ex.server_steps += 1
+        return {n: ex.request(n, [h]) for n, h in zip(nodes, heads) if h is not None}
 
 
 class UploadOnly(Schedule):

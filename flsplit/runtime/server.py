@@ -79,6 +79,13 @@ class StepStats:
         self.samples += int(y.shape[0])
         self.per_cut_samples[cut] = self.per_cut_samples.get(cut, 0) + int(y.shape[0])
 
+    def add_reported(self, loss_sum: float, correct: float, rows: int, cut: int) -> None:
+        """A U-shaped split's batch, whose loss the client computed and reported."""
+        self.loss_sum += loss_sum
+        self.correct += correct
+        self.samples += rows
+        self.per_cut_samples[cut] = self.per_cut_samples.get(cut, 0) + rows
+
     @classmethod
     def merged(cls, parts: "Iterable[StepStats]") -> "StepStats":
         """The statistics of several trainers (server copies, clients) pooled."""
@@ -166,7 +173,8 @@ def resolve_device(spec: str | torch.device) -> torch.device:
 
 
 class ServerPart:
-    """Blocks ``[entry, L)`` of a split model with their optimizer.
+    """Blocks ``[entry, L)`` of a split model with their optimizer (``[entry, end)`` in a
+    U-shaped split, whose later blocks and loss are the client's).
 
     Parameters
     ----------
@@ -175,6 +183,9 @@ class ServerPart:
         ``entry`` are never touched here).
     entry : int
         Shallowest cut served: clients with cut ``c >= entry`` enter at block ``c``.
+    end : int, optional
+        A U-shaped split's tail cut: the part runs blocks up to it and hands its output to the
+        client (``forward_middle``, ``backward_middle``); ``None``: to the last block and the loss.
     work : ServerWork, optional
         Where the rows this part runs are counted (shared by a round's server copies).
     learning_rate, momentum, weight_decay : float
@@ -193,14 +204,19 @@ class ServerPart:
         weight_decay: float = 0.0,
         work: Optional[ServerWork] = None,
         optimizer: str = "sgd",
+        end: Optional[int] = None,
     ) -> None:
         self.model = model
         self.work = work if work is not None else ServerWork()
         self.entry = model.check_cut(entry)
+        self.end = model.check_cut(end) if end else None
+        if self.end is not None and self.end <= self.entry:
+            raise ValueError(f"a U-shaped server part needs its end {end} after its entry {entry}")
         self.loss_fn = loss_sum  # summed over the samples (flsplit.model.loss: classes or sequences)
-        self.optimizer = build_optimizer(model.blocks[entry:].parameters(), optimizer, learning_rate, momentum,
+        self.optimizer = build_optimizer(model.blocks[entry : self.end].parameters(), optimizer, learning_rate, momentum,
                                          weight_decay)
         self.stats = StepStats()
+        self._middle: Optional[tuple[list[tuple[int, int]], list[torch.Tensor], list[torch.Tensor]]] = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -212,11 +228,12 @@ class ServerPart:
 
     def _on_device(self, batches: list[tuple[int, SmashedBatch]]) -> list[tuple[int, SmashedBatch]]:
         device = self.device  # .to() of a tensor already there is the tensor itself: no copy on the CPU
-        return [(cut, SmashedBatch(b.x.to(device), b.y.to(device))) for cut, b in batches]
+        return [(cut, SmashedBatch(b.x.to(device), None if b.y is None else b.y.to(device))) for cut, b in batches]
 
     def _named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        end = self.end or self.model.num_blocks
         return {name: param for name, param in self.model.blocks.named_parameters()
-                if int(name.split(".", 1)[0]) >= self.entry}
+                if self.entry <= int(name.split(".", 1)[0]) < end}
 
     def momentum_state(self) -> dict[str, torch.Tensor]:
         """The optimizer's state by parameter name (SGD's momentum buffers, AdamW's moments
@@ -232,7 +249,57 @@ class ServerPart:
         if cut < self.entry:
             raise ValueError(f"cut {cut} is shallower than this server part's entry {self.entry}")
         with rng.shared():  # dropout masks not interleaved with a client thread's (flsplit.model.rng)
-            return self.model.blocks[cut:](x)
+            return self.model.blocks[cut : self.end](x)
+
+    # ------------------------------------------------------------------ U-shaped splits
+    def forward_middle(self, batches: list[tuple[int, SmashedBatch]]) -> list[torch.Tensor]:
+        """A U-shaped step's first half: this part's output for each ``(cut, batch)`` (one
+        forward over the batches of each cut, as ``step_union``), kept with its graph until
+        ``backward_middle``; the outputs returned are detached, on the CPU."""
+        if self.end is None:
+            raise ValueError("forward_middle is a U-shaped split's: this server part runs to the loss")
+        if self._middle is not None:
+            raise RuntimeError("a U-shaped step is already in flight on this server part")
+        on_device = self._on_device(batches)
+        self.model.blocks.train()
+        xs = [b.x.detach().requires_grad_(True) for _, b in on_device]
+        outs: list[Optional[torch.Tensor]] = [None] * len(batches)
+        for cut in sorted({c for c, _ in batches}):
+            idx = [i for i, (c, _) in enumerate(batches) if c == cut]
+            out = self._forward(cut, torch.cat([xs[i] for i in idx]))
+            for i, chunk in zip(idx, out.split([xs[i].shape[0] for i in idx])):
+                outs[i] = chunk
+        self._middle = ([(c, b.rows) for c, b in batches], xs, outs)
+        return [o.detach().cpu() for o in outs]
+
+    def backward_middle(self, tail_grads: list[torch.Tensor], reported: list[tuple[float, float]],
+                        union: bool = False) -> list[torch.Tensor]:
+        """A U-shaped step's second half: back-propagate the clients' gradients at this part's
+        output (each of its client's mean loss), step, and return each batch's cut-layer
+        gradient (of its client's mean loss). With ``union`` (PSL) the step is one over the
+        union of the batches: the loss is the mean over all their samples, as in ``step_union``.
+        A ``None`` gradient is a client that dropped between the step's two exchanges: the step
+        is the one over the other batches, and its entry in the result is ``None``."""
+        if self._middle is None:
+            raise RuntimeError("backward_middle without a forward_middle in flight")
+        (cuts_rows, xs, outs), self._middle = self._middle, None
+        kept = [i for i, g in enumerate(tail_grads) if g is not None]  # None: that client dropped mid-step
+        if not kept:
+            return [None] * len(tail_grads)
+        total = sum(cuts_rows[i][1] for i in kept)
+        shares = {i: cuts_rows[i][1] / total if union else 1.0 for i in kept}
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward([outs[i] for i in kept], [tail_grads[i].to(outs[i].device) * shares[i] for i in kept])
+        self.optimizer.step()
+        for i in kept:
+            (cut, rows), (loss, right) = cuts_rows[i], reported[i]
+            self.stats.add_reported(loss, right, rows, cut)
+            self.work.add(cut, rows, rows)
+        return [(xs[i].grad / shares[i]).cpu() if i in shares else None for i in range(len(xs))]
+
+    def abandon_middle(self) -> None:
+        """Forget a U-shaped step in flight (its client dropped): nothing is stepped."""
+        self._middle = None
 
     def step_each(self, batches: list[tuple[int, SmashedBatch]], input_grad: bool = True) -> list[torch.Tensor]:
         """Train on each ``(cut, batch)`` in turn; return each batch's smashed-data gradient

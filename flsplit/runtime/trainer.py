@@ -15,6 +15,11 @@ that keeps the trainer alive for a whole round can pass ``keep_graph=True`` to
 ``next_batches`` (one batch per exchange), and ``apply_gradients`` back-propagates through the
 kept graph instead of recomputing.
 
+In a U-shaped split (``cfg.tail_cut > 0``) the part holds the head blocks and the tail blocks
+(``SplitModel.client_part(cut, tail_cut)``); ``next_batches`` sends the head's output without
+labels, and ``tail_step`` runs the tail and the loss on the server part's output, steps the
+tail and returns the gradient at its input. The head's gradient then comes as in any scheme.
+
 Batch order is reproducible from the seed: local data is a stream of epochs, epoch ``e``
 being a permutation of the local samples drawn from ``SeedSequence([seed, salt, e])``;
 batch ``j`` of epoch ``e`` is at stream *position* ``e * batches_per_epoch + j``.
@@ -31,9 +36,10 @@ import torch
 from torch import nn
 
 from flsplit.model import rng
+from flsplit.model.loss import correct, loss_sum
 from flsplit.data.datasets import TensorData
 from flsplit.runtime.optim import build_optimizer, load_state_tensors, state_fits, state_tensors
-from flsplit.wire.protocol import ProtocolError, SmashedBatch, SplitConfig, check_tensor
+from flsplit.wire.protocol import ACTS as p_acts, ProtocolError, SmashedBatch, SplitConfig, check_tensor
 
 __all__ = ["Cursor", "ClientTrainer", "round_steps", "module_dtype", "model_input"]
 
@@ -41,6 +47,9 @@ __all__ = ["Cursor", "ClientTrainer", "round_steps", "module_dtype", "model_inpu
 def _seed(*entropy: int) -> int:
     """A 32-bit seed derived from integers (numpy's ``SeedSequence``)."""
     return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
+
+
+_TAIL = 1  # tells a U-shaped split's tail dropout apart from its head's
 
 
 @lru_cache(maxsize=64)
@@ -119,6 +128,9 @@ class ClientTrainer:
                  weights: Mapping[str, torch.Tensor], cursor: Cursor,
                  momentum: Optional[Mapping[str, torch.Tensor]] = None) -> None:
         self.part, self.data, self.cfg, self.salt, self.cursor = part, data, cfg, salt, cursor
+        # The head runs to the cut; a U-shaped split's tail (the part's later blocks) holds the loss.
+        self.head = part[: cfg.cut] if cfg.tail_cut else part
+        self.tail: Optional[nn.Module] = part[cfg.cut :] if cfg.tail_cut else None
         try:
             part.load_state_dict(dict(weights))
         except RuntimeError as err:
@@ -163,7 +175,7 @@ class ClientTrainer:
         position so that a recompute is identical."""
         x, _ = self.batch(position)
         with rng.seeded(_seed(self.cfg.seed, self.salt, position)):
-            return self.part(model_input(x, self.part))
+            return self.head(model_input(x, self.part))
 
     @property
     def done(self) -> bool:
@@ -211,7 +223,7 @@ class ClientTrainer:
         # updates them once, in the same order, whether the graph is kept or not.
         buffers = None if keep_graph else [b.clone() for b in self.part.buffers()]
         for pos in c.pending:
-            _, y = self.batch(pos)
+            y = None if self.tail is not None else self.batch(pos)[1]  # a U-shaped split keeps its labels
             if keep_graph:
                 out = self.forward(pos)
                 self._graphs[pos] = out
@@ -226,6 +238,41 @@ class ClientTrainer:
         if c.pending:
             c.position = c.pending[-1] + 1
         return batches
+
+    def tail_step(self, acts: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple[float, float]]]:
+        """A U-shaped split's tail: run the tail blocks and the loss on the server part's output
+        for each pending batch, step the tail, and return the gradients at the tail's input
+        (of each batch's mean loss) with each batch's loss sum and samples predicted right.
+
+        Raises ``ProtocolError`` before any step if the activations do not fit the pending
+        batches (their number, rows, dtype, finite values, or the tail's input)."""
+        if self.tail is None:
+            raise ProtocolError(f"'{p_acts}' in a split that is not U-shaped")
+        pending = self.cursor.pending
+        if len(acts) != len(pending):
+            raise ProtocolError(f"got {len(acts)} server outputs for {len(pending)} pending batches")
+        dtype = module_dtype(self.part)
+        for i, (position, a) in enumerate(zip(pending, acts)):
+            rows = int(self.batch(position)[1].shape[0])
+            check_tensor(f"'{p_acts}' a.{i}", a, (rows, *a.shape[1:]), dtype)
+        grads, stats = [], []
+        for position, a in zip(pending, acts):
+            _, y = self.batch(position)
+            a = a.detach().requires_grad_(True)
+            with rng.seeded(_seed(self.cfg.seed, self.salt, position, _TAIL)):
+                try:
+                    logits = self.tail(a)
+                    total = loss_sum(logits, y)
+                except RuntimeError as err:  # a shape the tail cannot take
+                    raise ProtocolError(f"'{p_acts}': the server part's output does not fit the tail: {err}") from None
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+            (total / y.shape[0]).backward()
+            if self.optimizer is not None:
+                self.optimizer.step()  # only the tail has gradients here: the head's come with the next request
+            grads.append(a.grad)
+            stats.append((float(total.detach()), correct(logits.detach(), y)))
+        return grads, stats
 
     def window(self, steps: int) -> list[SmashedBatch]:
         """Smashed data of the next ``steps`` batches with the frozen part (async SL's state B)."""

@@ -13,6 +13,10 @@ each kind of reply a client may send:
     the blocks before the node's cut, each with the global model's shape and dtype and
     finite values, and ``split.metrics`` whose ``num-examples`` is exactly the number of
     samples the server trained on for that node this round.
+``tail``
+    a U-shaped split's second reply of a step: ``split.tailgrad`` (one gradient per
+    activation the server sent, of its shape and dtype, finite) and ``split.loss`` (each
+    batch's loss sum, finite and >= 0, and samples predicted right, between 0 and its rows).
 ``upload``
     async SL's one-way window (state B): smashed data and its ``num-examples``.
 ``evaluation``
@@ -104,9 +108,9 @@ def _check_int(what: str, value: object, low: int = 0) -> int:
     return value
 
 
-def _check_status(content: RecordDict, done: bool, what: str) -> None:
+def _check_status(content: RecordDict, done: bool, what: str, remaining: bool = True) -> None:
     status = content.config_records[p.STATUS]
-    keys = {"done", "position"} | (set() if done else {"remaining"})
+    keys = {"done", "position"} | (set() if done or not remaining else {"remaining"})
     for key in status:
         if key not in keys:
             raise p.ProtocolError(f"{what}: '{p.STATUS}' has unexpected key '{key}' (allowed: {sorted(keys)})")
@@ -164,6 +168,9 @@ class ReplyGate:
         Labels must lie in ``[0, num_classes)``.
     label_shape : tuple of int
         Shape of one sample's labels: ``()`` (a class), ``(T,)`` (a language model's next tokens).
+    tail_cut : int
+        A U-shaped split's tail cut (``0``: none): smashed data then comes without labels, and a
+        client part holds the blocks from it on too.
     batch_size, steps_per_exchange : int
         At most ``steps_per_exchange`` batches per step reply, ``batch_size`` rows each.
     codec : Codec
@@ -172,23 +179,26 @@ class ReplyGate:
 
     def __init__(self, model_state: Mapping[str, torch.Tensor], block_of, shapes: list[tuple[int, ...]],
                  dtype: torch.dtype, num_classes: int, batch_size: int, steps_per_exchange: int, codec: Codec,
-                 label_shape: tuple[int, ...] = ()) -> None:
+                 label_shape: tuple[int, ...] = (), tail_cut: int = 0) -> None:
         # shapes and dtypes only: meta tensors hold no memory, whatever device the model is on
         self.model_state = {k: torch.empty_like(v, device="meta") for k, v in model_state.items()}
         self.block_of = block_of
         self.shapes, self.dtype, self.num_classes = shapes, dtype, num_classes
         self.batch_size, self.steps_per_exchange, self.codec = batch_size, steps_per_exchange, codec
         self.label_shape = tuple(label_shape)
+        self.tail_cut = tail_cut
 
     # ------------------------------------------------------------------ pieces
     def part_spec(self, cut: int) -> dict[str, torch.Tensor]:
         """The keys (with reference tensors) a client part at ``cut`` holds."""
-        return {k: v for k, v in self.model_state.items() if self.block_of(k) < cut}
+        return {k: v for k, v in self.model_state.items()
+                if self.block_of(k) < cut or 0 < self.tail_cut <= self.block_of(k)}
 
     def smashed_cap(self, cut: int, batches: int) -> int:
         """Most bytes ``batches`` full batches of smashed data and labels take on the wire."""
         values = math.prod(self.shapes[cut - 1]) * self.codec.bytes_per_element(self.dtype)
-        return batches * (self.batch_size * (values + 8 * math.prod(self.label_shape)) + 3 * _ARRAY_SLACK)
+        labels = 0 if self.tail_cut else 8 * math.prod(self.label_shape)  # int64 labels, none in a U-shape
+        return batches * (self.batch_size * (values + labels) + 3 * _ARRAY_SLACK)
 
     def smashed(self, record: ArrayRecord, cut: int, max_batches: Optional[int], what: str) -> list[p.SmashedBatch]:
         """Decode and check smashed batches: exact keys ``x.i``/``y.i`` (and ``x.i.scale``
@@ -202,7 +212,7 @@ class ReplyGate:
         if count > len(indices):  # a gap in the batch numbers
             gap = min(set(range(len(indices) + 1)) - indices)
             raise p.ProtocolError(f"{what}: '{p.SMASHED}' is missing key 'x.{gap}'")
-        expected = {f"{c}.{i}" for i in range(count) for c in "xy"}
+        expected = {f"{c}.{i}" for i in range(count) for c in ("x" if self.tail_cut else "xy")}
         if self.codec.scaled:
             expected |= {f"x.{i}.scale" for i in range(count)}
         if missing := sorted(expected - keys, key=lambda k: (k[0] != "x", k)):
@@ -216,7 +226,8 @@ class ReplyGate:
         if count and (size := _array_bytes(record)) > (cap := self.smashed_cap(cut, count)):
             raise p.ProtocolError(f"{what}: '{p.SMASHED}' is {size} bytes, more than the {cap} that {count} "
                                   f"batch(es) of {self.batch_size} rows take")
-        batches = p.decode_smashed(record, self.shapes[cut - 1], self.dtype, self.num_classes, self.codec, self.label_shape)
+        batches = p.decode_smashed(record, self.shapes[cut - 1], self.dtype, self.num_classes, self.codec, self.label_shape,
+                                   labels=not self.tail_cut)
         for i, b in enumerate(batches):  # the payload's own rows (an array's header may say otherwise)
             if b.x.shape[0] > self.batch_size:
                 raise p.ProtocolError(f"{what}: batch {i} has {b.x.shape[0]} rows, more than batch-size {self.batch_size}")
@@ -260,6 +271,40 @@ class ReplyGate:
                                   "of this node's samples this round")
         check_state(content.array_records[p.CLIENT_PART], self.part_spec(cut), f"'{p.CLIENT_PART}'")
         return n
+
+    def tail(self, content: Optional[RecordDict], acts: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple[float, float]]]:
+        """A U-shaped split's tail reply to the activations ``acts`` the server sent: the
+        checked gradients (one per activation, its shape, the server's dtype, finite) and each
+        batch's loss sum and samples predicted right."""
+        what = "tail reply"
+        check_records(content, {p.TAIL_GRAD}, {p.LOSS}, {p.STATUS}, {p.TAIL_GRAD, p.LOSS, p.STATUS}, what)
+        _check_status(content, False, what, remaining=False)
+        if content.config_records[p.STATUS].get("done") is not False:
+            raise p.ProtocolError(f"{what}: '{p.STATUS}' done must be false: a step's second exchange ends no round")
+        record = content.array_records[p.TAIL_GRAD]
+        codec_up = self.codec
+        expected = {f"t.{i}" for i in range(len(acts))} | ({f"t.{i}.scale" for i in range(len(acts))} if codec_up.scaled else set())
+        if keys := sorted(set(record.keys()) ^ expected):
+            raise p.ProtocolError(f"{what}: '{p.TAIL_GRAD}' key '{keys[0]}' is "
+                                  f"{'unexpected' if keys[0] in record else 'missing'} ({len(acts)} gradient(s) expected)")
+        cap = sum(a.numel() * codec_up.bytes_per_element(self.dtype) + 2 * _ARRAY_SLACK for a in acts)
+        if (size := _array_bytes(record)) > cap:
+            raise p.ProtocolError(f"{what}: '{p.TAIL_GRAD}' is {size} bytes, more than the {cap} its gradients take")
+        grads = p.decode_tensors(record, "t", codec_up, self.dtype, p.TAIL_GRAD)
+        for i, (g, a) in enumerate(zip(grads, acts)):
+            p.check_tensor(f"{p.TAIL_GRAD} t.{i}", g, tuple(a.shape), self.dtype)
+        loss = content.metric_records[p.LOSS]
+        names = {f"{key}.{i}" for i in range(len(acts)) for key in ("loss-sum", "correct")}
+        if keys := sorted(set(loss.keys()) ^ names):
+            raise p.ProtocolError(f"{what}: '{p.LOSS}' key '{keys[0]}' is {'unexpected' if keys[0] in loss else 'missing'}")
+        stats = []
+        for i, a in enumerate(acts):
+            total, right = loss[f"loss-sum.{i}"], loss[f"correct.{i}"]
+            for key, value, high in (("loss-sum", total, math.inf), ("correct", right, a.shape[0])):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
+                    raise p.ProtocolError(f"{what}: '{p.LOSS}' {key}.{i} must be a number in [0, {high}], got {value!r}")
+            stats.append((float(total), float(right)))
+        return grads, stats
 
     def upload(self, content: Optional[RecordDict], cut: int, max_batches: Optional[int]) -> list[p.SmashedBatch]:
         """The checked batches of a one-way upload (async SL, state B)."""

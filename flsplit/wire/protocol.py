@@ -14,8 +14,14 @@ Records in a request (server -> client)
                       SFL-GA); counted once per step in the traffic, not once per client
     ``split.bcast.config`` ConfigRecord: ``positions.k`` (rows of batch ``k`` the broadcast
                       fills) and ``scale.k`` (factor this receiver applies to it)
+    ``split.acts``    ArrayRecord: ``a.0``, the server part's output for the pending batch
+                      (U-shaped splits: the second exchange of a step)
 Records in a reply (client -> server)
     ``split.smashed`` ArrayRecord: ``x.i`` smashed data and ``y.i`` labels of batch ``i``
+                      (no labels in a U-shaped split)
+    ``split.tailgrad`` ArrayRecord + ``split.loss`` MetricRecord (U-shaped splits): ``t.0``, the
+                      gradient of the client's mean loss with respect to ``split.acts``'s
+                      ``a.0``, and that batch's ``loss-sum.0`` and ``correct.0``
     ``split.status``  ConfigRecord: ``done`` (bool), ``position`` of the first batch sent,
                       ``remaining`` batches of the round from it (progress reporting)
     ``client.part``   ArrayRecord + ``split.metrics`` MetricRecord ``num-examples``: at round end
@@ -24,11 +30,20 @@ Records in a reply (client -> server)
     ``split.stream.fallback`` ConfigRecord ``reason`` (``FALLBACK``): the request offered a
                       session on another plane, allowed to fail (``flsplit.planes.endpoint``), and
                       the node answers over messages instead, saying why
+
+A U-shaped split (``tail_cut > 0``) keeps the labels, the last blocks and the loss on the
+client, so a step takes two exchanges: (1) the request carries the head gradient of the last
+step (``split.grad``) and the reply the next batch's smashed data, without labels; (2) the
+request carries the server part's output (``split.acts``), the client runs its tail and the
+loss, updates the tail and replies with the gradient at the tail's input (``split.tailgrad``)
+and the batch's loss; the server back-propagates it through its part, and the head gradient
+travels in the next (1). No label or token id leaves the client.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Optional
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
@@ -49,6 +64,8 @@ __all__ = [
     "decode_smashed",
     "encode_grads",
     "decode_grads",
+    "encode_tensors",
+    "decode_tensors",
     "check_tensor",
     "assemble_grads",
 ]
@@ -71,6 +88,9 @@ BCAST_CONFIG = "split.bcast.config"
 # A reply over messages to a request whose session offer could not be taken up (any plane's;
 # the name is the first plane's, the stream's).
 FALLBACK = "split.stream.fallback"
+ACTS = "split.acts"  # U-shaped splits: the server part's output, to the client's tail
+TAIL_GRAD = "split.tailgrad"  # U-shaped splits: the gradient at the tail's input, to the server
+LOSS = "split.loss"  # U-shaped splits: the tail's loss sum and samples predicted right
 
 # The device-profile keys a node reports in ``client.device`` (kebab case -> the field of
 # ``flsplit.sim.scenario.DeviceProfile``; tests/test_endpoint.py keeps the two equal).
@@ -126,6 +146,11 @@ class TrainingSettings:
     optimizer : str
         ``sgd`` (with ``momentum``) or ``adamw`` (torch's AdamW with its default betas and eps;
         ``momentum`` must be 0), on both sides of the cut (``flsplit.runtime.optim``).
+    tail_cut : int
+        ``0``: the server runs every block from the client's cut on and computes the loss. A
+        positive ``tail_cut`` makes the split U-shaped: blocks ``[tail_cut, L)`` and the loss
+        stay on the client with the labels, the server runs ``[cut, tail_cut)`` only, and a
+        step takes two exchanges (see the module docstring). Needs ``steps_per_exchange`` 1.
     """
 
     batch_size: int = 32
@@ -141,6 +166,7 @@ class TrainingSettings:
     codec_up: str = "native"
     codec_down: str = "native"
     optimizer: str = "sgd"
+    tail_cut: int = 0
 
     def __post_init__(self) -> None:
         """Every field checked here, once, with the run-config key in the message."""
@@ -150,8 +176,11 @@ class TrainingSettings:
             raise ValueError(f"momentum applies to optimizer 'sgd' only ({self.optimizer} keeps its own moments), "
                              f"got momentum {self.momentum}")
         for name, low in (("batch_size", 1), ("steps_per_exchange", 1), ("local_epochs", 0), ("max_steps", 0),
-                          ("seed", 0)):
+                          ("seed", 0), ("tail_cut", 0)):
             int_arg(name.replace("_", "-"), getattr(self, name), minimum=low, maximum=2**32 - 1 if name == "seed" else None)
+        if self.tail_cut and self.steps_per_exchange != 1:
+            raise ValueError(f"a U-shaped split (tail-cut {self.tail_cut}) takes one step per exchange: each step's "
+                             f"server forward waits for the client's tail, got steps-per-exchange {self.steps_per_exchange}")
         if self.local_epochs < 1 and self.max_steps < 1:
             raise ValueError("local-epochs must be >= 1 (or max-steps > 0)")
         real_arg("learning-rate", self.learning_rate, low=0.0, low_open=True)
@@ -180,7 +209,8 @@ class SplitConfig(TrainingSettings):
     server_round : int
         Round number (1-based).
     cut : int
-        Cut layer of this client: it runs blocks ``[0, cut)``.
+        Cut layer of this client: it runs blocks ``[0, cut)`` (and ``[tail_cut, L)`` in a
+        U-shaped split).
     """
 
     server_round: int
@@ -190,14 +220,23 @@ class SplitConfig(TrainingSettings):
         for name in ("server_round", "cut"):
             int_arg(name.replace("_", "-"), getattr(self, name), minimum=1)
         super().__post_init__()
+        if self.tail_cut and self.tail_cut <= self.cut:
+            raise ValueError(f"tail-cut {self.tail_cut} must lie after the cut {self.cut}: the server runs the blocks "
+                             "between them")
+
+    def client_holds(self, block: int) -> bool:
+        """Whether block ``block`` is the client's: before its cut, or from the tail cut on."""
+        return block < self.cut or 0 < self.tail_cut <= block
 
     def to_record(self) -> ConfigRecord:
         """Serialize into a ``ConfigRecord`` (the round and the cut first, then the settings;
-        ``optimizer`` only when it is not the default ``sgd``, so an SGD round's record is the
-        one it always was)."""
+        ``optimizer`` only when it is not the default ``sgd`` and ``tail_cut`` only in a U-shaped
+        split, so an SGD round's record is the one it always was)."""
         settings = self.training_settings()
         if settings["optimizer"] == "sgd":
             del settings["optimizer"]
+        if not settings["tail_cut"]:
+            del settings["tail_cut"]
         return ConfigRecord({"server_round": self.server_round, "cut": self.cut, **settings})
 
     @classmethod
@@ -217,18 +256,25 @@ class SplitConfig(TrainingSettings):
 
 @dataclass
 class SmashedBatch:
-    """One batch of smashed data (cut-layer activations) with its labels."""
+    """One batch of smashed data (cut-layer activations) with its labels (``None`` where
+    they stay on the client: a U-shaped split)."""
 
     x: torch.Tensor
-    y: torch.Tensor
+    y: Optional[torch.Tensor]
+
+    @property
+    def rows(self) -> int:
+        return int(self.x.shape[0])
 
 
 def encode_batches(batches: list[SmashedBatch], codec: Codec) -> ArrayRecord:
-    """Pack smashed batches as ``x.i`` (through ``codec``) and int64 labels ``y.i``."""
+    """Pack smashed batches as ``x.i`` (through ``codec``) and int64 labels ``y.i`` (none for a
+    batch whose labels stay on the client: ``y`` is ``None`` in a U-shaped split)."""
     record = ArrayRecord()
     for i, b in enumerate(batches):
         codec.encode_into(record, f"x.{i}", b.x)
-        record[f"y.{i}"] = Array(b.y)
+        if b.y is not None:
+            record[f"y.{i}"] = Array(b.y)
     return record
 
 
@@ -271,13 +317,14 @@ def decode_smashed(
     num_classes: int,
     codec: Codec,
     label_shape: tuple[int, ...] = (),
+    labels: bool = True,
 ) -> list[SmashedBatch]:
     """Decode and check the smashed batches of a reply.
 
     Every ``x.i`` must decode with ``codec`` to ``(b, *sample_shape)`` with finite values
     (returned as ``dtype``), and every ``y.i`` be ``(b, *label_shape)`` int64 labels in
     ``[0, num_classes)`` (``label_shape`` is ``()`` for one class per sample, ``(T,)`` for a
-    language model's next tokens).
+    language model's next tokens). Without ``labels`` (a U-shaped split) there are none.
     """
     count = _count(record, "x.")
     if count == 0:
@@ -286,27 +333,40 @@ def decode_smashed(
     for i in range(count):
         x = _decode(codec, record, f"x.{i}", dtype, SMASHED)
         check_tensor(f"{SMASHED} x.{i}", x, (-1, *sample_shape), dtype)
-        y = _decode(CODECS_NATIVE, record, f"y.{i}", torch.int64, SMASHED)
-        check_tensor(f"{SMASHED} y.{i}", y, (x.shape[0], *label_shape), torch.int64)
         if x.shape[0] == 0:
             raise ProtocolError(f"{SMASHED} x.{i}: empty batch")
+        if not labels:
+            out.append(SmashedBatch(x, None))
+            continue
+        y = _decode(CODECS_NATIVE, record, f"y.{i}", torch.int64, SMASHED)
+        check_tensor(f"{SMASHED} y.{i}", y, (x.shape[0], *label_shape), torch.int64)
         if int(y.min()) < 0 or int(y.max()) >= num_classes:
             raise ProtocolError(f"{SMASHED} y.{i}: labels outside [0, {num_classes})")
         out.append(SmashedBatch(x, y))
     return out
 
 
+def encode_tensors(tensors: list[torch.Tensor], prefix: str, codec: Codec) -> ArrayRecord:
+    """Pack tensors as ``<prefix>.0 .. <prefix>.{n-1}`` through ``codec``."""
+    record = ArrayRecord()
+    for i, t in enumerate(tensors):
+        codec.encode_into(record, f"{prefix}.{i}", t)
+    return record
+
+
+def decode_tensors(record: ArrayRecord, prefix: str, codec: Codec, dtype: torch.dtype, where: str) -> list[torch.Tensor]:
+    """Unpack ``<prefix>.0 .. <prefix>.{n-1}`` as ``dtype`` (shapes are the caller's to check)."""
+    return [_decode(codec, record, f"{prefix}.{i}", dtype, where) for i in range(_count(record, f"{prefix}."))]
+
+
 def encode_grads(grads: list[torch.Tensor], codec: Codec) -> ArrayRecord:
     """Pack cut-layer gradients as ``g.i`` through ``codec``."""
-    record = ArrayRecord()
-    for i, g in enumerate(grads):
-        codec.encode_into(record, f"g.{i}", g)
-    return record
+    return encode_tensors(grads, "g", codec)
 
 
 def decode_grads(record: ArrayRecord, codec: Codec, dtype: torch.dtype) -> list[torch.Tensor]:
     """Unpack ``g.0 .. g.{n-1}`` as ``dtype`` (shapes are checked against the recomputed forward)."""
-    return [_decode(codec, record, f"g.{i}", dtype, GRAD) for i in range(_count(record, "g."))]
+    return decode_tensors(record, "g", codec, dtype, GRAD)
 
 
 def assemble_grads(
