@@ -1,0 +1,212 @@
+"""U-shaped splits (``tail_cut``): the client keeps the last blocks, the labels and the loss.
+
+Exactness: a U-shaped round trains what the unsplit model trains on the same batches (float64,
+to 1e-10; an independent plain-torch reference), and what the same scheme trains with the loss
+on the server, for SL, PSL, SFL-V1 and SFL-V2, on the zoo's CNN and its language model, with
+SGD and AdamW, on the message plane and the stream plane. Privacy: every request and reply
+(and every stream frame) of a U-shaped run is searched for the labels and the token ids of
+every batch, and none is found; the same search finds them in a run that is not U-shaped.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+import pytest
+import torch
+
+from flsplit.data.datasets import TensorData
+from flsplit.planes.inprocess import InProcessGrid
+from flsplit.planes.stream import StreamDataPlane
+from flsplit.runtime.client import SplitClient
+from flsplit.strategies import EPSL, PSL, SFLGA, SFLV1, SFLV2, SL, AsyncSL
+from flsplit.wire import protocol as p
+from tests.helpers import centralized_sgd, client_app_of, max_abs_diff, model_fn, random_data
+from tests.test_text_models import LR, T, VOCAB, lm_fn, token_data, unsplit_sgd
+
+CNN = dict(model_fn=model_fn, input_shape=(1, 8, 8), num_classes=10)  # 9 blocks
+LM = dict(model_fn=lm_fn, input_shape=(T,), num_classes=VOCAB)  # 4 blocks
+
+
+class Recorder:
+    """Every request a node receives and every reply it sends, as Flower messages."""
+
+    def __init__(self) -> None:
+        self.contents: list[RecordDict] = []
+
+    def app(self, clients: list[SplitClient]) -> ClientApp:
+        inner = client_app_of(clients)
+        app = ClientApp()
+
+        @app.train("split_step")
+        def _train(msg: Message, ctx):
+            self.contents.append(msg.content)
+            reply = inner(msg, ctx)
+            self.contents.append(reply.content)
+            return reply
+
+        return app
+
+
+def run(cls, parts: list[TensorData], model: dict, recorder: Recorder | None = None, stream: bool = False,
+        num_rounds: int = 1, **settings):
+    clients = [SplitClient(model["model_fn"], d, d, salt=i) for i, d in enumerate(parts)]
+    app = recorder.app(clients) if recorder else client_app_of(clients)
+    grid = InProcessGrid(app, len(parts), threaded=stream)
+    if stream:
+        settings["data_plane_factory"] = lambda g, timeout: StreamDataPlane(g, 60.0, mode="stream")
+    strategy = cls(**model, learning_rate=LR, shuffle=False, **settings)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model["model_fn"]().blocks.state_dict()),
+                            num_rounds=num_rounds)
+    grid.shutdown()
+    assert all(not r["errors"] for r in strategy.history.rounds), strategy.history.rounds[-1]["errors"]
+    return strategy, result.arrays.to_torch_state_dict()
+
+
+# ------------------------------------------------------------------ exactness against plain torch
+@pytest.mark.parametrize("cut,tail", [(1, 2), (1, 3), (2, 3)])
+def test_u_shaped_sl_equals_unsplit_sgd(cut, tail):
+    data, b, steps = token_data(12, seed=1), 4, 3
+    _, got = run(SL, [data], LM, cut_layer=cut, tail_cut=tail, batch_size=b, max_steps=steps)
+    reference = unsplit_sgd([data.subset(slice(i * b, (i + 1) * b)) for i in range(steps)])
+    assert max_abs_diff(got, reference) <= 1e-10
+
+
+@pytest.mark.parametrize("cls", [PSL, SFLV1])
+def test_u_shaped_parallel_step_equals_unsplit_sgd_on_the_union(cls):
+    """One step each: PSL's union step, and SFL-V1's average of per-client steps, are the
+    unsplit model's step on the concatenated batch (mean loss over all samples)."""
+    parts = [token_data(5, seed=2), token_data(3, seed=3), token_data(4, seed=4)]
+    _, got = run(cls, parts, LM, cut_layer=1, tail_cut=3, batch_size=8, max_steps=1)
+    union = TensorData(torch.cat([d.x for d in parts]), torch.cat([d.y for d in parts]))
+    assert max_abs_diff(got, unsplit_sgd([union])) <= 1e-10
+
+
+def test_u_shaped_cnn_sl_equals_centralized_sgd():
+    data, b, steps = random_data(24, seed=5), 8, 3
+    _, got = run(SL, [data], CNN, cut_layer=2, tail_cut=7, batch_size=b, max_steps=steps)
+    reference = centralized_sgd([data.subset(slice(i * b, (i + 1) * b)) for i in range(steps)], LR)
+    assert max_abs_diff(got, reference) <= 1e-10
+
+
+# ------------------------------------------------------------------ against the same scheme with the loss on the server
+# Where the tail is trained by one party either way, a U-shaped round trains exactly what the
+# same scheme trains with the tail on the server: SL (one client), SFL-V1 (a server copy per
+# client then; a client's own tail now), SFL-V2 with one client; with any optimizer and its
+# state. With several clients PSL's and SFL-V2's shared server tail becomes one tail per client,
+# averaged at the round's end: the same as one PSL step with plain SGD (below, one step), not
+# over several steps (the tail is then federated, like the head).
+@pytest.mark.parametrize("cls,clients,steps,settings", [
+    (SL, 1, 3, dict(momentum=0.9, carry_momentum=True)),
+    (SL, 1, 3, dict(optimizer="adamw", carry_momentum=True)),
+    (SFLV1, 2, 3, dict(momentum=0.9)),
+    (SFLV1, 2, 3, dict(optimizer="adamw")),
+    (SFLV2, 1, 3, dict(optimizer="adamw", carry_momentum=True)),
+    (PSL, 2, 1, dict()),
+])
+def test_u_shaped_rounds_train_what_the_loss_on_the_server_trains(cls, clients, steps, settings):
+    parts = [random_data(20, seed=6), random_data(12, seed=7)][:clients]
+    settings = dict(cut_layer=2, batch_size=4, max_steps=steps, num_rounds=2, **settings)
+    _, plain = run(cls, parts, CNN, **settings)
+    _, u_shaped = run(cls, parts, CNN, tail_cut=6, **settings)
+    assert max_abs_diff(u_shaped, plain) <= 1e-10
+
+
+def test_u_shaped_round_is_the_same_on_the_stream_plane():
+    parts = [token_data(9, seed=8), token_data(7, seed=9)]
+    settings = dict(cut_layer=1, tail_cut=3, batch_size=4, num_rounds=2)
+    (s_msg, w_msg), (s_str, w_str) = run(PSL, parts, LM, **settings), run(PSL, parts, LM, stream=True, **settings)
+    assert all(torch.equal(w_msg[k], w_str[k]) for k in w_msg)
+    for r_msg, r_str in zip(s_msg.history.rounds, s_str.history.rounds):
+        assert set(r_str["data_plane"].values()) == {"stream"}
+        assert (r_msg["bytes_up"], r_msg["bytes_down"], r_msg["train_loss"]) == \
+            (r_str["bytes_up"], r_str["bytes_down"], r_str["train_loss"])
+
+
+# ------------------------------------------------------------------ no label or token crosses
+def _secrets(parts: list[TensorData], b: int) -> list[bytes]:
+    """The bytes of every batch's labels and of every input row (token ids) as int64 arrays."""
+    out = []
+    for d in parts:
+        for i in range(0, len(d), b):
+            out.append(d.y[i : i + b].contiguous().numpy().tobytes())
+        out += [row.contiguous().numpy().tobytes() for row in d.x]
+    return out
+
+
+def _leaks(contents: list[RecordDict], secrets: list[bytes]) -> list[str]:
+    found = []
+    for content in contents:
+        for name, record in content.array_records.items():
+            for key, array in record.items():
+                if key.startswith("y.") or array.dtype.startswith("int"):
+                    found.append(f"{name}/{key} ({array.dtype})")
+                elif any(s in array.data for s in secrets):
+                    found.append(f"{name}/{key} holds a label or token row")
+    return found
+
+
+def test_no_label_or_token_id_crosses_in_a_u_shaped_round():
+    parts, b = [token_data(8, seed=10), token_data(8, seed=11)], 4
+    secrets = _secrets(parts, b)
+    recorder = Recorder()
+    strategy, _ = run(PSL, parts, LM, recorder, cut_layer=1, tail_cut=3, batch_size=b, num_rounds=2)
+    assert len(recorder.contents) > 20 and strategy.history.rounds[-1]["train_loss"] > 0
+    assert _leaks(recorder.contents, secrets) == []
+    # the search finds them when the loss is on the server: the labels travel with the smashed data
+    recorder = Recorder()
+    run(PSL, parts, LM, recorder, cut_layer=1, batch_size=b)
+    assert any("split.smashed/y." in leak for leak in _leaks(recorder.contents, secrets))
+
+
+def test_no_label_or_token_id_is_in_any_stream_frame(monkeypatch):
+    from flsplit.planes.stream import frames
+
+    payloads: list[bytes] = []
+    send = frames.send_frame
+
+    def recording_send(sock, kind, payload=b""):
+        payloads.append(bytes(payload))
+        return send(sock, kind, payload)
+
+    for module in _frame_senders():
+        monkeypatch.setattr(module, "send_frame", recording_send)
+    parts, b = [token_data(8, seed=12), token_data(8, seed=13)], 4
+    run(PSL, parts, LM, stream=True, cut_layer=1, tail_cut=3, batch_size=b)
+    assert len(payloads) > 10
+    secrets = _secrets(parts, b)
+    assert not any(s in payload for payload in payloads for s in secrets)
+    frame_contents = [frames.decode_content(x) for x in payloads if x[:1] not in (b"{", b"")]
+    assert _leaks([c for c in frame_contents if c is not None], secrets) == []
+
+
+def _frame_senders():
+    import importlib
+    import pkgutil
+
+    from flsplit.planes import stream
+
+    out = []
+    for info in pkgutil.iter_modules(stream.__path__):
+        module = importlib.import_module(f"{stream.__name__}.{info.name}")
+        if getattr(module, "send_frame", None) is not None:
+            out.append(module)
+    return out
+
+
+# ------------------------------------------------------------------ what is refused
+@pytest.mark.parametrize("cls,reason", [(EPSL, "last layer"), (SFLGA, "broadcasts"), (AsyncSL, "labels")])
+def test_schemes_without_a_u_shaped_reading_refuse_it_with_the_reason(cls, reason):
+    with pytest.raises(ValueError, match=f"cannot run a U-shaped split.*{reason}"):
+        cls(**CNN, cut_layer=2, tail_cut=5)
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(cut_layer=5, tail_cut=5), "must lie before tail_cut 5"),
+    (dict(cut_layer=2, tail_cut=9), "tail_cut 9 is outside the model"),
+    (dict(cut_layer=2, tail_cut=5, steps_per_exchange=2), "one step per exchange"),
+    (dict(cut_layer=2, tail_cut=5, fraction_evaluate=0.5), "federated evaluation of a U-shaped split"),
+])
+def test_impossible_u_shapes_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        PSL(**CNN, **settings)
