@@ -51,6 +51,7 @@ def build_strategy(settings: RunSettings, history: RunHistory):
         learning_rate=float(settings["learning-rate"]),
         momentum=settings.momentum,
         optimizer=str(settings["optimizer"]),
+        tail_cut=int(settings["tail-cut"]),
         carry_momentum=settings["carry-momentum"],
         seed=int(settings["seed"]),
         fraction_train=float(settings["fraction-train"]),

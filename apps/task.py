@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "optimizer": "sgd",
     "carry-momentum": False,
     "cut-layer": "2",
+    "tail-cut": 0,
     "steps-per-exchange": 1,
     "phi": 0.5,
     "aggregated-positions": "first",
@@ -131,7 +132,7 @@ class RunSettings(dict):
             server_round=1, cut=1, batch_size=self["batch-size"], local_epochs=self["local-epochs"],
             max_steps=self["max-steps"], steps_per_exchange=self["steps-per-exchange"],
             learning_rate=self["learning-rate"], momentum=self.momentum, seed=self["seed"],
-            carry_momentum=self["carry-momentum"], optimizer=self["optimizer"],
+            carry_momentum=self["carry-momentum"], optimizer=self["optimizer"], tail_cut=self["tail-cut"],
             codec_up=self["codec-up"] or "native", codec_down=self["codec-down"] or "native",
         )
 

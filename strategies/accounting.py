@@ -68,6 +68,7 @@ class RoundPricing:
     scheme: str  # the scheme's row in flsplit.sim.schemes (its traffic model and timing)
     profile: ModelProfile
     scenario: Scenario
+    tail_cut: int = 0  # a U-shaped split's: the client also runs blocks [tail_cut, L), forward and backward
 
     def __post_init__(self) -> None:
         scheme_model(self.scheme)  # a scheme without a row cannot be priced: said before anything runs
@@ -80,6 +81,9 @@ class RoundPricing:
         cuts = [record.cuts[n] for n in nodes]
         flops = [examples[n] * profile.cut(c).client_forward_flops if n in outcome.forward_only
                  else client_flops(profile.cut(c), examples[n]) for n, c in zip(nodes, cuts)]
+        if self.tail_cut:  # the tail and the loss: the server-side FLOPs of the blocks from the tail cut on
+            tail = profile.cut(self.tail_cut)
+            flops = [f + examples[n] * (tail.server_forward_flops + tail.server_backward_flops) for f, n in zip(flops, nodes)]
         workload = measured_workload(
             self.scheme, profile,
             client_ids=[devices.get(n, (i, None))[0] for i, n in enumerate(nodes)],

@@ -67,6 +67,9 @@ class Adaptive(Strategy):
             raise ValueError(f"Adaptive wraps a SplitStrategy, got {type(strategy).__name__}")
         if strategy.scenario is None:
             raise ValueError("an adaptive strategy needs a wireless scenario (cost-scenario must not be 'none')")
+        if strategy.settings.tail_cut:
+            raise ValueError(f"planner '{planner.name}' plans splits whose server runs to the loss; a U-shaped split "
+                             f"(tail-cut {strategy.settings.tail_cut}) is not planned: use planner 'none' with it")
         if strategy.scheme not in planner.strategies:
             raise ValueError(
                 f"planner '{planner.name}' plans {'/'.join(planner.strategies)} rounds, not '{strategy.scheme}': "

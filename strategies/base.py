@@ -93,7 +93,7 @@ class SplitStrategy(Strategy):
         self.data_plane: Optional[DataPlane] = None
         self.progress_interval = 10.0  # seconds between progress lines within a round
         self.profile = profile_model(self.model, s.input_shape) if s.scenario is not None else None
-        self.pricing = RoundPricing(self.scheme, self.profile, s.scenario) if s.scenario is not None else None
+        self.pricing = RoundPricing(self.scheme, self.profile, s.scenario, s.tail_cut) if s.scenario is not None else None
         self.model.blocks.to(self.device)  # after the shapes and the profile, measured on the CPU
         self.devices: dict[int, tuple[int, Optional[DeviceProfile]]] = {}  # node -> (partition, own profile)
         self.server_momentum: dict[str, torch.Tensor] = {}  # by parameter name (carry_momentum)

@@ -210,3 +210,34 @@ def test_schemes_without_a_u_shaped_reading_refuse_it_with_the_reason(cls, reaso
 def test_impossible_u_shapes_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         PSL(**CNN, **settings)
+
+
+# ------------------------------------------------------------------ the cost model
+def test_a_u_shaped_round_is_priced_with_the_tail_on_the_client():
+    """Two exchanges per step in the bytes (measured), the tail's FLOPs on the client and only
+    the middle's on the server (from the profile's per-block FLOPs, summed here)."""
+    from flsplit.model.profile import profile_model
+    from flsplit.sim.scenario_files import load_scenario
+
+    parts, cut, tail, rows = [random_data(16, seed=1), random_data(16, seed=2)], 2, 6, 16
+    runs = {t: run(PSL, parts, CNN, cut_layer=cut, tail_cut=t, batch_size=8, max_steps=2, scenario=load_scenario("homogeneous"))[0]
+            for t in (0, tail)}
+    blocks = profile_model(model_fn(), (1, 8, 8)).blocks
+    flops = lambda idx: sum(blocks[i].forward_flops + blocks[i].backward_flops for i in idx)  # noqa: E731
+    plain, u_shaped = (runs[t].history.rounds[-1] for t in (0, tail))
+    assert u_shaped["sim"]["server_flops"] == pytest.approx(2 * rows * flops(range(cut, tail)))
+    for client in u_shaped["sim"]["clients"].values():
+        assert client["flops"] == pytest.approx(rows * flops([*range(cut), *range(tail, len(blocks))]))
+    assert plain["sim"]["server_flops"] == pytest.approx(2 * rows * flops(range(cut, len(blocks))))
+    # each step's traffic both ways: the middle's output down and its gradient up on top of the cut's
+    assert u_shaped["bytes_up"] > plain["bytes_up"] and u_shaped["bytes_down"] > plain["bytes_down"]
+
+
+def test_planners_refuse_a_u_shaped_split():
+    from flsplit.planners.online import make_online_planner
+    from flsplit.sim.scenario_files import load_scenario
+    from flsplit.strategies.adaptive import Adaptive
+
+    psl = PSL(**CNN, cut_layer=2, tail_cut=6, scenario=load_scenario("homogeneous"))
+    with pytest.raises(ValueError, match="U-shaped split .*tail-cut 6.* is not planned"):
+        Adaptive(psl, make_online_planner("edgesplit", psl.profile, psl.scenario))

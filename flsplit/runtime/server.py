@@ -116,6 +116,7 @@ class ServerWork:
     """
 
     rows: dict[int, list[int]] = field(default_factory=dict)  # cut -> [forward, backward]
+    end: Optional[int] = None  # a U-shaped split's tail cut: the rows ran blocks [cut, end) only
 
     def add(self, cut: int, forward: int, backward: int) -> None:
         entry = self.rows.setdefault(int(cut), [0, 0])
@@ -124,10 +125,13 @@ class ServerWork:
 
     def flops(self, profile) -> float:
         """FLOPs of these rows under ``profile`` (a ``flsplit.model.profile.ModelProfile``)."""
+        tail = profile.cut(self.end) if self.end else None  # the client's blocks, not run here
         total = 0.0
         for cut, (fwd, bwd) in sorted(self.rows.items()):
             cp = profile.cut(cut)
             total += fwd * cp.server_forward_flops + bwd * cp.server_backward_flops
+            if tail is not None:
+                total -= fwd * tail.server_forward_flops + bwd * tail.server_backward_flops
         return total
 
 
@@ -212,6 +216,8 @@ class ServerPart:
         self.end = model.check_cut(end) if end else None
         if self.end is not None and self.end <= self.entry:
             raise ValueError(f"a U-shaped server part needs its end {end} after its entry {entry}")
+        if self.end is not None:
+            self.work.end = self.end
         self.loss_fn = loss_sum  # summed over the samples (flsplit.model.loss: classes or sequences)
         self.optimizer = build_optimizer(model.blocks[entry : self.end].parameters(), optimizer, learning_rate, momentum,
                                          weight_decay)
