@@ -15,6 +15,7 @@ registered with ``flwr supernode register``. One deployment serves both tests:
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -269,3 +270,30 @@ def test_deployment_streams_and_messages_train_the_same_model(deployment: Deploy
     # the round over TLS sessions trains exactly the model the round over Flower messages does
     assert finals["stream"].keys() == finals["message"].keys()
     assert all(torch.equal(finals["stream"][k], finals["message"][k]) for k in finals["stream"])
+
+
+def test_deployed_nodes_fine_tune_a_transformer_u_shaped_over_the_stream(deployment: Deployment, tmp_path):
+    """The two SuperNodes train the zoo's language model on their share of the offline text with
+    the tail and the loss on the devices, over TLS sessions. (That no label or token id is in
+    any frame or message of such a round is checked in-process, frame by frame, by
+    tests/test_u_shape.py: here the frames are TLS-encrypted.)"""
+    flwr_home = Path(os.environ["FLWR_HOME"])
+    _write_cli_config(flwr_home, deployment.link, deployment.keys.ca_cert)
+    runs = tmp_path / "runs"
+    own_cert = f'stream-certfile="{deployment.keys.server_cert}" stream-keyfile="{deployment.keys.server_key}"'
+    config = (f'num-server-rounds=2 max-steps=4 batch-size=8 strategy="psl" model="gpt-tiny" dataset="stdlib-text" '
+              f'optimizer="adamw" learning-rate=0.003 momentum=0.0 cut-layer="1" tail-cut=4 data-plane="stream" '
+              f'output-dir="{runs}" {own_cert}')
+    proc = subprocess.run([str(BINDIR / "flwr"), "run", ".", "deploy", "--stream", "--run-config", config],
+                          cwd=ROOT, env=_cli_env(flwr_home), capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    (history_file,) = runs.glob("*/history.json")
+    history = json.loads(history_file.read_text())
+    assert history["run"]["tail-cut"] == 4
+    for entry in history["rounds"]:
+        assert sorted(entry["nodes"]) == sorted(deployment.node_ids) and not entry["errors"]
+        assert set(entry["data_plane"].values()) == {"stream"}
+        assert entry["num_examples"] == 2 * 4 * 8 and entry["server_steps"] == 4
+    losses = [entry["test_loss"] for entry in history["rounds"]]
+    assert losses[1] < losses[0] < math.log(256)  # the devices' tails learn: below a uniform guess, and falling
