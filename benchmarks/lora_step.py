@@ -133,8 +133,13 @@ def trainable(module: nn.Module) -> list[nn.Parameter]:
 
 
 # ----------------------------------------------------------------------------- 1. exactness
-def exactness() -> dict[str, tuple[float, float, bool]]:
+def exactness() -> tuple[float, dict[str, tuple[float, float, bool]]]:
     base = build(torch.float64)
+    x0, _ = batch(10)
+    base.blocks.eval()
+    with torch.no_grad():  # without adapters: how far the split's own rounding is from the HF forward
+        no_lora = float((base.blocks(x0) - base.original.model(input_ids=x0).logits).abs().max())
+    base.blocks.train()
     reference_model = copy.deepcopy(base.original.model)
     config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS["gpt2"]), fan_in_fan_out=True)
     torch.manual_seed(1)
@@ -158,7 +163,6 @@ def exactness() -> dict[str, tuple[float, float, bool]]:
         same_a[label] = all(torch.equal(got[k], want_init[k]) for k in got if k.endswith(".A"))
         set_adapters(split.blocks, want_init)
         splits[label] = split
-    x0, _ = batch(10)
     reference.eval()
     with torch.no_grad():
         want_logits = reference(input_ids=x0).logits
@@ -185,7 +189,7 @@ def exactness() -> dict[str, tuple[float, float, bool]]:
         got = adapters(split.blocks)
         assert got.keys() == want.keys(), label
         out[label] = (logit_diff[label], max(float((got[k] - want[k]).abs().max()) for k in want), same_a[label])
-    return out
+    return no_lora, out
 
 
 # ----------------------------------------------------------------------------- 2. step time
@@ -239,7 +243,9 @@ def main() -> None:
 
     print("\n1. exactness against peft.get_peft_model on the unsplit model (float64, 3 split SGD steps)")
     print(f"{'option':<18}{'logits max diff':>17}{'adapters max diff':>19}{'init A == peft':>16}")
-    for label, (logits, adapter, same) in exactness().items():
+    no_lora, rows = exactness()
+    print(f"{'(no adapters)':<18}{no_lora:>17.3g}{'-':>19}{'-':>16}")
+    for label, (logits, adapter, same) in rows.items():
         print(f"{label:<18}{logits:>17.3g}{adapter:>19.3g}{str(same):>16}")
 
     print(f"\n2. training step (forward + backward + SGD), float32, median of {args.repeats}")

@@ -121,6 +121,7 @@ def test_training_changes_only_the_trainable_keys(kind):
     keys = trainable_keys(split.blocks)
     assert keys and all("lora_" in k for k in keys)
     assert all(not p.requires_grad for n, p in split.blocks.named_parameters() if "lora_" not in n)
+    assert split.verify(batch(0)[0]) <= 1e-12  # the unsplit model (sharing the modules) has the adapters too
     opts = [sgd(split.client_part(CUT)), sgd(split.server_part(CUT))]
     for step in range(2):  # lora_B moves in step 1, lora_A (whose gradient is B-weighted) in step 2
         split_step(split, *batch(step), opts)

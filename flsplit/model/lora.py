@@ -18,53 +18,72 @@ The blocks' state-dict keys become peft's (``...c_attn.base_layer.weight``,
 
 Why peft, and not a small own implementation (measured; ``benchmarks/lora_step.py``)
 -----------------------------------------------------------------------------------
-Both options were built and compared on the same model; the numbers were produced by
-``PYTHONPATH=. python benchmarks/lora_step.py`` on a shared 2-core CPU (another developer's
-tests running beside it; one torch thread; torch 2.14.1, transformers 5.24.0, peft 0.22.0):
+Both options were built and run on the same model: peft's layers as ``add_lora`` injects them,
+and an own ``base(x) + B(A(x)) * alpha / r`` wrapper around ``nn.Linear``/``Conv1D`` (in the
+benchmark script, about 30 lines). Command: ``PYTHONPATH=. python benchmarks/lora_step.py
+--repeats 9``, on a shared 2-core x86_64 CPU (another developer's tests running beside it), one
+torch thread, torch 2.14.1, transformers 5.24.0, peft 0.22.0; GPT-2, 6 layers, hidden 384, 6
+heads, sequence 64, vocabulary 256, rank 8, alpha 16, cut at block 2.
 
-(a) exactness against ``peft.get_peft_model`` on the unsplit Hugging Face model (GPT-2, 6
-    layers, hidden 384, float64, rank 8, the same random ``lora_B`` on both sides, 3 SGD
-    steps with the model cut at block 2 and trained as split learning trains it):
+(a) Exactness against ``peft.get_peft_model`` on the unsplit Hugging Face model (float64; both
+    options given the reference's adapters, ``lora_B`` set to the same random values since it
+    starts at zero; then 3 SGD steps, the options trained as split learning trains them: client
+    forward, the cut activation detached, server forward/loss/backward, the cut gradient back,
+    one SGD optimizer per part; the reference 3 plain steps):
 
-    ================  ===============  ==========================
-    option            logits max diff  adapters after 3 steps
-    ================  ===============  ==========================
-    peft (injected)   0.0              0.0 (bit for bit)
-    own (F.linear)    0.0              0.0 (bit for bit)
-    ================  ===============  ==========================
+    ================  ===============  ===================  =====================
+    option            logits max diff  adapters after 3     initial ``lora_A``
+                                       steps, max diff      equals peft's (seed)
+    ================  ===============  ===================  =====================
+    (no adapters)     2.8e-15          -                    -
+    peft (injected)   2.4e-15          2.8e-17              yes
+    own (F.linear)    2.4e-15          2.8e-17              no
+    ================  ===============  ===================  =====================
 
-    Both compute ``base(x) + B(A(dropout(x))) * alpha / r`` in the same order, so both equal
-    peft bit for bit; exactness does not decide.
+    Both compute ``base(x) + B(A(dropout(x))) * alpha / r`` in the same order; the logit
+    difference is the split model's own float64 rounding against the Hugging Face forward (the
+    same without adapters). Exactness does not decide. Only peft draws the same initial
+    adapters as ``get_peft_model`` under the same seed (it draws ``nn.Linear`` weights, then
+    re-draws ``lora_A``): an own implementation would have to copy that draw order.
 
-(b) one training step (forward + backward + SGD step over the trainable tensors) of the
-    LoRA'd blocks, GPT-2 6 layers, hidden 384, 6 heads, sequence 64, batch 8, float32, CPU,
-    median of 9 interleaved repeats:
+(b) One training step (forward + backward + SGD step over the trainable tensors) of the
+    LoRA'd blocks, float32, batch 8, median of 9 repeats with the options interleaved; two
+    runs, the same command:
 
-    ================  ============
-    option            step (ms)
-    ================  ============
-    full fine-tune    STEP_FULL
-    peft (injected)   STEP_PEFT
-    own (F.linear)    STEP_OWN
-    ================  ============
+    ================  ==========  ==========
+    option            run 1 (ms)  run 2 (ms)
+    ================  ==========  ==========
+    full fine-tune    512.1       557.1
+    peft (injected)   445.5       451.8
+    own (F.linear)    442.7       459.1
+    ================  ==========  ==========
 
-    STEP_VERDICT
+    peft and the own wrapper differ by 1-2 %, in either direction from run to run: within the
+    noise of the shared CPU. peft's per-call Python (adapter dicts, dtype checks) does not show
+    beside the matrix products at this size. (LoRA saves only ~15-20 % of the step against
+    full fine-tuning here: the backward still runs through every frozen weight to reach the
+    adapters below it; the saving is in the optimizer state and in what crosses the network.)
 
-(c) coverage. peft adapts ``nn.Linear`` (Llama, BERT, the zoo's ``linear1``/``linear2``),
+(c) Coverage. peft adapts ``nn.Linear`` (Llama, BERT, the zoo's ``linear1``/``linear2``),
     transformers' ``Conv1D`` (GPT-2; ``fan_in_fan_out=True``, set here per family), and, as a
     documented work-around, ``nn.MultiheadAttention`` (``lora.MultiheadAttention`` merges the
     adapter into ``in_proj_weight``/``out_proj.weight`` before each forward and unmerges
-    after, because the attention reads those tensors directly and never calls
-    ``out_proj.forward``); it also has embeddings, convolutions, dropout, DoRA and rsLoRA,
-    ``merge``/``unmerge`` and safe merging. A small own implementation covers what its author
-    writes: a wrapper around ``nn.Linear`` and ``Conv1D`` (a transposed weight) is a few dozen
-    lines, but nothing on ``nn.MultiheadAttention``, and every other layer type is more code to
-    keep. The zoo's ``gpt-tiny`` therefore gets ``linear1``/``linear2`` by default under either
-    option; with peft a caller may add ``targets=["linear1", "linear2", "self_attn"]``
-    (``merge_lora`` handles it; its training is peft's merge-before-forward path, slower).
+    after, since the attention reads those tensors directly and never calls
+    ``out_proj.forward``); also embeddings, convolutions, DoRA, rsLoRA, dropout, merging. The
+    own wrapper covers ``nn.Linear`` and ``Conv1D`` and nothing that reads its weights directly:
+    on the zoo's gpt-tiny it can take ``linear1``/``linear2`` only. Both share one trap, found
+    by the tests: in eval mode with frozen base weights ``nn.TransformerEncoderLayer`` runs
+    its fused kernel, which reads ``linear1.weight`` etc. directly: with peft's layers (whose
+    ``.weight`` is the base weight) the adapters are silently skipped, with the own wrapper
+    (no ``.weight``) it fails. ``add_lora`` keeps such layers off the fused path (a no-op
+    forward pre-hook, which the fast path's checks refuse); ``merge_lora`` removes it again.
+    The zoo's gpt-tiny gets ``linear1``/``linear2`` by default; with peft a caller may add
+    ``targets=["linear1", "linear2", "self_attn"]`` (tested: ``merge_lora`` gives the adapted
+    outputs; peft's merge-before-forward path is slower).
 
-Decision: peft. It is exact (as exact as the own code), its step time is STEP_COMPARE, and it
-covers more layer types with less code of ours to keep.
+Decision: peft. It is as exact as the own code (both equal ``get_peft_model`` to float64
+rounding), as fast within the measurement's noise, draws the same initial adapters as
+``get_peft_model``, and covers more layer types with less code of ours to keep.
 
 Choices
 -------
@@ -103,6 +122,7 @@ from torch import nn
 
 from flsplit.extras import require
 from flsplit.model import rng
+from flsplit.model.hf import SUPPORTED, HFLogits
 from flsplit.model.splitting import SplitModel
 
 __all__ = ["TARGETS", "add_lora", "freeze", "lora_family", "merge_lora", "trainable_keys"]
@@ -126,10 +146,8 @@ def lora_family(split: SplitModel) -> Optional[str]:
     """The family whose default targets a split model gets: ``"gpt2"``, ``"llama"``, ``"bert"``
     (a split Hugging Face model), ``"encoder"`` (blocks of ``nn.TransformerEncoderLayer``, the
     zoo's gpt-tiny), or ``None`` (the caller names the targets)."""
-    model = getattr(split.original, "model", None)
-    if model is not None:
-        from flsplit.model.hf import SUPPORTED  # the Hugging Face side is imported only for HF models
-        for cls in type(model).__mro__:
+    if isinstance(split.original, HFLogits):
+        for cls in type(split.original.model).__mro__:
             if cls.__name__ in SUPPORTED:
                 return SUPPORTED[cls.__name__]
     if any(isinstance(m, nn.TransformerEncoderLayer) for m in split.blocks.modules()):
