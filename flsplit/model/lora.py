@@ -92,11 +92,12 @@ Choices
   ``value``, ``dense`` in the layer blocks; a model of ``nn.TransformerEncoderLayer`` blocks
   (the zoo's gpt-tiny) ``linear1``, ``linear2``. Other models name their ``targets``.
 - The head (the final block) is trained in full for BERT, whose classifier is new for the
-  task and would otherwise stay random (peft's ``task_type="SEQ_CLS"`` does the same with
-  ``modules_to_save``), and frozen for the language models (peft's default for
-  ``CAUSAL_LM``: an LM head is ``vocab x hidden``, larger than every adapter together); the
-  ``train_head`` argument overrides it. A head trained in full gets no adapters. The embedding
-  block is always frozen, so a client's trainable tensors are its adapters alone.
+  task and would otherwise stay random (peft's ``task_type="SEQ_CLS"`` likewise trains the
+  classifier in full; here the whole final block, pooler included), and frozen for the
+  language models (as peft leaves a causal LM's head: an LM head is ``vocab x hidden``,
+  larger than every adapter together, and already trained); the ``train_head`` argument
+  overrides it. A head trained in full gets no adapters. The embedding block has no default
+  target and is frozen, so a client part's trainable tensors are its adapters alone.
 - Adapters are drawn from torch's global generator in the blocks' module order (``lora_A``
   Kaiming-uniform, ``lora_B`` zeros: the adapted model starts as the base model); under the
   same seed every process gets the same adapters, and, because the blocks list the Hugging Face
