@@ -8,7 +8,12 @@ takes adapters on ``linear1``/``linear2``; ``freeze`` freezes a part."""
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,6 +145,9 @@ def test_trainable_keys_of_the_parts_and_their_size():
     sent = sum(state[k].numel() for k in client_keys)
     full = sum(v.numel() for k, v in state.items() if "lora_" not in k)
     assert sent / full < 0.1
+    server_state = server.state_dict()
+    server_sent = sum(server_state[k].numel() for k in trainable_keys(server))
+    assert server_sent / sum(v.numel() for k, v in server_state.items() if "lora_" not in k) < 0.1
     # keys are in state-dict order and name the parameters themselves
     assert trainable_keys(split.blocks) == [k for k in split.blocks.state_dict() if "lora_" in k]
 
@@ -170,6 +178,33 @@ def test_adapters_are_deterministic_and_a_seed_leaves_the_global_stream():
     assert torch.equal(torch.get_rng_state(), stream)  # seed: nothing drawn from the global generator
     a, b = first.blocks.state_dict(), second.blocks.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+ADAPTER_DIGEST = """
+import hashlib, sys, warnings
+import torch
+sys.path.insert(0, "tests")
+from test_lora import build
+from flsplit.model.lora import add_lora, trainable_keys
+split = build("gpt2")
+torch.manual_seed(11)  # the caller seeds; every process draws the same adapters
+add_lora(split, rank=4, alpha=8.0)
+state = split.blocks.state_dict()
+print(hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in trainable_keys(split.blocks))).hexdigest())
+"""
+
+
+def test_every_process_draws_the_same_adapters():
+    split = build("gpt2")
+    torch.manual_seed(11)
+    add_lora(split, rank=RANK, alpha=ALPHA)
+    state = split.blocks.state_dict()
+    here = hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in trainable_keys(split.blocks))).hexdigest()
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", ADAPTER_DIGEST], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-1] == here
 
 
 @pytest.mark.parametrize("kind", DECODERS)
