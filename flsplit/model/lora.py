@@ -249,12 +249,13 @@ def merge_lora(split: SplitModel) -> SplitModel:
     """A copy of ``split`` with every adapter merged into its base weight and the LoRA layers
     replaced by their base layers.
 
-    The copy's blocks have exactly the pre-LoRA state-dict keys (so ``export_hf`` writes a
-    checkpoint that ``from_pretrained`` loads) and compute what the adapted blocks compute,
-    up to float rounding. ``split`` is left as it is. The copy's parameters all require grad
+    The copy's blocks have exactly the pre-LoRA state-dict keys, in their order (so
+    ``export_hf`` writes a checkpoint that ``from_pretrained`` loads), and compute what the
+    adapted blocks compute, up to float rounding. (One exception in order, not in keys: after
+    LoRA on an ``nn.MultiheadAttention``, peft's unloading registers its ``in_proj_weight``
+    after ``in_proj_bias``.) ``split`` is left as it is. The copy's parameters all require grad
     again, as a freshly built model's do.
     """
-    peft = _peft()
     base_tuner = require("peft.tuners.tuners_utils", "transformers", _FEATURE).BaseTunerLayer
     merged = copy.deepcopy(split)  # one memo: the copied blocks and copied original keep sharing modules
     blocks = merged.blocks
