@@ -5,7 +5,8 @@ and ``flsplit plan`` without energy-budgeted convex programs. Three features nee
 
 - ``planners`` (cvxpy): EPSL's power step with energy budgets and ``allocate_sflga(solver="cvxpy")``;
 - ``reports`` (matplotlib): the PNG plots of ``flsplit report``;
-- ``transformers`` (transformers, peft): Hugging Face models cut at a block (``flsplit.model.hf``).
+- ``transformers`` (transformers, peft): Hugging Face models cut at a block (``flsplit.model.hf``)
+  and LoRA adapters on a split model's blocks (``flsplit.model.lora``).
 
 Each import site calls :func:`require`, so importing ``flsplit`` or the default ClientApp and
 ServerApp imports neither cvxpy nor matplotlib, and a missing one is an ``ImportError`` that

@@ -331,12 +331,18 @@ def export_hf(split: SplitModel, directory: Union[str, Path],
     ``"<block>.<name>"``), mapped to the Hugging Face keys by ``to_original_state_dict``;
     ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` (BERT:
     ``AutoModelForSequenceClassification``) loads them with the model's config. A tied LM head
-    was untied by ``hf_split_model``, and is saved untied. Returns the directory.
+    was untied by ``hf_split_model``, and is saved untied. A model with LoRA adapters
+    (``flsplit.model.lora.add_lora``) is refused: export its ``merge_lora`` copy. Returns the
+    directory.
     """
     if not isinstance(split.original, HFLogits):
         raise TypeError("export_hf takes a split Hugging Face model (from hf_split_model or build_hf_model)")
     model = split.original.model
     weights = split.to_original_state_dict(state)
+    if any(".lora_" in key or ".base_layer." in key for key in weights):
+        # the model carries them too (its modules are the blocks'), so the key check below would pass
+        raise ValueError("the blocks have LoRA adapters: merge them into the weights first "
+                         "(flsplit.model.lora.merge_lora), then export the merged model")
     expected = set(model.state_dict())
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
