@@ -16,6 +16,8 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from apps.task import RunSettings, make_evaluate_fn, make_model_fn
 from flsplit.runtime.checkpoint import load_checkpoint
+from flsplit.model.hf import export_hf
+from flsplit.model.lora import lora_family, merge_lora
 from flsplit.data.datasets import dataset_info
 from flsplit.planes.dataplane import MessageDataPlane, time_noop_exchanges
 from flsplit.planes.registry import plane_factory
@@ -133,5 +135,8 @@ def main(grid: Grid, context: Context) -> None:
     final = run_dir / "final_model.pt"
     torch.save(model.to_original_state_dict(result.arrays.to_torch_state_dict()), final)
     history.data["final_model"] = str(final)
+    if int(settings["lora-rank"]) and lora_family(model) in ("gpt2", "llama", "bert"):  # a Hugging Face model
+        model.blocks.load_state_dict(result.arrays.to_torch_state_dict())
+        history.data["final_model_hf"] = str(export_hf(merge_lora(model), run_dir / "final_model_hf"))
     history.save()
     log(INFO, "[flsplit] done: history %s, final model %s", history.path, final)

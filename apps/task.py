@@ -20,6 +20,7 @@ from flsplit.strategies.epsl import POSITIONS as EPSL_POSITIONS
 from flsplit.data.datasets import TensorData, dataset_info, load_centralized, load_partition
 from flsplit.data.local import LocalDataError, load_local
 from flsplit.model.loss import correct, loss_sum
+from flsplit.model.lora import add_lora, freeze
 from flsplit.model.splitting import SplitModel
 from flsplit.model.zoo import build_model
 
@@ -42,6 +43,9 @@ DEFAULTS: dict[str, Any] = {
     "carry-momentum": False,
     "cut-layer": "2",
     "tail-cut": 0,
+    "lora-rank": 0,
+    "lora-alpha": 16.0,
+    "freeze-client": False,
     "steps-per-exchange": 1,
     "phi": 0.5,
     "aggregated-positions": "first",
@@ -113,6 +117,10 @@ class RunSettings(dict):
             raise ValueError(f"server-device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
         for key in ("loss-threshold", "planner-v"):
             real_arg(key, self[key], low=0.0)
+        int_arg("lora-rank", self["lora-rank"], minimum=0)
+        real_arg("lora-alpha", self["lora-alpha"], low=0.0, low_open=True)
+        if not isinstance(self["freeze-client"], bool):
+            raise ValueError(f"freeze-client must be true or false, got {self['freeze-client']!r}")
         if not isinstance(self["test-data-path"], str):
             raise ValueError(f"test-data-path must be a path (a string, empty for the dataset's test split), "
                              f"got {self['test-data-path']!r}")
@@ -169,9 +177,16 @@ def make_model_fn(settings: RunSettings) -> Callable[[], SplitModel]:
 
     def model_fn() -> SplitModel:
         # Seeded on a fork of the generator: building a model does not reset the stream the
-        # server's dropout draws from.
+        # server's dropout draws from; the LoRA adapters are drawn from the same stream, so
+        # every process builds the same ones.
         with rng.seeded(int(settings["seed"])):
-            return build_model(settings["model"], info.num_classes, info.in_channels, info.image_size, info.seq_len)
+            model = build_model(settings["model"], info.num_classes, info.in_channels, info.image_size, info.seq_len)
+            if int(settings["lora-rank"]):
+                add_lora(model, rank=int(settings["lora-rank"]), alpha=float(settings["lora-alpha"]))
+        if settings["freeze-client"]:  # SplitFrozen: the devices only run their blocks forward
+            cuts = settings.cuts
+            freeze(model.client_part(min(cuts) if isinstance(cuts, list) else cuts))
+        return model
 
     return model_fn
 

@@ -7,7 +7,7 @@ that node's samples).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import torch
 from flwr.app import Message
@@ -34,15 +34,16 @@ def client_contributions(replies: Iterable[Message | Reply]) -> tuple[list[Contr
 
 
 def shared_part_contributions(model: SplitModel, entry: int, per_cut_samples: dict[int, int],
-                              end: int | None = None) -> list[Contribution]:
+                              end: int | None = None, keys: Collection[str] | None = None) -> list[Contribution]:
     """The blocks of a shared server part over ``model`` from block ``entry`` on (to ``end``, a
     U-shaped split's tail cut), each weighted by the samples that went through it
-    (``per_cut_samples``: samples per cut)."""
+    (``per_cut_samples``: samples per cut); only ``keys`` where given (frozen weights are not
+    averaged: an average of equal values need not round back to the value)."""
     full = model.blocks.state_dict()
     out = []
     for block in range(entry, end or model.num_blocks):
         weight = sum(n for cut, n in per_cut_samples.items() if cut <= block)
-        state = {k: v for k, v in full.items() if block_of(k) == block}
+        state = {k: v for k, v in full.items() if block_of(k) == block and (keys is None or k in keys)}
         if state:
             out.append((state, weight))
     return out

@@ -45,7 +45,7 @@ from flsplit.model.profile import profile_model
 from flsplit.runtime.schedules import PerNode, Schedule
 from flsplit.runtime.server import ServerPart, StepStats, resolve_device
 from flsplit.runtime.server_stream import ServerStream, StreamServerPart
-from flsplit.model.splitting import SplitModel
+from flsplit.model.splitting import SplitModel, exchanged_keys
 from flsplit.strategies import accounting, checkpointing
 from flsplit.strategies.accounting import RoundOutcome, RoundPricing
 from flsplit.strategies.averaging import Contribution, client_contributions, shared_part_contributions
@@ -88,7 +88,10 @@ class SplitStrategy(Strategy):
         self.history = s.history or RunHistory()
         self.data_plane_factory: Callable[[Grid, float], DataPlane] = s.data_plane_factory or MessageDataPlane
         self.codec_up, self.codec_down = get_codec(s.codec_up), get_codec(s.codec_down)
-        self.gate = ReplyGate(self.model.blocks.state_dict(), block_of, self._shapes, self.server_dtype, s.num_classes,
+        # What travels of a part: what trains and the buffers (LoRA: the adapters), not frozen weights.
+        self.exchanged = frozenset(exchanged_keys(self.model.blocks))
+        state = self.model.blocks.state_dict()
+        self.gate = ReplyGate({k: v for k, v in state.items() if k in self.exchanged}, block_of, self._shapes, self.server_dtype, s.num_classes,
                               s.batch_size, s.steps_per_exchange, self.codec_up, s.label_shape(self._shapes), s.tail_cut)
         self.data_plane: Optional[DataPlane] = None
         self.progress_interval = 10.0  # seconds between progress lines within a round
@@ -132,7 +135,11 @@ class SplitStrategy(Strategy):
         """Global weights of blocks ``[0, cut)`` (and ``[tail_cut, L)`` in a U-shaped split)."""
         tail = self.settings.tail_cut  # a U-shaped split's client part holds its tail too
         return ArrayRecord({k: v for k, v in self.model.blocks.state_dict().items()
-                            if block_of(k) < cut or 0 < tail <= block_of(k)})
+                            if k in self.exchanged and (block_of(k) < cut or 0 < tail <= block_of(k))})
+
+    def _client_trains(self, cut: int) -> bool:
+        """Whether the blocks before ``cut`` have a parameter to train (a frozen head gets no gradients)."""
+        return any(q.requires_grad for name, q in self.model.blocks.named_parameters() if block_of(name) < cut)
 
     def start_part(self, node_id: int, cut: int) -> ArrayRecord:
         """The client part a node starts the round from (default: the global one)."""
@@ -184,6 +191,7 @@ class SplitStrategy(Strategy):
         # Sampled: the nodes asked to train, and those that failed before (a planner's device query).
         ex.sampled = sorted(set(nodes) | {e["node"] for e in ex.errors})
         ex.configs = {n: self.settings.split_config(server_round, c) for n, c in ex.cuts.items()}
+        ex.frozen = {n for n, c in ex.cuts.items() if not self._client_trains(c)}
         messages = []
         for node_id in nodes:
             content = ex.request(node_id)
@@ -201,7 +209,8 @@ class SplitStrategy(Strategy):
 
     def server_contributions(self) -> list[Contribution]:
         """The shared server part's blocks, each weighted by the samples that went through it."""
-        return shared_part_contributions(self.model, self.server.entry, self.train_stats().per_cut_samples, self.server.end)
+        return shared_part_contributions(self.model, self.server.entry, self.train_stats().per_cut_samples, self.server.end,
+                                         self.exchanged)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Ask sampled nodes for the smashed data of their evaluation sets (``evaluation.py``)."""

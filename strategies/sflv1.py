@@ -45,7 +45,8 @@ class SFLV1(SplitStrategy):
                 continue
             cut = self.cuts[node_id]
             end = part.end or part.model.num_blocks  # a U-shaped split's tail is in the client part
-            state = {k: v for k, v in part.model.blocks.state_dict().items() if cut <= block_of(k) < end}
+            state = {k: v for k, v in part.model.blocks.state_dict().items()
+                     if cut <= block_of(k) < end and k in self.exchanged}
             out.append((state, part.stats.samples))
         return out
 

@@ -84,7 +84,8 @@ def test_num_classes_must_match_the_models_output():
         PSL(model_fn=_mlp, input_shape=(30,), num_classes=10)
     conv = lambda: SplitModel(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()))  # noqa: E731
     with pytest.raises(ValueError, match=r"^num_classes is 2 but the model's per-sample output shape is \(2, 6, 6\), "
-                                         r"not \(2,\): its last block must output one logit per class$"):
+                                         r"not \(2,\) or \(\.\.\., 2\): its last block must output one logit per class "
+                                         r"\(per position\)$"):
         PSL(model_fn=conv, input_shape=(1, 8, 8), num_classes=2)
     for bad in [0, -3, 2.5, True, "10", None]:
         with pytest.raises(ValueError, match=r"^num_classes must be an integer >= 1, got "):

@@ -302,7 +302,8 @@ def build_hf_model(kind: Optional[str], *, vocab_size: int = 256, seq_len: int =
     elif kind == "gpt2":
         config = transformers.GPT2Config(
             vocab_size=vocab_size, n_positions=seq_len, n_embd=hidden, n_layer=layers, n_head=heads,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
+            tie_word_embeddings=False)  # built for a split: the head is its own (no untying warning)
         model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation=attn_implementation)
     elif kind == "llama":
         config = transformers.LlamaConfig(

@@ -251,6 +251,15 @@ def _leaf_blocks(module: nn.Module, prefix: str) -> list[tuple[nn.Module, str]]:
     return [(module, prefix)]
 
 
+def exchanged_keys(module: nn.Module) -> list[str]:
+    """The state-dict keys a split part sends and averages, in state-dict order: its parameters
+    that train (``requires_grad``) and its buffers. A frozen parameter (a LoRA base weight, a
+    frozen client part) is the same on every side from the model's construction and never
+    travels: with LoRA the weight traffic is the adapters'."""
+    params = {id(p): p.requires_grad for p in module.parameters()}
+    return [k for k, v in module.state_dict(keep_vars=True).items() if params.get(id(v), True)]
+
+
 def takes_token_ids(module: nn.Module) -> bool:
     """Whether a model reads token ids: its first leaf module with parameters is an ``nn.Embedding``."""
     first = next((m for m in module.modules() if not next(m.children(), None) and next(m.parameters(), None) is not None),

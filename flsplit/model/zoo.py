@@ -237,8 +237,22 @@ MODELS: dict[str, Callable[..., nn.Module | SplitModel]] = {
 }
 
 # Models that read token sequences (``seq_len`` tokens in; ``num_classes`` is the vocabulary).
+def _hugging_face(kind: str) -> Callable[..., SplitModel]:
+    """A GPT-2-style (or Llama-style) decoder of 6 layers, width 384, 6 heads, from a config
+    (``flsplit.model.hf``; ``pip install "flsplit[transformers]"``), its head untied."""
+
+    def build(num_classes: int = 256, seq_len: int = 64) -> SplitModel:
+        from flsplit.model.hf import build_hf_model
+
+        return build_hf_model(kind, vocab_size=num_classes, seq_len=seq_len, hidden=384, layers=6, heads=6)
+
+    return build
+
+
 TEXT_MODELS: dict[str, Callable[..., nn.Module | SplitModel]] = {
     "gpt-tiny": gpt_tiny,
+    "hf-gpt2": _hugging_face("gpt2"),
+    "hf-llama": _hugging_face("llama"),
 }
 
 

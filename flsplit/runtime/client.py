@@ -21,7 +21,7 @@ from torch import nn
 
 from flsplit.wire import protocol as p
 from flsplit.model import rng
-from flsplit.model.splitting import split_model_of
+from flsplit.model.splitting import exchanged_keys, split_model_of
 from flsplit.wire.codecs import get_codec
 from flsplit.data.datasets import TensorData
 from flsplit.planes.endpoint import ClientEndpoint, Offer, PlaneError, offer_in, offer_records
@@ -207,7 +207,8 @@ class SplitClient:
     def _start_weights(self, content: RecordDict, part: nn.Module) -> dict[str, torch.Tensor]:
         """The request's client part, checked against the module: exactly its keys, shapes and
         dtypes, finite values (``load_state_dict`` alone would cast dtypes and take NaN)."""
-        return check_state(content.array_records[p.CLIENT_PART], part.state_dict(), f"'{p.CLIENT_PART}'")
+        state, keys = part.state_dict(), exchanged_keys(part)  # frozen weights do not travel
+        return check_state(content.array_records[p.CLIENT_PART], {k: state[k] for k in keys}, f"'{p.CLIENT_PART}'")
 
     # ------------------------------------------------------------------ train
     def train_step(self, message: Message, context: Context) -> Message:
@@ -402,7 +403,7 @@ class SplitClient:
             weights = context.state.array_records[_WEIGHTS].to_torch_state_dict()
         else:
             raise p.ProtocolError(f"no client part to evaluate: send '{p.CLIENT_PART}'")
-        part.load_state_dict(weights)
+        part.load_state_dict(weights, strict=False)  # the exchanged keys, checked: frozen weights stay
         part.eval()
         data = self.eval_data if self.eval_data is not None else TensorData(torch.empty(0), torch.empty(0))
         batches = []

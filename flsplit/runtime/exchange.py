@@ -88,6 +88,7 @@ class RoundExchange:
         self.progress_interval = progress_interval
         self.cuts: dict[int, int] = {}
         self.configs: dict[int, ConfigRecord] = {}
+        self.frozen: set[int] = set()  # nodes whose client part trains nothing: no gradient is sent them
         self.plan: Optional[Any] = None
         self.sampled: list[int] = []
         self.stage = "train"  # which part of the round errors belong to (train, evaluate)
@@ -109,7 +110,7 @@ class RoundExchange:
         """A step request: the node's config, the gradients of its pending batches, and the
         broadcast rows (already encoded, shared by every receiver) if the scheme has them."""
         content = RecordDict({p.CONFIG: self.configs[node_id]})
-        if grads:
+        if grads and node_id not in self.frozen:
             content[p.GRAD] = p.encode_grads(grads, self.codec_down)
         if broadcast is not None:
             content[p.BCAST] = broadcast

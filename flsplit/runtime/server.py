@@ -219,8 +219,8 @@ class ServerPart:
         if self.end is not None:
             self.work.end = self.end
         self.loss_fn = loss_sum  # summed over the samples (flsplit.model.loss: classes or sequences)
-        self.optimizer = build_optimizer(model.blocks[entry : self.end].parameters(), optimizer, learning_rate, momentum,
-                                         weight_decay)
+        trained = [q for q in model.blocks[entry : self.end].parameters() if q.requires_grad]  # not LoRA's base weights
+        self.optimizer = build_optimizer(trained, optimizer, learning_rate, momentum, weight_decay)
         self.stats = StepStats()
         self._middle: Optional[tuple[list[tuple[int, int]], list[torch.Tensor], list[torch.Tensor]]] = None
 
@@ -239,7 +239,7 @@ class ServerPart:
     def _named_parameters(self) -> dict[str, torch.nn.Parameter]:
         end = self.end or self.model.num_blocks
         return {name: param for name, param in self.model.blocks.named_parameters()
-                if self.entry <= int(name.split(".", 1)[0]) < end}
+                if self.entry <= int(name.split(".", 1)[0]) < end and param.requires_grad}
 
     def momentum_state(self) -> dict[str, torch.Tensor]:
         """The optimizer's state by parameter name (SGD's momentum buffers, AdamW's moments

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from flsplit.model import rng
+from flsplit.model.splitting import exchanged_keys
 from flsplit.model.loss import correct, loss_sum
 from flsplit.data.datasets import TensorData
 from flsplit.runtime.optim import build_optimizer, load_state_tensors, state_fits, state_tensors
@@ -131,19 +132,27 @@ class ClientTrainer:
         # The head runs to the cut; a U-shaped split's tail (the part's later blocks) holds the loss.
         self.head = part[: cfg.cut] if cfg.tail_cut else part
         self.tail: Optional[nn.Module] = part[cfg.cut :] if cfg.tail_cut else None
+        # Only what trains and the buffers travel (``exchanged_keys``): frozen weights (LoRA's base,
+        # a frozen client part) are the part's own, from the model's construction.
+        missing = set(exchanged_keys(part)) - set(weights)
         try:
-            part.load_state_dict(dict(weights))
+            if missing:
+                raise RuntimeError(f"missing key(s) {sorted(missing)[:3]}")
+            part.load_state_dict(dict(weights), strict=False)
         except RuntimeError as err:
             raise ProtocolError(f"the client part does not fit cut {cfg.cut}: {err}") from err
         part.train()
-        # A client part without parameters (e.g. a cut after a parameter-free first block)
-        # has nothing to train but still computes and sends its activations.
-        params = list(part.parameters())
+        # A client part without trainable parameters (a parameter-free first block, a frozen
+        # part) has nothing to train but still computes and sends its activations.
+        params = [q for q in part.parameters() if q.requires_grad]
         self.optimizer = (
             build_optimizer(params, cfg.optimizer, cfg.learning_rate, cfg.momentum, cfg.weight_decay) if params else None
         )
         if momentum and self.optimizer is not None:
             load_state_tensors(self.optimizer, {str(i): p for i, p in enumerate(params)}, momentum)
+        # A head with nothing to train (a frozen client part, or a U-shape's frozen head) takes no
+        # gradient: the server sends none, and its batches count as trained when the next request comes.
+        self.head_trains = any(q.requires_grad for q in self.head.parameters())
         self._graphs: dict[int, torch.Tensor] = {}  # position -> output with its graph (kept rounds)
 
     @classmethod
@@ -154,7 +163,7 @@ class ClientTrainer:
         with ``momentum`` (``carry_momentum``: last round's optimizer state, used only if it
         fits this part's parameters one for one)."""
         cursor = Cursor(position, position + round_steps(cfg, len(data)), [], 0)
-        params = {str(i): p for i, p in enumerate(part.parameters())}
+        params = {str(i): p for i, p in enumerate(q for q in part.parameters() if q.requires_grad)}
         if momentum and not state_fits(momentum, params):
             momentum = None  # another cut's parameters: start fresh
         return cls(part, data, cfg, salt, weights, cursor, momentum)
@@ -197,7 +206,7 @@ class ClientTrainer:
             if out is None:
                 out = self.forward(position)  # recompute: the graph did not survive
             check_tensor(f"gradient for position {position}", grad, tuple(out.shape), out.dtype)
-            if self.optimizer is not None:
+            if self.head_trains:
                 self.optimizer.zero_grad(set_to_none=True)
                 out.backward(grad)
                 self.optimizer.step()
@@ -205,7 +214,11 @@ class ClientTrainer:
         self.cursor.pending = []
 
     def skip_pending(self) -> None:
-        """The server dropped the pending batches (no gradients came): forget them."""
+        """No gradients came for the pending batches: forget them. The server dropped them, or
+        this part trains nothing (frozen: SplitFrozen) and the server sends none; its batches
+        then count as trained, as the server trained on them."""
+        if not self.head_trains:
+            self.cursor.num_examples += sum(len(self.batch(position)[1]) for position in self.cursor.pending)
         self.cursor.pending = []
         self._graphs.clear()
 
@@ -286,8 +299,9 @@ class ClientTrainer:
 
     # ------------------------------------------------------------------ state
     def weights(self) -> dict[str, torch.Tensor]:
-        """The client part's weights."""
-        return self.part.state_dict()
+        """The client part's weights that travel: what trains, and the buffers (``exchanged_keys``)."""
+        state, keys = self.part.state_dict(), exchanged_keys(self.part)
+        return {k: state[k] for k in keys}
 
     def momentum(self) -> dict[str, torch.Tensor]:
         """The optimizer's state by parameter index (SGD's momentum buffers, AdamW's moments
