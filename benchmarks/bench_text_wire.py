@@ -54,6 +54,22 @@ def main() -> None:
                      p.TAIL_GRAD: p.encode_tensors([torch.randn_like(middle)], "t", codec)})
         u_down = size({p.ACTS: p.encode_tensors([middle], "a", codec), p.GRAD: p.encode_grads([torch.randn_like(smashed)], codec)})
         print(f"{name:10} {plain_up:10.1f} {plain_down:11.1f} {u_up:8.1f} {u_down:8.1f}")
+    # The client part a round sends down and back up: in full, or (LoRA) its adapters only.
+    from flwr.app import ArrayRecord
+
+    from flsplit.model.lora import add_lora
+    from flsplit.model.splitting import exchanged_keys
+
+    add_lora(split, rank=8, alpha=16.0)
+    for tail in (0, args.tail):
+        part = split.client_part(args.cut, tail)
+        state = part.state_dict()
+        full = payload_bytes(RecordDict({p.CLIENT_PART: ArrayRecord({k: v for k, v in state.items() if "lora_" not in k})}))
+        keys = exchanged_keys(part)
+        adapters = payload_bytes(RecordDict({p.CLIENT_PART: ArrayRecord({k: state[k] for k in keys})}))
+        shape = f"cut {args.cut}" + (f", tail {tail}" if tail else "")
+        print(f"client part ({shape}): full {full} bytes, LoRA rank 8 adapters {adapters} bytes "
+              f"({len(keys)} tensors), {full / adapters:.1f}x smaller, each way per round")
 
 
 if __name__ == "__main__":
