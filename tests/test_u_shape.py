@@ -241,3 +241,26 @@ def test_planners_refuse_a_u_shaped_split():
     psl = PSL(**CNN, cut_layer=2, tail_cut=6, scenario=load_scenario("homogeneous"))
     with pytest.raises(ValueError, match="U-shaped split .*tail-cut 6.* is not planned"):
         Adaptive(psl, make_online_planner("edgesplit", psl.profile, psl.scenario))
+
+
+def test_a_u_shaped_run_resumes_from_its_checkpoint(tmp_path):
+    """Two rounds, then a resumed third, train what three rounds in one go train; a checkpoint
+    of a U-shaped run is refused by a run that is not U-shaped."""
+    parts = [random_data(16, seed=14), random_data(16, seed=15)]
+    settings = dict(cut_layer=2, tail_cut=6, batch_size=4, max_steps=2, optimizer="adamw", carry_momentum=True)
+    _, straight = run(PSL, parts, CNN, num_rounds=3, **settings)
+
+    clients = [SplitClient(model_fn, d, d, salt=i) for i, d in enumerate(parts)]
+    grid = InProcessGrid(client_app_of(clients), 2)  # the devices keep their cursors and optimizer state
+
+    def start(num_rounds: int, resume: bool, **extra):
+        strategy = PSL(**CNN, learning_rate=LR, shuffle=False, checkpoint_dir=tmp_path, **{**settings, **extra})
+        return strategy.start(grid=grid, num_rounds=num_rounds,
+                               initial_arrays=ArrayRecord(model_fn().blocks.state_dict()),
+                               resume_from=tmp_path if resume else None)
+
+    start(2, resume=False)
+    resumed = start(3, resume=True).arrays.to_torch_state_dict()
+    assert max_abs_diff(resumed, straight) == 0.0
+    with pytest.raises(Exception, match="tail_cut"):
+        start(4, resume=True, tail_cut=0)
