@@ -19,7 +19,7 @@ from flsplit.runtime.server import EPSL_MECHANISMS, EPSL_SCALINGS
 from flsplit.strategies.epsl import POSITIONS as EPSL_POSITIONS
 from flsplit.data.datasets import TensorData, dataset_info, load_centralized, load_partition
 from flsplit.data.local import LocalDataError, load_local
-from flsplit.model.loss import correct, loss_sum
+from flsplit.model.loss import correct, mean_loss
 from flsplit.model.lora import add_lora, freeze
 from flsplit.model.splitting import SplitModel
 from flsplit.model.zoo import build_model
@@ -263,7 +263,7 @@ def make_evaluate_fn(settings: RunSettings, model_fn: Callable[[], SplitModel], 
         model.blocks.eval()
         with torch.no_grad():
             logits = torch.cat([model.blocks(x[i : i + 512]) for i in range(0, len(test), 512)])
-        loss = float(loss_sum(logits, y)) / len(test)
+        loss = mean_loss(logits, y).item()
         accuracy = correct(logits, y) / len(test)
         return MetricRecord({"loss": loss, "accuracy": accuracy})
 

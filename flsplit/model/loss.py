@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["sample_losses", "loss_sum", "correct"]
+__all__ = ["sample_losses", "loss_sum", "mean_loss", "correct"]
 
 
 def sample_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -34,6 +34,13 @@ def loss_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if logits.dim() == 2:  # torch's own sum reduction: the classification numbers stay bit for bit
         return nn.functional.cross_entropy(logits, y, reduction="sum")
     return sample_losses(logits, y).sum()
+
+
+def mean_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The mean loss over a batch's samples (the mean token loss for equal-length sequences)."""
+    if logits.dim() == 2:  # torch's own mean reduction: the classification numbers stay bit for bit
+        return nn.functional.cross_entropy(logits, y)
+    return sample_losses(logits, y).mean()
 
 
 def correct(logits: torch.Tensor, y: torch.Tensor) -> float:
