@@ -264,3 +264,52 @@ def test_a_u_shaped_run_resumes_from_its_checkpoint(tmp_path):
     assert max_abs_diff(resumed, straight) == 0.0
     with pytest.raises(Exception, match="tail_cut"):
         start(4, resume=True, tail_cut=0)
+
+
+# ------------------------------------------------------------------ bad tail replies
+def _tampered(change):
+    """An intercept that changes node 1001's first tail reply with ``change(content)``."""
+    done = []
+
+    def intercept(node_id: int, reply: Message) -> Message:
+        content = reply.content
+        if node_id == 1001 and not done and p.TAIL_GRAD in content.array_records:
+            done.append(True)
+            change(content)
+        return reply
+
+    return intercept
+
+
+def _nan_gradient(content: RecordDict) -> None:
+    g = content.array_records[p.TAIL_GRAD]["t.0"].numpy().copy()
+    g.flat[0] = float("nan")
+    from flwr.app import Array
+
+    content.array_records[p.TAIL_GRAD]["t.0"] = Array(g)
+
+
+@pytest.mark.parametrize("change,reason", [
+    (_nan_gradient, "t.0: contains NaN"),
+    (lambda c: c.metric_records[p.LOSS].__setitem__("correct.0", 99.0), r"correct.0 must be a number in \[0, 4\]"),
+    (lambda c: c.metric_records[p.LOSS].__setitem__("loss-sum.0", -1.0), "loss-sum.0 must be a number"),
+    (lambda c: c.array_records[p.TAIL_GRAD].__setitem__("t.1", c.array_records[p.TAIL_GRAD]["t.0"]), "'t.1' is unexpected"),
+    (lambda c: c.array_records.__setitem__(p.SMASHED, c.array_records[p.TAIL_GRAD]), "unexpected ArrayRecord"),
+])
+def test_a_bad_tail_reply_makes_its_node_sit_out_and_corrupts_nothing(change, reason):
+    """The node sits out the rest of the round, its half-done step is dropped (the server part
+    is stepped on the other node's batch alone), and the round's model is the one the other
+    node trains alone from that step on."""
+    parts = [random_data(12, seed=16), random_data(12, seed=17)]
+    clients = [SplitClient(model_fn, d, d, salt=i) for i, d in enumerate(parts)]
+    grid = InProcessGrid(client_app_of(clients), 2, intercept=_tampered(change))
+    strategy = PSL(**CNN, learning_rate=LR, shuffle=False, cut_layer=2, tail_cut=6, batch_size=4, max_steps=3)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model_fn().blocks.state_dict()), num_rounds=1)
+    (error,) = strategy.history.rounds[-1]["errors"]
+    assert error["node"] == 1001 and "sits out" in error["error"]
+    assert pytest.importorskip("re").search(reason, error["error"]), error["error"]
+    got = result.arrays.to_torch_state_dict()
+    assert all(torch.isfinite(v).all() for v in got.values() if v.is_floating_point())
+    # the other node's three steps alone, in float64: the unsplit reference of its batches
+    reference = centralized_sgd([parts[0].subset(slice(i * 4, (i + 1) * 4)) for i in range(3)], LR)
+    assert max_abs_diff(got, reference) <= 1e-10

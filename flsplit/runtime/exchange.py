@@ -121,12 +121,12 @@ class RoundExchange:
         """A U-shaped step's second request: the server part's output for the node's tail."""
         return RecordDict({p.CONFIG: self.configs[node_id], p.ACTS: p.encode_tensors(acts, "a", self.codec_down)})
 
-    def admit_tail(self, node_id: int, reply: Reply,
+    def admit_tail(self, node_id: int, reply: Optional[Reply],
                    acts: list[torch.Tensor]) -> Optional[tuple[list[torch.Tensor], list[tuple[float, float]]]]:
         """A U-shaped step's tail reply through the gate (its gradients and reported losses), or
-        ``None``: dropped or refused, and the node sits out the rest of the round."""
-        if reply.error is not None:
-            self.reject(node_id, f"node dropped for this round: {reply.error}")
+        ``None``: dropped (no reply, or an error) or refused, and the node sits out the rest of the round."""
+        if reply is None or reply.error is not None:
+            self.reject(node_id, f"node dropped for this round: {reply.error if reply else 'no reply'}")
             return None
         try:
             return self.gate.tail(reply.content, acts)

@@ -260,7 +260,7 @@ class Lockstep(Schedule):
         acts = self.server.forward_middle([(ex.cuts[n], received[n][0]) for n in nodes])  # one batch per exchange
         replies = ex.data_plane.exchange({n: ex.acts_request(n, [a]) for n, a in zip(nodes, acts)}, p.TRAIN_STEP,
                                          str(ex.server_round))
-        tails = [ex.admit_tail(n, replies[n], [a]) for n, a in zip(nodes, acts)]
+        tails = [ex.admit_tail(n, replies.get(n), [a]) for n, a in zip(nodes, acts)]
         heads = self.server.backward_middle([t[0][0] if t else None for t in tails],
                                             [t[1][0] if t else (0.0, 0.0) for t in tails], union=True)
         ex.server_steps += 1
