@@ -6,6 +6,7 @@ from flwr.app import RecordDict
 
 from flsplit.planes.dataplane import Reply
 from flsplit.runtime.schedules import Lockstep
+from flsplit.runtime.server import gradient_average
 from flsplit.strategies.base import SplitStrategy
 
 __all__ = ["SFLGA"]
@@ -20,15 +21,15 @@ class SFLGA(SplitStrategy):
     (``ServerPart.step_gradient_average`` states the rule for unequal batch sizes). Each
     client back-propagates the aggregate through its own activations; client parts are
     averaged at round end. The cut may change between rounds (``cut_layer`` as a function of
-    the round) but is the same for all clients within a round.
+    the round) but is the same for all clients within a round. U-shaped (``tail_cut``), the
+    average is of the cut-layer gradients the server part returns after the clients' tails.
     """
 
     scheme = "sflga"
-    u_shape_refusal = ("SFL-GA broadcasts the position-wise average of the cut-layer gradients; in a U-shaped split "
-                       "those come back from the server part after the clients' tails, and that average is not built "
-                       "yet (use psl)")
     schedule = Lockstep
 
     def _train_round(self, server_round: int, requests: dict[int, RecordDict]) -> list[Reply]:
         self.server = self.new_server_part()
-        return Lockstep(self.server.step_gradient_average).run(self.round, requests)
+        # U-shaped: the same broadcast, of the cut-layer gradients the middle returns after the tails
+        return Lockstep(self.server.step_gradient_average, server=self.server, combine=gradient_average).run(
+            self.round, requests)

@@ -94,8 +94,8 @@ def test_u_shaped_cnn_sl_equals_centralized_sgd():
 # same scheme trains with the tail on the server: SL (one client), SFL-V1 (a server copy per
 # client then; a client's own tail now), SFL-V2 with one client; with any optimizer and its
 # state. With several clients PSL's and SFL-V2's shared server tail becomes one tail per client,
-# averaged at the round's end: the same as one PSL step with plain SGD (below, one step), not
-# over several steps (the tail is then federated, like the head).
+# averaged at the round's end: the same as one PSL (or SFL-GA) step with plain SGD (below, one
+# step), not over several steps (the tail is then federated, like the head).
 @pytest.mark.parametrize("cls,clients,steps,settings", [
     (SL, 1, 3, dict(momentum=0.9, carry_momentum=True)),
     (SL, 1, 3, dict(optimizer="adamw", carry_momentum=True)),
@@ -103,6 +103,7 @@ def test_u_shaped_cnn_sl_equals_centralized_sgd():
     (SFLV1, 2, 3, dict(optimizer="adamw")),
     (SFLV2, 1, 3, dict(optimizer="adamw", carry_momentum=True)),
     (PSL, 2, 1, dict()),
+    (SFLGA, 2, 1, dict()),  # its broadcast: the average of the cut-layer gradients, U-shaped after the tails
 ])
 def test_u_shaped_rounds_train_what_the_loss_on_the_server_trains(cls, clients, steps, settings):
     parts = [random_data(20, seed=6), random_data(12, seed=7)][:clients]
@@ -195,7 +196,7 @@ def _frame_senders():
 
 
 # ------------------------------------------------------------------ what is refused
-@pytest.mark.parametrize("cls,reason", [(EPSL, "last layer"), (SFLGA, "broadcasts"), (AsyncSL, "labels")])
+@pytest.mark.parametrize("cls,reason", [(EPSL, "last layer"), (AsyncSL, "labels")])
 def test_schemes_without_a_u_shaped_reading_refuse_it_with_the_reason(cls, reason):
     with pytest.raises(ValueError, match=f"cannot run a U-shaped split.*{reason}"):
         cls(**CNN, cut_layer=2, tail_cut=5)
@@ -313,3 +314,10 @@ def test_a_bad_tail_reply_makes_its_node_sit_out_and_corrupts_nothing(change, re
     # the other node's three steps alone, in float64: the unsplit reference of its batches
     reference = centralized_sgd([parts[0].subset(slice(i * 4, (i + 1) * 4)) for i in range(3)], LR)
     assert max_abs_diff(got, reference) <= 1e-10
+
+
+def test_u_shaped_sflga_broadcasts_one_average_and_trains():
+    parts = [random_data(16, seed=18), random_data(12, seed=19), random_data(8, seed=20)]
+    strategy, _ = run(SFLGA, parts, CNN, cut_layer=2, tail_cut=6, batch_size=4, max_steps=3, num_rounds=2)
+    for entry in strategy.history.rounds:
+        assert entry["broadcast_bytes_down"] > 0 and entry["server_steps"] == 3

@@ -194,6 +194,15 @@ class _Outgoing:
             self.broadcast_config[f"scale.{k}"] = float(result.scales[i])
 
 
+def _broadcast_record(ex: RoundExchange, result: StepGrads, k: int) -> ArrayRecord:
+    """A step's broadcast rows, encoded once under the step's key ``b.{k}`` and counted once."""
+    shared = ArrayRecord()
+    if result.broadcast is not None:
+        ex.codec_down.encode_into(shared, f"b.{k}", result.broadcast)
+        ex.data_plane.traffic.record_broadcast(sum(len(a.data) for a in shared.values()))
+    return shared
+
+
 class Lockstep(Schedule):
     """All nodes step together: the k-th batches of every node form one server step.
 
@@ -207,13 +216,18 @@ class Lockstep(Schedule):
     server : ServerPart, optional
         The server part a U-shaped round steps over the union of the batches (PSL's
         ``step_union`` with the loss on the clients: ``forward_middle``, ``backward_middle``).
+    combine : callable, optional
+        A U-shaped step's rule for what goes back: ``combine(cut-layer gradients) -> StepGrads``
+        (default: each node its own; SFL-GA: ``flsplit.runtime.server.gradient_average``).
     """
 
 
     def __init__(self, step: Callable[[list[tuple[int, p.SmashedBatch]]], StepGrads],
-                 server: Optional[ServerPart] = None) -> None:
+                 server: Optional[ServerPart] = None,
+                 combine: Optional[Callable[[list[torch.Tensor]], StepGrads]] = None) -> None:
         self.step = step
         self.server = server
+        self.combine = combine or StepGrads
 
     def run(self, ex: RoundExchange, requests: dict[int, RecordDict]) -> list[Reply]:
         dp, group, done = ex.data_plane, str(ex.server_round), []
@@ -238,10 +252,7 @@ class Lockstep(Schedule):
             for k in range(max((len(b) for b in received.values()), default=0)):
                 nodes = [n for n in received if k < len(received[n])]
                 result = self.step([(ex.cuts[n], received[n][k]) for n in nodes])
-                shared = ArrayRecord()
-                if result.broadcast is not None:  # encoded once, under the step's key b.{k}
-                    ex.codec_down.encode_into(shared, f"b.{k}", result.broadcast)
-                    dp.traffic.record_broadcast(sum(len(a.data) for a in shared.values()))
+                shared = _broadcast_record(ex, result, k)
                 for i, n in enumerate(nodes):
                     outgoing[n].add(result, i, shared)
                 ex.server_steps += 1
@@ -264,7 +275,15 @@ class Lockstep(Schedule):
         heads = self.server.backward_middle([t[0][0] if t else None for t in tails],
                                             [t[1][0] if t else (0.0, 0.0) for t in tails], union=True)
         ex.server_steps += 1
-        return {n: ex.request(n, [h]) for n, h in zip(nodes, heads) if h is not None}
+        alive = [(n, h) for n, h in zip(nodes, heads) if h is not None]
+        if not alive:
+            return {}
+        result = self.combine([h for _, h in alive])
+        shared = _broadcast_record(ex, result, 0)
+        outgoing = {n: _Outgoing() for n, _ in alive}
+        for i, (n, _) in enumerate(alive):
+            outgoing[n].add(result, i, shared)
+        return {n: ex.request(n, out.unicast, out.broadcast, out.broadcast_config) for n, out in outgoing.items()}
 
 
 class UploadOnly(Schedule):

@@ -57,7 +57,7 @@ from flsplit.wire.protocol import SmashedBatch
 from flsplit.model.splitting import SplitModel
 from flsplit.runtime.optim import build_optimizer, load_state_tensors, state_tensors
 
-__all__ = ["EPSL_MECHANISMS", "EPSL_SCALINGS", "ServerPart", "StepGrads", "StepStats", "evaluate_smashed"]
+__all__ = ["EPSL_MECHANISMS", "EPSL_SCALINGS", "ServerPart", "StepGrads", "StepStats", "evaluate_smashed", "gradient_average"]
 
 # Where EPSL back-propagates an aggregated logit gradient (ServerPart.step_epsl), and how it scales it.
 EPSL_MECHANISMS = ("mean-activation", "client-0", "rotating", "max-loss", "gradient-weighted")
@@ -498,20 +498,28 @@ class ServerPart:
         share one cut (the gradients must have one shape).
         """
         _one_cut(batches, "gradient aggregation")
-        grads = self.step_union(batches)
-        rows = max(g.shape[0] for g in grads)
-        weighted = torch.zeros((rows, *grads[0].shape[1:]), dtype=grads[0].dtype)
-        weights = torch.zeros(rows, dtype=grads[0].dtype)
-        for g in grads:
-            weighted[: g.shape[0]] += g.shape[0] * g
-            weights[: g.shape[0]] += g.shape[0]
-        aggregate = weighted / weights.view(-1, *([1] * (weighted.dim() - 1)))
-        return StepGrads(
-            unicast=[g[:0] for g in grads],
-            broadcast=aggregate,
-            positions=[list(range(g.shape[0])) for g in grads],
-            scales=[1.0] * len(grads),
-        )
+        return gradient_average(self.step_union(batches))
+
+
+def gradient_average(grads: list[torch.Tensor]) -> StepGrads:
+    """SFL-GA's broadcast: the clients' cut-layer gradients averaged position by position,
+    weighted by batch share (``ServerPart.step_gradient_average``; also a U-shaped SFL-GA step's,
+    on the gradients ``backward_middle`` returns)."""
+    if len({tuple(g.shape[1:]) for g in grads}) > 1:
+        raise ValueError("gradient aggregation needs one cut for all clients (one smashed shape)")
+    rows = max(g.shape[0] for g in grads)
+    weighted = torch.zeros((rows, *grads[0].shape[1:]), dtype=grads[0].dtype)
+    weights = torch.zeros(rows, dtype=grads[0].dtype)
+    for g in grads:
+        weighted[: g.shape[0]] += g.shape[0] * g
+        weights[: g.shape[0]] += g.shape[0]
+    aggregate = weighted / weights.view(-1, *([1] * (weighted.dim() - 1)))
+    return StepGrads(
+        unicast=[g[:0] for g in grads],
+        broadcast=aggregate,
+        positions=[list(range(g.shape[0])) for g in grads],
+        scales=[1.0] * len(grads),
+    )
 
 
 @torch.no_grad()
