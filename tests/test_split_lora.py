@@ -19,7 +19,7 @@ from flsplit.model.splitting import SplitModel
 from flsplit.model.zoo import gpt_tiny
 from flsplit.planes.inprocess import InProcessGrid
 from flsplit.runtime.client import SplitClient
-from flsplit.strategies import PSL, SL
+from flsplit.strategies import EPSL, PSL, SFLGA, SL
 from flsplit.wire import protocol as p
 from tests.helpers import client_app_of, max_abs_diff
 from tests.test_text_models import DEPTH, DIM, HEADS, LR, T, VOCAB, token_data
@@ -101,13 +101,14 @@ def test_lora_client_part_traffic_is_the_adapters():
     assert weights_up < full / 4
 
 
-def test_a_frozen_client_part_sends_no_weights_and_gets_no_gradients():
+@pytest.mark.parametrize("cls", [PSL, SFLGA, EPSL])
+def test_a_frozen_client_part_sends_no_weights_and_gets_no_gradients(cls):
     parts = [token_data(8, seed=4), token_data(8, seed=5)]
     records: list = []
-    strategy, got = run(PSL, frozen_fn, parts, records, cut_layer=2, batch_size=4, max_steps=2)
+    strategy, got = run(cls, frozen_fn, parts, records, cut_layer=2, batch_size=4, max_steps=2)
     start = frozen_fn().blocks.state_dict()
     assert all(torch.equal(got[k], start[k]) for k in start if int(k.split(".")[0]) < 2)  # the devices' blocks
     assert any(not torch.equal(got[k], start[k]) for k in start if int(k.split(".")[0]) >= 2)  # the server's trained
-    assert not any(p.GRAD in c.array_records for c in records)
+    assert not any(p.GRAD in c.array_records or p.BCAST in c.array_records for c in records)
     assert all(len(c.array_records[p.CLIENT_PART]) == 0 for c in records if p.CLIENT_PART in c.array_records)
     assert strategy.history.rounds[-1]["num_examples"] == 2 * 2 * 4

@@ -110,7 +110,9 @@ class RoundExchange:
         """A step request: the node's config, the gradients of its pending batches, and the
         broadcast rows (already encoded, shared by every receiver) if the scheme has them."""
         content = RecordDict({p.CONFIG: self.configs[node_id]})
-        if grads and node_id not in self.frozen:
+        if node_id in self.frozen:  # its head trains nothing: no gradient rows, unicast or broadcast
+            return content
+        if grads:
             content[p.GRAD] = p.encode_grads(grads, self.codec_down)
         if broadcast is not None:
             content[p.BCAST] = broadcast
