@@ -321,3 +321,19 @@ def test_u_shaped_sflga_broadcasts_one_average_and_trains():
     strategy, _ = run(SFLGA, parts, CNN, cut_layer=2, tail_cut=6, batch_size=4, max_steps=3, num_rounds=2)
     for entry in strategy.history.rounds:
         assert entry["broadcast_bytes_down"] > 0 and entry["server_steps"] == 3
+
+
+def test_a_client_refuses_to_evaluate_a_u_shaped_split():
+    """Its evaluation reply would carry the labels the U-shape keeps on the device."""
+    from flwr.app import Context
+    from flsplit.planes.inprocess import SERVER_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SERVER_NODE_ID, 1
+    data = random_data(8, seed=21)
+    client = SplitClient(model_fn, data, data, salt=0)
+    cfg = p.SplitConfig(server_round=1, cut=2, tail_cut=6).to_record()
+    message = Message(RecordDict({p.CONFIG: cfg}), 5, p.EVALUATE)
+    context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(p.ProtocolError, match="would carry the labels"):
+        client.evaluate(message, context)

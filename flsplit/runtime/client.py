@@ -397,6 +397,8 @@ class SplitClient:
         self.check_data(context)
         content = message.content
         cfg, part = self._config_and_part(content, "evaluate")
+        if cfg.tail_cut:  # the reply would carry the labels a U-shaped split keeps here
+            raise p.ProtocolError("evaluation of a U-shaped split is not supported: its reply would carry the labels")
         if p.CLIENT_PART in content.array_records:
             weights = self._start_weights(content, part)
         elif _WEIGHTS in context.state.array_records:
