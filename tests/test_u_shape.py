@@ -292,8 +292,9 @@ def _nan_gradient(content: RecordDict) -> None:
 
 @pytest.mark.parametrize("change,reason", [
     (_nan_gradient, "t.0: contains NaN"),
-    (lambda c: c.metric_records[p.LOSS].__setitem__("correct.0", 99.0), r"correct.0 must be a number in \[0, 4\]"),
-    (lambda c: c.metric_records[p.LOSS].__setitem__("loss-sum.0", -1.0), "loss-sum.0 must be a number"),
+    (lambda c: c.metric_records[p.LOSS].__setitem__("correct.0", 99.0), r"correct.0 must be a finite number in \[0, 4\]"),
+    (lambda c: c.metric_records[p.LOSS].__setitem__("loss-sum.0", -1.0), "loss-sum.0 must be a finite number"),
+    (lambda c: c.metric_records[p.LOSS].__setitem__("loss-sum.0", float("inf")), "loss-sum.0 must be a finite number"),
     (lambda c: c.array_records[p.TAIL_GRAD].__setitem__("t.1", c.array_records[p.TAIL_GRAD]["t.0"]), "'t.1' is unexpected"),
     (lambda c: c.array_records.__setitem__(p.SMASHED, c.array_records[p.TAIL_GRAD]), "unexpected ArrayRecord"),
 ])

@@ -301,8 +301,10 @@ class ReplyGate:
         for i, a in enumerate(acts):
             total, right = loss[f"loss-sum.{i}"], loss[f"correct.{i}"]
             for key, value, high in (("loss-sum", total, math.inf), ("correct", right, a.shape[0])):
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
-                    raise p.ProtocolError(f"{what}: '{p.LOSS}' {key}.{i} must be a number in [0, {high}], got {value!r}")
+                if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                        or not 0 <= value <= high):
+                    raise p.ProtocolError(f"{what}: '{p.LOSS}' {key}.{i} must be a finite number in [0, {high}], "
+                                          f"got {value!r}")
             stats.append((float(total), float(right)))
         return grads, stats
 
