@@ -65,7 +65,6 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, MetricRecord
-from flwr.clientapp import ClientApp
 
 from flsplit.data.datasets import TensorData, load_centralized, load_partition
 from flsplit.model import rng
@@ -75,6 +74,7 @@ from flsplit.model.splitting import SplitModel
 from flsplit.model.zoo import build_model
 from flsplit.planes.inprocess import InProcessGrid
 from flsplit.runtime.client import SplitClient
+from flsplit.runtime.clientapp import split_client_app
 from flsplit.strategies import PSL
 
 DATASET, CLIENTS, BATCH, SEQ, VOCAB, CUT, TAIL = "stdlib-text", 4, 8, 64, 256, 2, 6
@@ -84,29 +84,6 @@ def model_fn() -> SplitModel:
     """The LoRA'd GPT-2-style model, identical every call (built under a fixed seed)."""
     with rng.seeded(0):
         return add_lora(build_model("hf-gpt2", VOCAB, seq_len=SEQ), rank=8, alpha=16.0)
-
-
-def client_app_of(clients: list[SplitClient]) -> ClientApp:
-    """A ClientApp whose node with partition-id i is ``clients[i]`` (as ``tests/helpers.py``)."""
-    app = ClientApp()
-
-    @app.train("split_step")
-    def _train(msg, ctx):
-        return clients[int(ctx.node_config["partition-id"])].train_step(msg, ctx)
-
-    @app.train("split_upload")
-    def _upload(msg, ctx):
-        return clients[int(ctx.node_config["partition-id"])].upload(msg, ctx)
-
-    @app.query("split_device")
-    def _describe(msg, ctx):
-        return clients[int(ctx.node_config["partition-id"])].describe(msg, ctx)
-
-    @app.evaluate("split_eval")
-    def _eval(msg, ctx):
-        return clients[int(ctx.node_config["partition-id"])].evaluate(msg, ctx)
-
-    return app
 
 
 @torch.no_grad()
@@ -149,7 +126,7 @@ def run_centralized(parts: list[TensorData], test: TensorData, rounds: int, step
 def run_split(parts: list[TensorData], test: TensorData, rounds: int, steps: int, lr: float, tail_cut: int) -> dict:
     """PSL through the in-process runtime; the history's rounds and the evaluation times."""
     clients = [SplitClient(model_fn, data, None, salt=i) for i, data in enumerate(parts)]
-    grid = InProcessGrid(client_app_of(clients), CLIENTS)
+    grid = InProcessGrid(split_client_app(lambda ctx: clients[int(ctx.node_config["partition-id"])]), CLIENTS)
     strategy = PSL(model_fn=model_fn, input_shape=(SEQ,), num_classes=VOCAB, cut_layer=CUT, tail_cut=tail_cut,
                    batch_size=BATCH, optimizer="adamw", learning_rate=lr, shuffle=False, max_steps=steps,
                    carry_momentum=True)
