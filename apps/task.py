@@ -76,6 +76,7 @@ DEFAULTS: dict[str, Any] = {
     "stream-keyfile": "",
     "stream-max-frame-mb": 256,
     "stream-handshake-timeout": 10.0,
+    "stream-open-timeout": 600.0,
     "resume-from": "",
     "server-device": "auto",
 }
@@ -84,7 +85,7 @@ DEFAULTS: dict[str, Any] = {
 RESUME_MAY_CHANGE = frozenset({
     "num-server-rounds", "resume-from", "output-dir", "exchange-timeout", "noop-exchanges", "min-available-nodes",
     "data-plane", "stream-listen", "stream-advertise", "stream-certfile", "stream-keyfile", "stream-max-frame-mb",
-    "stream-handshake-timeout", "planner-agent",  # the agent may move; the strategy compares the agent itself
+    "stream-handshake-timeout", "stream-open-timeout", "planner-agent",  # the agent may move; the strategy compares the agent itself
     "server-device",  # the same training, on another device (equal to float tolerance)
 })
 
@@ -110,7 +111,8 @@ class RunSettings(dict):
             ("fraction-train", 0.0, 1.0, True), ("fraction-evaluate", 0.0, 1.0, False), ("phi", 0.0, 1.0, False),
         ):
             real_arg(key, self[key], low=low, high=high, low_open=low_open)
-        for key in ("exchange-timeout", "dirichlet-alpha", "cache-max-mb", "stream-max-frame-mb", "stream-handshake-timeout"):
+        for key in ("exchange-timeout", "dirichlet-alpha", "cache-max-mb", "stream-max-frame-mb", "stream-handshake-timeout",
+                    "stream-open-timeout"):
             real_arg(key, self[key], low=0.0, low_open=True)
         device = self["server-device"]  # whether this machine has it is checked where the server part is built
         if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):

@@ -77,17 +77,27 @@ def test_the_stream_registers_its_endpoint_and_old_names_still_import():
 
 # ------------------------------------------------------------------ a third plane, in memory
 class _LoopbackSession:
-    """A session whose server is a function: ``serve(reply) -> next request or None``."""
+    """A session whose server is a function: ``serve(reply) -> next request or None`` (the
+    round is done: commit it, then close the session)."""
 
     def __init__(self, serve: Callable[[RecordDict], Optional[RecordDict]], log: list) -> None:
-        self.serve, self.log, self.pending = serve, log, None
+        self.serve, self.log, self.pending, self.committed = serve, log, None, False
 
     def reply(self, content: RecordDict) -> None:
         self.log.append(content)
         self.pending = self.serve(content)
 
-    def next_request(self) -> Optional[RecordDict]:
-        return self.pending
+    def ack(self) -> None:
+        self.log.append("ack")
+
+    def next_call(self, idle: bool) -> ep.Call:
+        if self.pending is not None:
+            request, self.pending = self.pending, None
+            return ep.Call(ep.CallKind.REQUEST, p.TRAIN_STEP, request)
+        if not self.committed:
+            self.committed = True
+            return ep.Call(ep.CallKind.COMMIT)
+        return ep.Call(ep.CallKind.CLOSE)
 
     def fail(self, reason: str) -> None:
         self.log.append(reason)
@@ -171,10 +181,11 @@ def test_a_third_plane_trains_the_round_as_messages_do(loopback):
 
     over_loopback, ctx_loopback = SplitClient(model_fn, random_data(12, seed=3)), _context()
     ack = over_loopback.train_step(_message(_first(required=True)), ctx_loopback)
-    assert len(ack.content) == 0 and len(loopback.log) == 4  # 3 batches of 4, then the final reply
-    assert loopback.log[-1][p.CLIENT_PART].keys() == final[p.CLIENT_PART].keys()
+    # 3 batches of 4, the final reply, and the commit's acknowledgement
+    assert len(ack.content) == 0 and len(loopback.log) == 5 and loopback.log[-1] == "ack"
+    assert loopback.log[-2][p.CLIENT_PART].keys() == final[p.CLIENT_PART].keys()
     for key in final[p.CLIENT_PART].keys():
-        assert bytes(loopback.log[-1][p.CLIENT_PART][key].data) == bytes(final[p.CLIENT_PART][key].data), key
+        assert bytes(loopback.log[-2][p.CLIENT_PART][key].data) == bytes(final[p.CLIENT_PART][key].data), key
     assert _state(ctx_loopback) == _state(ctx_messages)
 
 

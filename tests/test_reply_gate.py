@@ -281,8 +281,8 @@ class SpoilingClient(SplitClient):
         self.nth, self.spoil, self.eval_spoil = nth, spoil, eval_spoil
         self.calls, self.lock = 0, threading.Lock()
 
-    def _advance(self, *args, **kwargs) -> RecordDict:
-        reply = super()._advance(*args, **kwargs)
+    def advance(self, *args, **kwargs) -> RecordDict:
+        reply = super().advance(*args, **kwargs)
         with self.lock:
             self.calls += 1
             if self.calls != self.nth:
@@ -292,10 +292,10 @@ class SpoilingClient(SplitClient):
         self.spoil(reply)
         return reply
 
-    def evaluate(self, message: Message, context: Context) -> Message:
-        reply = super().evaluate(message, context)
+    def evaluate_content(self, content: RecordDict, context: Context) -> RecordDict:
+        reply = super().evaluate_content(content, context)  # under both planes' evaluation
         if self.eval_spoil is not None:
-            self.eval_spoil(reply.content)
+            self.eval_spoil(reply)
         return reply
 
 

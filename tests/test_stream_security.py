@@ -38,6 +38,7 @@ from flwr.clientapp import ClientApp
 
 from flsplit.wire import protocol as p
 from flsplit.runtime.client import SplitClient
+from flsplit.planes.endpoint import Call, CallKind
 from flsplit.planes.inprocess import InProcessGrid
 from flsplit.planes.stream import StreamDataPlane
 from flsplit.planes.stream.client_session import ClientSession, SessionError
@@ -343,7 +344,7 @@ def test_closed_listener_ends_its_sessions_and_its_port(listening):
     assert stream_threads() == []
     assert port_refuses(lst.listener.address)
     with pytest.raises(SessionError, match="stream broke"):
-        session.next_request()
+        session.next_call(idle=False)
     session.close()
 
 
@@ -461,12 +462,15 @@ def by_hand(on_reply: Callable[[int, ClientSession, RecordDict], None]) -> Handl
                           run_config={})
         request: Optional[RecordDict] = RecordDict({k: v for k, v in msg.content.items() if k != OFFER})
         with ClientSession.open(offer) as session:
-            step = 0
-            while request is not None:
-                reply = client.train_step(Message(request, ctx.node_id, p.TRAIN_STEP), scratch).content
-                on_reply(step, session, reply)
-                step += 1
-                request = session.next_request()
+            step, call = 0, Call(CallKind.REQUEST, p.TRAIN_STEP, request)
+            while call.kind is not CallKind.CLOSE:
+                if call.kind is CallKind.REQUEST:
+                    reply = client.train_step(Message(call.content, ctx.node_id, p.TRAIN_STEP), scratch).content
+                    on_reply(step, session, reply)
+                    step += 1
+                else:  # commit or discard: the session stays until the run closes it
+                    session.ack()
+                call = session.next_call(idle=False)
         return Message(RecordDict(), reply_to=msg)
 
     return handler

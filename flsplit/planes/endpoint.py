@@ -5,8 +5,9 @@ replies through it. This module is the ClientApp's half. Every round starts with
 message (``train.split_step``); a plane other than messages puts an *offer* in it, a
 ``ConfigRecord`` under the plane's own name. ``SplitClient`` asks the registry here whether a
 request carries an offer (``offer_in``), opens the session with the plane's endpoint, and
-then runs the node's round over it: reply, read the next request, until the server ends the
-session (``next_request`` returns ``None``). ``SplitClient`` knows no plane by name.
+then serves the node over it for the run: answer, read the next ``Call`` (a request of any
+type, commit or discard the round, close), until the server closes the session.
+``SplitClient`` knows no plane by name.
 
 A plane is one folder holding both halves, e.g. ``flsplit/planes/stream/``: ``plane.py`` (a
 ``DataPlane``) and ``endpoint.py`` (a ``ClientEndpoint`` that registers itself when imported;
@@ -34,13 +35,15 @@ Example::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import Enum
 from typing import Optional, Protocol
 
 from flwr.app import ConfigRecord, RecordDict
 
 from flsplit.wire.protocol import ProtocolError
 
-__all__ = ["ClientEndpoint", "EndpointSession", "Offer", "PlaneError", "endpoints", "offer_in", "offer_records",
+__all__ = ["Call", "CallKind", "ClientEndpoint", "EndpointSession", "Offer", "PlaneError", "endpoints", "offer_in", "offer_records",
            "register_endpoint"]
 
 
@@ -54,15 +57,36 @@ class Offer(Protocol):
     required: bool  # True: a node that cannot open the session fails; False: it answers over messages
 
 
+class CallKind(str, Enum):
+    """What the server asks of a session next."""
+
+    REQUEST = "request"  # answer ``content`` (a ``message_type`` request) with ``reply``
+    COMMIT = "commit"  # the node's round is over: keep its state, then ``ack``
+    DISCARD = "discard"  # forget the round in progress, keep the last committed state, then ``ack``
+    CLOSE = "close"  # the session is over (the run ended, or it is renewed): answer the carrier
+
+
+@dataclass(frozen=True)
+class Call:
+    """One thing the server asks of a node's session (``EndpointSession.next_call``)."""
+
+    kind: CallKind
+    message_type: str = ""
+    content: Optional[RecordDict] = None
+
+
 class EndpointSession(Protocol):
-    """An open session of one node's round: strictly reply, then read the next request."""
+    """A node's open session, for the run: strictly answer, then read the next call."""
 
     def reply(self, content: RecordDict) -> None:
         """Send the reply to the current request (``PlaneError`` if the plane breaks)."""
 
-    def next_request(self) -> Optional[RecordDict]:
-        """The next request, or ``None`` when the server ends the session (commit the round);
-        ``PlaneError`` if it aborts it or the plane breaks."""
+    def ack(self) -> None:
+        """Acknowledge a commit or a discard (``PlaneError`` if the plane breaks)."""
+
+    def next_call(self, idle: bool) -> Call:
+        """What the server asks next; ``idle``: no round is in progress (the wait may be
+        long). ``PlaneError`` if the plane breaks or the wait runs out."""
 
     def fail(self, reason: str) -> None:
         """Tell the server why this client stops (best effort), and close."""

@@ -8,6 +8,10 @@ the client part's weights, the optimizer's momentum, the data cursor. The autogr
 cannot survive either: the trainer recomputes a batch's forward pass (same weights, data and
 dropout seed) when its gradient arrives. ``context.state`` is written only once a request
 has been handled without error.
+
+A train request that offers a plane's session is different: the node is then served over
+that session for the run (``flsplit.runtime.node_session``), with its trainer in memory; the
+handlers' ``*_content`` forms answer the session's other requests.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from flsplit.data.datasets import TensorData
 from flsplit.planes.endpoint import ClientEndpoint, Offer, PlaneError, offer_in, offer_records
 from flsplit.model.splitting import SplitModel
 from flsplit.wire.gate import check_records, check_state
+from flsplit.runtime.node_session import NodeSession
 from flsplit.runtime.trainer import ClientTrainer, Cursor, model_input, module_dtype, round_steps
 
 __all__ = ["SplitClient", "MODEL_SEED"]
@@ -196,10 +201,11 @@ class SplitClient:
                 return f"data of per-sample shape {shape} does not fit the model: {err}"
         return None
 
-    def _config_and_part(self, content: RecordDict, kind: str) -> tuple[p.SplitConfig, nn.Sequential]:
+    def config_and_part(self, content: RecordDict, kind: str, offers: Optional[bool] = None) -> tuple[p.SplitConfig, nn.Sequential]:
         """The request's ``SplitConfig`` and the client-part module for its cut, after checking
-        that the request holds only the records a ``kind`` request may hold."""
-        arrays, configs = _request_records(kind, offers=kind == "train")
+        that the request holds only the records a ``kind`` request may hold (a session offer
+        too when ``offers``; default: for a train request, which may open a session)."""
+        arrays, configs = _request_records(kind, offers=kind == "train" if offers is None else offers)
         check_records(content, arrays, set(), configs, {p.CONFIG}, f"{kind} request")
         cfg = p.SplitConfig.from_record(content.config_records[p.CONFIG])
         return cfg, self._client_part(cfg.cut, cfg.tail_cut)
@@ -221,22 +227,23 @@ class SplitClient:
         offered = offer_in(message.content)  # ProtocolError if malformed
         if offered is not None:
             return self.train_session(message, context, *offered)
-        cfg, part = self._config_and_part(message.content, "train")
-        trainer, new_round = self._trainer_for(message.content, cfg, part, context)
-        reply = self._advance(trainer, message.content, new_round, context, keep_graph=False)
-        self._save(trainer, context)  # the request was handled: only now does the node's state change
+        cfg, part = self.config_and_part(message.content, "train")
+        trainer, new_round = self.trainer_for(message.content, cfg, part, context)
+        reply = self.advance(trainer, message.content, new_round, context, keep_graph=False)
+        self.save(trainer, context)  # the request was handled: only now does the node's state change
         return Message(reply, reply_to=message)
 
     def train_session(self, message: Message, context: Context, endpoint: ClientEndpoint, offer: Offer) -> Message:
-        """The node's round over a plane's session: the trainer stays in memory (with the
-        autograd graph of the pending batch when there is one per exchange) from the
-        carrier's request to the server's end of the session; then ``context.state`` is
-        written once and the carrier answered with an empty acknowledgement. If the session
-        does not open and the offer allows it, this request is answered over messages, saying
-        why (``protocol.FALLBACK``)."""
+        """Serve the node over a plane's session for the run (``flsplit.runtime.node_session``):
+        this round and the later ones, with the trainer in memory (and, with one batch per
+        exchange, the autograd graph of the pending batch), ``context.state`` written at each
+        commit. The carrier is answered with an empty acknowledgement when the session ends,
+        or at once when the offer says ``detach`` (the session is then served from a thread).
+        If the session does not open and the offer allows it, this request is answered over
+        messages, saying why (``protocol.FALLBACK``)."""
         content = message.content
-        cfg, part = self._config_and_part(content, "train")
-        trainer, new_round = self._trainer_for(content, cfg, part, context)
+        cfg, part = self.config_and_part(content, "train")
+        trainer, new_round = self.trainer_for(content, cfg, part, context)
         if not new_round:
             raise p.ProtocolError(f"a session offer must come with the round's '{p.CLIENT_PART}'")
         try:
@@ -244,30 +251,21 @@ class SplitClient:
         except PlaneError as err:
             if offer.required:
                 raise
-            reply = self._advance(trainer, content, new_round, context, keep_graph=False)
+            reply = self.advance(trainer, content, new_round, context, keep_graph=False)
             reply[p.FALLBACK] = ConfigRecord({"reason": str(err)[:500]})
-            self._save(trainer, context)
+            self.save(trainer, context)
             return Message(reply, reply_to=message)
-        keep_graph = cfg.steps_per_exchange == 1  # with K > 1 each batch is recomputed after the previous step
-        with session:
-            request: Optional[RecordDict] = content
-            try:
-                while request is not None:
-                    session.reply(self._advance(trainer, request, new_round, context, keep_graph=keep_graph))
-                    new_round = False
-                    request = session.next_request()
-                    if request is not None:
-                        self._check_same_round(request, cfg)
-            except PlaneError:
-                raise
-            except Exception as err:  # tell the server why, then fail the carrier: no state written
-                session.fail(f"{type(err).__name__}: {err}")
-                raise
-        self._save(trainer, context)
+        node = NodeSession(self, session, context)
+        if getattr(offer, "detach", False):
+            node.start(content, trainer)
+        else:
+            node.run(content, trainer)
         return Message(RecordDict(), reply_to=message)
 
     @staticmethod
-    def _check_same_round(request: RecordDict, cfg: p.SplitConfig) -> None:
+    def check_same_round(request: RecordDict, cfg: p.SplitConfig) -> None:
+        """A request within a round: only the records a train request may hold, the round's
+        settings unchanged, and no client part (a round starts once)."""
         arrays, configs = _request_records("train", offers=False)
         check_records(request, arrays, set(), configs, {p.CONFIG}, "train request")
         if p.SplitConfig.from_record(request.config_records[p.CONFIG]) != cfg:
@@ -275,7 +273,7 @@ class SplitClient:
         if p.CLIENT_PART in request.array_records:
             raise p.ProtocolError(f"a request within a session carries '{p.CLIENT_PART}': a round starts once")
 
-    def _trainer_for(self, content: RecordDict, cfg: p.SplitConfig, part: nn.Module,
+    def trainer_for(self, content: RecordDict, cfg: p.SplitConfig, part: nn.Module,
                      context: Context) -> tuple[ClientTrainer, bool]:
         """The trainer a request continues: a new round's from its client part, else the one
         saved in ``context.state``."""
@@ -292,7 +290,7 @@ class SplitClient:
                                 _cursor_of(state.config_records[_CURSOR]), _momentum_of(state.array_records.get(_OPTIM)))
         return trainer, False
 
-    def _advance(self, trainer: ClientTrainer, content: RecordDict, new_round: bool, context: Context,
+    def advance(self, trainer: ClientTrainer, content: RecordDict, new_round: bool, context: Context,
                  keep_graph: bool) -> RecordDict:
         """Apply a request's gradients (or skip the pending batches) and build the reply: the
         next batches' smashed data, or the trained client part at the round's end."""
@@ -342,7 +340,7 @@ class SplitClient:
                            p.STATUS: ConfigRecord({"done": False, "position": position})})
 
     @staticmethod
-    def _save(trainer: ClientTrainer, context: Context) -> None:
+    def save(trainer: ClientTrainer, context: Context) -> None:
         """The trainer's state into ``context.state`` (weights, momentum, data cursor)."""
         state = context.state
         state.array_records[_WEIGHTS] = ArrayRecord(trainer.weights())
@@ -357,14 +355,27 @@ class SplitClient:
                 record[key] = float(context.node_config[key])
         return ConfigRecord(record)
 
+    def answer(self, message_type: str, content: RecordDict, context: Context) -> RecordDict:
+        """The reply to a request other than a train step (``ProtocolError`` for an unknown
+        type): what its Flower handler would send, for a session's ``CALL``."""
+        handlers = {p.DESCRIBE: self.describe_content, p.UPLOAD: self.upload_content,
+                    p.EVALUATE: self.evaluate_content, p.NOOP: lambda content, context: RecordDict()}
+        if message_type not in handlers:
+            raise p.ProtocolError(f"unknown request type {message_type!r}")
+        return handlers[message_type](content, context)
+
     def describe(self, message: Message, context: Context) -> Message:
         """Who this node is, for a planner (``query.split_device``): partition id, the device
         profile of its node config, and its numbers of training and evaluation samples."""
+        return Message(self.describe_content(message.content, context), reply_to=message)
+
+    def describe_content(self, content: RecordDict, context: Context) -> RecordDict:
+        """``describe``'s reply."""
         self.check_data(context)
         record = self._device_record(context)
         record["num-train-examples"] = len(self.train_data)
         record["num-eval-examples"] = len(self.eval_data) if self.eval_data is not None else 0
-        return Message(RecordDict({p.DEVICE: record}), reply_to=message)
+        return RecordDict({p.DEVICE: record})
 
     # ------------------------------------------------------------------ upload
     def upload(self, message: Message, context: Context) -> Message:
@@ -374,8 +385,12 @@ class SplitClient:
         the window's batches with the weights it holds in ``context.state`` and sends them
         all in this one reply; only the data cursor moves.
         """
+        return Message(self.upload_content(message.content, context), reply_to=message)
+
+    def upload_content(self, content: RecordDict, context: Context) -> RecordDict:
+        """``upload``'s reply (the cursor in ``context.state`` moves past the window)."""
         self.check_data(context)
-        cfg, part = self._config_and_part(message.content, "upload")
+        cfg, part = self.config_and_part(content, "upload")
         state = context.state
         if _WEIGHTS not in state.array_records or _CURSOR not in state.config_records:
             raise p.ProtocolError("no client part to upload with: the client has not trained yet")
@@ -389,14 +404,17 @@ class SplitClient:
             }
         )
         state.config_records[_CURSOR] = ConfigRecord(trainer.cursor.as_dict())
-        return Message(reply, reply_to=message)
+        return reply
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, message: Message, context: Context) -> Message:
         """Send the smashed data of all local evaluation data (eval mode) with its labels."""
+        return Message(self.evaluate_content(message.content, context), reply_to=message)
+
+    def evaluate_content(self, content: RecordDict, context: Context) -> RecordDict:
+        """``evaluate``'s reply."""
         self.check_data(context)
-        content = message.content
-        cfg, part = self._config_and_part(content, "evaluate")
+        cfg, part = self.config_and_part(content, "evaluate")
         if cfg.tail_cut:  # the reply would carry the labels a U-shaped split keeps here
             raise p.ProtocolError("evaluation of a U-shaped split is not supported: its reply would carry the labels")
         if p.CLIENT_PART in content.array_records:
@@ -416,7 +434,7 @@ class SplitClient:
         reply = RecordDict(
             {p.SMASHED: p.encode_batches(batches, get_codec(cfg.codec_up)), p.METRICS: MetricRecord({"num-examples": len(data)})}
         )
-        return Message(reply, reply_to=message)
+        return reply
 
     @staticmethod
     def noop(message: Message, context: Context) -> Message:

@@ -34,15 +34,24 @@ def split_step(msg: Message, context: Context) -> Message:
     from flsplit.planes.stream.client_session import ClientSession
     from flsplit.planes.stream.offer import SessionOffer
 
+    from flsplit.planes.endpoint import CallKind
+
     session = ClientSession.open(SessionOffer.from_content(msg.content))
     with session:
-        request, prev = msg.content, 0.0
+        request, prev, idle = msg.content, 0.0, False
         try:
-            while request is not None:  # None: the server sent END
-                t = time.perf_counter()
-                session.reply(echo(request, prev))
-                prev = time.perf_counter() - t
-                request = session.next_request()
+            while True:  # the session lasts the run: until the server sends CLOSE
+                if request is not None:
+                    t = time.perf_counter()
+                    session.reply(echo(request, prev))
+                    prev = time.perf_counter() - t
+                call = session.next_call(idle=idle)
+                if call.kind is CallKind.CLOSE:
+                    break
+                request = call.content if call.kind is CallKind.REQUEST else None
+                idle = call.kind is not CallKind.REQUEST
+                if request is None:
+                    session.ack()  # a round committed or forgotten
         except Exception as err:  # tell the server why (best effort), then fail the carrier
             session.fail(f"{type(err).__name__}: {err}")
             raise

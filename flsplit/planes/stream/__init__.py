@@ -1,11 +1,12 @@
-"""The streaming data plane: a round's split exchanges as frames over one TLS session per node.
+"""The streaming data plane: every exchange with a node as frames over one TLS session that lasts the run.
 
 ``plane.StreamDataPlane`` (the ServerApp's side, a ``flsplit.planes.dataplane.DataPlane``),
 ``listener`` (TLS listener, admission of offered sessions, one thread per session),
 ``endpoint`` (the ClientApp's side, a ``flsplit.planes.endpoint.ClientEndpoint``, registered on
-import) over ``client_session`` (the session it opens), ``offer`` (what the round's first
-Flower message carries), ``frames`` (the wire format), ``tls`` (certificates and pinning),
-``simulation`` (how many sessions Flower's simulation engine can hold at once),
+import) over ``client_session`` (the session it opens), ``offer`` (what a node's first
+Flower message of the run carries), ``frames`` (the wire format), ``tls`` (certificates and pinning),
+``simulation`` (whether the ServerApp runs in Flower's simulation engine, and how many
+ClientApps it runs at once),
 ``run_config`` (the plane from the run config's ``stream-*`` keys).
 
 Importing the package registers both halves: the server half's ``data-plane`` modes ``auto``

@@ -1,4 +1,4 @@
-"""The ClientApp's end of a stream session: connect, prove the offer, then answer in turn."""
+"""The ClientApp's end of a stream session: connect, prove the offer, then answer in turn for the run."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from typing import Optional
 
 from flwr.app import RecordDict
 
-from flsplit.planes.endpoint import PlaneError
-from flsplit.planes.stream.frames import FrameError, Kind, decode_content, decode_json, encode_content, encode_json, recv_frame, send_frame
+from flsplit.planes.endpoint import Call, CallKind, PlaneError
+from flsplit.wire.protocol import TRAIN_STEP
+from flsplit.planes.stream.frames import (FrameError, Kind, decode_call, decode_content, decode_json, encode_content,
+                                          encode_json, recv_frame, send_frame)
 from flsplit.planes.stream.listener import HELLO_MAX, tune_socket
 from flsplit.planes.stream.offer import SessionOffer
 from flsplit.planes.stream.tls import check_pin, client_context
@@ -22,11 +24,11 @@ class SessionError(PlaneError):
 
 
 class SessionAborted(SessionError):
-    """The server ended the session without committing the round."""
+    """The server ended the session with an error frame."""
 
 
 class ClientSession:
-    """An open, authenticated session (use ``open``); strictly reply, then read the next frame.
+    """An open, authenticated session (use ``open``); strictly answer, then read the next frame.
 
     A ``flsplit.planes.endpoint.EndpointSession``: ``flsplit.planes.stream.endpoint`` opens it for
     ``SplitClient``."""
@@ -67,21 +69,38 @@ class ClientSession:
         except OSError as err:
             raise SessionError(f"stream broke while replying: {err}") from None
 
-    def next_request(self) -> Optional[RecordDict]:
-        """The next request, or ``None`` when the server ends the session (commit the round);
-        ``SessionAborted`` if it ends it otherwise, ``SessionError`` if the stream breaks."""
+    def ack(self) -> None:
+        """Acknowledge END (the round is committed here) or ABORT (it is forgotten)."""
         try:
-            kind, payload = recv_frame(self.sock, self.offer.max_frame, expect=(Kind.REQUEST, Kind.END, Kind.ABORT, Kind.ERROR))
+            send_frame(self.sock, Kind.ACK)
+        except OSError as err:
+            raise SessionError(f"stream broke while acknowledging: {err}") from None
+
+    def next_call(self, idle: bool) -> Call:
+        """What the server asks next (``idle``: no round in progress, wait up to the offer's
+        ``idle_timeout``, else its ``timeout``); ``SessionAborted`` on an error frame,
+        ``SessionError`` if the stream breaks or the wait runs out."""
+        wait = self.offer.idle_timeout if idle else self.offer.timeout
+        self.sock.settimeout(wait)
+        expect = (Kind.REQUEST, Kind.CALL, Kind.END, Kind.ABORT, Kind.CLOSE, Kind.ERROR)
+        try:
+            kind, payload = recv_frame(self.sock, self.offer.max_frame, expect=expect)
         except socket.timeout:
-            raise SessionError(f"no request from the server within {self.offer.timeout:.0f} s") from None
+            raise SessionError(f"no request from the server within {wait:.0f} s") from None
         except (OSError, FrameError) as err:
             raise SessionError(f"stream broke: {err}") from None
-        if kind is Kind.END:
-            return None
-        if kind in (Kind.ABORT, Kind.ERROR):
-            raise SessionAborted(f"the server ended the session: {kind.name}")
+        if kind is Kind.ERROR:
+            raise SessionAborted("the server ended the session with an error")
+        if kind in (Kind.END, Kind.ABORT, Kind.CLOSE) and payload:
+            raise SessionError(f"a {kind.name} frame carries no payload")
+        simple = {Kind.END: CallKind.COMMIT, Kind.ABORT: CallKind.DISCARD, Kind.CLOSE: CallKind.CLOSE}
+        if kind in simple:
+            return Call(simple[kind])
         try:
-            return decode_content(payload)
+            if kind is Kind.CALL:
+                message_type, content = decode_call(payload)
+                return Call(CallKind.REQUEST, message_type, content)
+            return Call(CallKind.REQUEST, TRAIN_STEP, decode_content(payload))  # REQUEST frames are train steps
         except FrameError as err:
             raise SessionError(str(err)) from None
 

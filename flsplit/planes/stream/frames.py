@@ -33,6 +33,8 @@ __all__ = [
     "decode_content",
     "encode_json",
     "decode_json",
+    "encode_call",
+    "decode_call",
 ]
 
 MAGIC = b"FLS1"
@@ -44,8 +46,15 @@ class FrameError(ConnectionError):
 
 
 class Kind(enum.IntEnum):
-    """What a frame is. Client -> server: HELLO, REPLY, ERROR. Server -> client: WELCOME,
-    REQUEST, END (commit the round), ABORT (forget it), ERROR."""
+    """What a frame is.
+
+    Server -> client: WELCOME, REQUEST (a train step), CALL (a request of another type:
+    evaluation, upload, a planner's query), END (commit the round), ABORT (forget the
+    round), CLOSE (end the session: the run is over, or the session is renewed), ERROR.
+    Client -> server: HELLO, REPLY (to a REQUEST or CALL), ACK (to END or ABORT), ERROR.
+    A session serves the node for the whole run: after END or ABORT it waits for the next
+    round's REQUEST, a CALL or CLOSE.
+    """
 
     HELLO = 1
     WELCOME = 2
@@ -54,6 +63,9 @@ class Kind(enum.IntEnum):
     END = 5
     ABORT = 6
     ERROR = 7
+    CALL = 8
+    CLOSE = 9
+    ACK = 10
 
 
 def send_frame(sock: socket.socket, kind: Kind, payload: bytes = b"") -> None:
@@ -117,6 +129,26 @@ def decode_content(payload: bytes | bytearray) -> RecordDict:
         return recorddict_from_proto(proto)
     except Exception as err:  # protobuf's DecodeError, or a record Flower refuses
         raise FrameError(f"payload is not a serialized RecordDict: {type(err).__name__}: {err}") from None
+
+
+def encode_call(message_type: str, content: RecordDict) -> bytes:
+    """A CALL payload: one byte of length, the message type (ASCII), then the content."""
+    name = message_type.encode("ascii")
+    if not 0 < len(name) < 256:
+        raise ValueError(f"message type {message_type!r} must be 1 to 255 ASCII bytes")
+    return bytes([len(name)]) + name + encode_content(content)
+
+
+def decode_call(payload: bytes | bytearray) -> tuple[str, RecordDict]:
+    """The message type and content of a CALL payload; ``FrameError`` if malformed."""
+    if not payload or len(payload) < 1 + payload[0] or payload[0] == 0:
+        raise FrameError("call payload too short for its message type")
+    size = payload[0]
+    try:
+        message_type = bytes(payload[1:1 + size]).decode("ascii")
+    except UnicodeDecodeError:
+        raise FrameError("call message type is not ASCII") from None
+    return message_type, decode_content(payload[1 + size:])  # a copy: calls are rare, steps are REQUESTs
 
 
 def encode_json(obj: dict[str, Any]) -> bytes:

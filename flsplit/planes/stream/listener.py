@@ -7,8 +7,9 @@ logged with its reason (and kept in ``refusals``) and the connection closed: an
 unauthenticated peer never gets further than its first frame.
 
 An admitted connection becomes a ``ServerSession``: one thread that owns the socket and keeps
-the strict order of the session, request then reply. It sends what the plane queues and
-reports each reply (or the reason there is none) on the plane's event queue.
+the strict order of the session, one frame then its answer. It sends what the plane queues
+and reports each answer (a reply, an acknowledgement, or the reason there is none) on the
+plane's event queue, in the order the frames were queued.
 """
 
 from __future__ import annotations
@@ -46,12 +47,14 @@ def tune_socket(sock: socket.socket) -> None:
 
 @dataclass
 class SessionEvent:
-    """What a session reports to the plane: a reply's payload, or why there is none."""
+    """What a session reports to the plane: a reply's payload, an acknowledgement (of END
+    or ABORT: ``ack``), or why there is none (``error``)."""
 
     node_id: int
     session_id: str
     payload: Optional[bytearray] = None
     error: Optional[str] = None
+    ack: bool = False
 
 
 @dataclass
@@ -62,11 +65,15 @@ class _Pending:
 
 
 class ServerSession:
-    """One admitted connection: sends queued frames and reads each reply, strictly in turn.
+    """One admitted connection: sends queued frames and reads each one's answer, strictly in turn.
 
-    The thread that ran the handshake runs ``serve`` until the session ends; no other
-    thread touches the TLS socket (OpenSSL objects must not be shared between threads).
+    REQUEST and CALL are answered by a REPLY, END and ABORT by an ACK, CLOSE by the client
+    hanging up. The thread that ran the handshake runs ``serve`` until the session ends; no
+    other thread touches the TLS socket (OpenSSL objects must not be shared between threads).
     """
+
+    _ANSWERS = {Kind.REQUEST: (Kind.REPLY, Kind.ERROR), Kind.CALL: (Kind.REPLY, Kind.ERROR),
+                Kind.END: (Kind.ACK, Kind.ERROR), Kind.ABORT: (Kind.ACK, Kind.ERROR)}
 
     def __init__(self, node_id: int, session_id: str, sock: ssl.SSLSocket, events: "queue.Queue[SessionEvent]",
                  max_frame: int) -> None:
@@ -76,23 +83,23 @@ class ServerSession:
         self.closed = threading.Event()
 
     def send(self, kind: Kind, payload: bytes = b"") -> None:
-        """Queue a frame (a REQUEST is answered by one event; END and ABORT end the session)."""
+        """Queue a frame; each but CLOSE is answered by one event, in the order queued."""
         self._outbox.put((kind, payload))
 
     def close(self) -> None:
-        """End the session now (a reply still awaited is reported as an error)."""
+        """End the session now (an answer still awaited is reported as an error)."""
         self._outbox.put(None)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read
         except OSError:
             pass
 
-    def _report(self, payload: Optional[bytearray] = None, error: Optional[str] = None) -> None:
-        self.events.put(SessionEvent(self.node_id, self.session_id, payload, error))
+    def _report(self, payload: Optional[bytearray] = None, error: Optional[str] = None, ack: bool = False) -> None:
+        self.events.put(SessionEvent(self.node_id, self.session_id, payload, error, ack))
 
-    def _read_reply(self) -> bool:
+    def _read_answer(self, expect: tuple[Kind, ...] = (Kind.REPLY, Kind.ERROR)) -> bool:
         try:
-            kind, payload = recv_frame(self.sock, self.max_frame, expect=(Kind.REPLY, Kind.ERROR))
+            kind, payload = recv_frame(self.sock, self.max_frame, expect=expect)
         except (FrameError, OSError) as err:
             self._report(error=f"stream: {err}")
             return False
@@ -103,13 +110,19 @@ class ServerSession:
                 reason = "unreadable error frame"
             self._report(error=f"client error: {reason[:2000]}")
             return False
-        self._report(payload)
+        if kind is Kind.ACK:
+            if payload:
+                self._report(error="stream: an ACK frame carries no payload")
+                return False
+            self._report(ack=True)
+        else:
+            self._report(payload)
         return True
 
     def serve(self) -> None:
-        """Read the first reply, then alternate: send a queued frame, read its reply."""
+        """Read the first reply, then alternate: send a queued frame, read its answer."""
         try:
-            if not self._read_reply():
+            if not self._read_answer():
                 return
             while (item := self._outbox.get()) is not None:
                 kind, payload = item
@@ -127,14 +140,14 @@ class ServerSession:
                 except OSError as err:
                     self._report(error=f"stream: could not send: {err}")
                     return
-                if kind in (Kind.END, Kind.ABORT):
+                if kind is Kind.CLOSE:
                     self.sock.settimeout(5.0)  # let the client read it and hang up
                     try:
                         self.sock.recv(1)
                     except OSError:
                         pass
                     return
-                if not self._read_reply():
+                if not self._read_answer(self._ANSWERS[kind]):
                     return
         finally:
             self.closed.set()
@@ -211,13 +224,14 @@ class SessionListener:
         self._accept_thread.start()
 
     # ------------------------------------------------------------------ offers
-    def offer(self, node_id: int, ttl: float, timeout: float, required: bool) -> SessionOffer:
+    def offer(self, node_id: int, ttl: float, timeout: float, required: bool, idle_timeout: float = 43200.0,
+              detach: bool = False) -> SessionOffer:
         """A new session for ``node_id`` that must connect within ``ttl`` seconds."""
         session_id, secret = secrets.token_hex(16), secrets.token_hex(32)
         with self._lock:
             self._offers[session_id] = _Pending(node_id, secret, time.monotonic() + ttl)
         return SessionOffer(self.address, session_id, secret, self.credentials.cert_pem, self.credentials.fingerprint,
-                            timeout, self.handshake_timeout, self.max_frame, required)
+                            timeout, self.handshake_timeout, self.max_frame, required, idle_timeout, detach)
 
     def revoke(self, session_id: str) -> None:
         """Withdraw an offer that was not taken up."""

@@ -1,4 +1,4 @@
-"""The session offer: what a node's first Flower message of a round carries to open a stream."""
+"""The session offer: what a node's first train message carries to open its stream session."""
 
 from __future__ import annotations
 
@@ -27,7 +27,10 @@ class SessionOffer:
     cert_pem, fingerprint : str
         The server's certificate (pinned) and its SHA-256 fingerprint.
     timeout : float
-        Seconds the client waits for each frame of the session (the exchange timeout).
+        Seconds the client waits for each frame while a round is in progress.
+    idle_timeout : float
+        Seconds the client waits for the next frame between rounds (its session lasts the
+        run; past this it ends the session as if the server had closed it).
     handshake_timeout : float
         Seconds to connect, finish TLS and be welcomed.
     max_frame : int
@@ -35,6 +38,12 @@ class SessionOffer:
     required : bool
         ``True``: a node that cannot open the session fails the request; ``False``: it
         answers over messages instead and says why.
+    detach : bool
+        ``True``: the ClientApp answers its Flower message as soon as the session is open and
+        serves the session from a thread of its process (Flower's simulation engine, whose
+        worker processes outlive a ClientApp and whose actor pool is smaller than the fleet);
+        ``False``: it holds the message until the session ends (a deployment, where the
+        ClientApp's process ends with its message).
     """
 
     address: str
@@ -46,6 +55,8 @@ class SessionOffer:
     handshake_timeout: float
     max_frame: int
     required: bool
+    idle_timeout: float = 43200.0
+    detach: bool = False
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(asdict(self))
@@ -70,6 +81,8 @@ class SessionOffer:
                 handshake_timeout=float(record["handshake_timeout"]),
                 max_frame=int(record["max_frame"]),
                 required=bool(record["required"]),
+                idle_timeout=float(record["idle_timeout"]),
+                detach=bool(record["detach"]),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"malformed session offer: {err!r}") from None

@@ -3,7 +3,8 @@
 In a ``flwr run`` simulation the ServerApp runs in the same process as Flower's engine,
 which runs a ClientApp on one of its Ray actors, with at most ``min(32, cpu_count + 4)``
 worker threads (Flower's hard-coded thread pool). A session holds its ClientApp for the whole
-round, so a lockstep step over ``N`` sessions needs ``N`` ClientApps running at once.
+run unless it is detached, so ``N`` such sessions need ``N`` ClientApps running at once; the
+plane detaches sessions in simulation instead (``SessionOffer.detach``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,15 @@ import sys
 import time
 from typing import Optional
 
-__all__ = ["simulation_concurrency"]
+__all__ = ["simulation_concurrency", "in_simulation"]
 
 _POOL_MODULE = "flwr.simulation.ray_transport.ray_actor"
+
+
+def in_simulation() -> bool:
+    """Whether this ServerApp runs inside Flower's simulation engine (its Ray actor module is
+    loaded: the engine runs in this process)."""
+    return _POOL_MODULE in sys.modules
 
 
 def simulation_concurrency(wait: float = 60.0) -> Optional[int]:
