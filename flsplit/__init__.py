@@ -26,7 +26,8 @@ The library, by layer: one subpackage per layer, imports flow down this list, ne
     ClientApp side), ``server`` (server part and step rules), ``optim`` (SGD or AdamW, their
     state as tensors), ``aggregation``, ``schedules``
     (one round over a plane), ``exchange`` (a round's state as one
-    value), ``checkpoint``, ``history``; ``server_stream`` (the server part's own dropout stream).
+    value), ``checkpoint`` (and ``checkpoint_seal``, the digests of its JSON), ``history``;
+    ``server_stream`` (the server part's own dropout stream).
 ``flsplit.planners``
     ``PlanningProblem``, ``Plan``, one registry, the solvers, planners in the loop.
 ``flsplit.strategies``

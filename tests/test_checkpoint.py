@@ -17,7 +17,8 @@ from flwr.app import ArrayRecord, Context, RecordDict
 
 from apps.client_app import app as client_app
 from apps.server_app import app as server_app
-from flsplit.runtime.checkpoint import CheckpointError, CheckpointMismatch, load_checkpoint
+from flsplit.runtime.checkpoint import CheckpointError, CheckpointMismatch, _is_reference, load_checkpoint
+from flsplit.runtime.checkpoint_seal import DIGESTS, seal
 from flsplit.planes.inprocess import InProcessGrid
 from flsplit.planners.online import make_online_planner
 from flsplit.sim.scenario_files import load_scenario
@@ -226,10 +227,14 @@ def test_a_planner_in_the_loop_must_match_too(saved, tmp_path):
     _refused(other_v, tmp_path / "open", CheckpointMismatch, r"planner\.V: checkpoint 0\.01, this run 0\.5")
 
 
-def _rewrite_meta(run, change):
+def _rewrite_meta(run, change, reseal=False):
+    """Edit ``checkpoint.json`` with ``change(meta)``; ``reseal``: then recompute its digests as a
+    forger could (plain digests do not stop that), to reach the checks behind them."""
     path = run / "checkpoint.json"
     meta = json.loads(path.read_text())
     change(meta)
+    if reseal:
+        meta = seal({k: v for k, v in meta.items() if k != DIGESTS}, _is_reference)
     path.write_text(json.dumps(meta))
 
 
@@ -255,7 +260,11 @@ def test_corrupt_checkpoints_are_refused_before_anything_trains(saved, tmp_path)
 
     for garbage in (b"\x00garbage" * 50, pickle.dumps({"t0": Payload()}, protocol=2)):
         tensors.write_bytes(garbage)
-        _rewrite_meta(saved, lambda m: m["tensors"].update(bytes=len(garbage), sha256=hashlib.sha256(garbage).hexdigest()))
+        forged = lambda m: m["tensors"].update(bytes=len(garbage), sha256=hashlib.sha256(garbage).hexdigest())
+        _rewrite_meta(saved, forged)  # the checksum forged, but not the digests over it
+        _refused(_build("psl"), saved, CheckpointError, r"section 'tensors' \(key 'bytes'\) was altered")
+        (saved / "checkpoint.json").write_text(meta_text)
+        _rewrite_meta(saved, forged, reseal=True)
         _refused(_build("psl"), saved, CheckpointError, r"checkpoint-2\.pt does not load")
     tensors.write_bytes(blob)
     (saved / "checkpoint.json").write_text(meta_text)
@@ -265,16 +274,100 @@ def test_corrupt_checkpoints_are_refused_before_anything_trains(saved, tmp_path)
     (saved / "checkpoint.json").write_text("{}")
     _refused(_build("psl"), saved, CheckpointError, r"is not an flsplit checkpoint")
     (saved / "checkpoint.json").write_text(meta_text)
-    _rewrite_meta(saved, lambda m: m["state"]["model"].update({"0.weight": {"$tensor": "t999"}}))
+    _rewrite_meta(saved, lambda m: m["state"]["model"].update({"0.weight": {"$tensor": "t999"}}), reseal=True)
     _refused(_build("psl"), saved, CheckpointError, r"refers to tensor 't999'")
     (saved / "checkpoint.json").write_text(meta_text)
-    _rewrite_meta(saved, lambda m: m["history"]["rounds"].pop())
+    _rewrite_meta(saved, lambda m: m["history"]["rounds"].pop(), reseal=True)
     _refused(_build("psl"), saved, CheckpointError, r"history does not hold rounds 1\.\.2")
     (saved / "checkpoint.json").write_text(meta_text)
 
     tensors.unlink()
     _refused(_build("psl"), saved, CheckpointError, r"tensor file .*checkpoint-2\.pt is missing")
     _refused(_build("psl"), tmp_path / "nowhere", CheckpointError, r"no checkpoint at")
+
+
+# ------------------------------------------------------------------ edits of checkpoint.json
+def _one_char(text, old, new):
+    """``text`` with its only ``old`` replaced by ``new``."""
+    assert text.count(old) == 1, old
+    return text.replace(old, new)
+
+
+def _json_edit(change):
+    def edit(text):
+        meta = json.loads(text)
+        change(meta)
+        return json.dumps(meta)
+    return edit
+
+
+def _flip(digest):
+    return digest[:-1] + ("0" if digest[-1] != "0" else "1")
+
+
+def _older(meta):
+    """A checkpoint as flsplit wrote them before digests: version 1, no digests."""
+    del meta[DIGESTS]
+    meta["version"] = 1
+
+
+ROUND_1 = "section 'history' (round 1)"  # the label of round 1's digest
+
+# each edit keeps checkpoint.json valid JSON; the refusal names what it changed
+EDITS = {
+    # one character: 8.bias would load 8.weight's tensor
+    "tensor-map-entry": (lambda t: _one_char(t, '"8.bias": {"$tensor": "t7"}', '"8.bias": {"$tensor": "t6"}'),
+                         r"section 'state' \(tensor map entry 'model\.8\.bias'\) was altered after it was written"),
+    "history-value": (_json_edit(lambda m: m["history"]["rounds"][1].update(train_loss=0.5)),
+                      r"section 'history' \(round 2\) was altered after it was written"),
+    "history-round-removed": (_json_edit(lambda m: m["history"]["rounds"].pop()),
+                              r"section 'history' \(round 2\) was removed"),
+    "config-value": (_json_edit(lambda m: m["config"]["train"].update(seed=1)),
+                     r"section 'config' \(key 'train'\) was altered after it was written"),
+    "round": (_json_edit(lambda m: m.update(round=1)), r"section 'round' was altered after it was written"),
+    "tensor-checksum": (_json_edit(lambda m: m["tensors"].update(sha256=_flip(m["tensors"]["sha256"]))),
+                        r"section 'tensors' \(key 'sha256'\) was altered"),
+    "digest-value": (_json_edit(lambda m: m[DIGESTS]["parts"].update({ROUND_1: _flip(m[DIGESTS]["parts"][ROUND_1])})),
+                     r"the digest of section 'history' \(round 1\) was altered \(the content they cover is as written"),
+    "digest-removed": (_json_edit(lambda m: m[DIGESTS]["parts"].pop("section 'config'")),
+                       r"the digest of section 'config' was removed"),
+    "overall-digest": (_json_edit(lambda m: m[DIGESTS].update(all=_flip(m[DIGESTS]["all"]))),
+                       r"its digest over all parts \('all'\) was altered"),
+    "digests-removed": (_json_edit(lambda m: m.pop(DIGESTS)), r"its digests were removed"),
+    "digests-key-added": (_json_edit(lambda m: m[DIGESTS].update(note="x")),
+                          r"its digests are not the 'parts' and 'all'"),
+    "key-added": (_json_edit(lambda m: m["config"].update(extra=1)), r"section 'config' \(key 'extra'\) was added"),
+    "section-added": (_json_edit(lambda m: m.update(note="x")), r"section 'note' was added"),
+    "spacing": (lambda t: _one_char(t, '"version": 2,', '"version":  2,'),
+                r"its text was edited at byte \d+ .* where no value changed"),
+    "older-version": (_json_edit(_older), r"written by an older flsplit \(checkpoint version 1\) without digests: "
+                                          r"whether it was edited cannot be told"),
+}
+
+
+@pytest.fixture(scope="module")
+def sealed(tmp_path_factory):
+    """The files of a 2-round PSL run's checkpoint, written once for all the edits."""
+    run = tmp_path_factory.mktemp("sealed") / "run"
+    _start(_build("psl", checkpoint_dir=run), _grid(), 2)
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.name.startswith("checkpoint")}
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_any_edit_of_checkpoint_json_is_refused_naming_what_changed(sealed, tmp_path, edit):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, data in sealed.items():
+        (run / name).write_bytes(data)
+    load_checkpoint(run)  # as written, it loads
+    change, match = EDITS[edit]
+    text = change(sealed["checkpoint.json"].decode())
+    assert text != sealed["checkpoint.json"].decode() and isinstance(json.loads(text), dict)  # still valid JSON
+    (run / "checkpoint.json").write_text(text)
+    with pytest.raises(CheckpointError, match=match) as refused:
+        load_checkpoint(run)
+    assert not isinstance(refused.value, CheckpointMismatch)
+    _refused(_build("psl"), run, CheckpointError, match)  # and a run does not start from it
 
 
 def test_a_checkpoint_with_no_round_left_to_run_is_refused(saved):

@@ -5,7 +5,8 @@ A checkpoint lives in the run directory, next to ``history.json``::
     checkpoint.json       format and version, the round it was taken after, the run's
                           fingerprint (``config``: the settings a resumed run must share),
                           the strategy's state (tensors replaced by references), the history
-                          so far, and the name, size and SHA-256 of the tensor file
+                          so far, the name, size and SHA-256 of the tensor file, and
+                          ``digests``: the SHA-256 of every part of the rest and one over them
     checkpoint-<r>.pt     the tensors: one flat ``{name: tensor}`` dict written by
                           ``torch.save`` and read back with ``weights_only=True`` (no
                           unpickling of arbitrary objects)
@@ -15,11 +16,21 @@ The state a strategy hands over is a tree of dicts (string keys), lists and plai
 objects; a record is stored as the bytes of Flower's own protobuf serialization (a uint8
 tensor), so an encoded payload (FP8 smashed data, say) comes back bit for bit.
 
+Every byte of ``checkpoint.json`` is covered: a digest per top-level section, finer ones (each
+key of a section, each history round, each entry of the state's tensor map) that name what an
+edit changed, one digest over all of those, and the file must be exactly the text the writer
+makes of its values (so spacing and spelling are covered too); see
+``flsplit.runtime.checkpoint_seal``. The digests are plain SHA-256, not an HMAC: they make any
+edit or corruption evident, but not a forgery by someone who also recomputes them (a key would
+have to be kept apart from the run directory, and a checkpoint could no longer be moved).
+
 Writing is atomic: the tensor file first, then ``checkpoint.json`` (each a temporary file
 moved into place with ``os.replace``), then the tensor files of older rounds are removed. A
 crash at any point leaves the previous complete checkpoint. Reading refuses, with a
-``CheckpointError`` that names the problem, a missing, truncated or altered file, another
-format or version, and a state that refers to tensors the file does not hold.
+``CheckpointError`` that names the problem, a missing, truncated or altered file (for
+``checkpoint.json``, the parts that changed), another format or version (version 1, from before
+the digests, included: whether it was edited cannot be told), and a state that refers to
+tensors the file does not hold.
 
 Example::
 
@@ -45,6 +56,8 @@ from flwr.app import ArrayRecord
 from flwr.common.serde import array_record_from_proto, array_record_to_proto
 from flwr.proto.recorddict_pb2 import ArrayRecord as ProtoArrayRecord
 
+from flsplit.runtime.checkpoint_seal import DIGESTS, find_tampering, seal
+
 __all__ = [
     "CHECKPOINT_FILE",
     "Checkpoint",
@@ -56,7 +69,7 @@ __all__ = [
 ]
 
 FORMAT = "flsplit-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: checkpoint.json carries digests; version 1 had none
 CHECKPOINT_FILE = "checkpoint.json"
 _TENSOR_FILE = re.compile(r"checkpoint-(\d+)\.pt")
 _TENSOR, _RECORD = "$tensor", "$record"  # a leaf's reference into the tensor file
@@ -128,10 +141,15 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
     raise TypeError(f"checkpoint state at {where}: cannot store a {type(value).__name__}")
 
 
+def _is_reference(value: Any) -> bool:
+    """Whether ``value`` (read from JSON) is a leaf's reference into the tensor file."""
+    return isinstance(value, dict) and len(value) == 1 and (_TENSOR in value or _RECORD in value)
+
+
 def _decode(value: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
     """The inverse of ``_encode``; a reference to a missing tensor is a ``CheckpointError``."""
     if isinstance(value, dict):
-        if len(value) == 1 and (_TENSOR in value or _RECORD in value):
+        if _is_reference(value):
             (kind, name), = value.items()
             if not isinstance(name, str) or name not in tensors:
                 raise CheckpointError(f"state at {where} refers to tensor {name!r}, which the tensor file does not hold")
@@ -162,6 +180,23 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return float(value)  # as flsplit.runtime.history writes the history
+
+
+def _check_digests(meta: dict, text: bytes, path: Path) -> None:
+    """Refuse ``checkpoint.json`` (``meta``, read from ``text``) if any byte of it changed after
+    it was written, naming the parts that changed, or if it has no digests to tell."""
+    if DIGESTS not in meta:
+        if meta.get("version") == 1:
+            raise CheckpointError(
+                f"{path} was written by an older flsplit (checkpoint version 1) without digests: whether it "
+                "was edited cannot be told, so it is refused (resume with the flsplit that wrote it, or start again)"
+            )
+        if meta.get("version") == VERSION:  # every version-2 checkpoint is written with them
+            raise CheckpointError(f"altered checkpoint {path}: its digests were removed")
+        return  # another version: refused as one next
+    problem = find_tampering(meta, text, _is_reference)
+    if problem is not None:
+        raise CheckpointError(f"altered checkpoint {path}: {problem}")
 
 
 # ------------------------------------------------------------------ saving and loading
@@ -199,8 +234,9 @@ def save_checkpoint(directory: Union[str, Path], server_round: int, config: dict
         "tensors": {"file": name, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()},
         "history": history,
     }
+    meta = json.loads(json.dumps(meta, default=_json_default))  # plain JSON values, as a reader sees them
     path = directory / CHECKPOINT_FILE
-    _write_atomic(path, json.dumps(meta, default=_json_default).encode())
+    _write_atomic(path, json.dumps(seal(meta, _is_reference)).encode())
     for old in directory.iterdir():  # only now is the previous round's tensor file unreferenced
         if _TENSOR_FILE.fullmatch(old.name) and old.name != name:
             old.unlink(missing_ok=True)
@@ -213,17 +249,22 @@ def load_checkpoint(source: Union[str, Path]) -> Checkpoint:
     Raises
     ------
     CheckpointError
-        No checkpoint there, or one that is truncated, altered or of another format.
+        No checkpoint there, or one that is truncated, altered (any byte of ``checkpoint.json``:
+        the error names the parts changed) or of another format or version.
     """
     source = Path(source).expanduser()
     path = source / CHECKPOINT_FILE if source.is_dir() else source
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {source}: expected {path} (a run directory writes one after every round)")
+    text = path.read_bytes()
     try:
-        meta = json.loads(path.read_bytes())
+        meta = json.loads(text)
     except (UnicodeDecodeError, ValueError) as err:
         raise CheckpointError(f"corrupt checkpoint {path}: not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or (meta.get("format") != FORMAT and DIGESTS not in meta):
+        raise CheckpointError(f"{path} is not an flsplit checkpoint (format {FORMAT!r} expected)")
+    _check_digests(meta, text, path)  # before the structure: an edit is named as one
+    if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an flsplit checkpoint (format {FORMAT!r} expected)")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint version {meta.get('version')!r}, this flsplit reads version {VERSION}")
