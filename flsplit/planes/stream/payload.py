@@ -17,7 +17,7 @@ length and count is checked against the bytes left before anything is allocated,
 nothing may follow the last record::
 
     payload := b"FLR1"  u32 n_records  record * n_records
-    record  := str key  u8 kind  u32 n_items  item * n_items
+    record  := str name  u8 kind  u32 n_items  item * n_items
                kind 1: ArrayRecord  (items are arrays)
                kind 2: MetricRecord (items are values; tags 2, 3, 4 and their lists only)
                kind 3: ConfigRecord (items are values; every tag)
@@ -32,7 +32,9 @@ nothing may follow the last record::
               u64 nbytes      = product(dims) * itemsize(descr)
               nbytes bytes    the raw buffer
               decoded as Array(dtype=str(numpy.dtype(descr)), shape=dims, stype="numpy.ndarray",
-              data=<.npy 1.0 header of (descr, fortran, dims)> + buffer)
+              data=header + buffer), header being what numpy.lib.format.write_array_header_1_0
+              writes for {"descr": descr, "fortran_order": bool(fortran), "shape": dims}; the
+              encoder takes form 1 only when the Array's data starts with exactly that header
       form 2, any other Array, carried verbatim:
               str dtype  u8 ndim  i32 dim * ndim  str stype  u64 nbytes  nbytes bytes of data
     value   := str key  u8 tag  body
@@ -41,6 +43,9 @@ nothing may follow the last record::
       tag 3 int    u64 (> 2**63 - 1)   tag 6 bytes  u32 n, n bytes
       tag 0x80 | t: a list of type t: u32 count, then count bodies of tag t
                     (bool lists one byte per element; str and bytes lists u32 n + n bytes each)
+
+Names, keys and values are unique and in the sender's order. The receiver copies each buffer
+once, into the ``bytes`` an ``Array.data`` must be (no view into the frame is kept).
 
 A value is typed the way Flower's serde types it (``flwr.common.serde_utils``): the first of
 the record's allowed types (config: bool, int, float, str, bytes; metric: float, int) the
@@ -97,12 +102,13 @@ _I64 = struct.Struct("<q")
 _F64 = struct.Struct("<d")
 _KIND_COUNT = struct.Struct("<BI")  # record: kind, n_items
 _FORM = _U8
-_RECORD_KINDS = {KIND_ARRAY: "ArrayRecord", KIND_METRIC: "MetricRecord", KIND_CONFIG: "ConfigRecord"}
+_ORDER_NDIM = struct.Struct("<BB")
+_DIMS_U32 = [f"<{n}I" for n in range(MAX_NDIM + 1)]
 # Flower's order of trial (flwr.common.serde: bool first, since bool is an int)
 _CONFIG_TYPES: tuple[type, ...] = (bool, int, float, str, bytes)
 _METRIC_TYPES: tuple[type, ...] = (float, int)
-_SCALAR_TAGS = {T_BOOL, T_INT, T_UINT, T_FLOAT, T_STR, T_BYTES}
-_METRIC_TAGS = {T_INT, T_UINT, T_FLOAT}
+_SCALAR_TAGS = frozenset((T_BOOL, T_INT, T_UINT, T_FLOAT, T_STR, T_BYTES))
+_METRIC_TAGS = frozenset((T_INT, T_UINT, T_FLOAT))
 _FIXED_SIZE = {T_BOOL: 1, T_INT: 8, T_UINT: 8, T_FLOAT: 8}
 _LIST_FORMAT = {T_INT: "q", T_UINT: "Q", T_FLOAT: "d"}
 
@@ -137,6 +143,22 @@ def _check_key(key: Any, where: str) -> str:
     return key
 
 
+@functools.lru_cache(maxsize=1024)
+def _tensor_layouts(descr: str, shape: tuple[int, ...]) -> tuple[tuple[bytes, bytes, int], ...]:
+    """``(.npy header, form-1 head, buffer bytes)`` for C order, then Fortran order (a 0-d or
+    1-d array has only C order; a header that needs .npy 2.0 is left out). Cached per dtype
+    and shape: a split step sends the same few over and over."""
+    nbytes = math.prod(shape) * _DESCR_ITEMSIZE[descr]
+    out = []
+    for fortran in (False, True) if len(shape) > 1 else (False,):
+        header = _npy_header(descr, fortran, shape)
+        if header is not None:
+            dims = struct.pack(f"<{len(shape)}I", *shape)
+            head = b"".join((_str(descr), bytes((int(fortran), len(shape))), dims, _U64.pack(nbytes)))
+            out.append((header, head, nbytes))
+    return tuple(out)
+
+
 def _tensor_parts(array: Array) -> Optional[tuple[bytes, memoryview]]:
     """``(form-1 head, raw buffer view)`` if ``array`` is a plain ``.npy`` array of a known
     dtype whose header is the one we would rebuild; ``None`` sends it verbatim."""
@@ -145,24 +167,16 @@ def _tensor_parts(array: Array) -> Optional[tuple[bytes, memoryview]]:
     if (
         descr is None
         or array.stype != NUMPY_STYPE
-        or not isinstance(shape, tuple)
+        or type(shape) is not tuple  # noqa: E721 (a subclass could hash like another shape)
         or len(shape) > MAX_NDIM
-        or not all(type(s) is int and 0 <= s <= INT32_MAX for s in shape)  # noqa: E721 (no bools)
+        # exact ints only: True or 2.0 would hit the cache entry of 1 or 2
+        or not all(type(s) is int and 0 <= s <= INT32_MAX for s in shape)  # noqa: E721
     ):
         return None
     data = array.data
-    nbytes = math.prod(shape) * _DESCR_ITEMSIZE[descr]
-    for fortran in (False, True) if len(shape) > 1 else (False,):
-        header = _npy_header(descr, fortran, shape)
-        if header is not None and len(data) - len(header) == nbytes and data.startswith(header):
-            head = b"".join(
-                (
-                    _str(descr),
-                    bytes((int(fortran), len(shape))),
-                    struct.pack(f"<{len(shape)}I", *shape),
-                    _U64.pack(nbytes),
-                )
-            )
+    for header, head, nbytes in _tensor_layouts(descr, shape):
+        # exactly this header and the buffer, else the receiver's rebuilt data would differ
+        if len(data) - len(header) == nbytes and data.startswith(header):
             return head, memoryview(data)[len(header) :]
     return None
 
@@ -312,17 +326,25 @@ _new_array = _array_by_fields if _fields_match_constructor() else _array_by_cons
 
 
 class _Reader:
-    """A cursor over the payload; every read checks the bytes left first."""
+    """A cursor over the payload; every read checks the bytes left first. ``record`` and
+    ``key`` say where it is, formatted into a message only when something is refused (an
+    f-string per field would cost more than the parse)."""
 
-    __slots__ = ("mv", "pos", "end")
+    __slots__ = ("mv", "pos", "end", "record", "key")
 
     def __init__(self, payload: Buffer) -> None:
-        self.mv = memoryview(payload).cast("B") if not isinstance(payload, (bytes, bytearray)) else memoryview(payload)
+        mv = memoryview(payload)
+        self.mv = mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
         self.pos = 0
         self.end = len(self.mv)
+        self.record: Optional[str] = None
+        self.key: Optional[str] = None
 
     def fail(self, what: str) -> PayloadError:
-        return PayloadError(f"{what} (at byte {self.pos} of {self.end})")
+        where = "" if self.record is None else f"record {self.record!r:.60}"
+        if self.key is not None:
+            where += f"[{self.key!r:.60}]"
+        return PayloadError(f"{where}{': ' if where else ''}{what} (at byte {self.pos} of {self.end})")
 
     def need(self, n: int, what: str) -> int:
         """Claim ``n`` bytes for ``what``; their start offset."""
@@ -333,7 +355,11 @@ class _Reader:
         return pos
 
     def u8(self, what: str) -> int:
-        return self.mv[self.need(1, what)]
+        pos = self.pos
+        if pos >= self.end:
+            raise self.fail(f"truncated: {what} needs 1 byte, 0 left")
+        self.pos = pos + 1
+        return self.mv[pos]
 
     def u32(self, what: str) -> int:
         return _U32.unpack_from(self.mv, self.need(4, what))[0]
@@ -350,90 +376,91 @@ class _Reader:
         return n
 
     def str(self, what: str) -> str:
-        n = self.u32(f"{what} length")
+        n = self.u32(what)
         start = self.need(n, what)
         try:
             return str(self.mv[start : start + n], "utf-8")
         except UnicodeDecodeError as err:
-            raise PayloadError(f"{what} is not UTF-8 ({err.reason} at byte {start + err.start})") from None
+            self.pos = start + err.start
+            raise self.fail(f"{what} is not UTF-8 ({err.reason})") from None
 
     def blob(self, what: str) -> memoryview:
-        n = self.u32(f"{what} length")
+        n = self.u32(what)
         start = self.need(n, what)
         return self.mv[start : start + n]
 
 
-def _decode_array(r: _Reader, where: str) -> Array:
-    form = r.u8(f"{where}: form")
+def _decode_array(r: _Reader) -> Array:
+    form = r.u8("array form")
     if form == FORM_TENSOR:
-        descr = r.str(f"{where}: dtype")
-        if descr not in DESCRS:
-            raise r.fail(f"{where}: unsupported dtype {descr!r:.40} (not one of {len(DESCRS)} plain numeric ones)")
-        fortran = r.u8(f"{where}: order")
+        descr = r.str("dtype")
+        itemsize = _DESCR_ITEMSIZE.get(descr)
+        if itemsize is None:
+            raise r.fail(f"unsupported dtype {descr!r:.40} (not one of {len(DESCRS)} plain numeric ones)")
+        fortran, ndim = _ORDER_NDIM.unpack_from(r.mv, r.need(2, "order and ndim"))
         if fortran > 1:
-            raise r.fail(f"{where}: order flag {fortran} (0 or 1)")
-        ndim = r.u8(f"{where}: ndim")
+            raise r.fail(f"order flag {fortran} (0 or 1)")
         if ndim > MAX_NDIM:
-            raise r.fail(f"{where}: {ndim} dimensions (at most {MAX_NDIM})")
-        shape = struct.unpack_from(f"<{ndim}I", r.mv, r.need(4 * ndim, f"{where}: shape"))
-        if any(s > INT32_MAX for s in shape):
-            raise r.fail(f"{where}: shape {shape} has a dimension over int32")
-        nbytes = r.u64(f"{where}: byte count")
-        expected = math.prod(shape) * _DESCR_ITEMSIZE[descr]  # Python ints: no overflow
+            raise r.fail(f"{ndim} dimensions (at most {MAX_NDIM})")
+        shape = struct.unpack_from(_DIMS_U32[ndim], r.mv, r.need(4 * ndim, "shape"))
+        if ndim and max(shape) > INT32_MAX:
+            raise r.fail(f"shape {shape} has a dimension over int32")
+        nbytes = r.u64("byte count")
+        expected = math.prod(shape) * itemsize  # Python ints: no overflow
         if nbytes != expected:
-            raise r.fail(f"{where}: {nbytes} bytes for shape {shape} of {descr} ({expected} expected)")
-        start = r.need(nbytes, f"{where}: data")
-        header = _npy_header(descr, bool(fortran), shape)
+            raise r.fail(f"{nbytes} bytes for shape {shape} of {descr} ({expected} expected)")
+        start = r.need(nbytes, "data")
+        header = _npy_header(descr, fortran == 1, shape)
         if header is None:  # cannot happen for <= 64 int32 dims; refused rather than guessed
-            raise r.fail(f"{where}: shape {shape} needs a .npy header beyond version 1.0")
+            raise r.fail(f"shape {shape} needs a .npy header beyond version 1.0")
         # One copy, header and buffer straight into the bytes Array.data must be
         return _new_array(_DESCR_NAME[descr], shape, NUMPY_STYPE, b"".join((header, r.mv[start : start + nbytes])))
     if form == FORM_VERBATIM:
-        dtype = r.str(f"{where}: dtype")
-        ndim = r.u8(f"{where}: ndim")
-        shape = struct.unpack_from(f"<{ndim}i", r.mv, r.need(4 * ndim, f"{where}: shape"))
-        stype = r.str(f"{where}: stype")
-        nbytes = r.u64(f"{where}: byte count")
-        start = r.need(nbytes, f"{where}: data")
+        dtype = r.str("dtype")
+        ndim = r.u8("ndim")
+        shape = struct.unpack_from(f"<{ndim}i", r.mv, r.need(4 * ndim, "shape"))
+        stype = r.str("stype")
+        nbytes = r.u64("byte count")
+        start = r.need(nbytes, "data")
         return _new_array(dtype, shape, stype, bytes(r.mv[start : start + nbytes]))
-    raise r.fail(f"{where}: unknown array form {form}")
+    raise r.fail(f"unknown array form {form}")
 
 
-def _decode_scalar(r: _Reader, tag: int, what: str) -> Any:
-    if tag == T_BOOL:
-        b = r.u8(what)
-        if b > 1:
-            raise r.fail(f"{what}: bool byte {b} (0 or 1)")
-        return b == 1
+def _decode_scalar(r: _Reader, tag: int) -> Any:
     if tag == T_INT:
-        return _I64.unpack_from(r.mv, r.need(8, what))[0]
-    if tag == T_UINT:
-        return _U64.unpack_from(r.mv, r.need(8, what))[0]
+        return _I64.unpack_from(r.mv, r.need(8, "int"))[0]
     if tag == T_FLOAT:
-        return _F64.unpack_from(r.mv, r.need(8, what))[0]
+        return _F64.unpack_from(r.mv, r.need(8, "float"))[0]
+    if tag == T_BOOL:
+        b = r.u8("bool")
+        if b > 1:
+            raise r.fail(f"bool byte {b} (0 or 1)")
+        return b == 1
+    if tag == T_UINT:
+        return _U64.unpack_from(r.mv, r.need(8, "uint"))[0]
     if tag == T_STR:
-        return r.str(what)
-    return bytes(r.blob(what))  # T_BYTES
+        return r.str("str")
+    return bytes(r.blob("bytes"))  # T_BYTES
 
 
-def _decode_value(r: _Reader, metric: bool, what: str) -> Any:
-    tag = r.u8(f"{what}: tag")
+def _decode_value(r: _Reader, allowed: frozenset[int]) -> Any:
+    tag = r.u8("value tag")
     base = tag & ~LIST
-    if base not in (_METRIC_TAGS if metric else _SCALAR_TAGS):
-        raise r.fail(f"{what}: tag {tag} is not a {'MetricRecord' if metric else 'ConfigRecord'} value type")
+    if base not in allowed:
+        record = "a MetricRecord" if allowed is _METRIC_TAGS else "a ConfigRecord"
+        raise r.fail(f"value tag {tag} is not a value type of {record} (tags {sorted(allowed)}, +{LIST} for lists)")
     if not tag & LIST:
-        return _decode_scalar(r, tag, what)
-    size = _FIXED_SIZE.get(base, 4)  # str/bytes elements: at least their u32 length
-    n = r.count(f"{what}: list length", size)
+        return _decode_scalar(r, tag)
+    n = r.count("list length", _FIXED_SIZE.get(base, 4))  # str/bytes elements: at least their u32 length
     if base in _LIST_FORMAT:
-        return list(struct.unpack_from(f"<{n}{_LIST_FORMAT[base]}", r.mv, r.need(8 * n, what)))
+        return list(struct.unpack_from(f"<{n}{_LIST_FORMAT[base]}", r.mv, r.need(8 * n, "list")))
     if base == T_BOOL:
-        start = r.need(n, what)
+        start = r.need(n, "bool list")
         raw = bytes(r.mv[start : start + n])
         if raw.translate(None, b"\x00\x01"):
-            raise PayloadError(f"{what}: a bool list holds a byte other than 0 or 1")
+            raise r.fail("a bool list holds a byte other than 0 or 1")
         return [b == 1 for b in raw]
-    return [_decode_scalar(r, base, f"{what}[{i}]") for i in range(n)]
+    return [_decode_scalar(r, base) for _ in range(n)]
 
 
 def _decode(payload: Buffer) -> RecordDict:
@@ -443,34 +470,40 @@ def _decode(payload: Buffer) -> RecordDict:
         raise r.fail(f"magic {bytes(r.mv[start:start + 4])!r} is not {MAGIC!r}")
     n_records = r.count("record count", 9)  # a record is at least a key length, kind and count
     out = RecordDict()
-    for i in range(n_records):
-        name = r.str(f"record {i}: name")
+    for _ in range(n_records):
+        r.record = r.key = None
+        name = r.str("record name")
         if name in out:
             raise r.fail(f"record {name!r:.60} appears twice")
-        where = f"record {name!r:.60}"
-        kind = r.u8(f"{where}: kind")
-        if kind not in _RECORD_KINDS:
-            raise r.fail(f"{where}: unknown record kind {kind}")
-        n_items = r.count(f"{where}: item count", 5)  # an item is at least a key length and a tag
+        r.record = name
+        kind = r.u8("record kind")
+        n_items = r.count("item count", 5)  # an item is at least a key length and a tag
         if kind == KIND_ARRAY:
             # Filled item by item: ArrayRecord(dict) would build every Array a second time
             arrays = ArrayRecord()
             for _ in range(n_items):
-                key = r.str(f"{where}: key")
+                r.key = None
+                key = r.str("key")
                 if key in arrays:
-                    raise r.fail(f"{where}: key {key!r:.60} appears twice")
-                arrays[key] = _decode_array(r, f"{where}[{key!r:.60}]")
+                    raise r.fail(f"key {key!r:.60} appears twice")
+                r.key = key
+                arrays[key] = _decode_array(r)
             out[name] = arrays
-        else:
-            metric = kind == KIND_METRIC
+        elif kind in (KIND_METRIC, KIND_CONFIG):
+            allowed = _METRIC_TAGS if kind == KIND_METRIC else _SCALAR_TAGS
             values: dict[str, Any] = {}
             for _ in range(n_items):
-                key = r.str(f"{where}: key")
+                r.key = None
+                key = r.str("key")
                 if key in values:
-                    raise r.fail(f"{where}: key {key!r:.60} appears twice")
-                values[key] = _decode_value(r, metric, f"{where}[{key!r:.60}]")
-            out[name] = MetricRecord(values, keep_input=False) if metric else ConfigRecord(values, keep_input=False)
+                    raise r.fail(f"key {key!r:.60} appears twice")
+                r.key = key
+                values[key] = _decode_value(r, allowed)
+            out[name] = MetricRecord(values, keep_input=False) if kind == KIND_METRIC else ConfigRecord(values, keep_input=False)
+        else:
+            raise r.fail(f"unknown record kind {kind}")
     if r.pos != r.end:
+        r.record = r.key = None
         raise r.fail(f"{r.end - r.pos} bytes after the last record")
     return out
 
