@@ -16,8 +16,9 @@ and the table gives the median per call over ``--reps`` samples. The decoder is 
 
 Run: ``python benchmarks/bench_frames.py [--reps 301] [--profile] [--options]``
 
-``--profile`` prints cProfile's top functions of 2,000 old-path encode+decode round trips of
-the step reply (and of the new path); ``--options`` times ways to build the decoded ``Array``.
+``--profile`` prints where cProfile finds the time of 2,000 encode+decode round trips of the
+256 KiB gradient and of the step reply, old path by stage; ``--options`` times ways to build
+the decoded ``Array`` and what the receiver still pays after decoding (``Array.numpy()``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Callable
 import flwr
 import numpy as np
 import torch
-from flwr.app import Array, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: disable=E0611
 
@@ -107,17 +108,55 @@ def measure(content: RecordDict, reps: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def profile(content: RecordDict, n: int = 2000) -> None:
-    for name, enc, dec in (("old (Flower serde)", old_encode, old_decode), ("new (payload.py)", payload.encode_content, payload.decode_content)):
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(n):
-            dec(bytearray(enc(content)))
-        prof.disable()
-        stream = io.StringIO()
-        pstats.Stats(prof, stream=stream).sort_stats("tottime").print_stats(12)
-        print(f"\n=== cProfile, {name}: {n} round trips of the step reply, top 12 by own time")
-        print("\n".join(line for line in stream.getvalue().splitlines() if line.strip())[:4000])
+# (label, function name as pstats keys it, file suffix or "" for built-ins)
+_STAGES = [
+    ("encode: recorddict_to_proto (records -> protobuf objects, arrays copied in)", "recorddict_to_proto", "serde.py"),
+    ("encode: SerializeToString (protobuf, C)", "<method 'SerializeToString' of 'google._upb._message.Message' objects>", ""),
+    ("decode: FromString (protobuf parse, C)", "<built-in method FromString>", ""),
+    ("decode: recorddict_from_proto (protobuf -> records)", "recorddict_from_proto", "serde.py"),
+    ("  ArrayRecord.__init__ (old: ArrayRecord(dict), which builds every Array again)", "__init__", "arrayrecord.py"),
+    ("  all: Array.__init__", "__init__", "array.py"),
+    ("  all: TypedDict.__setitem__ (type checks, typing.cast)", "__setitem__", "typeddict.py"),
+    ("encode: payload.encode_content", "encode_content", "payload.py"),
+    ("decode: payload.decode_content", "decode_content", "payload.py"),
+    ("  in it: payload._decode_array (parse, header, copy, Array)", "_decode_array", "payload.py"),
+]
+
+
+def profile(corpus: dict[str, RecordDict], n: int = 2000) -> None:
+    """cProfile's cumulative time of the old path's stages (and the new path's), per round
+    trip, and each one's share of its path's profiled total. The profiler's own cost
+    inflates Python calls (shares lean towards call-heavy code), so read the shares, not the
+    absolute microseconds."""
+    for case in ("grad 256 KiB", "step reply"):
+        content = corpus[case]
+        rows: dict[str, tuple[float, int]] = {}
+        totals = {}
+        for impl, enc, dec in (("old", old_encode, old_decode), ("new", payload.encode_content, payload.decode_content)):
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(n):
+                dec(bytearray(enc(content)))
+            prof.disable()
+            stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+            # the path's total: its encode and decode calls (what the loop calls), as profiled
+            roots = {"old": ("old_encode", "old_decode"), "new": ("encode_content", "decode_content")}[impl]
+            totals[impl] = sum(v[3] for (path, _, name), v in stats.items()
+                               if name in roots and path.endswith("bench_frames.py" if impl == "old" else "payload.py")) / n
+            for label, func, suffix in _STAGES:
+                for (path, _line, name), (_cc, calls, _tt, cum, _callers) in stats.items():
+                    if name == func and path.endswith(suffix):
+                        got = rows.get((impl, label), (0.0, 0))
+                        rows[(impl, label)] = (got[0] + cum / n, got[1] + calls // n)
+        print(f"\n=== cProfile, {case}: {n} round trips (encode, then decode of a bytearray) per path")
+        print(f"profiled per round trip: old {totals['old'] * 1e6:.1f} us, new {totals['new'] * 1e6:.1f} us")
+        print("| path | stage | calls per round trip | cumulative us per round trip (profiled) | share of the path |")
+        print("|---|---|---:|---:|---:|")
+        for impl in ("old", "new"):
+            for label, _func, _suffix in _STAGES:
+                if (impl, label) in rows:
+                    cum, calls = rows[(impl, label)]
+                    print(f"| {impl} | {label} | {calls} | {cum * 1e6:.1f} | {cum / totals[impl]:.0%} |")
 
 
 def options(reps: int) -> None:
@@ -131,16 +170,25 @@ def options(reps: int) -> None:
         "Array(dtype, shape, stype, header + bytes(view))": lambda: Array(
             dtype="float32", shape=x.shape, stype="numpy.ndarray", data=header + bytes(view)
         ),
-        "Array(dtype, shape, stype, b''.join((header, view)))  [used]": lambda: Array(
+        "Array(dtype, shape, stype, b''.join((header, view)))": lambda: Array(
             dtype="float32", shape=x.shape, stype="numpy.ndarray", data=b"".join((header, view))
         ),
         "b''.join((header, view)) alone (the copy)": lambda: b"".join((header, view)),
         "Array(dtype, shape, stype, b'') alone (the constructor)": lambda: Array(
             dtype="float32", shape=x.shape, stype="numpy.ndarray", data=b""
         ),
+        "payload._array_by_fields(..., b''.join((header, view)))  [used]": lambda: payload._array_by_fields(  # pylint: disable=protected-access
+            "float32", x.shape, "numpy.ndarray", b"".join((header, view))
+        ),
+    }
+    built = Array(x)
+    record = ArrayRecord()
+    after = {
+        "Array.numpy() of it (np.load: the receiver's .npy parse and copy, in codecs.py)": built.numpy,
+        "ArrayRecord()[key] = array (TypedDict.__setitem__, per item)": lambda: record.__setitem__("x.0", built),
     }
     print("\n=== decoded Array, 256 KiB float32: median CPU us per call")
-    for name, fn in ways.items():
+    for name, fn in {**ways, **after}.items():
         cpu = statistics.median(sample(fn, 50)[0] for _ in range(reps))
         print(f"{cpu * 1e6:10.1f}  {name}")
 
@@ -157,7 +205,7 @@ def main() -> None:
     )
     corpus = cases()
     if args.profile:
-        profile(corpus["step reply"])
+        profile(corpus)
     if args.options:
         options(max(31, args.reps // 5))
     print(f"\nmedian per call over {args.reps} samples, microseconds (CPU = process_time, wall = perf_counter)")

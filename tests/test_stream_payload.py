@@ -208,6 +208,8 @@ def test_arrays_built_by_fields_are_what_the_constructor_builds():
         (RecordDict({"m": MetricRecord({"x": [2**64, 1]})}), ValueError),
         (RecordDict({"c": ConfigRecord({"x": [2**63, -1]})}), ValueError),  # uint list with a negative
         (RecordDict({"a": ArrayRecord({"x": Array(dtype="f", shape=(2**31,), stype="s", data=b"")})}), ValueError),
+        (RecordDict({"c": ConfigRecord({"x": "\ud800"})}), ValueError),  # a lone surrogate
+        (RecordDict({"c": ConfigRecord({"x": ["a", "\udfff"]})}), ValueError),
     ],
 )
 def test_encode_refuses_what_flowers_serde_refuses(content, error):

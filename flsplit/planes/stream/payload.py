@@ -249,7 +249,9 @@ def _encode_value(key: str, value: Any, allowed: tuple[type, ...], where: str) -
                     return head + bytes(1 if v else 0 for v in value)
                 return head + b"".join(_encode_scalar(tag, v) for v in value)
         except struct.error:
-            raise ValueError(f"{where}: {key!r} holds an int outside int64 and uint64 ({value!r})") from None
+            raise ValueError(f"{where}: {key!r} holds an int outside int64 and uint64 ({value!r:.60})") from None
+        except UnicodeEncodeError as err:  # a lone surrogate: not UTF-8, as protobuf would say too
+            raise ValueError(f"{where}: {key!r} holds a str that is not UTF-8 encodable ({err.reason})") from None
     names = ", ".join(t.__name__ for t in allowed)
     raise TypeError(f"{where}: {key!r} holds a {type(value).__name__} ({value!r:.60}); allowed: {names} or a list of one")
 
