@@ -9,7 +9,7 @@ Cases (what a stream frame carries per step):
 * ``step reply``: a real reply, ``split.smashed`` = ``p.encode_batches`` of a (64, 16, 6, 6)
   float32 batch with its int64 labels, and ``split.status`` (done, position, remaining).
 
-Each sample times ``inner`` back-to-back calls (so a sample lasts about a millisecond or more)
+Each sample times ``inner`` back-to-back calls (so that a sample lasts about 2 ms)
 with ``time.process_time`` and ``time.perf_counter``; old and new alternate sample by sample,
 and the table gives the median per call over ``--reps`` samples. The decoder is given a
 ``bytearray``, as ``recv_frame`` hands it over.
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import io
 import os
 import platform
 import pstats

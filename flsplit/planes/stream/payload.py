@@ -64,7 +64,7 @@ import io
 import math
 import operator
 import struct
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -236,7 +236,7 @@ def _encode_value(key: str, value: Any, allowed: tuple[type, ...], where: str) -
         tag = _TYPE_TAG[typ]
         try:
             if isinstance(value, typ):
-                if tag == T_INT and value > INT64_MAX:
+                if tag == T_INT and cast(int, value) > INT64_MAX:
                     tag = T_UINT
                 return bytes((tag,)) + _encode_scalar(tag, value)
             if isinstance(value, list) and all(isinstance(v, typ) for v in value):
@@ -377,7 +377,7 @@ class _Reader:
             raise self.fail(f"{what} of {n} cannot fit in the {self.end - self.pos} bytes left")
         return n
 
-    def str(self, what: str) -> str:
+    def text(self, what: str) -> str:
         n = self.u32(what)
         start = self.need(n, what)
         try:
@@ -395,7 +395,7 @@ class _Reader:
 def _decode_array(r: _Reader) -> Array:
     form = r.u8("array form")
     if form == FORM_TENSOR:
-        descr = r.str("dtype")
+        descr = r.text("dtype")
         itemsize = _DESCR_ITEMSIZE.get(descr)
         if itemsize is None:
             raise r.fail(f"unsupported dtype {descr!r:.40} (not one of {len(DESCRS)} plain numeric ones)")
@@ -418,10 +418,10 @@ def _decode_array(r: _Reader) -> Array:
         # One copy, header and buffer straight into the bytes Array.data must be
         return _new_array(_DESCR_NAME[descr], shape, NUMPY_STYPE, b"".join((header, r.mv[start : start + nbytes])))
     if form == FORM_VERBATIM:
-        dtype = r.str("dtype")
+        dtype = r.text("dtype")
         ndim = r.u8("ndim")
         shape = struct.unpack_from(f"<{ndim}i", r.mv, r.need(4 * ndim, "shape"))
-        stype = r.str("stype")
+        stype = r.text("stype")
         nbytes = r.u64("byte count")
         start = r.need(nbytes, "data")
         return _new_array(dtype, shape, stype, bytes(r.mv[start : start + nbytes]))
@@ -441,7 +441,7 @@ def _decode_scalar(r: _Reader, tag: int) -> Any:
     if tag == T_UINT:
         return _U64.unpack_from(r.mv, r.need(8, "uint"))[0]
     if tag == T_STR:
-        return r.str("str")
+        return r.text("str")
     return bytes(r.blob("bytes"))  # T_BYTES
 
 
@@ -474,7 +474,7 @@ def _decode(payload: Buffer) -> RecordDict:
     out = RecordDict()
     for _ in range(n_records):
         r.record = r.key = None
-        name = r.str("record name")
+        name = r.text("record name")
         if name in out:
             raise r.fail(f"record {name!r:.60} appears twice")
         r.record = name
@@ -485,7 +485,7 @@ def _decode(payload: Buffer) -> RecordDict:
             arrays = ArrayRecord()
             for _ in range(n_items):
                 r.key = None
-                key = r.str("key")
+                key = r.text("key")
                 if key in arrays:
                     raise r.fail(f"key {key!r:.60} appears twice")
                 r.key = key
@@ -496,7 +496,7 @@ def _decode(payload: Buffer) -> RecordDict:
             values: dict[str, Any] = {}
             for _ in range(n_items):
                 r.key = None
-                key = r.str("key")
+                key = r.text("key")
                 if key in values:
                     raise r.fail(f"key {key!r:.60} appears twice")
                 r.key = key
