@@ -118,17 +118,21 @@ def readable(sock: socket.socket) -> bool:
 
 
 def encode_content(content: RecordDict) -> bytes:
-    """A ``RecordDict`` as bytes (Flower's protobuf serde)."""
-    return recorddict_to_proto(content).SerializeToString()
+    """A ``RecordDict`` as bytes: raw tensors with dtype and shape (``payload``'s layout)."""
+    from flsplit.planes.stream import payload as layout  # pylint: disable=import-outside-toplevel
+
+    return layout.encode_content(content)
 
 
 def decode_content(payload: bytes | bytearray) -> RecordDict:
     """The ``RecordDict`` of a payload; ``FrameError`` if it is not one."""
+    # payload.py cannot raise FrameError itself (it would import this module back: a cycle)
+    from flsplit.planes.stream import payload as layout  # pylint: disable=import-outside-toplevel
+
     try:
-        proto = ProtoRecordDict.FromString(payload)  # bytes-like: no copy of the frame
-        return recorddict_from_proto(proto)
-    except Exception as err:  # protobuf's DecodeError, or a record Flower refuses
-        raise FrameError(f"payload is not a serialized RecordDict: {type(err).__name__}: {err}") from None
+        return layout.decode_content(payload)
+    except layout.PayloadError as err:
+        raise FrameError(f"payload is not a serialized RecordDict: {err}") from None
 
 
 def encode_call(message_type: str, content: RecordDict) -> bytes:
