@@ -25,19 +25,36 @@ from __future__ import annotations
 import threading
 import traceback
 from logging import WARNING
-from typing import TYPE_CHECKING, Optional
+from typing import Optional, Protocol
 
 from flwr.app import Context, RecordDict
 from flwr.common.logger import log
+from torch import nn
 
 from flsplit.planes.endpoint import CallKind, EndpointSession, PlaneError
 from flsplit.runtime.trainer import ClientTrainer
 from flsplit.wire import protocol as p
 
-if TYPE_CHECKING:
-    from flsplit.runtime.client import SplitClient
+__all__ = ["NodeSession", "NodeHandlers"]
 
-__all__ = ["NodeSession"]
+
+class NodeHandlers(Protocol):
+    """What a session needs of the node's client (``flsplit.runtime.client.SplitClient``)."""
+
+    def advance(self, trainer: ClientTrainer, content: RecordDict, new_round: bool, context: Context,
+                keep_graph: bool) -> RecordDict: ...
+
+    def save(self, trainer: ClientTrainer, context: Context) -> None: ...
+
+    def config_and_part(self, content: RecordDict, kind: str,
+                        offers: Optional[bool] = None) -> tuple[p.SplitConfig, nn.Sequential]: ...
+
+    def trainer_for(self, content: RecordDict, cfg: p.SplitConfig, part: nn.Module,
+                    context: Context) -> tuple[ClientTrainer, bool]: ...
+
+    def check_same_round(self, request: RecordDict, cfg: p.SplitConfig) -> None: ...
+
+    def answer(self, message_type: str, content: RecordDict, context: Context) -> RecordDict: ...
 
 
 class NodeSession:
@@ -45,15 +62,15 @@ class NodeSession:
 
     Parameters
     ----------
-    client : SplitClient
-        The node's client (its data, model and handlers).
+    client : NodeHandlers
+        The node's client (a ``SplitClient``: its data, model and handlers).
     session : EndpointSession
         The open session.
     context : Context
         The node's Flower context; ``context.state`` is written at each commit only.
     """
 
-    def __init__(self, client: "SplitClient", session: EndpointSession, context: Context) -> None:
+    def __init__(self, client: NodeHandlers, session: EndpointSession, context: Context) -> None:
         self.client, self.session, self.context = client, session, context
 
     def run(self, first: RecordDict, trainer: ClientTrainer) -> None:

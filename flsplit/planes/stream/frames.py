@@ -3,8 +3,10 @@
 Header: ``b"FLS1"`` (magic and version), one byte of frame kind, the payload's length as an
 unsigned 64-bit big-endian integer. The length is checked against the cap *before* a byte of
 the payload is read, so an oversized frame costs nothing but its header. Request and reply
-payloads are Flower ``RecordDict`` values serialized with Flower's own serde (protobuf);
-control payloads (hello, errors) are small UTF-8 JSON objects.
+payloads are Flower ``RecordDict`` values in ``flsplit.planes.stream.payload``'s layout (raw
+tensor bytes with dtype and shape, no protobuf or npy pass per array); a CALL's payload is
+its message type, then such a ``RecordDict``; control payloads (hello, errors) are small
+UTF-8 JSON objects.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import struct
 from typing import Any
 
 from flwr.app import RecordDict
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: disable=E0611
+
+from flsplit.planes.stream import payload as layout
 
 __all__ = [
     "FrameError",
@@ -119,16 +121,12 @@ def readable(sock: socket.socket) -> bool:
 
 def encode_content(content: RecordDict) -> bytes:
     """A ``RecordDict`` as bytes: raw tensors with dtype and shape (``payload``'s layout)."""
-    from flsplit.planes.stream import payload as layout  # pylint: disable=import-outside-toplevel
-
     return layout.encode_content(content)
 
 
 def decode_content(payload: bytes | bytearray) -> RecordDict:
     """The ``RecordDict`` of a payload; ``FrameError`` if it is not one."""
     # payload.py cannot raise FrameError itself (it would import this module back: a cycle)
-    from flsplit.planes.stream import payload as layout  # pylint: disable=import-outside-toplevel
-
     try:
         return layout.decode_content(payload)
     except layout.PayloadError as err:
