@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -151,6 +151,8 @@ class Deployment:
     keys: DeploymentKeys
     node_ids: list[int]  # ids the SuperLink gave the registered keys node-0, node-1
     refused: dict[str, tuple[subprocess.Popen, Path]]  # SuperNodes that must not get in, with their logs
+    nodes: list[tuple[subprocess.Popen, Path]]  # the registered SuperNodes' processes and logs
+    restart_node: Callable[[int], tuple[subprocess.Popen, Path]]  # start registered SuperNode i again (its key)
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +199,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         for reg in registrations:
             out, err = reg.communicate(timeout=120)
             node_ids.append(int(_json_out(subprocess.CompletedProcess(reg.args, reg.returncode, out, err))["node-id"]))
-        nodes = [start_supernode(f"supernode{i}", node_ports[i], i, "--auth-supernode-private-key", str(keys.node_keys[i]))
-                 for i in range(2)]
+        def registered_node(i: int, name: str = "") -> tuple[subprocess.Popen, Path]:
+            return start_supernode(name or f"supernode{i}", node_ports[i], i, "--auth-supernode-private-key",
+                                   str(keys.node_keys[i]))
+
+        nodes = [registered_node(i) for i in range(2)]
         refused = {
             "unregistered key": start_supernode("unregistered", node_ports[2], 0,
                                                 "--auth-supernode-private-key", str(keys.node_keys[2])),
@@ -206,7 +211,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         }
         for (proc, log), node_id in zip(nodes, node_ids):  # each node got the id its key was registered under
             _wait_for_log(proc, log, f"SuperNode ID: {node_id}")
-        yield Deployment(link, keys, node_ids, refused)
+        yield Deployment(link, keys, node_ids, refused, nodes,
+                         lambda i: registered_node(i, f"supernode{i}-restarted-{time.monotonic_ns()}"))
     except BaseException:
         if link_log.exists():
             print(link_log.read_text(errors="replace")[-3000:])  # pytest shows it with the failure
@@ -297,3 +303,124 @@ def test_deployed_nodes_fine_tune_a_transformer_u_shaped_over_the_stream(deploym
         assert entry["num_examples"] == 2 * 4 * 8 and entry["server_steps"] == 4
     losses = [entry["test_loss"] for entry in history["rounds"]]
     assert losses[1] < losses[0] < math.log(256)  # the devices' tails learn: below a uniform guess, and falling
+
+
+# ---------------------------------------------------------------------- faults on run-long sessions
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _clientapps(nodes: list[tuple[subprocess.Popen, Path]]) -> list[int]:
+    return [pid for proc, _ in nodes for pid in _descendants(proc.pid) if "flwr-clientapp" in _cmdline(pid)]
+
+
+class _Run:
+    """``flwr run . deploy --stream`` in the background, its output collected by a thread."""
+
+    def __init__(self, config: str, env: dict) -> None:
+        import threading
+
+        self.proc = subprocess.Popen([str(BINDIR / "flwr"), "run", ".", "deploy", "--stream", "--run-config", config],
+                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")), daemon=True)
+        self.reader.start()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.text:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"no {text!r} in the run's output:\n{self.text[-3000:]}")
+            time.sleep(0.2)
+
+
+def test_a_serverapp_that_dies_leaves_no_client_process(deployment: Deployment, tmp_path):
+    """SIGKILL the ServerApp process in the middle of a stream run: every node's ClientApp,
+    which held its Flower message for the run, sees its session close and ends; none is left."""
+    flwr_home = Path(os.environ["FLWR_HOME"])
+    _write_cli_config(flwr_home, deployment.link, deployment.keys.ca_cert)
+    config = f'num-server-rounds=50 max-steps=20 strategy="psl" data-plane="stream" output-dir="{tmp_path / "runs"}"'
+    run = _Run(config, _cli_env(flwr_home))
+    try:
+        run.wait_for("[flsplit] round 2/50", 600)
+        assert len(_clientapps(deployment.nodes)) == 2  # one ClientApp per node, held for the run
+        serverapps = [pid for pid in _descendants(os.getpid()) if "flwr-serverapp" in _cmdline(pid)]
+        assert len(serverapps) == 1, [_cmdline(p) for p in _descendants(os.getpid())]
+        os.kill(serverapps[0], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while _clientapps(deployment.nodes) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _clientapps(deployment.nodes) == [], [_cmdline(p) for p in _clientapps(deployment.nodes)]
+    finally:
+        run.proc.terminate()
+        run.proc.wait(timeout=30)
+
+
+def test_a_node_killed_mid_round_is_dropped_at_once_and_rejoins_later(deployment: Deployment, tmp_path):
+    """SIGKILL a SuperNode and its ClientApp (a device that dies) in round 2 of a stream run with
+    a 300 s exchange timeout: round 2 ends without it well before the timeout (its session's
+    EOF drops it; its Flower message, which can never be answered, is not awaited), the other
+    node finishes; the SuperNode restarted with its key rejoins in a later round, on a new
+    session. Last in the module: it replaces the deployment's node 1."""
+    flwr_home = Path(os.environ["FLWR_HOME"])
+    _write_cli_config(flwr_home, deployment.link, deployment.keys.ca_cert)
+    runs = tmp_path / "runs"
+    config = (f'num-server-rounds=4 max-steps=60 strategy="psl" data-plane="stream" exchange-timeout=300 '
+              f'output-dir="{runs}"')
+    run = _Run(config, _cli_env(flwr_home))
+    try:
+        run.wait_for("[flsplit] round 1/4", 600)
+        time.sleep(1.0)  # round 2 is under way on the open sessions
+        victim, _ = deployment.nodes[1]
+        for pid in [victim.pid] + _descendants(victim.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        victim.wait(timeout=30)
+        # The SuperLink refuses a node id it still counts online (heartbeat patience): retry.
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            proc, log = deployment.restart_node(1)
+            deployment.nodes[1] = (proc, log)
+            while proc.poll() is None and f"SuperNode ID: {deployment.node_ids[1]}" not in log.read_text(errors="replace"):
+                time.sleep(0.5)
+            if proc.poll() is None:
+                break
+            time.sleep(5.0)
+        assert run.proc.wait(timeout=900) == 0, run.text[-3000:]
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+    (history_file,) = runs.glob("*/history.json")
+    rounds = json.loads(history_file.read_text())["rounds"]
+    dropped = rounds[1]
+    assert [e["node"] for e in dropped["errors"]] == [deployment.node_ids[1]], dropped["errors"]
+    assert dropped["nodes_finished"] == 1 and dropped["wall_seconds"] < 150, dropped["wall_seconds"]
+    assert any(sorted(r["nodes"]) == sorted(deployment.node_ids) and not r["errors"] for r in rounds[2:]), \
+        [(r["nodes"], r["errors"]) for r in rounds]
