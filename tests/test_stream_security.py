@@ -571,7 +571,7 @@ def test_garbage_reply_payload_drops_the_node(warm, flwr_log, payload):
     run = run_stream(app_with(by_hand(garbage)))
     assert_dropped_alone(run, "payload is not a serialized RecordDict", good_only_model())
     assert run.seconds < TIMEOUT / 2
-    assert f"node {BAD_NODE}: stream session closed: payload is not a serialized RecordDict" in flwr_log.text
+    assert f"node {BAD_NODE}: stream session closed: stream: payload is not a serialized RecordDict" in flwr_log.text
 
 
 def test_reply_out_of_turn_drops_the_node(warm):

@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from logging import WARNING
 from typing import Callable, Optional, Union
 
+from flwr.app import RecordDict
 from flwr.common.logger import log
 
-from flsplit.planes.stream.frames import FrameError, Kind, decode_json, encode_json, readable, recv_frame, recv_header, send_frame
+from flsplit.planes.stream.frames import (FrameError, Kind, decode_content, decode_json, encode_call, encode_content,
+                                          encode_json, readable, recv_frame, recv_header, send_frame)
 from flsplit.planes.stream.offer import SessionOffer
 from flsplit.planes.stream.tls import ServerCredentials, ephemeral_credentials, server_context
 
@@ -47,12 +49,12 @@ def tune_socket(sock: socket.socket) -> None:
 
 @dataclass
 class SessionEvent:
-    """What a session reports to the plane: a reply's payload, an acknowledgement (of END
-    or ABORT: ``ack``), or why there is none (``error``)."""
+    """What a session reports to the plane: a reply (decoded in the session's thread), an
+    acknowledgement (of END or ABORT: ``ack``), or why there is none (``error``)."""
 
     node_id: int
     session_id: str
-    payload: Optional[bytearray] = None
+    content: Optional[RecordDict] = None
     error: Optional[str] = None
     ack: bool = False
 
@@ -70,6 +72,8 @@ class ServerSession:
     REQUEST and CALL are answered by a REPLY, END and ABORT by an ACK, CLOSE by the client
     hanging up. The thread that ran the handshake runs ``serve`` until the session ends; no
     other thread touches the TLS socket (OpenSSL objects must not be shared between threads).
+    It also encodes each request and decodes each reply, so that under a lockstep step every
+    node's serialization runs beside the server's compute instead of after it.
     """
 
     _ANSWERS = {Kind.REQUEST: (Kind.REPLY, Kind.ERROR), Kind.CALL: (Kind.REPLY, Kind.ERROR),
@@ -79,12 +83,14 @@ class ServerSession:
                  max_frame: int) -> None:
         self.node_id, self.session_id, self.sock = node_id, session_id, sock
         self.events, self.max_frame = events, max_frame
-        self._outbox: "queue.SimpleQueue[Optional[tuple[Kind, bytes]]]" = queue.SimpleQueue()
+        self._outbox: "queue.SimpleQueue[Optional[tuple[Kind, str, Optional[RecordDict]]]]" = queue.SimpleQueue()
         self.closed = threading.Event()
 
-    def send(self, kind: Kind, payload: bytes = b"") -> None:
-        """Queue a frame; each but CLOSE is answered by one event, in the order queued."""
-        self._outbox.put((kind, payload))
+    def send(self, kind: Kind, content: Optional[RecordDict] = None, message_type: str = "") -> None:
+        """Queue a frame (a REQUEST's or CALL's ``content``, encoded by the session's thread;
+        a CALL names its ``message_type``); each but CLOSE is answered by one event, in the
+        order queued."""
+        self._outbox.put((kind, message_type, content))
 
     def close(self) -> None:
         """End the session now (an answer still awaited is reported as an error)."""
@@ -94,8 +100,8 @@ class ServerSession:
         except OSError:
             pass
 
-    def _report(self, payload: Optional[bytearray] = None, error: Optional[str] = None, ack: bool = False) -> None:
-        self.events.put(SessionEvent(self.node_id, self.session_id, payload, error, ack))
+    def _report(self, content: Optional[RecordDict] = None, error: Optional[str] = None, ack: bool = False) -> None:
+        self.events.put(SessionEvent(self.node_id, self.session_id, content, error, ack))
 
     def _read_answer(self, expect: tuple[Kind, ...] = (Kind.REPLY, Kind.ERROR)) -> bool:
         try:
@@ -115,8 +121,13 @@ class ServerSession:
                 self._report(error="stream: an ACK frame carries no payload")
                 return False
             self._report(ack=True)
-        else:
-            self._report(payload)
+            return True
+        try:
+            content = decode_content(payload)
+        except FrameError as err:
+            self._report(error=f"stream: {err}")
+            return False
+        self._report(content)
         return True
 
     def serve(self) -> None:
@@ -125,7 +136,13 @@ class ServerSession:
             if not self._read_answer():
                 return
             while (item := self._outbox.get()) is not None:
-                kind, payload = item
+                kind, message_type, content = item
+                if content is None:
+                    payload = b""
+                elif kind is Kind.CALL:
+                    payload = encode_call(message_type, content)
+                else:
+                    payload = encode_content(content)
                 if readable(self.sock):  # the client spoke out of turn (or hung up)
                     try:
                         got, _ = recv_header(self.sock)

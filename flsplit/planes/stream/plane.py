@@ -40,7 +40,7 @@ from flwr.serverapp import Grid
 
 from flsplit.wire import protocol as p
 from flsplit.planes.dataplane import MessageDataPlane, Reply
-from flsplit.planes.stream.frames import FrameError, Kind, decode_content, encode_call, encode_content
+from flsplit.planes.stream.frames import Kind
 from flsplit.planes.stream.listener import ServerSession, SessionEvent, SessionListener
 from flsplit.planes.stream.offer import FALLBACK, OFFER, SessionOffer
 from flsplit.planes.stream.tls import ServerCredentials
@@ -271,17 +271,17 @@ class StreamDataPlane(MessageDataPlane):
         if link.phase == "open":
             if message_type != p.TRAIN_STEP or starts_round:
                 raise RuntimeError(f"node {node} is in a round: only that round's train steps go to it")
-            link.session.send(Kind.REQUEST, encode_content(content))
+            link.session.send(Kind.REQUEST, content)
         elif message_type == p.TRAIN_STEP:
             if not starts_round:
                 raise RuntimeError(f"node {node} has no round in progress: a round's first request carries "
                                    f"'{p.CLIENT_PART}'")
-            link.session.send(Kind.REQUEST, encode_content(content))
+            link.session.send(Kind.REQUEST, content)
             link.phase = "open"
             self._planes[node] = "stream"
             self._warm.add(node)
         else:
-            link.session.send(Kind.CALL, encode_call(message_type, content))
+            link.session.send(Kind.CALL, content, message_type)
             link.phase = "calling"
         self.traffic.record(node, content, upstream=False)  # a frame counts as a message
         link.expect.append(["reply", True])
@@ -421,11 +421,7 @@ class StreamDataPlane(MessageDataPlane):
             return [Reply(node, content=held)]
         if not live:
             return []  # the reply to a request of a round the node has since been told to forget
-        try:
-            content = decode_content(event.payload)
-        except FrameError as err:
-            self._close(link, str(err))
-            return [Reply(node, error=f"stream: {err}")]
+        content = event.content
         self.traffic.record(node, content, upstream=True)
         if link.phase == "offered":
             link.phase = "open"
