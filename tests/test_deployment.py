@@ -3,13 +3,17 @@ separate processes, TLS on every Flower connection and SuperNode authentication.
 
 The certificates (a CA, the SuperLink's certificate signed by it) and the SuperNodes' key
 pairs are made by ``flsplit.cli.make_certs`` (``flsplit make-certs``); two public keys are
-registered with ``flwr supernode register``. One deployment serves both tests:
+registered with ``flwr supernode register``. One deployment serves every test:
 
 - a SuperNode whose key is not registered, and one with no key, are refused: they exit
   without a node id and the SuperLink's registry holds exactly the two registered nodes;
 - one round of PSL over the stream plane (one TLS session per node, the listener presenting
   the deployment's own certificate) and one over Flower messages both train on the two
-  registered nodes, and they train the same model bit for bit.
+  registered nodes, and they train the same model bit for bit;
+- a U-shaped transformer trains over two rounds of run-long sessions;
+- faults: a ServerApp killed mid-run leaves no ClientApp process; a SuperNode killed with
+  SIGKILL mid-round is dropped at once (not at the exchange timeout) and, restarted with its
+  key, rejoins in a later round.
 """
 
 from __future__ import annotations
