@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import flwr
 import pytest
 import torch
+
+
+def pytest_report_header(config):
+    """The Flower and torch the suite runs on (CI runs it on more than one flwr)."""
+    return f"flwr {flwr.__version__}, torch {torch.__version__}"
 
 
 @pytest.fixture(autouse=True)

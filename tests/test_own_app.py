@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tests.test_simulation import _pids_with
+from tests.test_simulation import _pids_with, flwr_run_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Using a strategy in your own Flower project"
@@ -56,9 +56,8 @@ def test_the_readme_app_runs_with_flwr_run(tmp_path):
     flwr_home = Path(os.environ["FLWR_HOME"])  # the test's own (conftest)
     cmd = [str(flwr), "run", str(app_dir), "--stream", "--federation-config", FEDERATION,
            "--run-config", f'output-dir="{runs}"']
-    env = {**os.environ, "PATH": f"{flwr.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     try:
-        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
+        proc = subprocess.run(cmd, cwd=tmp_path, env=flwr_run_env(flwr), capture_output=True, text=True, timeout=420)
     finally:
         for pid in _pids_with(str(flwr_home / "local-superlink")):
             os.kill(pid, signal.SIGTERM)

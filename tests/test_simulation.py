@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,30 @@ def _pids_with(fragment: str) -> list[int]:
     return pids
 
 
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def flwr_run_env(flwr: Path) -> dict[str, str]:
+    """The environment for ``flwr run`` with a managed SuperLink of the test's own: Flower's
+    local SuperLink listens on fixed ports (39091, 39093) unless these variables say otherwise,
+    and ``flwr run`` reuses whatever answers there, so without them a run on the same machine
+    (another test session, another venv) would get this run, or stop its SuperLink under it."""
+    http, control = _free_ports(2)
+    return {
+        **os.environ,
+        "PATH": f"{flwr.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control),
+    }
+
+
 def _flwr_run(tmp_path: Path, federation: str, run_config: str) -> tuple[dict, str]:
     """``flwr run .`` in simulation; the history and the output."""
     flwr_home = Path(os.environ["FLWR_HOME"])
@@ -39,8 +64,7 @@ def _flwr_run(tmp_path: Path, federation: str, run_config: str) -> tuple[dict, s
         "--run-config", f'{run_config} output-dir="{runs}"',
     ]
     try:
-        env = {**os.environ, "PATH": f"{flwr.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+        proc = subprocess.run(cmd, cwd=ROOT, env=flwr_run_env(flwr), capture_output=True, text=True, timeout=420)
     finally:
         for pid in _pids_with(str(flwr_home / "local-superlink")):
             os.kill(pid, signal.SIGTERM)

@@ -1,7 +1,7 @@
 """Make the certificates and node keys of a secure Flower deployment (``flsplit make-certs``).
 
 ``flsplit make-certs DIR [--host NAME_OR_IP ...] [--nodes N] [--days D]`` writes what Flower's
-own security needs (flwr 1.41):
+own security needs (flwr 1.41 and 1.42):
 
 - ``ca.pem``, ``ca.key``: a certificate authority. The SuperLink gets ``ca.pem`` as
   ``--ssl-ca-certfile``, SuperNodes as ``--root-certificates``, the ``flwr`` CLI as the
