@@ -45,8 +45,10 @@ from flsplit.wire.protocol import ACTS as p_acts, ProtocolError, SmashedBatch, S
 __all__ = ["Cursor", "ClientTrainer", "round_steps", "module_dtype", "model_input"]
 
 
+@lru_cache(maxsize=4096)
 def _seed(*entropy: int) -> int:
-    """A 32-bit seed derived from integers (numpy's ``SeedSequence``)."""
+    """A 32-bit seed derived from integers (numpy's ``SeedSequence``; a pure function, cached:
+    a batch's dropout seed is asked for when it is sent and again when it is recomputed)."""
     return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
 
 
@@ -179,10 +181,11 @@ class ClientTrainer:
             index = slice(j * cfg.batch_size, (j + 1) * cfg.batch_size)
         return self.data.x[index], self.data.y[index]
 
-    def forward(self, position: int) -> torch.Tensor:
-        """The client part's output on a batch, with a dropout seed fixed by client and
-        position so that a recompute is identical."""
-        x, _ = self.batch(position)
+    def forward(self, position: int, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The client part's output on a batch (``x``: its samples, when the caller has them
+        already), with a dropout seed fixed by client and position so that a recompute is identical."""
+        if x is None:
+            x, _ = self.batch(position)
         with rng.seeded(_seed(self.cfg.seed, self.salt, position)):
             return self.head(model_input(x, self.part))
 
@@ -236,14 +239,16 @@ class ClientTrainer:
         # updates them once, in the same order, whether the graph is kept or not.
         buffers = None if keep_graph else [b.clone() for b in self.part.buffers()]
         for pos in c.pending:
-            y = None if self.tail is not None else self.batch(pos)[1]  # a U-shaped split keeps its labels
+            x, y = self.batch(pos)
+            if self.tail is not None:
+                y = None  # a U-shaped split keeps its labels
             if keep_graph:
-                out = self.forward(pos)
+                out = self.forward(pos, x)
                 self._graphs[pos] = out
                 batches.append(SmashedBatch(out.detach(), y))
             else:
                 with torch.no_grad():
-                    batches.append(SmashedBatch(self.forward(pos), y))
+                    batches.append(SmashedBatch(self.forward(pos, x), y))
         if buffers:
             with torch.no_grad():
                 for buf, saved in zip(self.part.buffers(), buffers):
@@ -291,7 +296,8 @@ class ClientTrainer:
         """Smashed data of the next ``steps`` batches with the frozen part (async SL's state B)."""
         c = self.cursor
         with torch.no_grad():
-            batches = [SmashedBatch(self.forward(pos), self.batch(pos)[1]) for pos in range(c.position, c.position + steps)]
+            batches = [SmashedBatch(self.forward(pos, x), y)
+                       for pos in range(c.position, c.position + steps) for x, y in (self.batch(pos),)]
         c.position += steps
         c.round_end = c.position
         c.pending, c.num_examples = [], 0
