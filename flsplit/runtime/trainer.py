@@ -175,11 +175,12 @@ class ClientTrainer:
         """Samples and labels of the batch at a stream position."""
         cfg, n = self.cfg, len(self.data)
         epoch, j = divmod(position, -(-n // cfg.batch_size))
-        if cfg.shuffle:
-            index = _epoch_order(cfg.seed, self.salt, epoch, n)[j * cfg.batch_size : (j + 1) * cfg.batch_size]
-        else:
-            index = slice(j * cfg.batch_size, (j + 1) * cfg.batch_size)
-        return self.data.x[index], self.data.y[index]
+        if not cfg.shuffle:
+            rows = slice(j * cfg.batch_size, (j + 1) * cfg.batch_size)
+            return self.data.x[rows], self.data.y[rows]
+        index = _epoch_order(cfg.seed, self.salt, epoch, n)[j * cfg.batch_size : (j + 1) * cfg.batch_size]
+        # the rows x[index] gathers, with index_select's kernel (several times faster on dim 0)
+        return self.data.x.index_select(0, index), self.data.y.index_select(0, index)
 
     def forward(self, position: int, x: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The client part's output on a batch (``x``: its samples, when the caller has them
