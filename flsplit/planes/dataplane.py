@@ -144,11 +144,16 @@ def _payload_bytes(content: RecordDict, prefix: str, skip: str) -> tuple[int, in
 
 @dataclass
 class Reply:
-    """A node's answer: its content, or the reason it has none."""
+    """A node's answer: its content, or the reason it has none.
+
+    ``client_part``: in a final train reply the reply gate let through, its client part as the
+    gate checked and decoded it (``flsplit.wire.gate.ReplyGate.final_part``); ``None`` otherwise.
+    """
 
     node_id: int
     content: Optional[RecordDict] = None
     error: Optional[str] = None
+    client_part: Optional[dict] = field(default=None, repr=False, compare=False)
 
 
 @dataclass

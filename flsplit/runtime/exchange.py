@@ -143,7 +143,7 @@ class RoundExchange:
         cut = self.cuts[node_id]
         try:
             if self.gate.is_final(reply.content):
-                self.gate.final(reply.content, cut, self.rows.get(node_id, 0))
+                _, reply.client_part = self.gate.final_part(reply.content, cut, self.rows.get(node_id, 0))
                 return Admitted(final=True)
             batches = self.gate.step(reply.content, cut)
         except p.ProtocolError as err:

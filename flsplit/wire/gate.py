@@ -276,6 +276,12 @@ class ReplyGate:
         ``trained_samples`` is what the server trained on for this node this round: an
         honest client reports exactly that, so a node cannot weigh more in the average.
         """
+        return self.final_part(content, cut, trained_samples)[0]
+
+    def final_part(self, content: Optional[RecordDict], cut: int,
+                   trained_samples: int) -> tuple[int, dict[str, torch.Tensor]]:
+        """``final``'s checks; its ``num-examples`` and the client part as checked and decoded
+        (what the averaging then uses: the part is not decoded again)."""
         what = "final reply"
         check_records(content, {p.CLIENT_PART}, {p.METRICS}, {p.STATUS, p.DEVICE, FALLBACK},
                       {p.CLIENT_PART, p.METRICS, p.STATUS}, what)
@@ -286,8 +292,7 @@ class ReplyGate:
         if n != trained_samples:
             raise p.ProtocolError(f"{what}: num-examples is {n}, but the server trained on {trained_samples} "
                                   "of this node's samples this round")
-        check_state(content[p.CLIENT_PART], self.part_spec(cut), f"'{p.CLIENT_PART}'")
-        return n
+        return n, check_state(content[p.CLIENT_PART], self.part_spec(cut), f"'{p.CLIENT_PART}'")
 
     def tail(self, content: Optional[RecordDict], acts: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple[float, float]]]:
         """A U-shaped split's tail reply to the activations ``acts`` the server sent: the
