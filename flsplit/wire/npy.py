@@ -36,6 +36,7 @@ __all__ = ["array_of", "tensor_of"]
 _NUMPY = "numpy.ndarray"  # flwr's SType.NUMPY
 _MAGIC = b"\x93NUMPY"
 _MAX_CACHED = 1024  # distinct headers remembered (shapes of one run; a flood of new ones is parsed each time)
+_MAX_CACHED_HEADER = 512  # bytes; .npy headers are 128 for most shapes: longer ones are parsed each time
 
 # numpy dtypes whose values torch holds as they are (native byte order only)
 _TORCH_DTYPES = {
@@ -96,7 +97,7 @@ def tensor_of(array: Array) -> torch.Tensor:
                 spec = _READ[header]
             else:
                 spec = _learn(header)
-                if len(_READ) < _MAX_CACHED:
+                if len(_READ) < _MAX_CACHED and len(header) <= _MAX_CACHED_HEADER:  # at most 512 KB of keys
                     _READ[header] = spec
             if spec is not None:
                 dtype, shape, count = spec
