@@ -17,9 +17,16 @@ from flsplit.runtime.aggregation import block_of
 from flsplit.planes.dataplane import Reply
 from flsplit.model.splitting import SplitModel
 
-__all__ = ["Contribution", "client_contributions", "shared_part_contributions"]
+__all__ = ["Contribution", "client_contributions", "client_part_of", "shared_part_contributions"]
 
 Contribution = tuple[dict[str, torch.Tensor], float]  # (tensors by blocks' key, weight)
+
+
+def client_part_of(reply: Message | Reply) -> dict[str, torch.Tensor]:
+    """A final reply's client part: as the reply gate decoded it when it let the reply through,
+    else decoded here."""
+    part = getattr(reply, "client_part", None)
+    return part if part is not None else reply.content.array_records[p.CLIENT_PART].to_torch_state_dict()
 
 
 def client_contributions(replies: Iterable[Message | Reply]) -> tuple[list[Contribution], int]:
@@ -28,7 +35,7 @@ def client_contributions(replies: Iterable[Message | Reply]) -> tuple[list[Contr
     for reply in replies:
         content = reply.content
         n = int(content.metric_records[p.METRICS]["num-examples"])
-        contributions.append((content.array_records[p.CLIENT_PART].to_torch_state_dict(), n))
+        contributions.append((client_part_of(reply), n))
         examples += n
     return contributions, examples
 

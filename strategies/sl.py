@@ -7,6 +7,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flsplit.wire import protocol as p
 from flsplit.planes.dataplane import Reply
 from flsplit.runtime.schedules import Relay
+from flsplit.strategies.averaging import client_part_of
 from flsplit.strategies.base import SplitStrategy
 
 __all__ = ["SL"]
@@ -32,8 +33,7 @@ class SL(SplitStrategy):
         content[p.CLIENT_PART] = self.client_part_record(self.cuts[node_id])
 
     def _take_back(self, reply: Reply) -> None:
-        part = reply.content.array_records[p.CLIENT_PART].to_torch_state_dict()
-        self.model.blocks.load_state_dict(part, strict=False)
+        self.model.blocks.load_state_dict(client_part_of(reply), strict=False)
 
     def aggregate_train(self, server_round, replies):
         """Nothing to average: the relay already left the last client's part in the model."""

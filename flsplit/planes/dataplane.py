@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
-from flwr.app import Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from flsplit.wire.protocol import BCAST, TRAIN_STEP
@@ -125,21 +125,35 @@ def payload_bytes(content: RecordDict, prefix: str = "", skip: str = "") -> int:
     With ``prefix``, only records whose name starts with it (``"split."``: the data plane);
     records named ``skip`` are left out.
     """
-    return sum(
-        len(a.data)
-        for name, rec in content.array_records.items()
-        if name.startswith(prefix) and name != skip
-        for a in rec.values()
-    )
+    return _payload_bytes(content, prefix, skip)[1]
+
+
+def _payload_bytes(content: RecordDict, prefix: str, skip: str) -> tuple[int, int]:
+    """(bytes of all arrays, bytes of the arrays of records named ``prefix...``), ``skip`` left
+    out; one pass over the records (``RecordDict.array_records`` builds a new view per access)."""
+    total = chosen = 0
+    for name, record in content.items():
+        if name == skip or not isinstance(record, ArrayRecord):
+            continue
+        size = sum(len(a.data) for a in record.values())
+        total += size
+        if name.startswith(prefix):
+            chosen += size
+    return total, chosen
 
 
 @dataclass
 class Reply:
-    """A node's answer: its content, or the reason it has none."""
+    """A node's answer: its content, or the reason it has none.
+
+    ``client_part``: in a final train reply the reply gate let through, its client part as the
+    gate checked and decoded it (``flsplit.wire.gate.ReplyGate.final_part``); ``None`` otherwise.
+    """
 
     node_id: int
     content: Optional[RecordDict] = None
     error: Optional[str] = None
+    client_part: Optional[dict] = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -160,8 +174,7 @@ class Traffic:
     messages: int = 0
 
     def record(self, node_id: int, content: RecordDict, upstream: bool) -> None:
-        total = payload_bytes(content, skip=BCAST)
-        split = payload_bytes(content, "split.", skip=BCAST)
+        total, split = _payload_bytes(content, "split.", BCAST)
         if upstream:
             self.up[node_id] += total
             self.split_up[node_id] += split

@@ -26,7 +26,7 @@ from flwr.common.logger import log
 from flsplit.wire import protocol as p
 from flsplit.wire.codecs import Codec
 from flsplit.planes.dataplane import DataPlane, Reply, Traffic, innermost_error
-from flsplit.wire.gate import ReplyGate
+from flsplit.wire.gate import ReplyGate, record_of
 from flsplit.sim.scenario_files import Scenario, device_from_node_config
 from flsplit.runtime.server import ServerWork
 
@@ -143,7 +143,7 @@ class RoundExchange:
         cut = self.cuts[node_id]
         try:
             if self.gate.is_final(reply.content):
-                self.gate.final(reply.content, cut, self.rows.get(node_id, 0))
+                _, reply.client_part = self.gate.final_part(reply.content, cut, self.rows.get(node_id, 0))
                 return Admitted(final=True)
             batches = self.gate.step(reply.content, cut)
         except p.ProtocolError as err:
@@ -168,7 +168,7 @@ class RoundExchange:
 
     def track_progress(self, node_id: int, reply: Reply, batches: int) -> None:
         """Count a node's batches and log the round's progress at most every ``progress_interval`` s."""
-        status = reply.content.config_records.get(p.STATUS) or ConfigRecord()
+        status = record_of(reply.content, p.STATUS, ConfigRecord) or ConfigRecord()
         if node_id not in self._total:  # the first reply tells how many batches the round has
             self._total[node_id] = int(status.get("remaining", 0))
             self.note_device(node_id, reply)
@@ -182,7 +182,7 @@ class RoundExchange:
 
     def note_device(self, node_id: int, reply: Reply) -> None:
         """Remember which partition/device a node is (its first reply of a round says)."""
-        record = reply.content.config_records.get(p.DEVICE)
+        record = record_of(reply.content, p.DEVICE, ConfigRecord)
         if record is None or self.scenario is None:
             return
         pid = int(record.get("partition-id", len(self.devices)))

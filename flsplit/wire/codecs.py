@@ -35,7 +35,9 @@ from typing import Optional
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
+
+from flsplit.wire.npy import array_of, tensor_of
 
 __all__ = ["Codec", "CODECS", "get_codec", "CodecError", "all_finite"]
 
@@ -87,7 +89,7 @@ class Codec:
         if self.scaled:
             amax = float(x.abs().max()) if x.numel() else 0.0
             scale = _scale_tensor(key, self.name, amax / self.max_value if amax > 0 else 1.0)
-            record[f"{key}.scale"] = Array(scale)
+            record[f"{key}.scale"] = array_of(scale)
             work = torch.float64 if x.dtype == torch.float64 or scale.dtype == torch.float64 else torch.float32
             x = x.to(work) / float(scale)
             if self.wire_dtype == torch.int8:
@@ -100,7 +102,7 @@ class Codec:
                                  f"(|x| > {torch.finfo(self.wire_dtype).max:.6g}) cannot be sent with codec '{self.name}'")
         if self.view_dtype is not None:
             x = x.view(self.view_dtype)
-        record[key] = Array(x.contiguous())
+        record[key] = array_of(x.contiguous())
 
     def bytes_per_element(self, dtype: torch.dtype) -> int:
         """Payload bytes per value on the wire for tensors of ``dtype`` (scales not counted)."""
@@ -136,12 +138,13 @@ class Codec:
 
 
 def _read(record: ArrayRecord, key: str, missing_note: str = "") -> torch.Tensor:
-    """The array at ``key`` as a CPU tensor (sharing numpy's memory); ``CodecError`` if the key
-    is missing (``missing_note`` appended to that message) or its payload is corrupt."""
+    """The array at ``key`` as a new CPU tensor (one copy of the payload: ``flsplit.wire.npy``);
+    ``CodecError`` if the key is missing (``missing_note`` appended to that message) or its payload
+    is corrupt."""
     if key not in record:
         raise CodecError(f"missing key '{key}'{missing_note}")
     try:
-        return torch.from_numpy(record[key].numpy())
+        return tensor_of(record[key])
     except Exception as err:  # a corrupt numpy payload
         raise CodecError(f"cannot decode '{key}': {err}") from err
 

@@ -38,13 +38,14 @@ from collections.abc import Mapping
 from typing import Optional
 
 import torch
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from flsplit.wire import protocol as p
 from flsplit.wire.codecs import Codec
+from flsplit.wire.npy import tensor_of
 from flsplit.wire.protocol import DEVICE_KEYS, FALLBACK
 
-__all__ = ["ReplyGate", "check_state", "check_records"]
+__all__ = ["ReplyGate", "check_state", "check_records", "record_of"]
 
 # Room for a .npy header per array (it is about 128 bytes; shapes with many dimensions
 # make it longer) and for a codec's scale.
@@ -54,19 +55,35 @@ _ARRAY_SLACK = 1024
 def check_records(content: Optional[RecordDict], arrays: set[str], metrics: set[str],
                   configs: set[str], required: set[str], what: str) -> RecordDict:
     """Raise ``ProtocolError`` unless ``content`` holds only the named records, each of its
-    kind, and every name in ``required``."""
+    kind, and every name in ``required``.
+
+    One pass over the records (``RecordDict.array_records`` and its siblings build a new
+    dictionary on every access); the first record refused is the one the kinds' order
+    (ArrayRecords, then MetricRecords, then ConfigRecords) finds first."""
     if content is None:
         raise p.ProtocolError(f"{what}: no content")
-    for kind, allowed, records in (("ArrayRecord", arrays, content.array_records),
-                                   ("MetricRecord", metrics, content.metric_records),
-                                   ("ConfigRecord", configs, content.config_records)):
-        for name in records:
+    kinds = (("ArrayRecord", ArrayRecord, arrays, []), ("MetricRecord", MetricRecord, metrics, []),
+             ("ConfigRecord", ConfigRecord, configs, []))
+    for name, record in content.items():
+        for _, cls, _, names in kinds:
+            if isinstance(record, cls):
+                names.append(name)
+                break
+    for kind, _, allowed, names in kinds:
+        for name in names:
             if name not in allowed:
                 raise p.ProtocolError(f"{what}: unexpected {kind} '{name}' (allowed: {sorted(allowed) or 'none'})")
-    present = set(content.array_records) | set(content.metric_records) | set(content.config_records)
-    for name in sorted(required - present):
+    for name in sorted(required - set().union(*(names for *_, names in kinds))):
         raise p.ProtocolError(f"{what}: missing record '{name}'")
     return content
+
+
+def record_of(content: Optional[RecordDict], name: str, cls: type):
+    """The record ``name`` of ``content`` if it is a ``cls`` (``ArrayRecord``, ``MetricRecord``,
+    ``ConfigRecord``), else ``None``: ``content.config_records.get(name)`` without building the
+    typed view."""
+    record = content.get(name) if content is not None else None
+    return record if isinstance(record, cls) else None
 
 
 def _array_bytes(record: ArrayRecord) -> int:
@@ -75,7 +92,7 @@ def _array_bytes(record: ArrayRecord) -> int:
 
 def _to_tensor(name: str, array: Array) -> torch.Tensor:
     try:
-        return torch.from_numpy(array.numpy().copy())
+        return tensor_of(array)  # a new tensor: one copy of the payload
     except Exception as err:  # whatever the bytes are, the reply is refused, not the run
         raise p.ProtocolError(f"{name}: cannot decode: {type(err).__name__}: {err}") from None
 
@@ -109,7 +126,7 @@ def _check_int(what: str, value: object, low: int = 0) -> int:
 
 
 def _check_status(content: RecordDict, done: bool, what: str, remaining: bool = True) -> None:
-    status = content.config_records[p.STATUS]
+    status = content[p.STATUS]  # a ConfigRecord: check_records said so
     keys = {"done", "position"} | (set() if done or not remaining else {"remaining"})
     for key in status:
         if key not in keys:
@@ -121,7 +138,7 @@ def _check_status(content: RecordDict, done: bool, what: str, remaining: bool = 
 
 
 def _check_device(content: RecordDict, what: str) -> None:
-    record = content.config_records.get(p.DEVICE)
+    record = record_of(content, p.DEVICE, ConfigRecord)
     if record is None:
         return
     allowed = {"partition-id", *DEVICE_KEYS}
@@ -135,13 +152,13 @@ def _check_device(content: RecordDict, what: str) -> None:
 
 
 def _check_fallback(content: RecordDict, what: str) -> None:
-    record = content.config_records.get(FALLBACK)
+    record = record_of(content, FALLBACK, ConfigRecord)
     if record is not None and (set(record) - {"reason"} or not isinstance(record.get("reason", ""), str)):
         raise p.ProtocolError(f"{what}: '{FALLBACK}' must hold only a 'reason' string")
 
 
 def _num_examples(content: RecordDict, what: str) -> int:
-    metrics: MetricRecord = content.metric_records[p.METRICS]
+    metrics: MetricRecord = content[p.METRICS]  # a MetricRecord: check_records said so
     for key in metrics:
         if key != "num-examples":
             raise p.ProtocolError(f"{what}: '{p.METRICS}' has unexpected key '{key}' (allowed: ['num-examples'])")
@@ -236,7 +253,7 @@ class ReplyGate:
     # ------------------------------------------------------------------ the kinds of reply
     def is_final(self, content: Optional[RecordDict]) -> bool:
         """Whether a train reply says it ends the node's round (checked by ``final``)."""
-        status = content.config_records.get(p.STATUS) if content is not None else None
+        status = record_of(content, p.STATUS, ConfigRecord)
         if status is None:
             raise p.ProtocolError(f"train reply: missing record '{p.STATUS}'")
         done = status.get("done")
@@ -251,7 +268,7 @@ class ReplyGate:
         _check_status(content, False, what)
         _check_device(content, what)
         _check_fallback(content, what)
-        return self.smashed(content.array_records[p.SMASHED], cut, self.steps_per_exchange, what)
+        return self.smashed(content[p.SMASHED], cut, self.steps_per_exchange, what)
 
     def final(self, content: Optional[RecordDict], cut: int, trained_samples: int) -> int:
         """Check the reply that ends a node's round; return its ``num-examples``.
@@ -259,6 +276,12 @@ class ReplyGate:
         ``trained_samples`` is what the server trained on for this node this round: an
         honest client reports exactly that, so a node cannot weigh more in the average.
         """
+        return self.final_part(content, cut, trained_samples)[0]
+
+    def final_part(self, content: Optional[RecordDict], cut: int,
+                   trained_samples: int) -> tuple[int, dict[str, torch.Tensor]]:
+        """``final``'s checks; its ``num-examples`` and the client part as checked and decoded
+        (what the averaging then uses: the part is not decoded again)."""
         what = "final reply"
         check_records(content, {p.CLIENT_PART}, {p.METRICS}, {p.STATUS, p.DEVICE, FALLBACK},
                       {p.CLIENT_PART, p.METRICS, p.STATUS}, what)
@@ -269,8 +292,7 @@ class ReplyGate:
         if n != trained_samples:
             raise p.ProtocolError(f"{what}: num-examples is {n}, but the server trained on {trained_samples} "
                                   "of this node's samples this round")
-        check_state(content.array_records[p.CLIENT_PART], self.part_spec(cut), f"'{p.CLIENT_PART}'")
-        return n
+        return n, check_state(content[p.CLIENT_PART], self.part_spec(cut), f"'{p.CLIENT_PART}'")
 
     def tail(self, content: Optional[RecordDict], acts: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple[float, float]]]:
         """A U-shaped split's tail reply to the activations ``acts`` the server sent: the
@@ -279,9 +301,9 @@ class ReplyGate:
         what = "tail reply"
         check_records(content, {p.TAIL_GRAD}, {p.LOSS}, {p.STATUS}, {p.TAIL_GRAD, p.LOSS, p.STATUS}, what)
         _check_status(content, False, what, remaining=False)
-        if content.config_records[p.STATUS].get("done") is not False:
+        if content[p.STATUS].get("done") is not False:
             raise p.ProtocolError(f"{what}: '{p.STATUS}' done must be false: a step's second exchange ends no round")
-        record = content.array_records[p.TAIL_GRAD]
+        record = content[p.TAIL_GRAD]
         codec_up = self.codec
         expected = {f"t.{i}" for i in range(len(acts))} | ({f"t.{i}.scale" for i in range(len(acts))} if codec_up.scaled else set())
         if keys := sorted(set(record.keys()) ^ expected):
@@ -293,7 +315,7 @@ class ReplyGate:
         grads = p.decode_tensors(record, "t", codec_up, self.dtype, p.TAIL_GRAD)
         for i, (g, a) in enumerate(zip(grads, acts)):
             p.check_tensor(f"{p.TAIL_GRAD} t.{i}", g, tuple(a.shape), self.dtype)
-        loss = content.metric_records[p.LOSS]
+        loss = content[p.LOSS]
         names = {f"{key}.{i}" for i in range(len(acts)) for key in ("loss-sum", "correct")}
         if keys := sorted(set(loss.keys()) ^ names):
             raise p.ProtocolError(f"{what}: '{p.LOSS}' key '{keys[0]}' is {'unexpected' if keys[0] in loss else 'missing'}")
@@ -312,14 +334,14 @@ class ReplyGate:
         """The checked batches of a one-way upload (async SL, state B)."""
         what = "upload"
         check_records(content, {p.SMASHED}, {p.METRICS}, set(), {p.SMASHED, p.METRICS}, what)
-        batches = self.smashed(content.array_records[p.SMASHED], cut, max_batches, what)
+        batches = self.smashed(content[p.SMASHED], cut, max_batches, what)
         return self._counted(content, batches, what)
 
     def evaluation(self, content: Optional[RecordDict], cut: int) -> list[p.SmashedBatch]:
         """The checked batches of an evaluation reply (none when the node has no evaluation data)."""
         what = "evaluation reply"
         check_records(content, {p.SMASHED}, {p.METRICS}, set(), {p.SMASHED, p.METRICS}, what)
-        record = content.array_records[p.SMASHED]
+        record = content[p.SMASHED]
         batches = self.smashed(record, cut, None, what) if len(record) else []
         return self._counted(content, batches, what)
 

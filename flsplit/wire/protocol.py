@@ -46,10 +46,11 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord
 
 from flsplit.sim.checks import int_arg, real_arg
 from flsplit.wire.codecs import Codec, CodecError, all_finite, get_codec
+from flsplit.wire.npy import array_of
 
 __all__ = [
     "TRAIN_STEP",
@@ -274,7 +275,7 @@ def encode_batches(batches: list[SmashedBatch], codec: Codec) -> ArrayRecord:
     for i, b in enumerate(batches):
         codec.encode_into(record, f"x.{i}", b.x)
         if b.y is not None:
-            record[f"y.{i}"] = Array(b.y)
+            record[f"y.{i}"] = array_of(b.y)
     return record
 
 
