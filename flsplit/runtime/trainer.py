@@ -176,13 +176,14 @@ class ClientTrainer:
         index = self._rows(position)
         if isinstance(index, slice):
             return self.data.x[index], self.data.y[index]
-        # the rows x[index] gathers, with index_select's kernel (several times faster on dim 0)
-        return self.data.x.index_select(0, index), self.data.y.index_select(0, index)
+        # x[index], not index_select: the same values, but index_select's output changed the
+        # float results downstream (the last bits of the histories' losses)
+        return self.data.x[index], self.data.y[index]
 
     def labels(self, position: int) -> torch.Tensor:
         """The labels of the batch at a stream position (``batch``'s, without gathering its samples)."""
         index = self._rows(position)
-        return self.data.y[index] if isinstance(index, slice) else self.data.y.index_select(0, index)
+        return self.data.y[index]
 
     def _rows(self, position: int) -> torch.Tensor | slice:
         """Which local samples the batch at a stream position holds."""
