@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
 from flwr.app import ArrayRecord
 from flwr.clientapp import ClientApp
@@ -76,3 +78,14 @@ def centralized_sgd(batches: list[TensorData], lr: float, model_fn=model_fn) -> 
 def max_abs_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` loopback ports free a moment ago (for servers a test starts)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports

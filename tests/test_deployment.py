@@ -35,6 +35,7 @@ import pytest
 import torch
 
 from flsplit.cli.make_certs import DeploymentKeys, make_certs
+from tests.helpers import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 BINDIR = Path(sys.executable).parent
@@ -96,16 +97,6 @@ def test_make_certs_writes_what_flower_loads(tmp_path):
     assert main(["make-certs", str(tmp_path / "keys"), "--nodes", "1", "--force"]) == 0
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _wait_listening(port: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -165,7 +156,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     tmp = tmp_path_factory.mktemp("deployment")
     keys = make_certs(tmp / "keys", nodes=3)  # node-2's key is never registered
     home = tmp / "operator-flwr-home"  # the operator's flwr CLI (registration)
-    link, *node_ports = _free_ports(5)  # the SuperLink serves all its APIs on one port
+    link, *node_ports = free_ports(5)  # the SuperLink serves all its APIs on one port
     _write_cli_config(home, link, keys.ca_cert)
     env = _cli_env(home)
     logs = tmp / "logs"

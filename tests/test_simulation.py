@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 
 from flsplit.model.zoo import digits_cnn
+from tests.helpers import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,22 +30,12 @@ def _pids_with(fragment: str) -> list[int]:
     return pids
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def flwr_run_env(flwr: Path) -> dict[str, str]:
     """The environment for ``flwr run`` with a managed SuperLink of the test's own: Flower's
     local SuperLink listens on fixed ports (39091, 39093) unless these variables say otherwise,
     and ``flwr run`` reuses whatever answers there, so without them a run on the same machine
     (another test session, another venv) would get this run, or stop its SuperLink under it."""
-    http, control = _free_ports(2)
+    http, control = free_ports(2)
     return {
         **os.environ,
         "PATH": f"{flwr.parent}{os.pathsep}{os.environ.get('PATH', '')}",
