@@ -72,7 +72,6 @@ from flsplit.runtime.client import SplitClient
 from flsplit.data.datasets import TensorData
 from flsplit.planes.inprocess import InProcessGrid
 from flsplit.planes.stream import StreamDataPlane
-from flsplit.runtime.server import ServerPart
 from flsplit.model.zoo import build_model
 from flsplit.strategies import PSL, SL
 

@@ -49,7 +49,6 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import torch
-from torch import nn
 
 from flsplit.model import rng
 from flsplit.model.loss import correct, loss_sum, sample_losses
