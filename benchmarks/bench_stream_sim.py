@@ -3,14 +3,15 @@ the in-process cost of the same step.
 
 What it does
     1. ``flwr run <repo> --stream --federation-config "num-supernodes=4
-       client-resources-num-cpus=1 init-args-num-cpus=4" --run-config 'strategy="psl"
+       client-resources-num-cpus=1" (--federation changes it) --run-config 'strategy="psl"
        num-server-rounds=2 data-plane="stream" output-dir="<tmp>/sim-stream"'``, then the same
        with ``data-plane="message"``, from the repository root, with a private ``FLWR_HOME``
        (the managed local SuperLink starts there, on free loopback ports passed through
        ``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT`` / ``FLWR_LOCAL_CONTROL_API_PORT`` so that a
        SuperLink of someone else's on 39091/39093 is never used) and Flower's offline settings.
-       ``init-args-num-cpus=4`` (Ray's ``num_cpus``) with one CPU per ClientApp gives 4 Ray
-       actors, so the 4 nodes' sessions can be open at once (a lockstep step needs them all).
+       Flower's default actor pool is enough: since issue 23 a ClientApp answers its message
+       once its session is open and serves the session from its Ray worker (until then this
+       benchmark used ``init-args-num-cpus=4``, so that 4 ClientApps could hold 4 sessions).
        Afterwards the managed SuperLink (the process whose command line holds
        ``<FLWR_HOME>/local-superlink``) and every descendant it had (Ray included) are
        stopped by PID.
@@ -57,7 +58,9 @@ sys.path.insert(0, str(REPO))
 BINDIR = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from procs import alive, cmdline, code_version, descendants, free_ports, kill_pid, machine, pids  # noqa: E402
-FEDERATION = "num-supernodes=4 client-resources-num-cpus=1 init-args-num-cpus=4"
+# The README's federation: since issue 23 sessions are detached, so Flower's default actor pool
+# (two here) streams a lockstep round; --federation changes it.
+FEDERATION = "num-supernodes=4 client-resources-num-cpus=1"
 
 
 # ---------------------------------------------------------------------------- processes
@@ -191,6 +194,7 @@ def main(argv=None) -> int:
     ap.add_argument("--planes", default="stream,message", help="data planes to run in the simulation, in order")
     ap.add_argument("--extra-run-config", default="", help="more run-config pairs for every run (and in-process)")
     ap.add_argument("--timeout", type=float, default=420, help="seconds per flwr run")
+    ap.add_argument("--federation", default=FEDERATION, help="the flwr run --federation-config")
     ap.add_argument("--omp-threads", type=int, default=0,
                     help="OMP_NUM_THREADS for the flwr runs (the ServerApp's torch threads; 0 = unset: torch uses "
                          "every core; Ray gives each one-CPU ClientApp actor 1 either way)")
@@ -201,6 +205,7 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--json", help="write the results here as JSON")
     args = ap.parse_args(argv)
+    globals()["FEDERATION"] = args.federation  # read by flwr_run and the report
     extra_cfg: dict = {}
     if args.extra_run_config:
         import shlex
