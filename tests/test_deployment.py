@@ -381,16 +381,17 @@ def test_a_node_killed_mid_round_is_dropped_at_once_and_rejoins_later(deployment
     a 300 s exchange timeout: round 2 ends without it well before the timeout (its session's
     EOF drops it; its Flower message, which can never be answered, is not awaited), the other
     node finishes; the SuperNode restarted with its key rejoins in a later round, on a new
-    session. Last in the module: it replaces the deployment's node 1."""
+    session (once the SuperLink has let its old registration lapse). Last in the module: it
+    replaces the deployment's node 1."""
     flwr_home = Path(os.environ["FLWR_HOME"])
     _write_cli_config(flwr_home, deployment.link, deployment.keys.ca_cert)
     runs = tmp_path / "runs"
-    config = (f'num-server-rounds=4 max-steps=60 strategy="psl" data-plane="stream" exchange-timeout=300 '
+    # 200 steps a round: round 2 lasts seconds even on an idle machine, so the kill lands in it
+    config = (f'num-server-rounds=5 max-steps=200 strategy="psl" data-plane="stream" exchange-timeout=300 '
               f'output-dir="{runs}"')
     run = _Run(config, _cli_env(flwr_home))
     try:
-        run.wait_for("[flsplit] round 1/4", 600)
-        time.sleep(1.0)  # round 2 is under way on the open sessions
+        run.wait_for("[flsplit] round 1/5", 600)  # round 2 starts on the open sessions right after
         victim, _ = deployment.nodes[1]
         for pid in [victim.pid] + _descendants(victim.pid):
             try:
@@ -414,8 +415,11 @@ def test_a_node_killed_mid_round_is_dropped_at_once_and_rejoins_later(deployment
             run.proc.kill()
     (history_file,) = runs.glob("*/history.json")
     rounds = json.loads(history_file.read_text())["rounds"]
+    summary = [(r["nodes"], r["errors"], r["wall_seconds"]) for r in rounds]
     dropped = rounds[1]
-    assert [e["node"] for e in dropped["errors"]] == [deployment.node_ids[1]], dropped["errors"]
-    assert dropped["nodes_finished"] == 1 and dropped["wall_seconds"] < 150, dropped["wall_seconds"]
-    assert any(sorted(r["nodes"]) == sorted(deployment.node_ids) and not r["errors"] for r in rounds[2:]), \
-        [(r["nodes"], r["errors"]) for r in rounds]
+    assert [e["node"] for e in dropped["errors"]] == [deployment.node_ids[1]], summary
+    assert dropped["nodes_finished"] == 1 and dropped["wall_seconds"] < 150, summary
+    # Until the SuperLink has seen the dead node's heartbeat lapse, it still lists the node: a
+    # round may send it a carrier that Flower answers "Node Unavailable" (dropped again).
+    rejoined = [r for r in rounds[2:] if sorted(r["nodes"]) == sorted(deployment.node_ids) and not r["errors"]]
+    assert rejoined and set(rejoined[0]["data_plane"].values()) == {"stream"}, summary
