@@ -5,8 +5,7 @@
 ``endpoint`` (the ClientApp's side, a ``flsplit.planes.endpoint.ClientEndpoint``, registered on
 import) over ``client_session`` (the session it opens), ``offer`` (what a node's first
 Flower message of the run carries), ``frames`` (the wire format), ``tls`` (certificates and pinning),
-``simulation`` (whether the ServerApp runs in Flower's simulation engine, and how many
-ClientApps it runs at once),
+``simulation`` (whether the ServerApp runs in Flower's simulation engine),
 ``run_config`` (the plane from the run config's ``stream-*`` keys).
 
 Importing the package registers both halves: the server half's ``data-plane`` modes ``auto``

@@ -32,7 +32,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Callable, Optional, Union
+from typing import Optional
 
 from flwr.app import Message, RecordDict
 from flwr.common.logger import log
@@ -96,10 +96,6 @@ class StreamDataPlane(MessageDataPlane):
         Seconds a connection has for TLS and its ``HELLO``.
     max_frame : int
         Frame payload cap in bytes, both directions.
-    concurrency : callable, optional
-        ``concurrency() -> int or None``: how many ClientApps can hold a session at once
-        (``None``: no limit, as in a deployment). Asked when sessions are first offered, and
-        only when they are not detached.
     open_timeout : float
         Seconds from a carrier's push to its session's ``HELLO``: a cold ClientApp's start
         (a SuperNode's poll, the process, torch, the data) does not count against ``timeout``,
@@ -121,7 +117,6 @@ class StreamDataPlane(MessageDataPlane):
         credentials: Optional[ServerCredentials] = None,
         handshake_timeout: float = 10.0,
         max_frame: int = 256 * 2**20,
-        concurrency: Optional[Callable[[], Optional[int]]] = None,
         open_timeout: float = 600.0,
         detach: bool = False,
         renew_after: float = _FLOWER_TTL / 2,
@@ -143,8 +138,6 @@ class StreamDataPlane(MessageDataPlane):
         self._warm: set[int] = set()  # nodes whose round started on a session already open
         self._reasons: dict[int, str] = {}  # node -> why it stayed on messages
         self._open_s: dict[int, float] = {}  # node -> seconds from its offer to its first reply
-        self._concurrency_fn = concurrency
-        self._concurrency: Union[int, None, str] = "unknown"  # or "unread": the engine's pool was not found
         self._round_on_messages: Optional[str] = None
         self._last_grid_poll = 0.0
 
@@ -212,8 +205,6 @@ class StreamDataPlane(MessageDataPlane):
         opened, self._open_s = self._open_s, {}
         warm, self._warm = self._warm, set()
         self._round_on_messages = None
-        if self._concurrency == "unread":
-            self._concurrency = "unknown"
         super().end_round()
         stream = [n for n, kind in planes.items() if kind == "stream"]
         message = [n for n, kind in planes.items() if kind == "message"]
@@ -323,32 +314,15 @@ class StreamDataPlane(MessageDataPlane):
             return False
         return True
 
-    def _limit(self) -> Optional[int]:
-        """How many sessions can be open at once (``None``: no limit). A grid may say itself
-        (``grid.concurrency``); else the ``concurrency`` callable is asked until it knows
-        (a 0 from it means the engine could not be read yet, and is asked again next round)."""
-        if self._concurrency == "unknown":
-            hint = getattr(self.grid, "concurrency", None)
-            if isinstance(hint, int):
-                self._concurrency = hint
-            else:
-                limit = self._concurrency_fn() if self._concurrency_fn else None
-                if limit == 0:
-                    self._concurrency = "unread"  # asked again next round
-                    return 0
-                self._concurrency = limit
-        return 0 if self._concurrency == "unread" else self._concurrency
-
     def _check_concurrency(self) -> None:
         """A session that is not detached holds its ClientApp for the run: every node of the
-        fleet must be able to hold one at once, or the ClientApps of the others never run."""
-        limit = self._limit()
-        if limit is None:
+        fleet must be able to hold one at once (the grid says how many ClientApps it runs at
+        once, ``grid.concurrency``, where it has a limit), or the others' ClientApps never run."""
+        limit = getattr(self.grid, "concurrency", None)
+        if not isinstance(limit, int):
             return
         fleet = len(list(self.grid.get_node_ids()))
-        if self._concurrency == "unread":
-            self._refuse_streams("the simulation engine's actor pool could not be read")
-        elif fleet > limit:
+        if fleet > limit:
             self._refuse_streams(f"sessions last the run and {fleet} nodes would hold one each, the grid runs {limit} "
                                  f"ClientApps at a time", advice=f"let the grid run {fleet} ClientApps at once")
 

@@ -10,7 +10,7 @@ from flwr.serverapp import Grid
 from flsplit.planes.dataplane import DataPlane
 from flsplit.planes.registry import PlaneFactory
 from flsplit.planes.stream.plane import StreamDataPlane
-from flsplit.planes.stream.simulation import in_simulation, simulation_concurrency
+from flsplit.planes.stream.simulation import in_simulation
 from flsplit.planes.stream.tls import load_credentials
 
 __all__ = ["stream_from_run_config"]
@@ -31,6 +31,6 @@ def stream_from_run_config(config: Mapping[str, Any], mode: str) -> PlaneFactory
     def factory(grid: Grid, timeout: float) -> DataPlane:
         return StreamDataPlane(grid, timeout, mode=mode, listen=listen, advertise=advertise, credentials=credentials,
                                handshake_timeout=handshake, max_frame=int(max_frame_mb * 2**20),
-                               concurrency=simulation_concurrency, open_timeout=open_timeout, detach=in_simulation())
+                               open_timeout=open_timeout, detach=in_simulation())
 
     return factory
